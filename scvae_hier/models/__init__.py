@@ -1,0 +1,24 @@
+"""Model registry: the names users pass to `--model`."""
+from .base import BaseVAE
+from .mixture import MixtureVAE
+from .vae import VAE
+
+MODELS = {"vae": VAE, "mixture": MixtureVAE}
+RESERVED = {
+    "momix": "MoMixVAE (the mixture-of-mixtures prior)",
+    "indmom": "IndMoMVAE (independent mixture branches per level)",
+}
+
+
+def model_class(name: str):
+    """The model class for a `--model` name, with a clear error for unknown or reserved names."""
+    if name in MODELS:
+        return MODELS[name]
+    if name in RESERVED:
+        raise NotImplementedError(
+            f"--model {name} ({RESERVED[name]}) is not available in this version yet; "
+            f"use one of {sorted(MODELS)} for now.")
+    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
+
+
+__all__ = ["BaseVAE", "MixtureVAE", "VAE", "MODELS", "model_class"]

@@ -1,0 +1,148 @@
+"""Network building blocks shared by every model: MLP stacks, Gaussian heads, the count decoder
+and the learnable prior components."""
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..distributions import component_law, get_likelihood
+
+NORMALISATIONS = ("batch", "layer", "none")
+
+
+def _normalisation(kind: str):
+    if kind == "batch":
+        return keras.layers.BatchNormalization()
+    if kind == "layer":
+        return keras.layers.LayerNormalization()
+    if kind == "none":
+        return None
+    raise ValueError(f"Unknown normalisation {kind!r}; choose one of {NORMALISATIONS}.")
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class DenseStack(keras.layers.Layer):
+    """Dense -> (batch/layer norm) -> ReLU, repeated; acts on the last axis of any-rank input.
+
+    With `n_categories`, the first layer also adds a learned vector per category, which equals a
+    dense layer on [h, onehot(y)] evaluated for every y at once: output shape [B, K, units]
+    computed with one matrix product instead of K (how q(z|x,y) sees all clusters cheaply).
+    """
+
+    def __init__(self, units=(100, 100), normalisation="batch", n_categories=0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = tuple(int(u) for u in units)
+        self.normalisation = normalisation
+        self.n_categories = int(n_categories)
+        self.dense = [keras.layers.Dense(u) for u in self.units]
+        self.norms = [_normalisation(normalisation) for _ in self.units]
+        if self.n_categories:
+            self.category_bias = self.add_weight(
+                shape=(self.n_categories, self.units[0]), initializer="glorot_uniform", name="category_bias")
+
+    def call(self, h, training=False):
+        for i, (dense, norm) in enumerate(zip(self.dense, self.norms)):
+            h = dense(h)
+            if i == 0 and self.n_categories:
+                h = tf.expand_dims(h, -2) + self.category_bias
+            if norm is not None:
+                h = norm(h, training=training)
+            h = tf.nn.relu(h)
+        return h
+
+    def get_config(self):
+        return {**super().get_config(), "units": list(self.units),
+                "normalisation": self.normalisation, "n_categories": self.n_categories}
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class GaussianHead(keras.layers.Layer):
+    """Mean and softplus scale of a diagonal Gaussian q(z|...)."""
+
+    def __init__(self, latent_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.latent_dim = int(latent_dim)
+        self.loc = keras.layers.Dense(self.latent_dim)
+        self.raw_scale = keras.layers.Dense(self.latent_dim)
+
+    def call(self, h):
+        return self.loc(h), tf.nn.softplus(self.raw_scale(h)) + 1e-4
+
+    def get_config(self):
+        return {**super().get_config(), "latent_dim": self.latent_dim}
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class CountDecoder(keras.layers.Layer):
+    """p(x|z): an MLP on z with one linear head per likelihood parameter (per gene)."""
+
+    def __init__(self, n_genes, hidden=(100, 100), likelihood="negative_binomial", normalisation="batch", **kwargs):
+        super().__init__(**kwargs)
+        self.n_genes = int(n_genes)
+        self.hidden = tuple(int(u) for u in hidden)
+        self.likelihood_name = likelihood
+        self.likelihood = get_likelihood(likelihood)
+        self.normalisation = normalisation
+        self.stack = DenseStack(self.hidden, normalisation)
+        self.heads = {name: keras.layers.Dense(self.n_genes, name=name) for name in self.likelihood.heads}
+
+    def call(self, z, training=False):
+        h = self.stack(z, training=training)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    def log_prob(self, x, params):
+        """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params."""
+        extra_axes = len(params[self.likelihood.heads[0]].shape) - len(x.shape)
+        for _ in range(extra_axes):
+            x = tf.expand_dims(x, 1)
+        return tf.reduce_sum(self.likelihood.log_prob(x, params), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "n_genes": self.n_genes, "hidden": list(self.hidden),
+                "likelihood": self.likelihood_name, "normalisation": self.normalisation}
+
+
+def _inverse_softplus(y):
+    return float(np.log(np.expm1(y)))
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class PriorComponents(keras.layers.Layer):
+    """Learnable components p(z | path) with batch shape `shape` (e.g. [K] or [K_1, ..., K_L]).
+
+    Each call of `distribution()` builds a fresh TFP distribution from the current weights.
+    """
+
+    def __init__(self, shape, latent_dim, law="normal", **kwargs):
+        super().__init__(**kwargs)
+        self.component_shape = tuple(int(k) for k in shape)
+        self.latent_dim = int(latent_dim)
+        self.law = law
+        full = self.component_shape + (self.latent_dim,)
+        self.loc = self.add_weight(shape=full, initializer=keras.initializers.RandomNormal(stddev=1.0), name="loc")
+        self.raw_scale = self.add_weight(
+            shape=full, initializer=keras.initializers.Constant(_inverse_softplus(1.0)), name="raw_scale")
+        if law == "student-t":
+            # df = 1 + softplus(raw): the mean exists, tails may be heavy; starts at df = 5.
+            self.raw_df = self.add_weight(
+                shape=self.component_shape + (1,), initializer=keras.initializers.Constant(_inverse_softplus(4.0)),
+                name="raw_df")
+
+    @property
+    def scale(self):
+        return tf.nn.softplus(self.raw_scale) + 1e-4
+
+    @property
+    def df(self):
+        return 1.0 + tf.nn.softplus(self.raw_df) if self.law == "student-t" else None
+
+    def distribution(self):
+        return component_law(self.law, self.loc, self.scale, self.df)
+
+    def set_moments(self, loc, scale):
+        """Initialise locations and scales (e.g. from k-means on a PCA of the data)."""
+        self.loc.assign(np.asarray(loc, dtype="float32").reshape(self.loc.shape))
+        scale = np.maximum(np.asarray(scale, dtype="float32"), 1e-3)
+        self.raw_scale.assign(np.log(np.expm1(scale)).reshape(self.raw_scale.shape))
+
+    def get_config(self):
+        return {**super().get_config(), "shape": list(self.component_shape), "latent_dim": self.latent_dim, "law": self.law}

@@ -1,0 +1,83 @@
+"""MixtureVAE: scVAE's Gaussian-mixture VAE (GMVAE), the flat baseline.
+
+p(y) = Cat(pi), p(z|y=k) = Law(mu_k, sigma_k), p(x|z) a count law;
+q(y|x) a categorical MLP, q(z|x,y) a Gaussian MLP on [x, onehot(y)].
+ELBO(x) = sum_k q(k|x) (E_q(z|x,k) log p(x|z) - KL(q(z|x,k) || p(z|k))) - KL(q(y|x) || p(y)),
+with the sum over k exact and the K decoder passes run as one batched call.
+"""
+import keras
+import tensorflow as tf
+
+from ..distributions import PRIOR_LAWS, mixture_prior
+from .base import BaseVAE
+from .layers import DenseStack, GaussianHead, PriorComponents
+
+PRIOR_PROBABILITIES = ("uniform", "learnable")
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class MixtureVAE(BaseVAE):
+    term_names = ("loss", "elbo", "reconstruction", "kl_z", "kl_y", "components_used")
+
+    def __init__(self, n_genes, n_components=10, prior="normal", prior_probabilities="uniform", **kwargs):
+        super().__init__(n_genes, **kwargs)
+        if prior not in PRIOR_LAWS:
+            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
+        if prior_probabilities not in PRIOR_PROBABILITIES:
+            raise ValueError(f"Unknown prior probabilities {prior_probabilities!r}; choose {PRIOR_PROBABILITIES}.")
+        if int(n_components) < 2:
+            raise ValueError(f"A mixture needs at least 2 components, got {n_components}.")
+        self.n_components = int(n_components)
+        self.prior_law = prior
+        self.prior_probabilities = prior_probabilities
+        self.y_stack = DenseStack(self.hidden, self.normalisation, name="y_encoder")
+        self.y_logits = keras.layers.Dense(self.n_components, name="y_logits")
+        self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=self.n_components, name="z_encoder")
+        self.z_head = GaussianHead(self.latent_dim, name="z_head")
+        self.prior_components = PriorComponents((self.n_components,), self.latent_dim, prior, name="prior")
+        self.prior_logits = self.add_weight(shape=(self.n_components,), initializer="zeros",
+                                            trainable=prior_probabilities == "learnable", name="prior_logits")
+        self._init_trackers()
+
+    def log_py(self):
+        return tf.nn.log_softmax(self.prior_logits)
+
+    def prior(self):
+        """The marginal prior p(z) = sum_k pi_k p(z|k) as a TFP MixtureSameFamily."""
+        return mixture_prior(self.prior_logits, self.prior_components.distribution())
+
+    def encode(self, x, training=False):
+        """log q(y|x) [B, K] and the parameters of q(z|x,y) for every y: [B, K, D] each."""
+        h = self.encoder_input(x)
+        log_qy = tf.nn.log_softmax(self.y_logits(self.y_stack(h, training=training)))
+        loc, scale = self.z_head(self.z_stack(h, training=training))
+        return log_qy, loc, scale
+
+    def terms(self, x, training=False, noise=None):
+        log_qy, loc, scale = self.encode(x, training)
+        qy = tf.exp(log_qy)
+        z = self.reparameterise(loc, scale, noise)                                     # [B, K, D]
+        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, K]
+        kl_z = self.kl_to_prior(loc, scale, z, self.prior_components.distribution())  # [B, K]
+        kl_y = tf.reduce_sum(qy * (log_qy - self.log_py()), axis=-1)
+        expected_reconstruction = tf.reduce_sum(qy * reconstruction, axis=-1)
+        expected_kl_z = tf.reduce_sum(qy * kl_z, axis=-1)
+        elbo = expected_reconstruction - expected_kl_z - kl_y
+        loss = -(expected_reconstruction - self.kl_weight * (expected_kl_z + kl_y))
+        return {"loss": loss, "elbo": elbo, "reconstruction": expected_reconstruction,
+                "kl_z": expected_kl_z, "kl_y": kl_y, "components_used": batch_perplexity(qy)}
+
+    def outputs(self, x):
+        log_qy, loc, _ = self.encode(x)
+        qy = tf.exp(log_qy)
+        return {"latent": tf.reduce_sum(qy[..., None] * loc, axis=1), "cluster_probabilities": qy}
+
+    def get_config(self):
+        return {**super().get_config(), "n_components": self.n_components, "prior": self.prior_law,
+                "prior_probabilities": self.prior_probabilities}
+
+
+def batch_perplexity(q):
+    """exp(entropy) of the batch-mean of q(y|x): how many components the batch really uses."""
+    mean = tf.reduce_mean(q, axis=0)
+    return tf.exp(-tf.reduce_sum(mean * tf.math.log(mean + 1e-12)))

@@ -1,0 +1,101 @@
+"""Run folders: where a trained model, its configuration, history and per-cell outputs live,
+and `load_model`, which reads a model back with clear errors for missing, corrupt or
+wrong-version files."""
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import keras
+
+from . import models  # noqa: F401  (registers the model classes with Keras)
+from .models.base import FORMAT_VERSION
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read into this version of scvae-hier."""
+
+
+class RunDirectory:
+    """Names of everything a run writes, in one place."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    model = property(lambda self: self.path / "model.keras")
+    config = property(lambda self: self.path / "config.json")
+    history = property(lambda self: self.path / "history.csv")
+    split = property(lambda self: self.path / "split.csv")
+    outputs = property(lambda self: self.path / "outputs.h5ad")
+    metrics = property(lambda self: self.path / "metrics.json")
+    checkpoint_dir = property(lambda self: self.path / "checkpoint")
+    checkpoint_model = property(lambda self: self.path / "checkpoint" / "last.keras")
+    checkpoint_best = property(lambda self: self.path / "checkpoint" / "best.weights.h5")
+    checkpoint_state = property(lambda self: self.path / "checkpoint" / "state.json")
+
+    def is_finished(self) -> bool:
+        return self.model.exists() and self.outputs.exists()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_model.exists() and self.checkpoint_state.exists()
+
+    def read_config(self) -> dict:
+        if not self.config.exists():
+            raise FileNotFoundError(f"{self.path} is not a scvae-hier run folder (no config.json).")
+        return json.loads(self.config.read_text())
+
+
+def write_json(path, data):
+    """Write JSON atomically, so an interrupt never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def save_model_atomically(model, path):
+    path = Path(path)
+    tmp = path.with_name("tmp-" + path.name)
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _check_model_file(path: Path):
+    """Read the model's config from the .keras archive and check it before Keras does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as error:
+        raise ModelFileError(
+            f"{path} is not a readable .keras model file ({error}). It may be truncated or corrupt: "
+            f"retrain, or resume the run from its checkpoint with `scvae-hier train ... --resume`.") from None
+    inner = config.get("config", {})
+    version = inner.get("format_version")
+    if not str(config.get("registered_name") or "").startswith("scvae_hier>"):
+        raise ModelFileError(f"{path} holds a {config.get('class_name')!r} model, not a scvae-hier model.")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} was saved in scvae-hier model format {version} (package {inner.get('package_version')}); "
+            f"this installation reads format {FORMAT_VERSION}. Install the scvae-hier version that wrote it, "
+            f"or retrain the model with this one.")
+
+
+def load_model(run_or_file):
+    """Load a trained model from a run folder or a `.keras` file."""
+    path = Path(run_or_file)
+    if path.is_dir():
+        path = RunDirectory(path).model
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: pass a run folder written by `scvae-hier train` "
+                                f"or its model.keras file.")
+    _check_model_file(path)
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for damaged archives
+        raise ModelFileError(f"Could not load {path}: {error}. Retrain, or resume the run from its checkpoint.") from error
