@@ -5,3 +5,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
+
+
+def load_model(run_or_file):
+    """Load a trained model from a run folder or a `.keras` file (see `scvae_hier.runs`)."""
+    from .runs import load_model as _load
+
+    return _load(run_or_file)

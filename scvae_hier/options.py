@@ -1,0 +1,59 @@
+"""Every training option in one place: defaults, help text and choices.
+
+The command line is generated from this dataclass, and a run's config.json stores it, so an
+option documented here is an option the CLI has and a run remembers.
+"""
+from dataclasses import asdict, dataclass, field, fields
+
+from .distributions import LIKELIHOODS, PRIOR_LAWS
+from .models import MODELS, RESERVED
+from .models.base import INPUT_TRANSFORMS
+from .models.layers import NORMALISATIONS
+from .models.mixture import PRIOR_PROBABILITIES
+
+
+def option(default, help, choices=None, **extra):
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+
+
+@dataclass
+class TrainOptions:
+    data: str = option(None, "Count data: .h5ad, .loom, 10x .h5, or a 10x matrix folder.", positional=True)
+    model: str = option("mixture", "Model to train.", sorted(MODELS) + sorted(RESERVED))
+    output: str = option(None, "Run folder (default: runs/<data>-<model>-<prior>-s<seed>).")
+    layer: str = option(None, "Read counts from this AnnData layer instead of X (e.g. counts).")
+    n_genes: int = option(500, "Highly variable genes to keep (scanpy seurat_v3 on counts); 0 keeps all genes.")
+    label_column: str = option(None, "obs column with cell-type labels (default: the hierarchy's label column).")
+    hierarchy: str = option(None, "Hierarchy file (TSV/JSON/YAML); default: the data's uns['hierarchy'] if any.")
+    levels: tuple = option(None, "Per-level obs columns (coarse to fine) defining the hierarchy instead of a file.",
+                          nargs="+")
+    exclude_labels: tuple = option((), "Drop cells with these labels (e.g. cd14_monocytes for the poster's nine).",
+                                  nargs="+")
+    drop_empty_cells: bool = option(False, "Drop cells with no counts on the selected genes instead of failing.")
+    n_components: int = option(None, "Mixture components (default: the number of finest-level classes).")
+    prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
+    prior_probabilities: str = option("uniform", "p(y): fixed uniform or learned.", list(PRIOR_PROBABILITIES))
+    likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOODS))
+    latent_dim: int = option(20, "Dimension of the latent z.")
+    hidden: tuple = option((100, 100), "Hidden layer sizes of encoders (decoder mirrors them).", nargs="+", type=int)
+    normalisation: str = option("batch", "Normalisation after each hidden layer (scVAE uses batch).",
+                                list(NORMALISATIONS))
+    input_transform: str = option("log1p", "Transform of counts fed to the encoders.", list(INPUT_TRANSFORMS))
+    batch_size: int = option(128, "Minibatch size.")
+    learning_rate: float = option(1e-3, "Adam learning rate.")
+    epochs: int = option(100, "Maximum number of epochs.")
+    warm_up: int = option(5, "KL warm-up epochs: the KL weight grows linearly from 0 to 1.")
+    patience: int = option(20, "Stop after this many epochs without a better validation ELBO.")
+    split: tuple = option((0.8, 0.1, 0.1), "Train, validation, test fractions.", nargs=3, type=float)
+    seed: int = option(0, "Random seed (split, weights, noise, batch order).")
+    xla: bool = option(False, "Compile the train step with XLA.")
+    resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")
+    overwrite: bool = option(False, "Replace an existing run folder.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,237 @@
+"""Training: KL warm-up, resumable early stopping and checkpoints, and the `train` pipeline that
+turns options into a finished run folder."""
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from .data import CountBatches, DataError, file_checksum, prepare, read_counts, split_cells
+from .hierarchy import Hierarchy
+from .models import MixtureVAE, model_class
+from .options import TrainOptions
+from .runs import RunDirectory, save_model_atomically, write_json
+from .outputs import write_outputs
+
+PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
+
+
+class KLWarmUp(keras.callbacks.Callback):
+    """KL weight beta = min(epoch / W, 1), as scVAE (epoch counted from 0)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = int(epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        weight = 1.0 if self.epochs <= 0 else min(epoch / self.epochs, 1.0)
+        self.model.kl_weight.assign(weight)
+
+
+class TrainingState(keras.callbacks.Callback):
+    """Early stopping on the (beta-free) ELBO, checkpoints and history, all resumable.
+
+    After every epoch it writes the model with its optimizer state, the best weights so far, the
+    history and the early-stopping counters, so `--resume` continues exactly where it stopped.
+    Epochs before the end of warm-up never count as best: their loss is not the full objective.
+    """
+
+    def __init__(self, run: RunDirectory, monitor: str, patience: int, first_epoch: int, state=None, log=print):
+        super().__init__()
+        self.run, self.monitor, self.patience, self.first_epoch = run, monitor, int(patience), int(first_epoch)
+        self.state = state or {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "history": []}
+        self.log = log
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.state["history"].append({"epoch": epoch, "kl_weight": float(self.model.kl_weight.numpy()), **logs})
+        if epoch >= self.first_epoch:
+            value = logs[self.monitor]
+            if self.state["best"] is None or value > self.state["best"]:
+                self.state.update(best=value, best_epoch=epoch, wait=0)
+                self.model.save_weights(self.run.checkpoint_best)
+            else:
+                self.state["wait"] += 1
+        self.state["epoch"] = epoch
+        write_history(self.run.history, self.state["history"])
+        save_model_atomically(self.model, self.run.checkpoint_model)
+        write_json(self.run.checkpoint_state, self.state)
+        if self.state["wait"] >= self.patience:
+            self.log(f"Early stopping: {self.monitor} has not improved for {self.patience} epochs "
+                     f"(best {self.state['best']:.3f} at epoch {self.state['best_epoch'] + 1}).")
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.state["best_epoch"] is not None and self.run.checkpoint_best.exists():
+            self.model.load_weights(self.run.checkpoint_best)
+
+
+def write_history(path, rows):
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------- pipeline
+def default_run_path(options: TrainOptions) -> Path:
+    stem = Path(options.data).name.split(".")[0]
+    prior = "" if options.model == "vae" else f"-{options.prior}"
+    return Path("runs") / f"{stem}-{options.model}{prior}-s{options.seed}"
+
+
+def resolve_hierarchy(adata, options: TrainOptions):
+    """The hierarchy to evaluate against: a file, per-level columns, the data's own, or a label column."""
+    if options.hierarchy:
+        hierarchy = Hierarchy.from_file(options.hierarchy)
+    elif options.levels:
+        hierarchy = Hierarchy.from_obs(adata.obs, list(options.levels), options.label_column)
+    elif "hierarchy" in adata.uns:
+        hierarchy = Hierarchy.from_anndata(adata)
+    elif options.label_column:
+        column = options.label_column
+        if column not in adata.obs:
+            raise DataError(f"Label column {column!r} is not in the data; obs has {sorted(adata.obs.columns)}.")
+        hierarchy = Hierarchy.from_obs(adata.obs, [column])
+    else:
+        return None
+    if options.label_column and options.label_column != hierarchy.label_column:
+        raise DataError(f"--label-column {options.label_column!r} differs from the hierarchy's label column "
+                        f"{hierarchy.label_column!r}; leave it out or use a matching hierarchy.")
+    if hierarchy.label_column not in adata.obs:
+        raise DataError(f"The hierarchy maps labels of obs column {hierarchy.label_column!r}, which the data lacks; "
+                        f"obs has {sorted(adata.obs.columns)}. Pass --label-column or a matching --hierarchy.")
+    return hierarchy
+
+
+def model_arguments(options: TrainOptions, n_genes: int, hierarchy) -> dict:
+    arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
+                     likelihood=options.likelihood, normalisation=options.normalisation,
+                     input_transform=options.input_transform, seed=options.seed)
+    cls = model_class(options.model)
+    if cls is MixtureVAE:
+        n_components = options.n_components or (hierarchy.sizes[-1] if hierarchy else None)
+        if not n_components:
+            raise DataError("The mixture needs a number of components: pass --n-components, or a hierarchy "
+                            "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
+        arguments.update(n_components=n_components, prior=options.prior,
+                         prior_probabilities=options.prior_probabilities)
+    return arguments
+
+
+def _prepare_folder(run: RunDirectory, options: TrainOptions):
+    """Decide between a fresh run, a resumed one, or a clear refusal; returns saved state or None."""
+    if options.resume:
+        if not run.config.exists():
+            raise FileNotFoundError(f"Nothing to resume in {run.path}: no config.json. Start a new run instead.")
+        return run.read_config()
+    if run.path.exists() and any(run.path.iterdir()):
+        if not options.overwrite:
+            hint = ("it holds an interrupted run: add --resume to continue it"
+                    if run.has_checkpoint() and not run.is_finished() else "it holds a finished run")
+            raise FileExistsError(f"Run folder {run.path} exists and {hint}, --overwrite to replace it, "
+                                  f"or --output to choose another folder.")
+        shutil.rmtree(run.path)
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def train(options: TrainOptions, log=print) -> Path:
+    """Train a model as the options say and write its run folder; returns the folder."""
+    run = RunDirectory(options.output or default_run_path(options))
+    saved = _prepare_folder(run, options)
+    if saved is not None:  # a resumed run keeps every option it started with
+        options = TrainOptions.from_dict({**saved["options"], "resume": True, "output": str(run.path)})
+    keras.utils.set_random_seed(options.seed)
+    started = time.time()
+
+    adata = read_counts(options.data, layer=options.layer)
+    checksum = file_checksum(options.data)
+    if saved is not None and saved["data_checksum"] != checksum:
+        raise DataError(f"{options.data} is not the file this run was trained on (checksum differs); "
+                        f"resume with the original data or start a new run.")
+    hierarchy = resolve_hierarchy(adata, options)
+    label_column = hierarchy.label_column if hierarchy else None
+    prepared = prepare(adata, n_genes=options.n_genes, genes=saved["genes"] if saved else None,
+                       label_column=label_column, exclude_labels=list(options.exclude_labels),
+                       drop_empty_cells=options.drop_empty_cells)
+    del adata
+    if hierarchy is not None:
+        labels = prepared.obs[label_column].astype(str).to_numpy()
+        hierarchy.validate(labels)
+        hierarchy = hierarchy.restrict(labels)
+
+    if saved is None:
+        split = split_cells(prepared.n_obs, tuple(options.split), options.seed)
+        pd.DataFrame({"cell": prepared.obs_names, "set": split}).to_csv(run.split, index=False)
+    else:
+        split = _read_split(run, prepared.obs_names)
+    arguments = model_arguments(options, prepared.n_vars, hierarchy)
+    config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
+              "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
+              "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
+              "hierarchy": hierarchy.to_dict() if hierarchy else None,
+              "preprocessing": prepared.uns.get("preprocessing", {}),
+              "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
+    if saved is None:
+        write_json(run.config, config)
+
+    state = None
+    if saved is not None and run.has_checkpoint():
+        state = json.loads(run.checkpoint_state.read_text())
+        model = keras.saving.load_model(run.checkpoint_model)
+        log(f"Resuming {run.path} after epoch {state['epoch'] + 1}.")
+    else:
+        model = model_class(options.model)(**arguments)
+        model.build()
+        model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), jit_compile=options.xla)
+    initial_epoch = state["epoch"] + 1 if state else 0
+
+    X = prepared.X
+    train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed)
+    train_batches.epoch = initial_epoch
+    has_validation = (split == "validation").any()
+    validation = CountBatches(X[split == "validation"], PREDICT_BATCH_SIZE) if has_validation else None
+    monitor = "val_elbo" if has_validation else "elbo"
+    tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
+    log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
+        f"({_device()}); run folder: {run.path}")
+    if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
+        model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,
+                  callbacks=[KLWarmUp(options.warm_up), tracker], verbose=1 if sys.stdout.isatty() else 2)
+    elif run.checkpoint_best.exists():
+        model.load_weights(run.checkpoint_best)
+
+    save_model_atomically(model, run.model)
+    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE)
+    metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
+                   seconds=round(time.time() - started, 1))
+    write_json(run.metrics, metrics)
+    return run.path
+
+
+def _read_split(run: RunDirectory, cells) -> np.ndarray:
+    table = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
+    missing = pd.Index(cells).difference(table.index)
+    if len(missing):
+        raise DataError(f"{len(missing)} cells of the data are not in the run's split (e.g. {list(missing[:3])}); "
+                        f"resume with the data the run was trained on.")
+    return table.loc[cells].to_numpy()
+
+
+def _device() -> str:
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"GPU: {gpus[0].name}" if gpus else "CPU"
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+    names = ("scvae-hier", "tensorflow", "tensorflow-probability", "keras", "numpy", "anndata", "scanpy")
+    return {name: version(name) for name in names}
