@@ -1,0 +1,319 @@
+"""Reading count matrices, checking they are raw counts, choosing genes, splitting, batching.
+
+Everything here works on scipy CSR matrices of raw UMI counts (cells x genes) so that the
+whole matrix is never densified; models see dense float32 minibatches only.
+"""
+import copy
+import gzip
+import hashlib
+from pathlib import Path
+
+import anndata
+import h5py
+import keras
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+SUPPORTED_FORMATS = (".h5ad file, 10x matrix folder (matrix.mtx[.gz] with genes.tsv or "
+                     "features.tsv[.gz] and barcodes.tsv[.gz]), 10x .h5 file, .loom file")
+RAW_COUNTS_FIX = "pass raw UMI counts, e.g. --layer counts, not normalised/log data"
+
+
+class DataError(ValueError):
+    """Input data cannot be used as it is; the message says what is wrong and how to fix it."""
+
+
+# -- reading -------------------------------------------------------------------------------
+
+def _first_existing(folder, names):
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_10x_folder(folder):
+    """10x Cell Ranger matrix folder, v2 (genes.tsv) or v3 (features.tsv.gz), gzipped or not.
+
+    Read directly rather than with scanpy.read_10x_mtx, which accepts only the exact v2
+    (plain) and v3 (gzipped) file sets.
+    """
+    matrix = _first_existing(folder, ["matrix.mtx.gz", "matrix.mtx"])
+    features = _first_existing(folder, ["features.tsv.gz", "features.tsv",
+                                        "genes.tsv.gz", "genes.tsv"])
+    barcodes = _first_existing(folder, ["barcodes.tsv.gz", "barcodes.tsv"])
+    if matrix is None or features is None or barcodes is None:
+        present = sorted(p.name for p in folder.iterdir())
+        raise DataError(
+            f"{folder} is not a 10x matrix folder: it needs matrix.mtx[.gz], "
+            f"features.tsv[.gz] or genes.tsv[.gz], and barcodes.tsv[.gz]; found {present}")
+    X = sp.csr_matrix(scipy.io.mmread(matrix).T)  # 10x stores genes x cells
+    genes = pd.read_csv(features, sep="\t", header=None, dtype=str)
+    cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str)[0].to_numpy()
+    if X.shape != (len(cells), len(genes)):
+        raise DataError(f"{folder}: matrix is {X.shape[1]} x {X.shape[0]} (genes x cells) but "
+                        f"there are {len(genes)} features and {len(cells)} barcodes")
+    symbols = genes[1] if genes.shape[1] > 1 else genes[0]
+    var = pd.DataFrame({"gene_ids": genes[0].to_numpy()},
+                       index=anndata.utils.make_index_unique(pd.Index(symbols.to_numpy())))
+    if genes.shape[1] > 2:  # v3: keep gene expression only, as Cell Ranger's gex matrix
+        var["feature_types"] = genes[2].to_numpy()
+        keep = (var["feature_types"] == "Gene Expression").to_numpy()
+        X, var = X[:, keep], var[keep]
+    return anndata.AnnData(X=X, obs=pd.DataFrame(index=cells), var=var)
+
+
+def _read_loom(path):
+    """Loom files store genes x cells; scVAE's 10x looms name cells CellID and genes Gene."""
+    with h5py.File(path, "r") as f:
+        col_attrs = set(f["col_attrs"]) if "col_attrs" in f else set()
+        row_attrs = set(f["row_attrs"]) if "row_attrs" in f else set()
+    return anndata.io.read_loom(
+        path, sparse=True, X_name="", dtype="float32",
+        obs_names="CellID" if "CellID" in col_attrs else "obs_names",
+        var_names="Gene" if "Gene" in row_attrs else "var_names")
+
+
+def read_counts(path, layer=None):
+    """Read a count matrix into AnnData with CSR float32 X (counts from X or `layer`)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{str(path)!r} does not exist; supported formats: {SUPPORTED_FORMATS}")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            adata = _read_10x_folder(path)
+        elif suffix == ".h5ad":
+            adata = anndata.read_h5ad(path)
+        elif suffix == ".loom":
+            adata = _read_loom(path)
+        elif suffix == ".h5":
+            import scanpy as sc
+            adata = sc.read_10x_h5(path)
+        else:
+            raise DataError(f"unknown format of {str(path)!r}; supported formats: "
+                            f"{SUPPORTED_FORMATS}")
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"cannot read {str(path)!r} ({type(err).__name__}: {err}); supported "
+                        f"formats: {SUPPORTED_FORMATS}") from err
+    if layer is not None:
+        if layer not in adata.layers:
+            raise DataError(f"{str(path)!r} has no layer {layer!r}; available layers: "
+                            f"{list(adata.layers)} (leave out --layer to use X)")
+        adata.X = adata.layers[layer]
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.obs_names = adata.obs_names.astype(str)
+    adata.var_names = adata.var_names.astype(str)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    return adata
+
+
+# -- checking ------------------------------------------------------------------------------
+
+def validate_counts(X, what="counts"):
+    """Raise DataError unless X holds finite, non-negative integers (raw counts)."""
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    checks = [(~np.isfinite(values), "NaN or infinite"), (values < 0, "negative")]
+    if not np.issubdtype(values.dtype, np.integer):
+        checks.append((np.isfinite(values) & (values != np.round(values)), "non-integer"))
+    for bad, kind in checks:
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad == 0:
+            continue
+        first = int(np.flatnonzero(bad.ravel())[0])
+        if sp.issparse(X):
+            coo = X.tocoo()  # same entry order as .data for CSR/CSC/COO
+            row, col = int(coo.row[first]), int(coo.col[first])
+        else:
+            row, col = (int(i) for i in np.unravel_index(first, values.shape)) \
+                if values.ndim == 2 else (first, 0)
+        raise DataError(
+            f"{what} contain {n_bad} {kind} value(s), e.g. row {row}, column {col}: "
+            f"{values.ravel()[first]!r}; {RAW_COUNTS_FIX}")
+
+
+# -- preprocessing -------------------------------------------------------------------------
+
+def _highly_variable(X, n_genes):
+    """Indices (in original order) of the n_genes seurat_v3 highly variable genes."""
+    import scanpy as sc
+    tmp = anndata.AnnData(X=X.copy())
+    tmp.var_names = [str(i) for i in range(X.shape[1])]
+    sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_genes)
+    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+
+
+def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=(),
+            drop_empty_cells=False):
+    """Checked raw counts of the chosen cells and genes, ready for training or evaluation."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(f"the count matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    validate_counts(X)
+    exclude_labels = [str(lab) for lab in exclude_labels]
+    record = {"n_cells_input": int(adata.n_obs), "n_genes_input": int(adata.n_vars)}
+
+    cells = np.arange(adata.n_obs)
+    if label_column is not None and label_column not in adata.obs:
+        raise DataError(f"obs has no label column {label_column!r}; available obs columns: "
+                        f"{list(adata.obs.columns)}")
+    if exclude_labels:
+        if label_column is None:
+            raise DataError("exclude_labels needs a label column (--label-column)")
+        labels = adata.obs[label_column].astype(str).to_numpy()
+        absent = [lab for lab in exclude_labels if lab not in set(labels)]
+        if absent:
+            raise DataError(
+                f"excluded label(s) {absent} do not occur in obs[{label_column!r}]; its labels "
+                f"are {sorted(set(labels))}")
+        cells = np.flatnonzero(~np.isin(labels, exclude_labels))
+        if len(cells) == 0:
+            raise DataError(f"excluding {exclude_labels} leaves no cells")
+        X = X[cells]
+    record.update(label_column=label_column or "", excluded_labels=",".join(exclude_labels),
+                  n_cells_excluded=int(adata.n_obs - len(cells)))
+
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        position = {g: i for i, g in enumerate(adata.var_names)}
+        missing = [g for g in genes if g not in position]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
+                                               if len(missing) > 10 else "")
+            raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing "
+                            f"from the data: {shown}")
+        selected = np.array([position[g] for g in genes], dtype=int)
+        record.update(gene_selection="given", n_genes_all_zero_dropped=0)
+    else:
+        nonzero = np.flatnonzero(X.getnnz(axis=0) > 0)
+        if len(nonzero) == 0:
+            raise DataError("every gene has zero counts in the selected cells")
+        record["n_genes_all_zero_dropped"] = int(adata.n_vars - len(nonzero))
+        if n_genes and n_genes < len(nonzero):
+            selected = nonzero[_highly_variable(X[:, nonzero], int(n_genes))]
+            record["gene_selection"] = "seurat_v3"
+        else:
+            selected = nonzero
+            record["gene_selection"] = "all"
+    record["n_genes_requested"] = int(n_genes or 0)
+    X = X[:, selected]
+
+    empty = np.asarray(X.sum(axis=1)).ravel() == 0
+    n_empty = int(empty.sum())
+    if n_empty and not drop_empty_cells:
+        raise DataError(
+            f"{n_empty} of {X.shape[0]} cells have zero counts over the {X.shape[1]} selected "
+            f"genes; drop them with --drop-empty-cells (drop_empty_cells=True), or select "
+            f"more genes (--n-genes)")
+    if n_empty:
+        if n_empty == X.shape[0]:
+            raise DataError(f"all {n_empty} cells have zero counts over the selected genes")
+        cells, X = cells[~empty], X[~empty]
+    record.update(n_cells_empty_dropped=n_empty, n_cells=int(X.shape[0]),
+                  n_genes=int(X.shape[1]))
+
+    obs = adata.obs.iloc[cells].copy()
+    for column in obs.columns:
+        if isinstance(obs[column].dtype, pd.CategoricalDtype):
+            obs[column] = obs[column].cat.remove_unused_categories()
+    out = anndata.AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs,
+                          var=adata.var.iloc[selected].copy(), uns=copy.deepcopy(dict(adata.uns)))
+    out.uns["preprocessing"] = record
+    return out
+
+
+# -- splits and bookkeeping ----------------------------------------------------------------
+
+def split_cells(n_cells, fractions=(0.8, 0.1, 0.1), seed=0):
+    """Seeded random 'train'/'validation'/'test' assignment of n_cells cells.
+
+    A set with a positive fraction gets at least one cell when n_cells >= 3.
+    """
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
+        raise DataError(f"split fractions must be three non-negative numbers (train, "
+                        f"validation, test) that sum to 1; got {list(fractions)}")
+    sizes = np.floor(fractions * n_cells).astype(int)
+    remainder = fractions * n_cells - sizes
+    for i in np.argsort(-remainder, kind="stable")[: n_cells - sizes.sum()]:
+        sizes[i] += 1
+    if n_cells >= 3:
+        for i in np.flatnonzero((fractions > 0) & (sizes == 0)):
+            sizes[np.argmax(sizes)] -= 1
+            sizes[i] += 1
+    names = np.repeat(np.array(["train", "validation", "test"]), sizes)
+    out = np.empty(n_cells, dtype=names.dtype)
+    out[np.random.default_rng(seed).permutation(n_cells)] = names
+    return out
+
+
+def file_checksum(path):
+    """sha256 of a file, or of every file in a folder (relative names and contents, sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"cannot checksum {str(path)!r}: it does not exist")
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# -- batching ------------------------------------------------------------------------------
+
+class CountBatches(keras.utils.PyDataset):
+    """Dense float32 minibatches sliced from a CSR count matrix (never densifies the whole matrix).
+
+    With shuffle=True, the order of epoch e is a permutation from default_rng([seed, e]), where
+    `epoch` counts on_epoch_end calls; a resumed run sets `batches.epoch` to get the same order.
+    """
+
+    def __init__(self, X, batch_size=128, shuffle=False, seed=0, covariates=None, **kwargs):
+        super().__init__(**kwargs)
+        self.X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) \
+            else np.asarray(X, dtype=np.float32)
+        self.n = self.X.shape[0]
+        if covariates is not None:
+            covariates = np.asarray(covariates)
+            if len(covariates) != self.n:
+                raise DataError(f"{len(covariates)} covariate rows for {self.n} cells")
+        self.covariates = covariates
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self._order = (None, None)  # (epoch, permutation) cache
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def order(self):
+        """Row order of the current epoch."""
+        if not self.shuffle:
+            return np.arange(self.n)
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch,
+                           np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+        return self._order[1]
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range for {len(self)} batches")
+        rows = self.order()[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.X[rows]
+        x = x.toarray() if sp.issparse(x) else x
+        if self.covariates is None:
+            return x
+        return x, self.covariates[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
