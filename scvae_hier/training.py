@@ -203,7 +203,9 @@ def train(options: TrainOptions, log=print) -> Path:
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
         f"({_device()}); run folder: {run.path}")
     if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
+        # shuffle=False: CountBatches shuffles itself from (seed, epoch), so a resumed run sees the same order.
         model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,
+                  shuffle=False,
                   callbacks=[KLWarmUp(options.warm_up), tracker], verbose=1 if sys.stdout.isatty() else 2)
     elif run.checkpoint_best.exists():
         model.load_weights(run.checkpoint_best)
