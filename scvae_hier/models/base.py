@@ -44,7 +44,10 @@ class BaseVAE(keras.Model):
         self.seed = int(seed)
         self.decoder = CountDecoder(self.n_genes, self.hidden[::-1], likelihood, normalisation, name="decoder")
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
-        self.seed_generator = keras.random.SeedGenerator(self.seed, name="noise_seed")
+        # Noise comes from stateless draws keyed by (seed, draw counter); the counter is a saved
+        # weight, so a run resumed from its checkpoint continues the very same noise stream.
+        self.noise_draws = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False,
+                                           name="noise_draws")
 
     # ------------------------------------------------------------------ pieces for subclasses
     def _init_trackers(self):
@@ -55,7 +58,9 @@ class BaseVAE(keras.Model):
         return tf.math.log1p(x) if self.input_transform == "log1p" else x
 
     def sample_noise(self, shape):
-        return keras.random.normal(shape, seed=self.seed_generator)
+        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
+        self.noise_draws.assign_add(1)
+        return tf.random.stateless_normal(shape, seed=seed)
 
     def reparameterise(self, loc, scale, noise=None):
         if noise is None:
