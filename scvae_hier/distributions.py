@@ -16,11 +16,13 @@ LOG_R_RANGE = (-10.0, 10.0)  # scVAE clips the NB log-dispersion to this range
 LOG_RATE_RANGE = (-15.0, 15.0)
 
 
+# The laws below leave out the -log(x!) term, which does not depend on the parameters: the
+# decoder adds it once per cell and gene instead of once per cluster or path (lgamma is costly).
 def negative_binomial_log_prob(x, log_r, logits):
-    """log NB(x; r, p) with p = sigmoid(logits): the TFP/scVAE parametrisation, mean r*p/(1-p)."""
+    """log NB(x; r, p) + log x!, with p = sigmoid(logits): the TFP/scVAE parametrisation, mean r*p/(1-p)."""
     log_r = tf.clip_by_value(log_r, *LOG_R_RANGE)
     r = tf.exp(log_r)
-    return (tf.math.lgamma(x + r) - tf.math.lgamma(r) - tf.math.lgamma(x + 1.0)
+    return (tf.math.lgamma(x + r) - tf.math.lgamma(r)
             + x * tf.math.log_sigmoid(logits) + r * tf.math.log_sigmoid(-logits))
 
 
@@ -29,8 +31,9 @@ def negative_binomial_mean(log_r, logits):
 
 
 def poisson_log_prob(x, log_rate):
+    """log Poisson(x; rate) + log x!."""
     log_rate = tf.clip_by_value(log_rate, *LOG_RATE_RANGE)
-    return x * log_rate - tf.exp(log_rate) - tf.math.lgamma(x + 1.0)
+    return x * log_rate - tf.exp(log_rate)
 
 
 def poisson_mean(log_rate):
@@ -38,7 +41,9 @@ def poisson_mean(log_rate):
 
 
 def zero_inflated(log_prob: Callable, mean: Callable):
-    """Wrap a count law with a structural-zero probability pi = sigmoid(dropout_logits)."""
+    """Wrap a count law with a structural-zero probability pi = sigmoid(dropout_logits).
+
+    Still without -log x!, which is 0 at x = 0, so adding it later stays exact."""
 
     def zi_log_prob(x, *params, dropout_logits):
         base = log_prob(x, *params)
@@ -71,10 +76,14 @@ class Likelihood:
         extra = {"dropout_logits": params["dropout_logits"]} if self.zero_inflated else {}
         return base, extra
 
-    def log_prob(self, x, params: dict):
-        """Per-gene log p(x|params); x broadcasts against the parameters."""
+    def log_prob_plus_log_factorial(self, x, params: dict):
+        """Per-gene log p(x|params) + log x!; x broadcasts against the parameters."""
         base, extra = self._split(params)
         return self.log_prob_fn(x, *base, **extra)
+
+    def log_prob(self, x, params: dict):
+        """Per-gene log p(x|params)."""
+        return self.log_prob_plus_log_factorial(x, params) - tf.math.lgamma(x + 1.0)
 
     def mean(self, params: dict):
         base, extra = self._split(params)

@@ -90,11 +90,14 @@ class CountDecoder(keras.layers.Layer):
         return {name: head(h) for name, head in self.heads.items()}
 
     def log_prob(self, x, params):
-        """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params."""
+        """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params
+        (clusters or paths), and the parameter-free log x! is computed once per cell."""
+        log_factorial = tf.reduce_sum(tf.math.lgamma(x + 1.0), axis=-1)
         extra_axes = len(params[self.likelihood.heads[0]].shape) - len(x.shape)
         for _ in range(extra_axes):
             x = tf.expand_dims(x, 1)
-        return tf.reduce_sum(self.likelihood.log_prob(x, params), axis=-1)
+            log_factorial = tf.expand_dims(log_factorial, 1)
+        return tf.reduce_sum(self.likelihood.log_prob_plus_log_factorial(x, params), axis=-1) - log_factorial
 
     def get_config(self):
         return {**super().get_config(), "n_genes": self.n_genes, "hidden": list(self.hidden),
