@@ -1,13 +1,12 @@
 """Model registry: the names users pass to `--model`."""
 from .base import BaseVAE
+from .indmom import IndMoMVAE
 from .mixture import MixtureVAE
+from .momix import MoMixVAE
 from .vae import VAE
 
-MODELS = {"vae": VAE, "mixture": MixtureVAE}
-RESERVED = {
-    "momix": "MoMixVAE (the mixture-of-mixtures prior)",
-    "indmom": "IndMoMVAE (independent mixture branches per level)",
-}
+MODELS = {"vae": VAE, "mixture": MixtureVAE, "indmom": IndMoMVAE, "momix": MoMixVAE}
+RESERVED = {}
 
 
 def model_class(name: str):
@@ -21,4 +20,4 @@ def model_class(name: str):
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
 
 
-__all__ = ["BaseVAE", "MixtureVAE", "VAE", "MODELS", "model_class"]
+__all__ = ["BaseVAE", "IndMoMVAE", "MixtureVAE", "MoMixVAE", "VAE", "MODELS", "model_class"]

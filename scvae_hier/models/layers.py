@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import component_law, get_likelihood
+from ..distributions import component_law, get_likelihood, nested_mixture_prior
 
 NORMALISATIONS = ("batch", "layer", "none")
 
@@ -149,3 +149,44 @@ class PriorComponents(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "shape": list(self.component_shape), "latent_dim": self.latent_dim, "law": self.law}
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class NestedPrior(keras.layers.Layer):
+    """The mixture-of-mixtures prior: p(y_1), soft transitions p(y_l | y_<l) and components
+    p(z | y_1..y_L) with batch shape [K_1, ..., K_L].
+
+    Transitions are logits over every prefix, so a level-l class can sit under several parents
+    with some probability; `transitions="uniform"` fixes them (and p(y_1)) uniform.
+    """
+
+    def __init__(self, sizes, latent_dim, law="normal", transitions="learnable", **kwargs):
+        super().__init__(**kwargs)
+        self.sizes = tuple(int(k) for k in sizes)
+        self.latent_dim = int(latent_dim)
+        self.law = law
+        self.transitions = transitions
+        self.components = PriorComponents(self.sizes, self.latent_dim, law, name="components")
+        self.level_logits = [
+            self.add_weight(shape=self.sizes[: level + 1], initializer="zeros",
+                            trainable=transitions == "learnable", name=f"level_{level + 1}_logits")
+            for level in range(len(self.sizes))]
+
+    def level_log_probs(self):
+        """log p(y_l | y_<l) per level, shapes [K_1, ..., K_l]."""
+        return [tf.nn.log_softmax(logits, axis=-1) for logits in self.level_logits]
+
+    def distribution(self):
+        """p(z) as TFP MixtureSameFamily nested once per level."""
+        return nested_mixture_prior(list(self.level_logits), self.components.distribution())
+
+    def flat_components(self):
+        """The components with their path axes flattened: batch shape [K_1 * ... * K_L]."""
+        c = self.components
+        flat = (-1, self.latent_dim)
+        df = None if c.law == "normal" else tf.reshape(c.df, (-1, 1))
+        return component_law(c.law, tf.reshape(c.loc, flat), tf.reshape(c.scale, flat), df)
+
+    def get_config(self):
+        return {**super().get_config(), "sizes": list(self.sizes), "latent_dim": self.latent_dim,
+                "law": self.law, "transitions": self.transitions}

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ..distributions import PRIOR_LAWS, mixture_prior
 from .base import BaseVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
+from .paths import perplexity
 
 PRIOR_PROBABILITIES = ("uniform", "learnable")
 
@@ -55,17 +56,13 @@ class MixtureVAE(BaseVAE):
 
     def terms(self, x, training=False, noise=None):
         log_qy, loc, scale = self.encode(x, training)
-        qy = tf.exp(log_qy)
         z = self.reparameterise(loc, scale, noise)                                     # [B, K, D]
         reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, K]
-        kl_z = self.kl_to_prior(loc, scale, z, self.prior_components.distribution())  # [B, K]
-        kl_y = tf.reduce_sum(qy * (log_qy - self.log_py()), axis=-1)
-        expected_reconstruction = tf.reduce_sum(qy * reconstruction, axis=-1)
-        expected_kl_z = tf.reduce_sum(qy * kl_z, axis=-1)
-        elbo = expected_reconstruction - expected_kl_z - kl_y
-        loss = -(expected_reconstruction - self.kl_weight * (expected_kl_z + kl_y))
-        return {"loss": loss, "elbo": elbo, "reconstruction": expected_reconstruction,
-                "kl_z": expected_kl_z, "kl_y": kl_y, "components_used": batch_perplexity(qy)}
+        terms = mixture_terms(log_qy, loc, scale, z, reconstruction, self.prior_components.distribution(),
+                              self.log_py())
+        terms["loss"] = -(terms["reconstruction"] - self.kl_weight * (terms["kl_z"] + terms["kl_y"]))
+        terms["components_used"] = perplexity(log_qy)
+        return terms
 
     def outputs(self, x):
         log_qy, loc, _ = self.encode(x)
@@ -77,7 +74,14 @@ class MixtureVAE(BaseVAE):
                 "prior_probabilities": self.prior_probabilities}
 
 
-def batch_perplexity(q):
-    """exp(entropy) of the batch-mean of q(y|x): how many components the batch really uses."""
-    mean = tf.reduce_mean(q, axis=0)
-    return tf.exp(-tf.reduce_sum(mean * tf.math.log(mean + 1e-12)))
+def mixture_terms(log_qy, loc, scale, z, reconstruction, components, log_py) -> dict:
+    """The exact-sum ELBO of one mixture: q(y|x) weights per-cluster reconstruction and KL terms.
+
+    Shapes: log_qy [B, K]; loc, scale, z [B, K, D]; reconstruction [B, K]; components with batch
+    shape [K]; log_py [K]. Shared by MixtureVAE and each branch of IndMoMVAE."""
+    qy = tf.exp(log_qy)
+    kl_z = tf.reduce_sum(qy * BaseVAE.kl_to_prior(loc, scale, z, components), axis=-1)
+    kl_y = tf.reduce_sum(qy * (log_qy - log_py), axis=-1)
+    expected_reconstruction = tf.reduce_sum(qy * reconstruction, axis=-1)
+    return {"elbo": expected_reconstruction - kl_z - kl_y, "reconstruction": expected_reconstruction,
+            "kl_z": kl_z, "kl_y": kl_y}

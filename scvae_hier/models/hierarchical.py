@@ -1,0 +1,54 @@
+"""What the two hierarchical models share: level sizes, the marginal-usage weight, and the
+training objective built from per-level terms.
+
+Objective (minimised): -reconstruction + beta * (KL_z + mean over levels of KL_y_l)
+                       + lambda * sum_l KL(mean-over-batch q(y_l|x) || p(y_l)).
+Reported ELBO: reconstruction - KL_z - sum_l KL_y_l, the true bound (beta = 1, no averaging,
+no penalty), comparable across models.
+"""
+import keras
+import tensorflow as tf
+
+from .base import BaseVAE
+from .paths import perplexity, usage_kl
+
+
+class HierarchicalVAE(BaseVAE):
+    """Base for IndMoMVAE and MoMixVAE: one clustering per hierarchy level."""
+
+    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, **kwargs):
+        super().__init__(n_genes, **kwargs)
+        sizes = [int(k) for k in level_sizes]
+        if not sizes:
+            raise ValueError("A hierarchical model needs at least one level.")
+        single = [i + 1 for i, k in enumerate(sizes) if k < 2]
+        if single:
+            raise ValueError(f"Level(s) {single} have fewer than 2 classes ({sizes}); a level with one class "
+                             f"carries no clustering. Drop it from the hierarchy or use --level-sizes.")
+        self.level_sizes = tuple(sizes)
+        self.n_levels = len(sizes)
+        self.prior_law = prior
+        self.marginal_usage = float(marginal_usage)
+        # lambda(t): set each epoch by the training schedule; starts at the configured value.
+        self.usage_weight = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.marginal_usage),
+                                            trainable=False, name="usage_weight")
+        levels = range(1, self.n_levels + 1)
+        self.term_names = ("loss", "elbo", "reconstruction", "kl_z", "kl_y", "marginal_usage",
+                           *(f"kl_y_{l}" for l in levels), *(f"components_used_{l}" for l in levels))
+
+    def combine(self, reconstruction, kl_z, kl_y, kl_y_objective, level_kls, log_q_marginals,
+                log_p_marginals) -> dict:
+        """Per-cell loss and reported terms from per-level pieces. `kl_y` enters the reported
+        ELBO, `kl_y_objective` the loss (e.g. the level-averaged KL of MoMixVAE)."""
+        usage = tf.add_n([usage_kl(q, p) for q, p in zip(log_q_marginals, log_p_marginals)])
+        loss = -reconstruction + self.kl_weight * (kl_z + kl_y_objective) + self.usage_weight * usage
+        terms = {"loss": loss, "elbo": reconstruction - kl_z - kl_y, "reconstruction": reconstruction,
+                 "kl_z": kl_z, "kl_y": kl_y, "marginal_usage": usage}
+        for level, (kl, q) in enumerate(zip(level_kls, log_q_marginals), start=1):
+            terms[f"kl_y_{level}"] = kl
+            terms[f"components_used_{level}"] = perplexity(q)
+        return terms
+
+    def get_config(self):
+        return {**super().get_config(), "level_sizes": list(self.level_sizes), "prior": self.prior_law,
+                "marginal_usage": self.marginal_usage}

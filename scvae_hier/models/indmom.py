@@ -1,0 +1,80 @@
+"""IndMoMVAE: independent mixture branches, one per hierarchy level (the poster's ablation).
+
+Branch l is a mixture with K_l components: its own q(y_l|x), q(z|x,y_l), p(z|y_l) and p(y_l),
+on a shared input trunk and a shared decoder. With a uniform choice of branch the mean of the
+branch ELBOs bounds log p(x) (log mean_b p_b(x) >= mean_b log p_b(x) >= mean_b ELBO_b).
+All sum_l K_l decoder passes run as one batched call. Level-l clusters come from branch l.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..distributions import PRIOR_LAWS
+from .hierarchical import HierarchicalVAE
+from .layers import DenseStack, GaussianHead, PriorComponents
+from .mixture import PRIOR_PROBABILITIES, mixture_terms
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
+class IndMoMVAE(HierarchicalVAE):
+    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", prior_probabilities="uniform", **kwargs):
+        super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
+        if prior not in PRIOR_LAWS:
+            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
+        if prior_probabilities not in PRIOR_PROBABILITIES:
+            raise ValueError(f"Unknown prior probabilities {prior_probabilities!r}; choose {PRIOR_PROBABILITIES}.")
+        self.prior_probabilities = prior_probabilities
+        self.trunk = DenseStack(self.hidden[:1], self.normalisation, name="trunk")
+        branch_units = self.hidden[1:] or self.hidden[:1]
+        self.y_stacks, self.y_logits, self.z_stacks, self.z_heads, self.priors, self.prior_logits = [], [], [], [], [], []
+        for level, k in enumerate(self.level_sizes, start=1):
+            self.y_stacks.append(DenseStack(branch_units, self.normalisation, name=f"y_{level}_encoder"))
+            self.y_logits.append(keras.layers.Dense(k, name=f"y_{level}_logits"))
+            self.z_stacks.append(DenseStack(branch_units, self.normalisation, n_categories=k, name=f"z_{level}_encoder"))
+            self.z_heads.append(GaussianHead(self.latent_dim, name=f"z_{level}_head"))
+            self.priors.append(PriorComponents((k,), self.latent_dim, prior, name=f"prior_{level}"))
+            self.prior_logits.append(self.add_weight(shape=(k,), initializer="zeros",
+                                                     trainable=prior_probabilities == "learnable",
+                                                     name=f"prior_{level}_logits"))
+        self._init_trackers()
+
+    def encode(self, x, training=False):
+        """Per branch: log q(y_l|x) [B, K_l], and loc, scale of q(z|x,y_l) [B, K_l, D]."""
+        trunk = self.trunk(self.encoder_input(x), training=training)
+        branches = []
+        for y_stack, y_logits, z_stack, z_head in zip(self.y_stacks, self.y_logits, self.z_stacks, self.z_heads):
+            log_qy = tf.nn.log_softmax(y_logits(y_stack(trunk, training=training)))
+            loc, scale = z_head(z_stack(trunk, training=training))
+            branches.append((log_qy, loc, scale))
+        return branches
+
+    def terms(self, x, training=False, noise=None):
+        branches = self.encode(x, training)
+        locs = tf.concat([loc for _, loc, _ in branches], axis=1)     # [B, sum K_l, D]
+        scales = tf.concat([scale for _, _, scale in branches], axis=1)
+        z = self.reparameterise(locs, scales, noise)
+        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, sum K_l]
+        edges = np.cumsum((0,) + self.level_sizes)
+        per_branch = []
+        for level, (log_qy, loc, scale) in enumerate(branches):
+            part = slice(int(edges[level]), int(edges[level + 1]))
+            per_branch.append(mixture_terms(log_qy, loc, scale, z[:, part], reconstruction[:, part],
+                                            self.priors[level].distribution(),
+                                            tf.nn.log_softmax(self.prior_logits[level])))
+        mean = lambda key: tf.add_n([b[key] for b in per_branch]) / self.n_levels  # noqa: E731
+        kl_y = mean("kl_y")
+        log_p_marginals = [tf.nn.log_softmax(logits) for logits in self.prior_logits]
+        return self.combine(mean("reconstruction"), mean("kl_z"), kl_y, kl_y, [b["kl_y"] for b in per_branch],
+                            [log_qy for log_qy, _, _ in branches], log_p_marginals)
+
+    def outputs(self, x):
+        out = {}
+        for level, (log_qy, loc, _) in enumerate(self.encode(x), start=1):
+            qy = tf.exp(log_qy)
+            out[f"level_{level}_latent"] = tf.reduce_sum(qy[..., None] * loc, axis=1)
+            out[f"level_{level}_probabilities"] = qy
+        out["latent"] = out[f"level_{self.n_levels}_latent"]
+        return out
+
+    def get_config(self):
+        return {**super().get_config(), "prior_probabilities": self.prior_probabilities}
