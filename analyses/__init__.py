@@ -1,0 +1,1 @@
+"""Evaluation code: per-level clustering metrics and readers for the original scVAE outputs."""

@@ -1,0 +1,180 @@
+"""Per-level clustering metrics: how well a model's clusters recover each level of a hierarchy.
+
+Cluster ids are arbitrary, so label-based scores need a mapping from clusters to classes. Two
+conventions are reported side by side (DESIGN §5):
+- Hungarian: one-to-one, maximising matched cells. When there are more clusters than classes,
+  the cells of unmatched clusters count as wrong, never as a hit; a class that no cluster is
+  matched to gets F1 0. This punishes both over- and under-clustering.
+- Majority vote (scVAE's convention): each cluster takes its most frequent class, many-to-one,
+  so over-clustering is never punished. Kept for comparison with scVAE's logged accuracy.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score,
+                             normalized_mutual_info_score)
+
+
+def _contingency(true, predicted):
+    """Classes, clusters, the [classes x clusters] count table and each cell's class/cluster index."""
+    true = np.asarray(true).ravel()
+    predicted = np.asarray(predicted).ravel()
+    if true.shape != predicted.shape:
+        raise ValueError(f"true and predicted differ in length: {true.size} vs {predicted.size}")
+    if true.size == 0:
+        raise ValueError("no cells to score")
+    classes, t = np.unique(true, return_inverse=True)
+    clusters, p = np.unique(predicted, return_inverse=True)
+    table = np.zeros((classes.size, clusters.size), dtype=np.int64)
+    np.add.at(table, (t, p), 1)
+    return classes, clusters, table, t, p
+
+
+def _assignment(table):
+    """Matched (class index, cluster index) pairs maximising the number of matched cells."""
+    return linear_sum_assignment(table, maximize=True)
+
+
+def hungarian_mapping(true, predicted):
+    """Predicted cluster id -> class name, one-to-one; unmatched clusters are left out."""
+    classes, clusters, table, _, _ = _contingency(true, predicted)
+    rows, cols = _assignment(table)
+    return {clusters[c].item(): classes[r].item() for r, c in zip(rows, cols)}
+
+
+def hungarian_f1(true, predicted):
+    """F1 per class after the Hungarian mapping, with weighted/macro averages and accuracy.
+
+    Computed from the count table: a matched pair (class i, cluster j) has tp = n_ij, support
+    n_i. and n_.j predictions of class i; cells of unmatched clusters are predictions of no class.
+    """
+    classes, _, table, _, _ = _contingency(true, predicted)
+    rows, cols = _assignment(table)
+    support = table.sum(axis=1)
+    f1 = np.zeros(classes.size)
+    for r, c in zip(rows, cols):
+        tp = table[r, c]
+        denominator = support[r] + table[:, c].sum()
+        f1[r] = 2.0 * tp / denominator if denominator else 0.0
+    n = table.sum()
+    return {"weighted": float(np.sum(f1 * support) / n),
+            "macro": float(np.mean(f1)),
+            "per_class": {cls.item(): float(v) for cls, v in zip(classes, f1)},
+            "accuracy": float(table[rows, cols].sum() / n)}
+
+
+def majority_accuracy(true, predicted):
+    """Accuracy when each cluster is labelled with its most frequent class (scVAE's accuracy)."""
+    _, _, table, _, _ = _contingency(true, predicted)
+    return float(table.max(axis=0).sum() / table.sum())
+
+
+def clustering_scores(true, predicted):
+    """Label-free (ARI, NMI, AMI) and mapped (Hungarian F1/accuracy, majority accuracy) scores."""
+    true = np.asarray(true).ravel()
+    predicted = np.asarray(predicted).ravel()
+    f1 = hungarian_f1(true, predicted)
+    return {"ari": float(adjusted_rand_score(true, predicted)),
+            "nmi": float(normalized_mutual_info_score(true, predicted)),
+            "ami": float(adjusted_mutual_info_score(true, predicted)),
+            "f1_weighted": f1["weighted"],
+            "f1_macro": f1["macro"],
+            "accuracy_hungarian": f1["accuracy"],
+            "accuracy_majority": majority_accuracy(true, predicted),
+            "n_clusters_used": int(np.unique(predicted).size),
+            "n_classes": int(np.unique(true).size)}
+
+
+def _mapped(true, predicted):
+    """Each cell's class under the Hungarian mapping fitted on (true, predicted); None if unmatched."""
+    classes, clusters, table, _, p = _contingency(true, predicted)
+    rows, cols = _assignment(table)
+    names = np.full(clusters.size, None, dtype=object)
+    names[cols] = [classes[r].item() for r in rows]
+    return names[p]
+
+
+def hierarchy_consistency(hierarchy, predicted_by_level, true_by_level):
+    """Fraction of cells whose per-level mapped labels form a valid path of the hierarchy.
+
+    Each level's clusters are mapped to that level's classes by its own Hungarian mapping; a
+    cell is consistent when every level's cluster is matched and each mapped class is a child of
+    the class mapped at the level above.
+    """
+    n_levels = hierarchy.n_levels
+    if len(predicted_by_level) != n_levels or len(true_by_level) != n_levels:
+        raise ValueError(
+            f"the hierarchy has {n_levels} levels {hierarchy.levels}, but got "
+            f"{len(predicted_by_level)} predicted and {len(true_by_level)} true label arrays")
+    mapped = [_mapped(t, p) for t, p in zip(true_by_level, predicted_by_level)]
+    ok = np.array([m is not None for m in mapped[0]])
+    for l in range(1, n_levels):
+        parent = {path[l]: path[l - 1] for path in hierarchy.paths.values()}
+        child, above = mapped[l], mapped[l - 1]
+        ok &= np.array([c is not None and a is not None and parent.get(str(c)) == str(a)
+                        for c, a in zip(child, above)])
+    return float(ok.mean())
+
+
+def _per_level(predicted_by_level, n_levels):
+    """A list of per-level predictions, or None when one flat array is given."""
+    if isinstance(predicted_by_level, (list, tuple)):
+        if len(predicted_by_level) != n_levels:
+            raise ValueError(f"got predictions for {len(predicted_by_level)} levels; the "
+                             f"hierarchy has {n_levels}")
+        return [np.asarray(p).ravel() for p in predicted_by_level]
+    array = np.asarray(predicted_by_level)
+    if array.ndim == 2 and array.shape[1] == n_levels and n_levels > 1:
+        return [array[:, l] for l in range(n_levels)]
+    if array.ndim != 1:
+        raise ValueError(f"predictions must be one array of cluster ids, a list of one per "
+                         f"level, or an [n, {n_levels}] array; got shape {array.shape}")
+    return None
+
+
+def level_scores(hierarchy, labels, predicted_by_level):
+    """clustering_scores at every level of the hierarchy (rows indexed by level name).
+
+    A single array (a flat model) is scored against every level; per-level predictions are
+    scored level by level and df.attrs["hierarchy_consistency"] is set (None for flat models).
+    """
+    truth = hierarchy.level_labels(labels)
+    per_level = _per_level(predicted_by_level, hierarchy.n_levels)
+    predictions = per_level or [np.asarray(predicted_by_level).ravel()] * hierarchy.n_levels
+    for level, p in zip(hierarchy.levels, predictions):
+        if p.size != truth.shape[0]:
+            raise ValueError(f"{truth.shape[0]} labels but {p.size} predictions at level {level!r}")
+    rows = [clustering_scores(truth[:, l], p) for l, p in enumerate(predictions)]
+    df = pd.DataFrame(rows, index=pd.Index(hierarchy.levels, name="level"))
+    df.attrs["hierarchy_consistency"] = (
+        None if per_level is None
+        else hierarchy_consistency(hierarchy, per_level, [truth[:, l] for l in range(truth.shape[1])]))
+    return df
+
+
+def _plain(value):
+    """JSON-safe value: numpy scalars to Python, NaN to null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_scores(df, folder, name="metrics"):
+    """Write the per-level scores as <name>.json (with df.attrs) and <name>.csv; return both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"
+    record = {"levels": df.to_dict(orient="index"), **dict(df.attrs)}
+    json_path.write_text(json.dumps(_plain(record), indent=2) + "\n", encoding="utf-8")
+    df.to_csv(csv_path, index_label=df.index.name or "level")
+    return json_path, csv_path
