@@ -6,10 +6,11 @@ option documented here is an option the CLI has and a run remembers.
 from dataclasses import asdict, dataclass, field, fields
 
 from .distributions import LIKELIHOODS, PRIOR_LAWS
-from .models import MODELS, RESERVED
+from .models import MODELS
 from .models.base import INPUT_TRANSFORMS
 from .models.layers import NORMALISATIONS
 from .models.mixture import PRIOR_PROBABILITIES
+from .models.momix import INFERENCE_MODES, TRANSITIONS
 
 
 def option(default, help, choices=None, **extra):
@@ -19,7 +20,7 @@ def option(default, help, choices=None, **extra):
 @dataclass
 class TrainOptions:
     data: str = option(None, "Count data: .h5ad, .loom, 10x .h5, or a 10x matrix folder.", positional=True)
-    model: str = option("mixture", "Model to train.", sorted(MODELS) + sorted(RESERVED))
+    model: str = option("mixture", "Model to train.", sorted(MODELS))
     output: str = option(None, "Run folder (default: runs/<data>-<model>-<prior>-s<seed>).")
     layer: str = option(None, "Read counts from this AnnData layer instead of X (e.g. counts).")
     n_genes: int = option(500, "Highly variable genes to keep (scanpy seurat_v3 on counts); 0 keeps all genes.")
@@ -31,6 +32,16 @@ class TrainOptions:
                                   nargs="+")
     drop_empty_cells: bool = option(False, "Drop cells with no counts on the selected genes instead of failing.")
     n_components: int = option(None, "Mixture components (default: the number of finest-level classes).")
+    level_sizes: tuple = option(None, "Components per level for indmom/momix (default: the hierarchy's class "
+                                "counts; more than classes is allowed).", nargs="+", type=int)
+    inference: str = option("scalable", "MoMixVAE inference: exact (all paths decoded) or scalable (one decode).",
+                            list(INFERENCE_MODES))
+    transitions: str = option("learnable", "MoMixVAE transitions p(y_l|y_<l): learnable or fixed uniform.",
+                              list(TRANSITIONS))
+    marginal_usage: float = option(1.0, "Weight of the marginal-usage KL (hierarchical models); constant for the "
+                                   "first half of --epochs, then cosine-annealed to 10%%.")
+    init: str = option("pca-kmeans", "Prior initialisation: pca-kmeans (k-means on a PCA of log-normalised "
+                       "counts) or random.", ["pca-kmeans", "random"])
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
     prior_probabilities: str = option("uniform", "p(y): fixed uniform or learned.", list(PRIOR_PROBABILITIES))
     likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOODS))

@@ -3,7 +3,10 @@ scvi-tools users expect.
 
 Keys written by `scvae-hier train` into outputs.h5ad:
 - obsm["X_scvae"]: latent means E_q[z|x] (use with sc.pp.neighbors(use_rep="X_scvae"));
-- obsm["scvae_cluster_probabilities"] and obs["scvae_cluster"]: q(y|x) and its argmax (mixtures);
+- obsm["scvae_cluster_probabilities"] and obs["scvae_cluster"]: q(y|x) and its argmax (MixtureVAE);
+- obsm["scvae_<level>_probabilities"] and obs["scvae_<level>_cluster"]: q(y_l|x) and its argmax for
+  each hierarchy level (IndMoMVAE, MoMixVAE), e.g. obs["scvae_level_4_cluster"];
+- obsm["X_scvae_<level>"]: IndMoMVAE's per-branch latent means;
 - obs["split"]: train / validation / test;
 - uns["scvae"]: the model name and the first-look ARI per hierarchy level.
 """
@@ -26,6 +29,15 @@ def level_ari(hierarchy, labels, clusters) -> dict:
             for i, level in enumerate(hierarchy.levels)}
 
 
+def _add_clusters(adata, column, probabilities, obsm_key=None):
+    """Store q(y|x) in obsm and its argmax as a categorical obs column; return the argmax."""
+    probabilities = np.asarray(probabilities)
+    clusters = probabilities.argmax(axis=1)
+    adata.obsm[obsm_key or column.replace("_cluster", "_cluster_probabilities")] = probabilities
+    adata.obs[column] = pd.Categorical(clusters.astype(str), categories=[str(k) for k in range(probabilities.shape[1])])
+    return clusters
+
+
 def write_outputs(run, model, prepared, split, hierarchy, batch_size: int) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics."""
     outputs = predict_outputs(model, prepared.X, batch_size)
@@ -33,17 +45,27 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int) -> di
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
     adata.obsm["X_scvae"] = np.asarray(outputs["latent"])
     metrics = {"model": type(model).__name__}
-    if "cluster_probabilities" in outputs:
-        probabilities = np.asarray(outputs["cluster_probabilities"])
-        clusters = probabilities.argmax(axis=1)
-        adata.obsm["scvae_cluster_probabilities"] = probabilities
-        adata.obs["scvae_cluster"] = pd.Categorical(clusters.astype(str),
-                                                    categories=[str(k) for k in range(probabilities.shape[1])])
+    subsets = (("all", np.ones(len(split), bool)), ("test", split == "test"))
+    labels = adata.obs[hierarchy.label_column].astype(str).to_numpy() if hierarchy is not None else None
+    if "cluster_probabilities" in outputs:  # one flat clustering, scored against every level
+        clusters = _add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])
         if hierarchy is not None:
-            labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
-            metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], clusters[mask])
-                              for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
-                              if mask.any()}
+            metrics["ari"] = {name: level_ari(hierarchy, labels[mask], clusters[mask])
+                              for name, mask in subsets if mask.any()}
+    n_levels = sum(1 for key in outputs if key.startswith("level_") and key.endswith("_probabilities"))
+    if n_levels:  # one clustering per level, each scored against its own level
+        names = hierarchy.levels if hierarchy is not None and hierarchy.n_levels == n_levels else [
+            f"level_{i}" for i in range(1, n_levels + 1)]
+        clusters = [_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
+                                  f"scvae_{name}_probabilities") for i, name in enumerate(names, start=1)]
+        for i, name in enumerate(names, start=1):
+            if f"level_{i}_latent" in outputs:
+                adata.obsm[f"X_scvae_{name}"] = np.asarray(outputs[f"level_{i}_latent"])
+        if hierarchy is not None:
+            level_labels = hierarchy.level_labels(labels)
+            metrics["ari"] = {name: {level: float(adjusted_rand_score(level_labels[mask, i], clusters[i][mask]))
+                                     for i, level in enumerate(names)}
+                              for name, mask in subsets if mask.any()}
     adata.uns["scvae"] = {"model": metrics["model"], "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     adata.write_h5ad(run.outputs, compression="gzip")
     return metrics

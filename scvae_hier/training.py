@@ -2,6 +2,7 @@
 turns options into a finished run folder."""
 import csv
 import json
+import math
 import shutil
 import sys
 import time
@@ -13,7 +14,8 @@ import pandas as pd
 
 from .data import CountBatches, DataError, file_checksum, prepare, read_counts, split_cells
 from .hierarchy import Hierarchy
-from .models import MixtureVAE, model_class
+from .initialisation import initialise_prior
+from .models import IndMoMVAE, MixtureVAE, MoMixVAE, model_class
 from .options import TrainOptions
 from .runs import RunDirectory, save_model_atomically, write_json
 from .outputs import write_outputs
@@ -31,6 +33,25 @@ class KLWarmUp(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         weight = 1.0 if self.epochs <= 0 else min(epoch / self.epochs, 1.0)
         self.model.kl_weight.assign(weight)
+
+
+class MarginalUsageSchedule(keras.callbacks.Callback):
+    """lambda(t): constant for the first half of training, then cosine-annealed to 10% of its start."""
+
+    def __init__(self, start: float, epochs: int):
+        super().__init__()
+        self.start, self.epochs = float(start), int(epochs)
+
+    def weight(self, epoch: int) -> float:
+        half = self.epochs / 2
+        if epoch < half:
+            return self.start
+        progress = min((epoch - half) / max(half, 1), 1.0)
+        return self.start * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if hasattr(self.model, "usage_weight"):
+            self.model.usage_weight.assign(self.weight(epoch))
 
 
 class TrainingState(keras.callbacks.Callback):
@@ -122,6 +143,19 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy) -> dict:
                             "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
         arguments.update(n_components=n_components, prior=options.prior,
                          prior_probabilities=options.prior_probabilities)
+    elif cls in (IndMoMVAE, MoMixVAE):
+        if hierarchy is None and not options.level_sizes:
+            raise DataError(f"--model {options.model} needs a hierarchy (--hierarchy, --levels, or the data's "
+                            f"uns['hierarchy']) or --level-sizes.")
+        sizes = list(options.level_sizes or hierarchy.sizes)
+        if hierarchy is not None and len(sizes) != hierarchy.n_levels:
+            raise DataError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
+                            f"({', '.join(hierarchy.levels)}); give one size per level.")
+        arguments.update(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage)
+        if cls is MoMixVAE:
+            arguments.update(inference=options.inference, transitions=options.transitions)
+        else:
+            arguments.update(prior_probabilities=options.prior_probabilities)
     return arguments
 
 
@@ -190,6 +224,8 @@ def train(options: TrainOptions, log=print) -> Path:
     else:
         model = model_class(options.model)(**arguments)
         model.build()
+        if options.init == "pca-kmeans":
+            initialise_prior(model, prepared.X[split == "train"], options.seed)
         model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), jit_compile=options.xla)
     initial_epoch = state["epoch"] + 1 if state else 0
 
@@ -206,7 +242,8 @@ def train(options: TrainOptions, log=print) -> Path:
         # shuffle=False: CountBatches shuffles itself from (seed, epoch), so a resumed run sees the same order.
         model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,
                   shuffle=False,
-                  callbacks=[KLWarmUp(options.warm_up), tracker], verbose=1 if sys.stdout.isatty() else 2)
+                  callbacks=[KLWarmUp(options.warm_up), MarginalUsageSchedule(options.marginal_usage, options.epochs),
+                             tracker], verbose=1 if sys.stdout.isatty() else 2)
     elif run.checkpoint_best.exists():
         model.load_weights(run.checkpoint_best)
 

@@ -6,17 +6,12 @@ from .momix import MoMixVAE
 from .vae import VAE
 
 MODELS = {"vae": VAE, "mixture": MixtureVAE, "indmom": IndMoMVAE, "momix": MoMixVAE}
-RESERVED = {}
 
 
 def model_class(name: str):
-    """The model class for a `--model` name, with a clear error for unknown or reserved names."""
+    """The model class for a `--model` name, with a clear error for unknown names."""
     if name in MODELS:
         return MODELS[name]
-    if name in RESERVED:
-        raise NotImplementedError(
-            f"--model {name} ({RESERVED[name]}) is not available in this version yet; "
-            f"use one of {sorted(MODELS)} for now.")
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
 
 

@@ -75,6 +75,13 @@ class BaseVAE(keras.Model):
             return tfd.kl_divergence(q, prior)
         return q.log_prob(z) - prior.log_prob(z)
 
+    def prior_sizes(self) -> list:
+        """Numbers of prior components to initialise from data (none for a N(0, I) prior)."""
+        return []
+
+    def initialise_prior(self, moments: dict) -> None:
+        """Set prior components from {K: (centres [K, D], scales [K, D], assignments [n])}."""
+
     # --------------------------------------------------------------------- subclass contract
     def terms(self, x, training=False, noise=None):
         """Per-cell loss terms (dict of [B] tensors, or scalars for batch-level terms)."""

@@ -38,6 +38,14 @@ class IndMoMVAE(HierarchicalVAE):
                                                      name=f"prior_{level}_logits"))
         self._init_trackers()
 
+    def prior_sizes(self):
+        return list(self.level_sizes)
+
+    def initialise_prior(self, moments):
+        for prior, k in zip(self.priors, self.level_sizes):
+            centres, scales, _ = moments[k]
+            prior.set_moments(centres, scales)
+
     def encode(self, x, training=False):
         """Per branch: log q(y_l|x) [B, K_l], and loc, scale of q(z|x,y_l) [B, K_l, D]."""
         trunk = self.trunk(self.encoder_input(x), training=training)

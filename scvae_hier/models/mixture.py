@@ -40,6 +40,13 @@ class MixtureVAE(BaseVAE):
                                             trainable=prior_probabilities == "learnable", name="prior_logits")
         self._init_trackers()
 
+    def prior_sizes(self):
+        return [self.n_components]
+
+    def initialise_prior(self, moments):
+        centres, scales, _ = moments[self.n_components]
+        self.prior_components.set_moments(centres, scales)
+
     def log_py(self):
         return tf.nn.log_softmax(self.prior_logits)
 

@@ -12,6 +12,7 @@ Two inference modes:
   mixture summed over all paths (cheap: prod K_l Gaussian densities of dimension D per cell).
 """
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -55,6 +56,29 @@ class MoMixVAE(HierarchicalVAE):
             self.z_stack = DenseStack(self.hidden, self.normalisation, name="z_encoder")
         self.z_head = GaussianHead(self.latent_dim, name="z_head")
         self._init_trackers()
+
+    def prior_sizes(self):
+        return list(self.level_sizes)
+
+    def initialise_prior(self, moments):
+        """Every path starts at the k-means centre of its finest class (plus a little noise to break
+        ties); learnable transitions start at the co-occurrence of consecutive levels' k-means
+        assignments, a data-driven soft hierarchy."""
+        centres, scales, _ = moments[self.level_sizes[-1]]
+        shape = self.level_sizes + (self.latent_dim,)
+        noise = np.random.default_rng(self.seed).normal(0.0, 0.05, shape)
+        self.prior_layer.components.set_moments(np.broadcast_to(centres, shape) + noise, np.broadcast_to(scales, shape))
+        if self.transitions != "learnable":
+            return
+        labels = [moments[k][2] for k in self.level_sizes]
+        first = np.bincount(labels[0], minlength=self.level_sizes[0]) + 1.0
+        self.prior_layer.level_logits[0].assign(np.log(first / first.sum()).astype("float32"))
+        for level in range(1, self.n_levels):
+            counts = np.ones(self.level_sizes[level - 1: level + 1])
+            np.add.at(counts, (labels[level - 1], labels[level]), 1.0)
+            log_conditional = np.log(counts / counts.sum(axis=1, keepdims=True))
+            target = self.prior_layer.level_logits[level]
+            target.assign(np.broadcast_to(log_conditional, target.shape).astype("float32"))
 
     def prior(self):
         """The marginal prior p(z): TFP MixtureSameFamily nested once per level."""
