@@ -40,8 +40,8 @@ class TrainOptions:
                               list(TRANSITIONS))
     marginal_usage: float = option(1.0, "Weight of the marginal-usage KL (hierarchical models); constant for the "
                                    "first half of --epochs, then cosine-annealed to 10%%.")
-    init: str = option("pca-kmeans", "Prior initialisation: pca-kmeans (k-means on a PCA of log-normalised "
-                       "counts) or random.", ["pca-kmeans", "random"])
+    init: str = option("random", "Prior initialisation: random, or pca-kmeans (k-means on a PCA of "
+                       "log-normalised counts; currently hurts clustering, see CHANGELOG).", ["random", "pca-kmeans"])
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
     prior_probabilities: str = option("uniform", "p(y): fixed uniform or learned.", list(PRIOR_PROBABILITIES))
     likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOODS))
@@ -57,7 +57,7 @@ class TrainOptions:
     patience: int = option(20, "Stop after this many epochs without a better validation ELBO.")
     split: tuple = option((0.8, 0.1, 0.1), "Train, validation, test fractions.", nargs=3, type=float)
     seed: int = option(0, "Random seed (split, weights, noise, batch order).")
-    xla: bool = option(False, "Compile the train step with XLA.")
+    xla: bool = option(True, "Compile train/predict steps with XLA (measured faster for the mixture models).")
     resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")
     overwrite: bool = option(False, "Replace an existing run folder.")
 

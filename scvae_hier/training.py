@@ -167,8 +167,12 @@ def _prepare_folder(run: RunDirectory, options: TrainOptions):
         return run.read_config()
     if run.path.exists() and any(run.path.iterdir()):
         if not options.overwrite:
-            hint = ("it holds an interrupted run: add --resume to continue it"
-                    if run.has_checkpoint() and not run.is_finished() else "it holds a finished run")
+            if run.is_finished():
+                hint = "it holds a finished run"
+            elif run.has_checkpoint():
+                hint = "it holds an interrupted run: add --resume to continue it"
+            else:
+                hint = "it holds a run that never finished an epoch"
             raise FileExistsError(f"Run folder {run.path} exists and {hint}, --overwrite to replace it, "
                                   f"or --output to choose another folder.")
         shutil.rmtree(run.path)
@@ -203,10 +207,10 @@ def train(options: TrainOptions, log=print) -> Path:
 
     if saved is None:
         split = split_cells(prepared.n_obs, tuple(options.split), options.seed)
-        pd.DataFrame({"cell": prepared.obs_names, "set": split}).to_csv(run.split, index=False)
     else:
         split = _read_split(run, prepared.obs_names)
     arguments = model_arguments(options, prepared.n_vars, hierarchy)
+    model = model_class(options.model)(**arguments)  # fail on bad settings before anything is written
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
               "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
@@ -214,6 +218,7 @@ def train(options: TrainOptions, log=print) -> Path:
               "preprocessing": prepared.uns.get("preprocessing", {}),
               "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
     if saved is None:
+        pd.DataFrame({"cell": prepared.obs_names, "set": split}).to_csv(run.split, index=False)
         write_json(run.config, config)
 
     state = None
@@ -222,7 +227,6 @@ def train(options: TrainOptions, log=print) -> Path:
         model = keras.saving.load_model(run.checkpoint_model)
         log(f"Resuming {run.path} after epoch {state['epoch'] + 1}.")
     else:
-        model = model_class(options.model)(**arguments)
         model.build()
         if options.init == "pca-kmeans":
             initialise_prior(model, prepared.X[split == "train"], options.seed)

@@ -155,8 +155,6 @@ def test_save_and_load_reproduce_outputs_exactly(tmp_path, make):
 
 def test_model_names():
     assert model_class("mixture") is MixtureVAE and model_class("vae") is VAE
-    with pytest.raises(NotImplementedError, match="momix.*not available"):
-        model_class("momix")
     with pytest.raises(ValueError, match="Unknown model 'gmm'"):
         model_class("gmm")
 

@@ -156,7 +156,8 @@ def test_real_training_stops_early_when_validation_stalls(pbmc_slice, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "momix"], "momix .*not available in this version yet"),
+    (["--model", "momix", "--level-sizes", "2", "4"], "--level-sizes gives 2 levels but the hierarchy has 4"),
+    (["--model", "momix", "--exclude-labels", "cd34_filtered"], r"Level\(s\) \[1\] have fewer than 2 classes"),
     (["--label-column", "no_such_column", "--hierarchy", "data/pbmc_hierarchy.tsv"], "differs from the hierarchy"),
     (["--levels", "level_1", "not_a_column"], "not_a_column"),
     (["--exclude-labels", "not_a_population"], "not_a_population"),

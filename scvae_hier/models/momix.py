@@ -3,25 +3,25 @@
 p(x, z, y_1..y_L) = p(x|z) p(z|y_1..y_L) prod_l p(y_l|y_<l), with the prior over z a TFP
 MixtureSameFamily nested L times. Level-l clusters: argmax of the marginal q(y_l|x).
 
-Two inference modes:
-- exact: q(y_1|x) q(y_l|x,y_<l) q(z|x,y_1..y_L), every path enumerated, one batched decoder call
-  of prod_l K_l passes (360 for the 2/4/5/9 hierarchy). The definition; tested by brute force.
-- scalable: one Gaussian q(z|x) and one decoder pass; the categorical posterior is the exact
-  conditional of the prior, q(y|x,z) = p(y|z), which is the best categorical posterior for a
-  given z, so the bound is reconstruction + log p(z) - log q(z|x) with log p(z) the nested
-  mixture summed over all paths (cheap: prod K_l Gaussian densities of dimension D per cell).
+Both inference modes use the categorical posterior q(y_1|x) q(y_l|x,y_<l) and enumerate every
+path exactly in the prior and categorical terms; they differ in q(z|x, path):
+- exact: q(z|x, y_1..y_L), one decoder pass per path (prod_l K_l = 360 for the 2/4/5/9
+  hierarchy), batched into one call. The definition; tested by brute force.
+- scalable: q(z|x, y_L), shared by every path that ends in the same finest class, so the
+  decoder runs K_L times (9), like the flat mixture, however many paths there are. The KL of
+  each path's q(z|x, y_L) to its own component p(z|y_1..y_L) is still taken over all paths
+  (P Gaussian KLs of dimension D per cell: cheap). It is an exact ELBO of the same generative
+  model with a smaller posterior family, so it is a true lower bound, never an estimate.
 """
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from ..distributions import PRIOR_LAWS
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, NestedPrior
 from .paths import chain, level_kls, level_marginals, n_paths
 
-tfd = tfp.distributions
 INFERENCE_MODES = ("exact", "scalable")
 TRANSITIONS = ("learnable", "uniform")
 
@@ -41,19 +41,18 @@ class MoMixVAE(HierarchicalVAE):
         self.transitions = transitions
         self.n_paths = n_paths(self.level_sizes)
         self.prior_layer = NestedPrior(self.level_sizes, self.latent_dim, prior, transitions, name="prior")
-        if inference == "exact":
-            self.y_stack = DenseStack(self.hidden, self.normalisation, name="y_encoder")
-            self.y_first = keras.layers.Dense(self.level_sizes[0], name="y_1_logits")
-            # q(y_l | x, y_<l): one learned vector per prefix of earlier levels, then the logits.
-            self.y_given_prefix = [
-                DenseStack(self.hidden[-1:], self.normalisation, n_categories=n_paths(self.level_sizes[:level]),
-                           name=f"y_{level + 1}_encoder")
-                for level in range(1, self.n_levels)]
-            self.y_next = [keras.layers.Dense(self.level_sizes[level], name=f"y_{level + 1}_logits")
-                           for level in range(1, self.n_levels)]
-            self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=self.n_paths, name="z_encoder")
-        else:
-            self.z_stack = DenseStack(self.hidden, self.normalisation, name="z_encoder")
+        self.y_stack = DenseStack(self.hidden, self.normalisation, name="y_encoder")
+        self.y_first = keras.layers.Dense(self.level_sizes[0], name="y_1_logits")
+        # q(y_l | x, y_<l): one learned vector per prefix of earlier levels, then the logits.
+        self.y_given_prefix = [
+            DenseStack(self.hidden[-1:], self.normalisation, n_categories=n_paths(self.level_sizes[:level]),
+                       name=f"y_{level + 1}_encoder")
+            for level in range(1, self.n_levels)]
+        self.y_next = [keras.layers.Dense(self.level_sizes[level], name=f"y_{level + 1}_logits")
+                       for level in range(1, self.n_levels)]
+        # q(z|x, path) in exact mode; q(z|x, y_L) in scalable mode.
+        self.n_z_categories = self.n_paths if inference == "exact" else self.level_sizes[-1]
+        self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=self.n_z_categories, name="z_encoder")
         self.z_head = GaussianHead(self.latent_dim, name="z_head")
         self._init_trackers()
 
@@ -89,7 +88,7 @@ class MoMixVAE(HierarchicalVAE):
         return chain(self.prior_layer.level_log_probs())
 
     def log_q_paths(self, h, training=False):
-        """Exact mode: log q(y_1..y_L | x), shape [B, K_1, ..., K_L]."""
+        """log q(y_1..y_L | x), shape [B, K_1, ..., K_L]."""
         trunk = self.y_stack(h, training=training)
         log_q = tf.nn.log_softmax(self.y_first(trunk))
         for level, (stack, head) in enumerate(zip(self.y_given_prefix, self.y_next), start=1):
@@ -98,33 +97,29 @@ class MoMixVAE(HierarchicalVAE):
             log_q = tf.expand_dims(log_q, -1) + tf.reshape(conditional, shape)
         return log_q
 
-    def responsibilities(self, z):
-        """Scalable mode: log p(y_1..y_L | z) for z [B, D], shape [B, K_1, ..., K_L]."""
-        log_joint = self.prior_layer.flat_components().log_prob(tf.expand_dims(z, 1)) + tf.reshape(
-            self.log_prior_paths(), [-1])
-        log_joint = log_joint - tf.reduce_logsumexp(log_joint, axis=-1, keepdims=True)
-        return tf.reshape(log_joint, tf.concat([[tf.shape(z)[0]], self.level_sizes], axis=0))
+    def to_paths(self, t):
+        """Scalable mode: broadcast a per-finest-class tensor [B, K_L, ...] to every path [B, P, ...]."""
+        if self.inference == "exact":
+            return t
+        batch = tf.shape(t)[0]
+        leading = tf.concat([[batch], self.level_sizes], axis=0)
+        expanded = tf.reshape(t, tf.concat([[batch], [1] * (self.n_levels - 1), tf.shape(t)[1:]], axis=0))
+        full = tf.broadcast_to(expanded, tf.concat([leading, tf.shape(t)[2:]], axis=0))
+        return tf.reshape(full, tf.concat([[batch, self.n_paths], tf.shape(t)[2:]], axis=0))
 
     def terms(self, x, training=False, noise=None):
         h = self.encoder_input(x)
         batch = tf.shape(x)[0]
         log_p = self.log_prior_paths()
-        loc, scale = self.z_head(self.z_stack(h, training=training))
+        log_q = self.log_q_paths(h, training)                                   # [B, K_1..K_L]
+        q_flat = tf.exp(tf.reshape(log_q, [batch, -1]))                         # [B, P]
+        loc, scale = self.z_head(self.z_stack(h, training=training))            # [B, P or K_L, D]
         z = self.reparameterise(loc, scale, noise)
-        params = self.decoder(z, training=training)
-        components = self.prior_layer.flat_components()
-        if self.inference == "exact":
-            log_q = self.log_q_paths(h, training)                               # [B, K_1..K_L]
-            q_flat = tf.exp(tf.reshape(log_q, [batch, -1]))                     # [B, P]
-            reconstruction = tf.reduce_sum(q_flat * self.decoder.log_prob(x, params), axis=-1)
-            kl_z = tf.reduce_sum(q_flat * self.kl_to_prior(loc, scale, z, components), axis=-1)
-        else:
-            reconstruction = self.decoder.log_prob(x, params)
-            log_q = self.responsibilities(z)
-            q_flat = tf.exp(tf.reshape(log_q, [batch, -1]))
-            log_qz = tfd.Independent(tfd.Normal(loc, scale), reinterpreted_batch_ndims=1).log_prob(z)
-            log_pz_given_path = components.log_prob(tf.expand_dims(z, 1))     # [B, P]
-            kl_z = log_qz - tf.reduce_sum(q_flat * log_pz_given_path, axis=-1)
+        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, P or K_L]
+        kl_z = self.kl_to_prior(self.to_paths(loc), self.to_paths(scale), self.to_paths(z),
+                                self.prior_layer.flat_components())             # [B, P]
+        reconstruction = tf.reduce_sum(q_flat * self.to_paths(reconstruction), axis=-1)
+        kl_z = tf.reduce_sum(q_flat * kl_z, axis=-1)
         kls = level_kls(log_q, log_p, self.n_levels)
         kl_y = tf.add_n(kls)
         return self.combine(reconstruction, kl_z, kl_y, kl_y / self.n_levels, kls,
@@ -133,14 +128,10 @@ class MoMixVAE(HierarchicalVAE):
 
     def outputs(self, x):
         h = self.encoder_input(x)
+        log_q = self.log_q_paths(h)
         loc, _ = self.z_head(self.z_stack(h))
-        if self.inference == "exact":
-            log_q = self.log_q_paths(h)
-            q_flat = tf.exp(tf.reshape(log_q, [tf.shape(x)[0], -1]))
-            latent = tf.reduce_sum(q_flat[..., None] * loc, axis=1)
-        else:
-            latent = loc
-            log_q = self.responsibilities(loc)  # q(y|x) read at the posterior mean of z
+        q_flat = tf.exp(tf.reshape(log_q, [tf.shape(x)[0], -1]))
+        latent = tf.reduce_sum(q_flat[..., None] * self.to_paths(loc), axis=1)
         marginals = level_marginals(log_q, self.n_levels)
         return {"latent": latent, **{f"level_{l + 1}_probabilities": tf.exp(m) for l, m in enumerate(marginals)}}
 
