@@ -40,6 +40,10 @@ class TrainOptions:
                               list(TRANSITIONS))
     marginal_usage: float = option(1.0, "Weight of the marginal-usage KL (hierarchical models); constant for the "
                                    "first half of --epochs, then cosine-annealed to 10%%.")
+    usage_target: str = option("uniform", "Target of the marginal-usage KL: uniform, or the model's own p(y_l) "
+                               "(the poster's; it collapses with a learnable prior).", ["uniform", "prior"])
+    component_means: str = option("path", "MoMixVAE component locations: one per path (the poster's), or tree: a "
+                                  "sum of per-level class offsets, halved per level.", ["path", "tree"])
     init: str = option("random", "Prior initialisation: random, or pca-kmeans (k-means on a PCA of "
                        "log-normalised counts; currently hurts clustering, see CHANGELOG).", ["random", "pca-kmeans"])
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))

@@ -151,9 +151,11 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy) -> dict:
         if hierarchy is not None and len(sizes) != hierarchy.n_levels:
             raise DataError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
                             f"({', '.join(hierarchy.levels)}); give one size per level.")
-        arguments.update(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage)
+        arguments.update(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
+                         usage_target=options.usage_target)
         if cls is MoMixVAE:
-            arguments.update(inference=options.inference, transitions=options.transitions)
+            arguments.update(inference=options.inference, transitions=options.transitions,
+                             component_means=options.component_means)
         else:
             arguments.update(prior_probabilities=options.prior_probabilities)
     return arguments

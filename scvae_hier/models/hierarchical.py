@@ -2,7 +2,9 @@
 training objective built from per-level terms.
 
 Objective (minimised): -reconstruction + beta * (KL_z + mean over levels of KL_y_l)
-                       + lambda * sum_l KL(mean-over-batch q(y_l|x) || p(y_l)).
+                       + lambda * sum_l KL(mean-over-batch q(y_l|x) || target_l),
+with target_l uniform by default or the model's own marginal p(y_l) (the poster's choice, which a
+learnable prior can satisfy by collapsing along with q).
 Reported ELBO: reconstruction - KL_z - sum_l KL_y_l, the true bound (beta = 1, no averaging,
 no penalty), comparable across models.
 """
@@ -13,10 +15,14 @@ from .base import BaseVAE
 from .paths import perplexity, usage_kl
 
 
+USAGE_TARGETS = ("uniform", "prior")
+
+
 class HierarchicalVAE(BaseVAE):
     """Base for IndMoMVAE and MoMixVAE: one clustering per hierarchy level."""
 
-    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, **kwargs):
+    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, usage_target="uniform",
+                 **kwargs):
         super().__init__(n_genes, **kwargs)
         sizes = [int(k) for k in level_sizes]
         if not sizes:
@@ -25,6 +31,9 @@ class HierarchicalVAE(BaseVAE):
         if single:
             raise ValueError(f"Level(s) {single} have fewer than 2 classes ({sizes}); a level with one class "
                              f"carries no clustering. Drop it from the hierarchy or use --level-sizes.")
+        if usage_target not in USAGE_TARGETS:
+            raise ValueError(f"Unknown usage target {usage_target!r}; choose one of {USAGE_TARGETS}.")
+        self.usage_target = usage_target
         self.level_sizes = tuple(sizes)
         self.n_levels = len(sizes)
         self.prior_law = prior
@@ -40,6 +49,8 @@ class HierarchicalVAE(BaseVAE):
                 log_p_marginals) -> dict:
         """Per-cell loss and reported terms from per-level pieces. `kl_y` enters the reported
         ELBO, `kl_y_objective` the loss (e.g. the level-averaged KL of MoMixVAE)."""
+        if self.usage_target == "uniform":  # a learnable p(y_l) can collapse together with q
+            log_p_marginals = [-tf.math.log(float(k)) + tf.zeros((k,)) for k in self.level_sizes]
         usage = tf.add_n([usage_kl(q, p) for q, p in zip(log_q_marginals, log_p_marginals)])
         loss = -reconstruction + self.kl_weight * (kl_z + kl_y_objective) + self.usage_weight * usage
         terms = {"loss": loss, "elbo": reconstruction - kl_z - kl_y, "reconstruction": reconstruction,
@@ -51,4 +62,4 @@ class HierarchicalVAE(BaseVAE):
 
     def get_config(self):
         return {**super().get_config(), "level_sizes": list(self.level_sizes), "prior": self.prior_law,
-                "marginal_usage": self.marginal_usage}
+                "marginal_usage": self.marginal_usage, "usage_target": self.usage_target}

@@ -7,6 +7,7 @@ import tensorflow as tf
 from ..distributions import component_law, get_likelihood, nested_mixture_prior
 
 NORMALISATIONS = ("batch", "layer", "none")
+TREE_SHRINK = 0.5  # each level's offsets count half as much as its parent level's
 
 
 def _normalisation(kind: str):
@@ -152,6 +153,73 @@ class PriorComponents(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
+class TreeComponents(keras.layers.Layer):
+    """Components p(z | y_1..y_L) located at a sum of per-level class offsets,
+    mu(y_1..y_L) = sum_l 2^-(l-1) delta_l[y_l], with scale (and df) per finest class.
+
+    A level-l class has one offset whatever its parent, so it is the same class under every
+    parent (the soft hierarchy), and leaves that share ancestors share their offsets: coarse
+    classes are regions of the latent space, not arbitrary groupings of leaves. The halving
+    factor makes coarse offsets dominate at the start and learn fastest.
+    """
+
+    def __init__(self, sizes, latent_dim, law="normal", **kwargs):
+        super().__init__(**kwargs)
+        self.component_shape = tuple(int(k) for k in sizes)
+        self.latent_dim = int(latent_dim)
+        self.law = law
+        self.offsets = [self.add_weight(shape=(k, self.latent_dim), initializer=keras.initializers.RandomNormal(stddev=1.0),
+                                        name=f"level_{level + 1}_offsets")
+                        for level, k in enumerate(self.component_shape)]
+        leaf = (self.component_shape[-1], self.latent_dim)
+        self.raw_scale = self.add_weight(shape=leaf, initializer=keras.initializers.Constant(_inverse_softplus(1.0)),
+                                         name="raw_scale")
+        if law == "student-t":
+            self.raw_df = self.add_weight(shape=leaf[:1] + (1,),
+                                          initializer=keras.initializers.Constant(_inverse_softplus(4.0)), name="raw_df")
+
+    def _at_level(self, values, level):
+        """Broadcast a per-class tensor [K_level, d] of one level to every path [K_1..K_L, d]."""
+        n = len(self.component_shape)
+        shape = [1] * n + [values.shape[-1]]
+        shape[level] = self.component_shape[level]
+        return tf.broadcast_to(tf.reshape(values, shape), self.component_shape + (values.shape[-1],))
+
+    @property
+    def loc(self):
+        return tf.add_n([self._at_level(offset * TREE_SHRINK ** level, level) for level, offset in enumerate(self.offsets)])
+
+    @property
+    def scale(self):
+        return self._at_level(tf.nn.softplus(self.raw_scale) + 1e-4, len(self.component_shape) - 1)
+
+    @property
+    def df(self):
+        if self.law != "student-t":
+            return None
+        return self._at_level(1.0 + tf.nn.softplus(self.raw_df), len(self.component_shape) - 1)
+
+    def distribution(self):
+        return component_law(self.law, self.loc, self.scale, self.df)
+
+    def set_level_moments(self, centres, scales, parents):
+        """Initialise from per-level centres (list of [K_l, D]), finest-level scales and, per level
+        l > 1, each class's most likely parent: offsets are centre minus parent centre."""
+        for level, offset in enumerate(self.offsets):
+            delta = centres[level] - (centres[level - 1][parents[level]] if level else 0.0)
+            offset.assign((np.asarray(delta) / TREE_SHRINK ** level).astype("float32"))
+        scale = np.maximum(np.asarray(scales, dtype="float32"), 1e-3)
+        self.raw_scale.assign(np.log(np.expm1(scale)))
+
+    def get_config(self):
+        return {**super().get_config(), "sizes": list(self.component_shape), "latent_dim": self.latent_dim,
+                "law": self.law}
+
+
+COMPONENT_MEANS = ("tree", "path")
+
+
+@keras.saving.register_keras_serializable("scvae_hier")
 class NestedPrior(keras.layers.Layer):
     """The mixture-of-mixtures prior: p(y_1), soft transitions p(y_l | y_<l) and components
     p(z | y_1..y_L) with batch shape [K_1, ..., K_L].
@@ -160,13 +228,17 @@ class NestedPrior(keras.layers.Layer):
     with some probability; `transitions="uniform"` fixes them (and p(y_1)) uniform.
     """
 
-    def __init__(self, sizes, latent_dim, law="normal", transitions="learnable", **kwargs):
+    def __init__(self, sizes, latent_dim, law="normal", transitions="learnable", component_means="path", **kwargs):
         super().__init__(**kwargs)
+        if component_means not in COMPONENT_MEANS:
+            raise ValueError(f"Unknown component means {component_means!r}; choose one of {COMPONENT_MEANS}.")
         self.sizes = tuple(int(k) for k in sizes)
         self.latent_dim = int(latent_dim)
         self.law = law
         self.transitions = transitions
-        self.components = PriorComponents(self.sizes, self.latent_dim, law, name="components")
+        self.component_means = component_means
+        components = TreeComponents if component_means == "tree" else PriorComponents
+        self.components = components(self.sizes, self.latent_dim, law, name="components")
         self.level_logits = [
             self.add_weight(shape=self.sizes[: level + 1], initializer="zeros",
                             trainable=transitions == "learnable", name=f"level_{level + 1}_logits")
@@ -189,4 +261,4 @@ class NestedPrior(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "sizes": list(self.sizes), "latent_dim": self.latent_dim,
-                "law": self.law, "transitions": self.transitions}
+                "law": self.law, "transitions": self.transitions, "component_means": self.component_means}

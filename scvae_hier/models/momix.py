@@ -29,7 +29,7 @@ TRANSITIONS = ("learnable", "uniform")
 @keras.saving.register_keras_serializable("scvae_hier")
 class MoMixVAE(HierarchicalVAE):
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", inference="scalable",
-                 transitions="learnable", **kwargs):
+                 transitions="learnable", component_means="path", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         if prior not in PRIOR_LAWS:
             raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
@@ -39,8 +39,10 @@ class MoMixVAE(HierarchicalVAE):
             raise ValueError(f"Unknown transitions {transitions!r}; choose one of {TRANSITIONS}.")
         self.inference = inference
         self.transitions = transitions
+        self.component_means = component_means
         self.n_paths = n_paths(self.level_sizes)
-        self.prior_layer = NestedPrior(self.level_sizes, self.latent_dim, prior, transitions, name="prior")
+        self.prior_layer = NestedPrior(self.level_sizes, self.latent_dim, prior, transitions, component_means,
+                                       name="prior")
         self.y_stack = DenseStack(self.hidden, self.normalisation, name="y_encoder")
         self.y_first = keras.layers.Dense(self.level_sizes[0], name="y_1_logits")
         # q(y_l | x, y_<l): one learned vector per prefix of earlier levels, then the logits.
@@ -60,21 +62,30 @@ class MoMixVAE(HierarchicalVAE):
         return list(self.level_sizes)
 
     def initialise_prior(self, moments):
-        """Every path starts at the k-means centre of its finest class (plus a little noise to break
-        ties); learnable transitions start at the co-occurrence of consecutive levels' k-means
-        assignments, a data-driven soft hierarchy."""
+        """Path components start at the k-means centre of their finest class (tree components: at
+        each level's centres, as offsets from the most frequent parent), with a little noise to
+        break ties; learnable transitions start at the co-occurrence of consecutive levels'
+        k-means assignments, a data-driven soft hierarchy."""
         centres, scales, _ = moments[self.level_sizes[-1]]
-        shape = self.level_sizes + (self.latent_dim,)
-        noise = np.random.default_rng(self.seed).normal(0.0, 0.05, shape)
-        self.prior_layer.components.set_moments(np.broadcast_to(centres, shape) + noise, np.broadcast_to(scales, shape))
-        if self.transitions != "learnable":
-            return
         labels = [moments[k][2] for k in self.level_sizes]
-        first = np.bincount(labels[0], minlength=self.level_sizes[0]) + 1.0
-        self.prior_layer.level_logits[0].assign(np.log(first / first.sum()).astype("float32"))
+        cooccurrence = []
         for level in range(1, self.n_levels):
             counts = np.ones(self.level_sizes[level - 1: level + 1])
             np.add.at(counts, (labels[level - 1], labels[level]), 1.0)
+            cooccurrence.append(counts)
+        components = self.prior_layer.components
+        if self.component_means == "tree":
+            parents = [None] + [counts.argmax(axis=0) for counts in cooccurrence]
+            components.set_level_moments([moments[k][0] for k in self.level_sizes], scales, parents)
+        else:
+            shape = self.level_sizes + (self.latent_dim,)
+            noise = np.random.default_rng(self.seed).normal(0.0, 0.05, shape)
+            components.set_moments(np.broadcast_to(centres, shape) + noise, np.broadcast_to(scales, shape))
+        if self.transitions != "learnable":
+            return
+        first = np.bincount(labels[0], minlength=self.level_sizes[0]) + 1.0
+        self.prior_layer.level_logits[0].assign(np.log(first / first.sum()).astype("float32"))
+        for level, counts in enumerate(cooccurrence, start=1):
             log_conditional = np.log(counts / counts.sum(axis=1, keepdims=True))
             target = self.prior_layer.level_logits[level]
             target.assign(np.broadcast_to(log_conditional, target.shape).astype("float32"))
@@ -136,4 +147,5 @@ class MoMixVAE(HierarchicalVAE):
         return {"latent": latent, **{f"level_{l + 1}_probabilities": tf.exp(m) for l, m in enumerate(marginals)}}
 
     def get_config(self):
-        return {**super().get_config(), "inference": self.inference, "transitions": self.transitions}
+        return {**super().get_config(), "inference": self.inference, "transitions": self.transitions,
+                "component_means": self.component_means}
