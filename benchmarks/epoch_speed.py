@@ -5,7 +5,10 @@ Each configuration trains in its own process (so peak memory is its own) for a f
 steady-state figure is the median of the later epochs. Ratios are against the first row.
 
     python benchmarks/epoch_speed.py                      # VAE and MixtureVAE (K=10), 500/2000 genes, XLA off/on
-    python benchmarks/epoch_speed.py --models mixture --genes 500 --epochs 6
+    python benchmarks/epoch_speed.py --hierarchical       # the 2/4/5/9 protocol: nine populations, 500 genes
+
+Model names: vae, mixture, indmom, momix-scalable, momix-exact, each optionally suffixed with
+":student-t" for Student-t prior components.
 """
 import argparse
 import itertools
@@ -19,19 +22,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, data: str) -> dict:
+def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, data: str, exclude: list) -> dict:
     """Runs in a child process: train and time epochs."""
     import keras
     import numpy as np
 
     from scvae_hier.data import CountBatches, prepare, read_counts, split_cells
+    from scvae_hier.hierarchy import Hierarchy
     from scvae_hier.models import model_class
 
-    prepared = prepare(read_counts(data), n_genes=n_genes, drop_empty_cells=True)
+    adata = read_counts(data)
+    hierarchy = Hierarchy.from_anndata(adata)
+    prepared = prepare(adata, n_genes=n_genes, drop_empty_cells=True, label_column=hierarchy.label_column,
+                       exclude_labels=exclude)
+    sizes = hierarchy.restrict(prepared.obs[hierarchy.label_column].astype(str)).sizes
     split = split_cells(prepared.n_obs, seed=0)
     X = prepared.X[split == "train"]
-    arguments = {"n_components": components} if model == "mixture" else {}
-    net = model_class(model)(prepared.n_vars, **arguments)
+    name, _, law = model.partition(":")
+    arguments = {"prior": law} if law else {}
+    if name == "mixture":
+        arguments["n_components"] = components or sizes[-1]
+    elif name != "vae":
+        arguments["level_sizes"] = sizes
+    if name.startswith("momix"):
+        name, arguments["inference"] = "momix", name.split("-")[1]
+    net = model_class(name)(prepared.n_vars, **arguments)
     net.build()
     net.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
     times = []
@@ -56,16 +71,23 @@ def main():
     parser.add_argument("--genes", nargs="+", type=int, default=[500, 2000])
     parser.add_argument("--xla", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--components", type=int, default=10)
+    parser.add_argument("--components", type=int, default=None, help="mixture K (default: finest level)")
+    parser.add_argument("--exclude-labels", nargs="*", default=[])
+    parser.add_argument("--hierarchical", action="store_true",
+                        help="the issue-3 table: nine populations, 500 genes, XLA on, every model x prior")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
+    if args.hierarchical:
+        args.models = [f"{m}{law}" for law in ("", ":student-t")
+                       for m in ("mixture", "indmom", "momix-scalable", "momix-exact")]
+        args.genes, args.xla, args.exclude_labels = [500], ["on"], args.exclude_labels or ["cd14_monocytes"]
     rows = []
     for model, genes, xla in itertools.product(args.models, args.genes, args.xla):
         job = dict(model=model, n_genes=genes, xla=xla == "on", epochs=args.epochs,
-                   components=args.components, data=args.data)
+                   components=args.components, data=args.data, exclude=args.exclude_labels)
         result = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)],
                                 capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -75,7 +97,7 @@ def main():
     print("| model | genes | XLA | first epoch (s) | s / epoch | ratio to first row | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        name = "MixtureVAE (K=%d)" % args.components if r["model"] == "mixture" else "VAE"
+        name = r["model"]
         print(f"| {name} | {r['genes']} | {'on' if r['xla'] else 'off'} | {r['first_epoch_s']:.1f} | "
               f"{r['epoch_s']:.2f} | {r['epoch_s'] / base:.2f} | {r['peak_mib']:.0f} |")
 

@@ -42,8 +42,9 @@ class TrainOptions:
                                    "first half of --epochs, then cosine-annealed to 10%%.")
     usage_target: str = option("uniform", "Target of the marginal-usage KL: uniform, or the model's own p(y_l) "
                                "(the poster's; it collapses with a learnable prior).", ["uniform", "prior"])
-    component_means: str = option("path", "MoMixVAE component locations: one per path (the poster's), or tree: a "
-                                  "sum of per-level class offsets, halved per level.", ["path", "tree"])
+    component_means: str = option("tree", "MoMixVAE component locations: tree (a sum of per-level class offsets, "
+                                  "halved per level, so coarse classes are latent regions) or path (one free "
+                                  "location per path, the poster's).", ["tree", "path"])
     init: str = option("random", "Prior initialisation: random, or pca-kmeans (k-means on a PCA of "
                        "log-normalised counts; currently hurts clustering, see CHANGELOG).", ["random", "pca-kmeans"])
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
@@ -53,7 +54,8 @@ class TrainOptions:
     hidden: tuple = option((100, 100), "Hidden layer sizes of encoders (decoder mirrors them).", nargs="+", type=int)
     normalisation: str = option("batch", "Normalisation after each hidden layer (scVAE uses batch).",
                                 list(NORMALISATIONS))
-    input_transform: str = option("log1p", "Transform of counts fed to the encoders.", list(INPUT_TRANSFORMS))
+    input_transform: str = option("none", "Transform of counts fed to the encoders (none: raw counts, as scVAE; "
+                                  "better clustering and bound than log1p here).", list(INPUT_TRANSFORMS))
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")

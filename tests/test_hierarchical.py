@@ -13,7 +13,7 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.models import IndMoMVAE, MoMixVAE
 from scvae_hier.models.paths import chain, level_kls, level_marginals
-from scvae_hier.training import MarginalUsageSchedule
+from scvae_hier.training import KLWarmUp, MarginalUsageSchedule
 
 RNG = np.random.default_rng(0)
 
@@ -48,7 +48,7 @@ def test_chain_multiplies_conditionals():
 
 @pytest.mark.parametrize("law", ["normal", "student-t"])
 def test_nested_prior_layer_matches_sum_over_paths_and_samples_paths(law):
-    model = MoMixVAE(6, level_sizes=(2, 3), latent_dim=2, hidden=(4,), prior=law)
+    model = MoMixVAE(6, level_sizes=(2, 3), latent_dim=2, hidden=(4,), prior=law, component_means="path")
     model.build()
     prior = model.prior_layer
     prior.components.loc.assign(np.arange(6 * 2, dtype="float32").reshape(2, 3, 2) * 10)
@@ -73,12 +73,26 @@ def test_nested_prior_layer_matches_sum_over_paths_and_samples_paths(law):
         np.testing.assert_allclose(np.bincount(nearest, minlength=6) / 6000, np.exp(log_paths).ravel(), atol=0.02)
 
 
-@pytest.mark.parametrize("inference", ["exact", "scalable"])
-def test_momix_elbo_matches_brute_force_over_paths(inference):
+def test_tree_component_means_are_sums_of_level_offsets():
+    model = MoMixVAE(6, level_sizes=(2, 3, 2), latent_dim=2, hidden=(4,), prior="student-t")
+    model.build()
+    c = model.prior_layer.components
+    offsets = [o.numpy() for o in c.offsets]
+    loc, scale, df = c.loc.numpy(), c.scale.numpy(), c.df.numpy()
+    for k1, k2, k3 in itertools.product(range(2), range(3), range(2)):
+        np.testing.assert_allclose(loc[k1, k2, k3], offsets[0][k1] + 0.5 * offsets[1][k2] + 0.25 * offsets[2][k3],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(scale[k1, k2, k3], softplus(c.raw_scale.numpy()[k3]) + 1e-4, rtol=1e-6)
+        np.testing.assert_allclose(df[k1, k2, k3], 1 + softplus(c.raw_df.numpy()[k3]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("inference, means", [("exact", "path"), ("scalable", "path"), ("scalable", "tree")])
+def test_momix_elbo_matches_brute_force_over_paths(inference, means):
     """Exact mode: q(z|x, path), one decode per path. Scalable: q(z|x, y_L) shared by the paths
     that end in y_L. Either way the ELBO is the full sum over all paths, checked by a loop."""
     sizes, G, D, B = (2, 3), 5, 2, 4
-    model = MoMixVAE(G, level_sizes=sizes, latent_dim=D, hidden=(6, 5), inference=inference, normalisation="none")
+    model = MoMixVAE(G, level_sizes=sizes, latent_dim=D, hidden=(6, 5), inference=inference, normalisation="none",
+                     input_transform="log1p", component_means=means)
     model.build()
     model.prior_layer.level_logits[0].assign(np.array([0.4, -0.1], "float32"))
     model.prior_layer.level_logits[1].assign(RNG.normal(size=sizes).astype("float32"))
@@ -91,8 +105,13 @@ def test_momix_elbo_matches_brute_force_over_paths(inference):
     log_q1 = log_softmax(dense(model.y_first, trunk), axis=1)
     log_p1 = log_softmax(model.prior_layer.level_logits[0].numpy())
     log_p2 = log_softmax(model.prior_layer.level_logits[1].numpy(), axis=-1)
-    loc_p = model.prior_layer.components.loc.numpy()
-    scale_p = softplus(model.prior_layer.components.raw_scale.numpy()) + 1e-4
+    c = model.prior_layer.components
+    if means == "path":
+        loc_p = c.loc.numpy()
+        scale_p = softplus(c.raw_scale.numpy()) + 1e-4
+    else:  # by hand: level-1 offset plus half the level-2 offset; scale of the finest class
+        loc_p = c.offsets[0].numpy()[:, None, :] + 0.5 * c.offsets[1].numpy()[None, :, :]
+        scale_p = np.broadcast_to(softplus(c.raw_scale.numpy()) + 1e-4, (2, 3, D))
     elbo = np.zeros(B)
     kl_y = np.zeros(B)
     for k1 in range(2):
@@ -135,7 +154,7 @@ def test_gradients_reach_every_weight(name):
         loss = tf.reduce_mean(model.terms(x, training=True)["loss"])
     grads = tape.gradient(loss, model.trainable_variables)
     names = [v.path for v in model.trainable_variables]
-    assert any("raw_df" in n for n in names) and any("loc" in n for n in names)
+    assert any("raw_df" in n for n in names) and any(("loc" in n or "offsets" in n) for n in names)
     if name.startswith("momix"):
         assert sum("level_" in n and "_logits" in n for n in names) == 2  # the transitions
     for path, grad in zip(names, grads):
@@ -190,15 +209,20 @@ def nested_counts(n_per_leaf=150, genes=40, seed=0):
     return np.vstack(rows).astype("float32"), np.array(top), np.array(leaf)
 
 
-def test_momix_recovers_the_finest_level_of_a_known_nested_structure():
-    # Only the finest level is asserted: the coarse split is not yet identifiable (leaf
-    # components share nothing within a parent); see the CHANGELOG's known limitations.
-    x, _, leaf = nested_counts()
-    keras.utils.set_random_seed(0)
-    model = MoMixVAE(x.shape[1], level_sizes=(2, 4), latent_dim=4, hidden=(32, 32))
-    model.build()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+def test_momix_recovers_both_levels_of_a_known_nested_structure():
+    """Three seeds with KL warm-up, as training runs. Measured: the leaves are recovered in every
+    seed; the level-1 split in two of three (in the third, q(y_1|x) stays uninformative)."""
+    x, top, leaf = nested_counts()
     order = np.random.default_rng(1).permutation(len(x))
-    model.fit(x[order], batch_size=64, epochs=25, verbose=0)
-    out = model.predict(x, verbose=0)
-    assert adjusted_rand_score(leaf, out["level_2_probabilities"].argmax(1)) > 0.9
+    scores = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        model = MoMixVAE(x.shape[1], level_sizes=(2, 4), latent_dim=4, hidden=(32, 32), seed=seed)
+        model.build()
+        model.compile(optimizer=keras.optimizers.Adam(3e-3))
+        model.fit(x[order], batch_size=64, epochs=60, verbose=0, callbacks=[KLWarmUp(5)])
+        out = model.predict(x, verbose=0)
+        scores.append((adjusted_rand_score(top, out["level_1_probabilities"].argmax(1)),
+                       adjusted_rand_score(leaf, out["level_2_probabilities"].argmax(1))))
+    assert all(leaf_ari > 0.9 for _, leaf_ari in scores), scores
+    assert sum(top_ari > 0.9 for top_ari, _ in scores) >= 2, scores

@@ -23,7 +23,7 @@ class BaseVAE(keras.Model):
     term_names = ("loss", "elbo", "reconstruction", "kl_z")
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
-                 normalisation="batch", input_transform="log1p", seed=0, format_version=FORMAT_VERSION,
+                 normalisation="batch", input_transform="none", seed=0, format_version=FORMAT_VERSION,
                  package_version=__version__, **kwargs):
         super().__init__(**kwargs)
         if input_transform not in INPUT_TRANSFORMS:

