@@ -83,6 +83,46 @@ def test_cli_trains_writes_run_and_reloads_exactly_in_a_fresh_process(pbmc_slice
     assert "IDENTICAL" in result.stdout, result.stderr[-2000:]
 
 
+RELOAD_CHECK = (
+    "import sys, numpy as np, anndata, scvae_hier\n"
+    "from scvae_hier.outputs import predict_outputs\n"
+    "run, keys = sys.argv[1], sys.argv[2:]\n"
+    "out = anndata.read_h5ad(run + '/outputs.h5ad')\n"
+    "new = predict_outputs(scvae_hier.load_model(run), out.X, 1024)\n"
+    "assert np.array_equal(new['latent'], out.obsm['X_scvae'])\n"
+    "for i, key in enumerate(keys, start=1):\n"
+    "    assert np.array_equal(new[f'level_{i}_probabilities'], out.obsm[key]), key\n"
+    "print('IDENTICAL')\n")
+
+
+@pytest.mark.parametrize("model", ["indmom", "momix"])
+def test_cli_trains_hierarchical_models_with_per_level_outputs(pbmc_slice, tmp_path, capsys, model):
+    out = tmp_path / model
+    code = main(["train", str(pbmc_slice), "--model", model, "--epochs", "3", "--warm-up", "1",
+                 "--exclude-labels", "cd14_monocytes", "--output", str(out), *FAST])
+    printed = capsys.readouterr().out
+    assert code == 0 and "level_4" in printed
+    run = RunDirectory(out)
+    config = run.read_config()
+    assert config["model_arguments"]["level_sizes"] == [2, 4, 5, 9]
+    history = pd.read_csv(run.history)
+    for level in range(1, 5):
+        assert f"val_components_used_{level}" in history and f"kl_y_{level}" in history
+    np.testing.assert_allclose(history["kl_y"], history[[f"kl_y_{l}" for l in range(1, 5)]].sum(1)
+                               / (4 if model == "indmom" else 1), rtol=1e-4)
+    outputs = anndata.read_h5ad(run.outputs)
+    keys = []
+    for level, k in zip(["level_1", "level_2", "level_3", "level_4"], [2, 4, 5, 9]):
+        probabilities = outputs.obsm[f"scvae_{level}_probabilities"]
+        assert probabilities.shape == (540, k)
+        np.testing.assert_array_equal(outputs.obs[f"scvae_{level}_cluster"].astype(int), probabilities.argmax(1))
+        keys.append(f"scvae_{level}_probabilities")
+    metrics = json.loads(run.metrics.read_text())
+    assert set(metrics["ari"]["test"]) == {"level_1", "level_2", "level_3", "level_4"}
+    result = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(out), *keys], capture_output=True, text=True)
+    assert "IDENTICAL" in result.stdout, result.stderr[-2000:]
+
+
 class Interrupt(Exception):
     pass
 
