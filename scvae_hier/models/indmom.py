@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import PRIOR_LAWS
+from ..distributions import PRIOR_LAWS, mixture_prior
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
-from .mixture import PRIOR_PROBABILITIES, mixture_terms
+from .mixture import PRIOR_PROBABILITIES, mixture_log_weights, mixture_terms
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
@@ -74,6 +74,18 @@ class IndMoMVAE(HierarchicalVAE):
         log_p_marginals = [tf.nn.log_softmax(logits) for logits in self.prior_logits]
         return self.combine(mean("reconstruction"), mean("kl_z"), kl_y, kl_y, [b["kl_y"] for b in per_branch],
                             [log_qy for log_qy, _, _ in branches], log_p_marginals)
+
+    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+        """[S, B] log-weights whose log-mean-exp over S is log mean_b (IWAE bound of branch b).
+
+        Sample s is the branch average of the branches' weights, log (1/L) sum_b w_bs: an unbiased
+        estimate of p(x) = (1/L) sum_b p_b(x), each w_bs drawn as in MixtureVAE from branch b."""
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, self.n_levels))
+        weights = []
+        for level, (log_qy, loc, scale) in enumerate(self.encode(x)):
+            prior = mixture_prior(self.prior_logits[level], self.priors[level].distribution())
+            weights.append(mixture_log_weights(self.decoder, x, log_qy, loc, scale, prior, n_samples, seeds[level]))
+        return tf.reduce_logsumexp(tf.stack(weights), axis=0) - tf.math.log(float(self.n_levels))
 
     def outputs(self, x):
         out = {}

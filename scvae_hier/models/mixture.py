@@ -7,6 +7,7 @@ with the sum over k exact and the K decoder passes run as one batched call.
 """
 import keras
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from ..distributions import PRIOR_LAWS, mixture_prior
 from .base import BaseVAE
@@ -76,6 +77,11 @@ class MixtureVAE(BaseVAE):
         qy = tf.exp(log_qy)
         return {"latent": tf.reduce_sum(qy[..., None] * loc, axis=1), "cluster_probabilities": qy}
 
+    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+        """log p(x, z) - log q(z|x), [S, B], for z ~ q(z|x) = sum_y q(y|x) q(z|x,y) (stateless draws)."""
+        log_qy, loc, scale = self.encode(x)
+        return mixture_log_weights(self.decoder, x, log_qy, loc, scale, self.prior(), n_samples, seed)
+
     def get_config(self):
         return {**super().get_config(), "n_components": self.n_components, "prior": self.prior_law,
                 "prior_probabilities": self.prior_probabilities}
@@ -92,3 +98,20 @@ def mixture_terms(log_qy, loc, scale, z, reconstruction, components, log_py) -> 
     expected_reconstruction = tf.reduce_sum(qy * reconstruction, axis=-1)
     return {"elbo": expected_reconstruction - kl_z - kl_y, "reconstruction": expected_reconstruction,
             "kl_z": kl_z, "kl_y": kl_y}
+
+
+def mixture_log_weights(decoder, x, log_qy, loc, scale, prior, n_samples, seed):
+    """Importance log-weights [S, B] of a mixture with y summed out of both p(z) (`prior`, the
+    marginal mixture) and q(z|x) = sum_y q(y|x) q(z|x,y): the proposal draws y, then z, but the
+    weight never conditions on the drawn y, so its log-mean-exp bounds log p(x).
+
+    Shapes: log_qy [B, K]; loc, scale [B, K, D]; seed a stateless seed pair."""
+    y_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    y = tf.random.stateless_categorical(log_qy, n_samples, y_seed)                    # [B, S]
+    loc_y, scale_y = tf.gather(loc, y, batch_dims=1), tf.gather(scale, y, batch_dims=1)  # [B, S, D]
+    z = loc_y + scale_y * tf.random.stateless_normal(tf.shape(loc_y), z_seed)
+    log_px = decoder.log_prob(x, decoder(z))                                          # [B, S]
+    q_components = tfp.distributions.Independent(
+        tfp.distributions.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)  # [B, 1, K]
+    log_qz = tf.reduce_logsumexp(log_qy[:, None] + q_components.log_prob(z[:, :, None]), axis=-1)
+    return tf.transpose(log_px + prior.log_prob(z) - log_qz)

@@ -20,6 +20,7 @@ import tensorflow as tf
 from ..distributions import PRIOR_LAWS
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, NestedPrior
+from .mixture import mixture_log_weights
 from .paths import chain, level_kls, level_marginals, n_paths
 
 INFERENCE_MODES = ("exact", "scalable")
@@ -136,6 +137,19 @@ class MoMixVAE(HierarchicalVAE):
         return self.combine(reconstruction, kl_z, kl_y, kl_y / self.n_levels, kls,
                             level_marginals(log_q, self.n_levels),
                             level_marginals(tf.expand_dims(log_p, 0), self.n_levels))
+
+    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+        """[S, B] log p(x, z) - log q(z|x) with every path summed out of p(z) and of
+        q(z|x) = sum_path q(path|x) q(z|x, path). In scalable mode q(z|x, path) depends on the
+        path through y_L alone, so the sum runs over y_L with the marginal q(y_L|x) (same law)."""
+        h = self.encoder_input(x)
+        log_q = self.log_q_paths(h)
+        loc, scale = self.z_head(self.z_stack(h))                                 # [B, P or K_L, D]
+        if self.inference == "exact":
+            log_q = tf.reshape(log_q, [tf.shape(x)[0], -1])
+        else:
+            log_q = level_marginals(log_q, self.n_levels)[-1]
+        return mixture_log_weights(self.decoder, x, log_q, loc, scale, self.prior(), n_samples, seed)
 
     def outputs(self, x):
         h = self.encoder_input(x)

@@ -35,6 +35,18 @@ class VAE(BaseVAE):
         loss = -(reconstruction - self.kl_weight * kl_z)
         return {"loss": loss, "elbo": elbo, "reconstruction": reconstruction, "kl_z": kl_z}
 
+    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+        """log p(x|z) + log N(z; 0, I) - log q(z|x), [S, B], z ~ q(z|x) (stateless draws)."""
+        loc, scale = self.encode(x)
+        q = tfd.Independent(tfd.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)
+        z = loc[:, None] + scale[:, None] * tf.random.stateless_normal(
+            tf.stack([tf.shape(loc)[0], n_samples, tf.shape(loc)[1]]), seed)            # [B, S, D]
+        # The decoder was built on [B, D] (batch norm fixes the rank): decode the samples flattened.
+        params = self.decoder(tf.reshape(z, [-1, self.latent_dim]))
+        params = {name: tf.reshape(p, [tf.shape(x)[0], n_samples, -1]) for name, p in params.items()}
+        log_w = self.decoder.log_prob(x, params) + self.prior().log_prob(z) - q.log_prob(z)
+        return tf.transpose(log_w)
+
     def outputs(self, x):
         loc, _ = self.encode(x)
         return {"latent": loc}
