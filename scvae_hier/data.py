@@ -4,7 +4,6 @@ Everything here works on scipy CSR matrices of raw UMI counts (cells x genes) so
 whole matrix is never densified; models see dense float32 minibatches only.
 """
 import copy
-import gzip
 import hashlib
 from pathlib import Path
 

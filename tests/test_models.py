@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import stats
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, log_softmax
 
 import keras
 from scvae_hier.models import VAE, MixtureVAE, model_class
