@@ -22,10 +22,11 @@ def predict_outputs(model, X, batch_size: int) -> dict:
     return model.predict(CountBatches(X, batch_size), verbose=0)
 
 
-def level_ari(hierarchy, labels, clusters) -> dict:
-    """ARI of one clustering against the labels of every hierarchy level."""
+def level_ari(hierarchy, labels, clusters_by_level) -> dict:
+    """ARI per hierarchy level of that level's clustering (a flat model passes the same
+    clustering for every level)."""
     level_labels = hierarchy.level_labels(labels)
-    return {level: float(adjusted_rand_score(level_labels[:, i], clusters))
+    return {level: float(adjusted_rand_score(level_labels[:, i], clusters_by_level[i]))
             for i, level in enumerate(hierarchy.levels)}
 
 
@@ -45,27 +46,23 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int) -> di
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
     adata.obsm["X_scvae"] = np.asarray(outputs["latent"])
     metrics = {"model": type(model).__name__}
-    subsets = (("all", np.ones(len(split), bool)), ("test", split == "test"))
-    labels = adata.obs[hierarchy.label_column].astype(str).to_numpy() if hierarchy is not None else None
+    model_levels = sum(1 for key in outputs if key.startswith("level_") and key.endswith("_probabilities"))
+    n_levels = hierarchy.n_levels if hierarchy is not None else model_levels
+    names = hierarchy.levels if hierarchy is not None else [f"level_{i}" for i in range(1, n_levels + 1)]
+    clusters_by_level = []  # stays empty for the plain VAE, which has no clusters
     if "cluster_probabilities" in outputs:  # one flat clustering, scored against every level
-        clusters = _add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])
-        if hierarchy is not None:
-            metrics["ari"] = {name: level_ari(hierarchy, labels[mask], clusters[mask])
-                              for name, mask in subsets if mask.any()}
-    n_levels = sum(1 for key in outputs if key.startswith("level_") and key.endswith("_probabilities"))
-    if n_levels:  # one clustering per level, each scored against its own level
-        names = hierarchy.levels if hierarchy is not None and hierarchy.n_levels == n_levels else [
-            f"level_{i}" for i in range(1, n_levels + 1)]
-        clusters = [_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
-                                  f"scvae_{name}_probabilities") for i, name in enumerate(names, start=1)]
+        clusters_by_level = [_add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])] * n_levels
+    elif model_levels:  # one clustering per level (training checks the model has one per hierarchy level)
+        clusters_by_level = [_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
+                                           f"scvae_{name}_probabilities") for i, name in enumerate(names, start=1)]
         for i, name in enumerate(names, start=1):
             if f"level_{i}_latent" in outputs:
                 adata.obsm[f"X_scvae_{name}"] = np.asarray(outputs[f"level_{i}_latent"])
-        if hierarchy is not None:
-            level_labels = hierarchy.level_labels(labels)
-            metrics["ari"] = {name: {level: float(adjusted_rand_score(level_labels[mask, i], clusters[i][mask]))
-                                     for i, level in enumerate(names)}
-                              for name, mask in subsets if mask.any()}
+    if hierarchy is not None and clusters_by_level:
+        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
+        metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])
+                          for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
+                          if mask.any()}
     adata.uns["scvae"] = {"model": metrics["model"], "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     adata.write_h5ad(run.outputs, compression="gzip")
     return metrics

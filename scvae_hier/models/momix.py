@@ -54,8 +54,8 @@ class MoMixVAE(HierarchicalVAE):
         self.y_next = [keras.layers.Dense(self.level_sizes[level], name=f"y_{level + 1}_logits")
                        for level in range(1, self.n_levels)]
         # q(z|x, path) in exact mode; q(z|x, y_L) in scalable mode.
-        self.n_z_categories = self.n_paths if inference == "exact" else self.level_sizes[-1]
-        self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=self.n_z_categories, name="z_encoder")
+        z_categories = self.n_paths if inference == "exact" else self.level_sizes[-1]
+        self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=z_categories, name="z_encoder")
         self.z_head = GaussianHead(self.latent_dim, name="z_head")
         self._init_trackers()
 
