@@ -135,39 +135,41 @@ def true_vs_predicted(adata, hierarchy, embedding, predicted_by_level, path):
 
 
 def hierarchy_matrix(adata, hierarchy, latents_by_level, path, method="umap", seed=0,
-                     row_names=None):
+                     row_names=None, embedded=False):
     """Figure 3: row l = latent of level l, column m = coloured by level m's classes.
 
-    latents_by_level: one array per level, either a 2-D embedding (used as is) or a latent that
-    is embedded here; the same array object given for several rows is embedded once.
+    latents_by_level: one array per level, or one shared by every level (one row): 2-D embeddings used as they are when `embedded`, else
+    representations embedded here (the same array object given for several rows is embedded once).
     row_names: what each row's latent is (default "latent of <level>").
     """
     truth = hierarchy.level_labels(_labels(adata, hierarchy))
     L = hierarchy.n_levels
-    if len(latents_by_level) != L:
-        raise ValueError(f"got {len(latents_by_level)} latents for {L} levels")
-    row_names = row_names or [f"latent of {level}" for level in hierarchy.levels]
+    R = len(latents_by_level)
+    if R not in (1, L):
+        raise ValueError(f"got {R} latents for {L} levels; give one per level, or one shared latent")
+    row_names = row_names or ([f"latent of {level}" for level in hierarchy.levels] if R == L else ["latent"])
     cache = {}
     embeddings = []
     for latent in latents_by_level:
         if id(latent) not in cache:
             array = np.asarray(latent)
-            cache[id(latent)] = array if array.shape[1] == 2 else latent_embedding(
+            cache[id(latent)] = array if embedded else latent_embedding(
                 _Holder(array), "z", method, seed)
         embeddings.append(cache[id(latent)])
-    fig, axes = plt.subplots(L, L, figsize=(3.6 * L, 3.4 * L + 1.5), squeeze=False,
+    fig, axes = plt.subplots(R, L, figsize=(3.6 * L, 3.4 * R + 1.5), squeeze=False,
                              layout="constrained")
     for m, level in enumerate(hierarchy.levels):
         classes = [c for c in hierarchy.classes(m) if c in set(truth[:, m])]
         colours = _palette(classes)
-        for l in range(L):
-            ax = axes[l, m]
-            _scatter(ax, embeddings[l], truth[:, m], classes, colours,
-                     f"{hierarchy.levels[l]} row ({row_names[l]}), coloured by {level}")
-            if l != L - 1:
+        for r in range(R):
+            ax = axes[r, m]
+            title = (f"{hierarchy.levels[r]} row ({row_names[r]}), coloured by {level}" if R == L
+                     else f"coloured by {level}")
+            _scatter(ax, embeddings[r], truth[:, m], classes, colours, title)
+            if r != R - 1:
                 ax.get_legend().remove()  # one legend per column, under the last row
             if m == 0:
-                ax.set_ylabel(f"{hierarchy.levels[l]}: {row_names[l]}")
+                ax.set_ylabel(row_names[r])
     fig.suptitle("Latent hierarchy matrix: rows = latent used for a level, columns = labels of a level")
     return _save(fig, path)
 
@@ -275,14 +277,16 @@ def figures_for_run(run_folder, out_folder=None, method="umap", progress=print):
     embedding = latent_embedding(adata, "X_scvae", method)
     paths.append(true_vs_predicted(adata, hierarchy, embedding, predicted, out / "true_vs_predicted.png"))
     progress(f"wrote {paths[-1]}")
+    # Rows of Figure 3: IndMoMVAE's own latent per level; models with one latent for every level
+    # (MixtureVAE, MoMixVAE) get a single row rather than L identical ones.
     keys = [f"X_scvae_{level}" for level in hierarchy.levels]
     if all(k in adata.obsm for k in keys):
         progress(f"{method.upper()} of the {len(keys)} per-level latents ...")
-        latents, rows = [adata.obsm[k] for k in keys], keys
+        latents, rows, embedded = [adata.obsm[k] for k in keys], keys, False
     else:
-        latents, rows = [embedding] * hierarchy.n_levels, ["X_scvae, shared"] * hierarchy.n_levels
+        latents, rows, embedded = [embedding], ["X_scvae, one latent for every level"], True
     paths.append(hierarchy_matrix(adata, hierarchy, latents, out / "hierarchy_matrix.png", method,
-                                  row_names=rows))
+                                  row_names=rows, embedded=embedded))
     progress(f"wrote {paths[-1]}")
     if (run_folder / "history.csv").is_file():
         paths.append(learning_curves(run_folder / "history.csv", out / "learning_curves.png"))

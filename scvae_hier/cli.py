@@ -5,6 +5,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from .options import TrainOptions
+from .run_evaluation import DEFAULT_IWAE_SAMPLES, SETS
 
 
 def _add_options(parser, dataclass):
@@ -34,6 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="Train a model on a count file and write a run folder.")
     _add_options(train, TrainOptions)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="ELBO, IWAE bound and per-level clustering scores of a trained run on chosen cells.")
+    evaluate.add_argument("run", help="Run folder written by `scvae-hier train`.")
+    evaluate.add_argument("--data", help="Count file to evaluate on (default: the file the run was trained on). "
+                                         "It must hold the model's genes.")
+    evaluate.add_argument("--set", dest="subset", choices=SETS,
+                          help="Cells of the run's split to use (default: test for the training file; "
+                               "another file is evaluated whole).")
+    evaluate.add_argument("--iwae-samples", type=int, default=DEFAULT_IWAE_SAMPLES,
+                          help="Importance samples per cell for the IWAE bound (the poster used 500) "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="Cells per batch (default: %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=0, help="Seed of the importance samples (default: %(default)s)")
+    evaluate.add_argument("--drop-empty-cells", action="store_true",
+                          help="Drop cells with no counts on the model's genes instead of failing.")
+
+    analyse = commands.add_parser(
+        "analyse", help="Figures and a Markdown report of a run, or a comparison of several runs "
+                        "(and original scVAE runs).")
+    analyse.add_argument("runs", nargs="+", help="Run folders written by `scvae-hier train`.")
+    analyse.add_argument("--scvae", nargs="+", default=[], metavar="FOLDER",
+                         help="Analyses folders written by the original scVAE (`scvae evaluate -A FOLDER`), "
+                              "scored on the same cells as the runs.")
+    analyse.add_argument("--output", help="Comparison folder (default: runs/comparison); a single run without "
+                                          "--scvae or --output is reported in its own folder.")
+    analyse.add_argument("--level", help="Level of Figure 1 (default: the finest).")
+    analyse.add_argument("--set", dest="subset", default="test", choices=SETS,
+                         help="Cells the scores are computed on (default: %(default)s)")
+    analyse.add_argument("--iwae-samples", type=int, default=DEFAULT_IWAE_SAMPLES,
+                         help="IWAE samples for runs not yet evaluated (default: %(default)s)")
+    analyse.add_argument("--embedding", choices=["umap", "tsne"], default="umap",
+                         help="2-D embedding of the latent (default: %(default)s)")
+    analyse.add_argument("--no-figures", dest="figures", action="store_false",
+                         help="In a comparison, skip Figures 2-3 and the per-run figures.")
     return parser
 
 
@@ -54,15 +90,44 @@ def run_train(args) -> int:
     return 0
 
 
+def _progress(done, total):
+    """IWAE progress on one line (a line every ~10% when not on a terminal)."""
+    if sys.stderr.isatty():
+        print(f"\rIWAE: batch {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(f"IWAE: batch {done}/{total}", file=sys.stderr, flush=True)
+
+
+def run_evaluate(args) -> int:
+    from .run_evaluation import evaluate_run, format_evaluation, write_evaluation
+
+    evaluation = evaluate_run(args.run, data=args.data, subset=args.subset, iwae_samples=args.iwae_samples,
+                              batch_size=args.batch_size, seed=args.seed,
+                              drop_empty_cells=args.drop_empty_cells or None, progress=_progress)
+    files = write_evaluation(evaluation)
+    print(format_evaluation(evaluation))
+    print(f"Written to {evaluation.folder}: " + ", ".join(f.name for f in files))
+    return 0
+
+
+def run_analyse(args) -> int:
+    from analyses.report import analyse
+
+    analyse(args.runs, scvae=args.scvae, output=args.output, level=args.level, subset=args.subset,
+            iwae_samples=args.iwae_samples, embedding=args.embedding, figures=args.figures)
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return run_train(args)
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"scvae-hier {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -39,25 +39,39 @@ def _add_clusters(adata, column, probabilities, obsm_key=None):
     return clusters
 
 
+def annotate(adata, outputs, level_names) -> list:
+    """Put a model's outputs into `adata` (obsm latent and probabilities, obs clusters) under the
+    keys documented above; return the clustering of each level (the flat clustering repeated for
+    a MixtureVAE, [] for the plain VAE, which has no clusters)."""
+    adata.obsm["X_scvae"] = np.asarray(outputs["latent"])
+    if "cluster_probabilities" in outputs:  # one flat clustering, scored against every level
+        return [_add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])] * len(level_names)
+    clusters_by_level = []
+    for i, name in enumerate(level_names, start=1):
+        if f"level_{i}_probabilities" not in outputs:
+            break
+        clusters_by_level.append(_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
+                                               f"scvae_{name}_probabilities"))
+        if f"level_{i}_latent" in outputs:
+            adata.obsm[f"X_scvae_{name}"] = np.asarray(outputs[f"level_{i}_latent"])
+    return clusters_by_level
+
+
+def level_names(hierarchy, outputs) -> list:
+    """The hierarchy's level names, or level_1..level_L from the model's own levels."""
+    if hierarchy is not None:
+        return list(hierarchy.levels)
+    n_levels = sum(1 for key in outputs if key.startswith("level_") and key.endswith("_probabilities"))
+    return [f"level_{i}" for i in range(1, n_levels + 1)]
+
+
 def write_outputs(run, model, prepared, split, hierarchy, batch_size: int) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics."""
     outputs = predict_outputs(model, prepared.X, batch_size)
     adata = prepared.copy()
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
-    adata.obsm["X_scvae"] = np.asarray(outputs["latent"])
+    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))
     metrics = {"model": type(model).__name__}
-    model_levels = sum(1 for key in outputs if key.startswith("level_") and key.endswith("_probabilities"))
-    n_levels = hierarchy.n_levels if hierarchy is not None else model_levels
-    names = hierarchy.levels if hierarchy is not None else [f"level_{i}" for i in range(1, n_levels + 1)]
-    clusters_by_level = []  # stays empty for the plain VAE, which has no clusters
-    if "cluster_probabilities" in outputs:  # one flat clustering, scored against every level
-        clusters_by_level = [_add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])] * n_levels
-    elif model_levels:  # one clustering per level (training checks the model has one per hierarchy level)
-        clusters_by_level = [_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
-                                           f"scvae_{name}_probabilities") for i, name in enumerate(names, start=1)]
-        for i, name in enumerate(names, start=1):
-            if f"level_{i}_latent" in outputs:
-                adata.obsm[f"X_scvae_{name}"] = np.asarray(outputs[f"level_{i}_latent"])
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
         metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])

@@ -98,7 +98,8 @@ def test_each_figure_writes_a_png(tmp_path):
     embedding = latent_embedding(adata, method="tsne")
     assert embedding.shape == (N, 2)
     assert_png(true_vs_predicted(adata, HIERARCHY, embedding, clusters, tmp_path / "tvp.png"))
-    assert_png(hierarchy_matrix(adata, HIERARCHY, [embedding, embedding], tmp_path / "hm.png"))
+    assert_png(hierarchy_matrix(adata, HIERARCHY, [embedding, embedding], tmp_path / "hm.png",
+                                embedded=True))
     assert_png(confusion_matrices(HIERARCHY, adata.obs["cell_type"], [clusters % 2, clusters],
                                   tmp_path / "cm.png"))
     run = write_run(tmp_path / "run", hierarchical=True)

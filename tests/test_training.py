@@ -18,23 +18,7 @@ from scvae_hier.cli import main
 from scvae_hier.options import TrainOptions
 from scvae_hier.runs import ModelFileError, RunDirectory, load_model
 
-PBMC = Path(__file__).resolve().parent.parent / "data" / "pbmc.h5ad"
-
-
-@pytest.fixture(scope="module")
-def pbmc_slice(tmp_path_factory):
-    """600 real cells, 60 from each population, written as a user's own h5ad file."""
-    adata = anndata.read_h5ad(PBMC)
-    rng = np.random.default_rng(0)
-    rows = np.concatenate([rng.choice(np.flatnonzero(adata.obs["source_library"] == label), 60, replace=False)
-                           for label in adata.obs["source_library"].cat.categories])
-    path = tmp_path_factory.mktemp("data") / "pbmc_slice.h5ad"
-    adata[np.sort(rows)].copy().write_h5ad(path)
-    return path
-
-
-FAST = ["--n-genes", "80", "--latent-dim", "4", "--hidden", "16", "16", "--batch-size", "64"]
-
+from conftest import FAST, PBMC
 
 def test_cli_trains_writes_run_and_reloads_exactly_in_a_fresh_process(pbmc_slice, tmp_path, capsys):
     out = tmp_path / "run"

@@ -1,0 +1,214 @@
+"""`scvae-hier evaluate`: a saved run scored on chosen cells, as a user would after training.
+
+On the cells of one set (the run's own test, validation or training cells, all of them, or
+another count file with the model's genes) it computes the ELBO with each of its terms, the
+IWAE bound, and per-level clustering scores, and writes them with an AnnData of those cells into
+RUN/evaluation/<name>/:
+- bounds.json: mean ELBO terms and IWAE, their standard errors, cells, samples, data checksum;
+- level_metrics.json / level_metrics.csv: one row per hierarchy level (analyses.metrics);
+- cells.h5ad: the evaluated cells (raw counts of the model's genes in X) with the keys of
+  outputs.h5ad (see scvae_hier.outputs), per-cell obs["scvae_elbo"] and obs["scvae_iwae"], and
+  uns["scvae_evaluation"] holding bounds and per-level scores.
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import DataError, file_checksum, prepare, read_counts
+from .evaluation import check_genes, elbo_terms, iwae
+from .hierarchy import Hierarchy
+from .outputs import annotate, level_names, predict_outputs
+from .runs import RunDirectory, load_model, write_json
+
+SETS = ("test", "validation", "train", "all")
+DEFAULT_IWAE_SAMPLES = 100
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_run` computed; `write` puts it on disk."""
+    run: RunDirectory
+    name: str
+    adata: object  # AnnData of the evaluated cells, annotated
+    bounds: dict
+    levels: pd.DataFrame = None  # per-level scores; None without labels or clusters
+    files: list = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.run.path / "evaluation" / self.name
+
+
+def _data_path(config: dict, data) -> Path:
+    if data is not None:
+        return Path(data)
+    trained_on = Path(config["options"]["data"])
+    for candidate in (trained_on, Path(config.get("data_path") or trained_on)):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"The run was trained on {trained_on}, which is not found from here; "
+                            f"pass the count file with --data.")
+
+
+def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None):
+    """The cells to evaluate, prepared exactly as for training (the model's genes, in its order).
+
+    Returns (prepared AnnData of the chosen cells, hierarchy or None, subset, evaluation name).
+    The run's split only applies to the file it was trained on (same checksum); any other file
+    is evaluated as a whole."""
+    config = run.read_config()
+    options = config["options"]
+    path = _data_path(config, data)
+    same_file = file_checksum(path) == config["data_checksum"]
+    if subset is None:
+        subset = "test" if same_file else "all"
+    if subset not in SETS:
+        raise ValueError(f"Unknown set {subset!r}; choose one of {', '.join(SETS)}.")
+    if not same_file and subset != "all":
+        raise DataError(f"{path} is not the file the run was trained on, so the run's {subset} cells are not "
+                        f"defined in it; evaluate it as a whole with --set all (the default for other files).")
+
+    adata = read_counts(path, layer=options.get("layer"))
+    hierarchy = Hierarchy.from_dict(config["hierarchy"]) if config.get("hierarchy") else None
+    has_labels = hierarchy is not None and hierarchy.label_column in adata.obs
+    prepared = prepare(adata, genes=config["genes"], label_column=hierarchy.label_column if has_labels else None,
+                       exclude_labels=list(options.get("exclude_labels") or ()) if has_labels else (),
+                       drop_empty_cells=options.get("drop_empty_cells", False) if drop_empty_cells is None
+                       else drop_empty_cells)
+    check_genes(config["genes"], prepared.var_names)
+    if same_file:
+        split = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
+        missing = prepared.obs_names.difference(split.index)
+        if len(missing):
+            raise DataError(f"{len(missing)} cells of {path} are not in the run's split (e.g. {list(missing[:3])}).")
+        prepared.obs["split"] = pd.Categorical(split.loc[prepared.obs_names].to_numpy(),
+                                               categories=["train", "validation", "test"])
+        if subset != "all":
+            prepared = prepared[prepared.obs["split"] == subset].copy()
+    if prepared.n_obs == 0:
+        raise DataError(f"The run has no {subset} cells to evaluate; choose another --set.")
+    if has_labels:
+        labels = prepared.obs[hierarchy.label_column].astype(str).to_numpy()
+        hierarchy.validate(labels)
+        hierarchy = hierarchy.restrict(labels)
+    else:
+        hierarchy = None
+    name = subset if same_file else f"{path.name.split('.')[0]}-{subset}"
+    return prepared, hierarchy, subset, name
+
+
+def _mean_and_error(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    error = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else float("nan")
+    return {"mean": float(values.mean()), "standard_error": float(error)}
+
+
+def level_table(hierarchy, labels, clusters_by_level, flat: bool) -> pd.DataFrame:
+    """Per-level scores, with each level's per-class F1 in attrs (level 1's stem class, say)."""
+    from analyses.metrics import hungarian_f1, level_scores
+
+    table = level_scores(hierarchy, labels, clusters_by_level[0] if flat else clusters_by_level)
+    truth = hierarchy.level_labels(labels)
+    table.attrs["per_class_f1"] = {level: hungarian_f1(truth[:, i], clusters_by_level[i])["per_class"]
+                                   for i, level in enumerate(hierarchy.levels)}
+    return table
+
+
+def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAMPLES, batch_size=256, seed=0,
+                 drop_empty_cells=None, progress=None) -> Evaluation:
+    """Bounds and per-level scores of a run on one set of cells (see the module docstring)."""
+    run = RunDirectory(run_path)
+    config = run.read_config()
+    prepared, hierarchy, subset, name = load_cells(run, data, subset, drop_empty_cells)
+    model = load_model(run.path)
+    started = time.time()
+    X = prepared.X
+    terms = elbo_terms(model, X, batch_size=batch_size)
+    per_cell_iwae = iwae(model, X, n_samples=iwae_samples, batch_size=batch_size, seed=seed, progress=progress)
+    outputs = predict_outputs(model, X, config.get("predict_batch_size", 1024))
+    adata = prepared
+    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))
+    adata.obs["scvae_elbo"] = terms["elbo"]
+    adata.obs["scvae_iwae"] = per_cell_iwae
+
+    bounds = {"model": type(model).__name__, "set": subset, "n_cells": int(adata.n_obs),
+              "data": str(data if data is not None else config["options"]["data"]),
+              "iwae_samples": int(iwae_samples), "iwae_seed": int(seed),
+              "iwae": _mean_and_error(per_cell_iwae),
+              "terms": {term: _mean_and_error(values) for term, values in terms.items()},
+              "seconds": round(time.time() - started, 1)}
+    levels = None
+    if hierarchy is not None and clusters_by_level:
+        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
+        levels = level_table(hierarchy, labels, clusters_by_level, flat="scvae_cluster" in adata.obs)
+    adata.uns["scvae_evaluation"] = {
+        "bounds": {"iwae": bounds["iwae"]["mean"], "iwae_samples": bounds["iwae_samples"],
+                   **{term: value["mean"] for term, value in bounds["terms"].items()}},
+        "set": subset, "n_cells": bounds["n_cells"]}
+    if levels is not None:
+        adata.uns["scvae_evaluation"]["levels"] = {level: {k: v for k, v in row.items()}
+                                                   for level, row in levels.to_dict(orient="index").items()}
+        if levels.attrs.get("hierarchy_consistency") is not None:
+            adata.uns["scvae_evaluation"]["hierarchy_consistency"] = levels.attrs["hierarchy_consistency"]
+    return Evaluation(run=run, name=name, adata=adata, bounds=bounds, levels=levels)
+
+
+def write_evaluation(evaluation: Evaluation) -> list:
+    """Write bounds.json, level_metrics.{json,csv} and cells.h5ad; return their paths."""
+    from analyses.metrics import write_scores
+
+    folder = evaluation.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "bounds.json", evaluation.bounds)
+    files = [folder / "bounds.json"]
+    if evaluation.levels is not None:
+        files.extend(write_scores(evaluation.levels, folder, "level_metrics"))
+    evaluation.adata.write_h5ad(folder / "cells.h5ad", compression="gzip")
+    files.append(folder / "cells.h5ad")
+    evaluation.files = files
+    return files
+
+
+def read_evaluation(run_path, name="test"):
+    """(bounds dict, per-level DataFrame or None) written by a previous evaluation, or None."""
+    folder = RunDirectory(run_path).path / "evaluation" / name
+    if not (folder / "bounds.json").is_file():
+        return None
+    import json
+    bounds = json.loads((folder / "bounds.json").read_text())
+    csv = folder / "level_metrics.csv"
+    levels = pd.read_csv(csv, index_col="level") if csv.is_file() else None
+    if levels is not None:
+        levels.attrs.update(json.loads((folder / "level_metrics.json").read_text()))
+        levels.attrs.pop("levels", None)
+    return bounds, levels
+
+
+COLUMNS = {"n_classes": "classes", "n_clusters_used": "clusters", "ari": "ARI", "nmi": "NMI", "ami": "AMI",
+           "f1_weighted": "F1 w", "f1_macro": "F1 m", "accuracy_hungarian": "acc H", "accuracy_majority": "acc maj"}
+
+
+def format_evaluation(evaluation: Evaluation) -> str:
+    """The text `scvae-hier evaluate` prints."""
+    b = evaluation.bounds
+    terms = b["terms"]
+    lines = [f"{b['model']} on {b['n_cells']} {b['set']} cells of {b['data']} ({b['seconds']} s)",
+             f"  ELBO        {terms['elbo']['mean']:10.2f} +- {terms['elbo']['standard_error']:.2f} nats per cell",
+             f"  IWAE ({b['iwae_samples']:>3}) {b['iwae']['mean']:10.2f} +- {b['iwae']['standard_error']:.2f} "
+             f"({b['iwae']['mean'] - terms['elbo']['mean']:+.2f} over the ELBO)"]
+    for term, value in terms.items():
+        if term not in ("elbo", "loss"):
+            lines.append(f"    {term:<20} {value['mean']:10.3f}")
+    if evaluation.levels is None:
+        lines.append("No per-level scores: the data has no labels of the run's hierarchy, or the model no clusters.")
+    else:
+        table = evaluation.levels[list(COLUMNS)].rename(columns=COLUMNS)
+        lines.append("Per-level clustering (argmax q(y|x); Hungarian matching, unmatched clusters count as wrong):")
+        lines.append(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        consistency = evaluation.levels.attrs.get("hierarchy_consistency")
+        if consistency is not None:
+            lines.append(f"Hierarchy consistency (cells whose mapped labels form a path): {consistency:.3f}")
+    return "\n".join(lines)
