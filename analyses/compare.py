@@ -35,11 +35,11 @@ def group_name(config: dict) -> str:
     return name.replace("Student-T", "Student-t")
 
 
-def run_rows(run_path, config, bounds, levels) -> pd.DataFrame:
-    """One row per level of one evaluated run."""
+def run_rows(run_path, group, bounds, levels) -> pd.DataFrame:
+    """One row per level of one evaluated run of `group` (e.g. group_name(config))."""
     rows = levels[[c for c in SCORES if c in levels]].copy()
     rows.insert(0, "run", str(run_path))
-    rows.insert(0, "group", group_name(config))
+    rows.insert(0, "group", group)
     rows["iwae"] = bounds["iwae"]["mean"]
     rows["elbo"] = bounds["terms"]["elbo"]["mean"]
     rows["n_cells"] = bounds["n_cells"]

@@ -112,9 +112,10 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
 
 
 def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES,
-                      embedding="umap", figures=True, progress=print) -> Path:
+                      embedding="umap", figures=True, names=None, progress=print) -> Path:
     """Runs (and original-scVAE runs) compared per level in `output`: runs.csv, summary.csv,
-    Figure 1, Figures 2-3 of the first run of each model, and report.md."""
+    Figure 1, Figures 2-3 of the first run of each model, and report.md. `names` maps a run to
+    its group name when the default (model and prior) does not tell runs apart."""
     if not runs:
         raise ValueError("Pass at least one scvae-hier run folder to compare.")
     output = Path(output or "runs/comparison")
@@ -125,8 +126,9 @@ def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iw
         bounds, levels = evaluation_of(directory.path, subset, iwae_samples, progress)
         if levels is None:
             raise ValueError(f"{run} has no per-level scores (no clusters or no labels); it cannot be compared.")
-        frames.append(compare.run_rows(run, config, bounds, levels))
-        first_of_group.setdefault(compare.group_name(config), directory.path)
+        group = (names or {}).get(str(run)) or compare.group_name(config)
+        frames.append(compare.run_rows(run, group, bounds, levels))
+        first_of_group.setdefault(group, directory.path)
         if scvae:
             cells_by_run[str(run)] = compare.evaluated_cells(directory.path, subset)
             labels = cells_by_run[str(run)].obs[config["hierarchy"]["label_column"]].astype(str).to_numpy()

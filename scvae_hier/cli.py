@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="2-D embedding of the latent (default: %(default)s)")
     analyse.add_argument("--no-figures", dest="figures", action="store_false",
                          help="In a comparison, skip Figures 2-3 and the per-run figures.")
+
+    experiment = commands.add_parser(
+        "experiment", help="Run (or continue) a cross-validated comparison described by a YAML file, "
+                           "e.g. analyses/poster.yaml, and write its results folder.")
+    experiment.add_argument("config", help="Experiment YAML (see analyses/poster.yaml).")
+    experiment.add_argument("--folds", nargs="+", type=int, metavar="FOLD",
+                            help="Only these folds (default: all); rerun without it to finish the rest.")
     return parser
 
 
@@ -118,7 +125,14 @@ def run_analyse(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse}
+def run_experiment(args) -> int:
+    from analyses.experiment import run_experiment as run
+
+    run(args.config, only_folds=args.folds)
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse, "experiment": run_experiment}
 
 
 def main(argv=None) -> int:

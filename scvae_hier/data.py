@@ -251,6 +251,27 @@ def split_cells(n_cells, fractions=(0.8, 0.1, 0.1), seed=0):
     return out
 
 
+def fold_cells(n_cells, n_folds, fold, validation_fraction=0.1, seed=0):
+    """'train'/'validation'/'test' for fold `fold` of a seeded `n_folds`-fold cross-validation.
+
+    The seed fixes one partition of the cells into folds, so folds 0..K-1 of the same seed test
+    every cell exactly once; the validation cells (validation_fraction of all cells) are drawn
+    from the other folds."""
+    if n_folds < 2 or not 0 <= fold < n_folds:
+        raise DataError(f"--fold must be in 0..{n_folds - 1} and --folds at least 2; got fold {fold} of {n_folds}")
+    if n_cells < n_folds:
+        raise DataError(f"{n_cells} cells cannot be split into {n_folds} folds")
+    if not 0 <= validation_fraction < 1 - 1 / n_folds:
+        raise DataError(f"the validation fraction {validation_fraction} leaves no training cells with {n_folds} folds")
+    out = np.full(n_cells, "train", dtype="<U10")
+    chunks = np.array_split(np.random.default_rng(seed).permutation(n_cells), n_folds)
+    out[chunks[fold]] = "test"
+    rest = np.flatnonzero(out == "train")
+    n_validation = int(round(validation_fraction * n_cells))
+    out[np.random.default_rng([seed, fold]).permutation(rest)[:n_validation]] = "validation"
+    return out
+
+
 def file_checksum(path):
     """sha256 of a file, or of every file in a folder (relative names and contents, sorted)."""
     path = Path(path)

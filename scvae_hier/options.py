@@ -62,6 +62,10 @@ class TrainOptions:
     warm_up: int = option(5, "KL warm-up epochs: the KL weight grows linearly from 0 to 1.")
     patience: int = option(20, "Stop after this many epochs without a better validation ELBO.")
     split: tuple = option((0.8, 0.1, 0.1), "Train, validation, test fractions.", nargs=3, type=float)
+    folds: int = option(0, "Cross-validation: split the cells into this many folds (by --seed) and test on "
+                        "--fold; validation cells (--split's validation fraction of all cells) come from the "
+                        "other folds. 0 uses --split.")
+    fold: int = option(0, "The test fold, 0 to --folds - 1.")
     seed: int = option(0, "Random seed (split, weights, noise, batch order).")
     xla: bool = option(True, "Compile train/predict steps with XLA (measured faster for the mixture models).")
     resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .data import CountBatches, DataError, file_checksum, prepare, read_counts, split_cells
+from .data import CountBatches, DataError, file_checksum, fold_cells, prepare, read_counts, split_cells
 from .hierarchy import Hierarchy
 from .initialisation import initialise_prior
 from .models import IndMoMVAE, MixtureVAE, MoMixVAE, model_class
@@ -104,7 +104,8 @@ def write_history(path, rows):
 def default_run_path(options: TrainOptions) -> Path:
     stem = Path(options.data).name.split(".")[0]
     prior = "" if options.model == "vae" else f"-{options.prior}"
-    return Path("runs") / f"{stem}-{options.model}{prior}-s{options.seed}"
+    fold = f"-f{options.fold}" if options.folds else ""
+    return Path("runs") / f"{stem}-{options.model}{prior}-s{options.seed}{fold}"
 
 
 def resolve_hierarchy(adata, options: TrainOptions):
@@ -208,7 +209,8 @@ def train(options: TrainOptions, log=print) -> Path:
         hierarchy = hierarchy.restrict(labels)
 
     if saved is None:
-        split = split_cells(prepared.n_obs, tuple(options.split), options.seed)
+        split = (fold_cells(prepared.n_obs, options.folds, options.fold, options.split[1], options.seed)
+                 if options.folds else split_cells(prepared.n_obs, tuple(options.split), options.seed))
     else:
         split = _read_split(run, prepared.obs_names)
     arguments = model_arguments(options, prepared.n_vars, hierarchy)

@@ -13,7 +13,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from scvae_hier.data import (CountBatches, DataError, file_checksum, prepare, read_counts,
-                             split_cells, validate_counts)
+                             split_cells, validate_counts, fold_cells)
 
 PBMC = Path(__file__).resolve().parent.parent / "data" / "pbmc.h5ad"
 
@@ -394,3 +394,18 @@ def test_count_batches_under_keras_fit(small):
     full = run(0)
     assert full == [(e, i) for e in (1, 2, 3) for i in range(3)]
     assert run(2) == [(3, i) for i in range(3)]
+
+
+def test_folds_test_every_cell_once_and_draw_validation_from_the_rest():
+    folds = [fold_cells(1003, 5, k, 0.1, seed=2) for k in range(5)]
+    tested = np.stack([f == "test" for f in folds])
+    np.testing.assert_array_equal(tested.sum(0), np.ones(1003))  # each cell tested exactly once
+    assert sorted(tested.sum(1)) == [200, 200, 201, 201, 201]
+    for f in folds:
+        assert (f == "validation").sum() == 100 and (f == "train").sum() == 1003 - 100 - (f == "test").sum()
+    np.testing.assert_array_equal(folds[0], fold_cells(1003, 5, 0, 0.1, seed=2))
+    assert np.any(folds[0] != fold_cells(1003, 5, 0, 0.1, seed=3))
+    with pytest.raises(DataError, match="--fold must be in 0..4"):
+        fold_cells(100, 5, 5)
+    with pytest.raises(DataError, match="leaves no training cells"):
+        fold_cells(100, 5, 0, 0.85)

@@ -1,0 +1,68 @@
+"""`scvae-hier experiment`: a small cross-validated experiment on real cells, end to end, and
+that a second invocation skips finished runs."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analyses.experiment import ExperimentError, planned_runs, read_config
+from scvae_hier.cli import main
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scvae" / "analyses_s0_model"
+
+
+def write_config(tmp_path, data, **changes):
+    config = {"data": str(data), "folds": 2, "seed": 0, "runs": str(tmp_path / "runs"),
+              "results": str(tmp_path / "results"), "iwae_samples": 5, "level": "level_4", "scvae": str(FIXTURE),
+              "options": {"exclude_labels": ["cd14_monocytes"], "n_genes": 80, "latent_dim": 4, "hidden": [16, 16],
+                          "batch_size": 64, "epochs": 2, "warm_up": 1},
+              "models": [{"model": "mixture", "prior": "normal"}, {"model": "momix", "prior": "student-t"},
+                         {"model": "momix", "prior": "normal", "name": "MoMixVAE log1p", "input_transform": "log1p"}]}
+    config.update(changes)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_experiment_runs_every_fold_and_model_then_skips_finished_runs(pbmc_slice, tmp_path, capsys):
+    config = write_config(tmp_path, pbmc_slice)
+    assert main(["experiment", str(config)]) == 0
+    results = tmp_path / "results"
+    for name in ("report.md", "summary.csv", "runs.csv", "targets.csv", "poster.csv", "level_1.csv",
+                 "experiment.json", "figure1_level_4.png"):
+        assert (results / name).is_file(), name
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(summary["group"]) == {"MixtureVAE Normal", "MoMixVAE Student-t", "MoMixVAE log1p", "original scVAE"}
+    assert (summary["n_runs"] == 2).all()  # two folds each; scVAE scored on both folds' cells
+    runs = pd.read_csv(results / "runs.csv")
+    ours = runs[runs["group"] != "original scVAE"]
+    # The two folds test disjoint cells that together cover all 540.
+    assert ours.groupby("run")["n_cells"].first().groupby(lambda r: r.endswith("f0")).sum().sum() == 540 * 3
+    targets = pd.read_csv(results / "targets.csv")
+    assert list(targets["model"]) == ["MoMixVAE Student-t", "MoMixVAE log1p"]
+    assert targets.filter(like="level_4 ari").iloc[:, 0].str.fullmatch(r"-?\d\.\d{3} (met|not met)").all()
+    level_one = pd.read_csv(results / "level_1.csv")
+    assert len(level_one) == 6 and level_one["top_split (cluster: finest classes >= 10%)"].str.len().gt(0).all()
+    report = (results / "report.md").read_text()
+    assert "Beside the poster" in report and "Targets" in report and "stem" in report.lower()
+    # The named run really used its own option.
+    assert "log1p" in (tmp_path / "runs" / "momix-normal-momixvae_log1p-f1" / "config.json").read_text()
+
+    capsys.readouterr()
+    assert main(["experiment", str(config), "--folds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 3 and "training" not in printed
+
+
+def test_experiment_config_errors_name_the_problem(tmp_path):
+    (tmp_path / "short.yaml").write_text("data: x.h5ad\n")
+    with pytest.raises(ExperimentError, match="lacks folds, models, runs, results"):
+        read_config(tmp_path / "short.yaml")
+    path = write_config(tmp_path, "x.h5ad", options={"epochz": 3})
+    with pytest.raises(ExperimentError, match="unknown training option.*epochz"):
+        read_config(path)
+    plan = planned_runs(read_config(write_config(tmp_path, "x.h5ad")))
+    assert [(o.fold, o.model, o.prior) for _, o in plan][:3] == [(0, "mixture", "normal"), (0, "momix", "student-t"),
+                                                                (0, "momix", "normal")]
+    assert all(o.folds == 2 and o.n_genes == 80 for _, o in plan) and len(plan) == 6
