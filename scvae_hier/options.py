@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .distributions import LIKELIHOODS, PRIOR_LAWS
 from .models import MODELS
-from .models.base import INPUT_TRANSFORMS
+from .models.base import INPUT_TRANSFORMS, LIBRARY_SIZES
 from .models.layers import NORMALISATIONS
 from .models.mixture import PRIOR_PROBABILITIES
 from .models.momix import INFERENCE_MODES, TRANSITIONS
@@ -56,6 +56,11 @@ class TrainOptions:
                                 list(NORMALISATIONS))
     input_transform: str = option("none", "Transform of counts fed to the encoders (none: raw counts, as scVAE; "
                                   "better clustering and bound than log1p here).", list(INPUT_TRANSFORMS))
+    library_size: str = option("none", "Sequencing depth in the count law: none (the decoder predicts each gene's "
+                               "mean from z alone, scVAE's), or observed (it predicts gene proportions, scaled by "
+                               "the cell's total count, scVI's size factor).", list(LIBRARY_SIZES))
+    batch_key: str = option(None, "obs column of a batch covariate (e.g. source_dataset): its one-hot value is "
+                            "appended to the encoder and decoder inputs, so clusters need not follow batches.")
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")

@@ -6,6 +6,7 @@ import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -132,10 +133,46 @@ def resolve_hierarchy(adata, options: TrainOptions):
     return hierarchy
 
 
-def model_arguments(options: TrainOptions, n_genes: int, hierarchy) -> dict:
+def batch_covariates(obs, batch_key):
+    """One-hot [cells, categories] float32 of obs[batch_key] and the category names (sorted), or
+    (None, []) without a key."""
+    if not batch_key:
+        return None, []
+    if batch_key not in obs:
+        raise DataError(f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.")
+    values = obs[batch_key]
+    if values.isna().any():
+        raise DataError(f"obs[{batch_key!r}] is missing for {int(values.isna().sum())} cells; fill it in or "
+                        f"drop those cells.")
+    categories, codes = np.unique(values.astype(str).to_numpy(), return_inverse=True)
+    return np.eye(len(categories), dtype=np.float32)[codes], [str(c) for c in categories]
+
+
+@contextmanager
+def predicting_with_covariates(model, covariates):
+    """outputs.write_outputs predicts from the counts alone: while it runs, a covariate model gets
+    its cells' covariates (same rows, same order) with every batch. Drop this once
+    outputs.predict_outputs takes covariates itself."""
+    if covariates is None:
+        yield
+        return
+    predict = model.predict
+
+    def predict_with_covariates(batches, **kwargs):
+        return predict(CountBatches(batches.X, batches.batch_size, covariates=covariates), **kwargs)
+
+    model.predict = predict_with_covariates
+    try:
+        yield
+    finally:
+        del model.predict
+
+
+def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=()) -> dict:
     arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
                      likelihood=options.likelihood, normalisation=options.normalisation,
-                     input_transform=options.input_transform, seed=options.seed)
+                     input_transform=options.input_transform, library_size=options.library_size,
+                     covariates=list(covariates), seed=options.seed)
     cls = model_class(options.model)
     if cls is MixtureVAE:
         n_components = options.n_components or (hierarchy.sizes[-1] if hierarchy else None)
@@ -213,7 +250,8 @@ def train(options: TrainOptions, log=print) -> Path:
                  if options.folds else split_cells(prepared.n_obs, tuple(options.split), options.seed))
     else:
         split = _read_split(run, prepared.obs_names)
-    arguments = model_arguments(options, prepared.n_vars, hierarchy)
+    covariates, categories = batch_covariates(prepared.obs, options.batch_key)
+    arguments = model_arguments(options, prepared.n_vars, hierarchy, categories)
     model = model_class(options.model)(**arguments)  # fail on bad settings before anything is written
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
@@ -238,12 +276,15 @@ def train(options: TrainOptions, log=print) -> Path:
     initial_epoch = state["epoch"] + 1 if state else 0
 
     X = prepared.X
-    train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed)
+    rows = lambda subset: None if covariates is None else covariates[split == subset]  # noqa: E731
+    train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed,
+                                 covariates=rows("train"))
     train_batches.epoch = initial_epoch
     has_validation = (split == "validation").any()
     # Validation decodes every cluster or path per cell, so it uses the training batch size:
     # 1,024 cells x 360 paths in exact MoMixVAE mode would hold several GB for no gain.
-    validation = CountBatches(X[split == "validation"], options.batch_size) if has_validation else None
+    validation = CountBatches(X[split == "validation"], options.batch_size, covariates=rows("validation")) \
+        if has_validation else None
     monitor = "val_elbo" if has_validation else "elbo"
     tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
@@ -258,7 +299,8 @@ def train(options: TrainOptions, log=print) -> Path:
         model.load_weights(run.checkpoint_best)
 
     save_model_atomically(model, run.model)
-    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE)
+    with predicting_with_covariates(model, covariates):
+        metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE)
     metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
                    seconds=round(time.time() - started, 1))
     write_json(run.metrics, metrics)

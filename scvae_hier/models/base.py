@@ -14,7 +14,9 @@ from .layers import NORMALISATIONS, CountDecoder
 tfd = tfp.distributions
 
 FORMAT_VERSION = 1  # bump when saved models stop loading into the new code
-INPUT_TRANSFORMS = ("log1p", "none")
+INPUT_TRANSFORMS = ("log1p", "none", "normalised_log1p")
+LIBRARY_SIZES = ("none", "observed")
+NORMALISED_TOTAL = 1e4  # normalised_log1p: counts scaled to this total before log1p (Seurat's scale)
 
 
 class BaseVAE(keras.Model):
@@ -23,9 +25,11 @@ class BaseVAE(keras.Model):
     term_names = ("loss", "elbo", "reconstruction", "kl_z")
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
-                 normalisation="batch", input_transform="none", seed=0, format_version=FORMAT_VERSION,
-                 package_version=__version__, **kwargs):
+                 normalisation="batch", input_transform="none", library_size="none", covariates=(), seed=0,
+                 format_version=FORMAT_VERSION, package_version=__version__, **kwargs):
         super().__init__(**kwargs)
+        if library_size not in LIBRARY_SIZES:
+            raise ValueError(f"Unknown library size {library_size!r}; choose one of {LIBRARY_SIZES}.")
         if input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"Unknown input transform {input_transform!r}; choose one of {INPUT_TRANSFORMS}.")
         if normalisation not in NORMALISATIONS:
@@ -41,6 +45,10 @@ class BaseVAE(keras.Model):
         self.likelihood_name = likelihood
         self.normalisation = normalisation
         self.input_transform = input_transform
+        self.library_size = library_size
+        # Names of the one-hot covariate columns (e.g. the source datasets), in column order.
+        self.covariates = tuple(str(c) for c in covariates)
+        self.n_covariates = len(self.covariates)
         self.seed = int(seed)
         self.decoder = CountDecoder(self.n_genes, self.hidden[::-1], likelihood, normalisation, name="decoder")
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
@@ -54,8 +62,45 @@ class BaseVAE(keras.Model):
         """Call at the end of a subclass __init__, once `term_names` is known."""
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.term_names}
 
-    def encoder_input(self, x):
-        return tf.math.log1p(x) if self.input_transform == "log1p" else x
+    def check_covariates(self, covariates):
+        """The covariates a model was built with must come with every batch, and only those."""
+        if self.n_covariates and covariates is None:
+            raise ValueError(f"This model was trained with covariates {list(self.covariates)}; pass their one-hot "
+                             f"values [cells, {self.n_covariates}] with the counts.")
+        return covariates if self.n_covariates else None
+
+    def encoder_input(self, x, covariates=None):
+        """What the encoders see: transformed counts, with the one-hot covariates appended so that
+        the encoder can discount batch differences instead of clustering by them."""
+        if self.input_transform == "log1p":
+            x = tf.math.log1p(x)
+        elif self.input_transform == "normalised_log1p":  # depth-free: the cell's composition only
+            x = tf.math.log1p(x * (NORMALISED_TOTAL / self.library(x)))
+        if self.n_covariates:
+            x = tf.concat([x, tf.cast(covariates, x.dtype)], axis=-1)
+        return x
+
+    @staticmethod
+    def library(x):
+        """Each cell's total count, [B, 1] (at least 1, so empty dummy batches stay finite)."""
+        return tf.maximum(tf.reduce_sum(x, axis=-1, keepdims=True), 1.0)
+
+    def decode(self, z, x, covariates=None, training=False):
+        """Count-law parameters for latent samples z [B, ..., D] of the cells x [B, G].
+
+        One-hot covariates [B, C] are appended to every sample of z, so the decoder can put a
+        batch's shift in expression into the covariate instead of the latent. With
+        library_size="observed" the decoder's mean head gives gene proportions, scaled by the
+        cell's observed total count (scVI's size factor), so z need not encode sequencing depth."""
+        extra_axes = len(z.shape) - 2
+        if self.n_covariates:
+            c = tf.reshape(tf.cast(covariates, z.dtype), [-1] + [1] * extra_axes + [self.n_covariates])
+            z = tf.concat([z, tf.broadcast_to(c, tf.concat([tf.shape(z)[:-1], [self.n_covariates]], 0))], axis=-1)
+        params = self.decoder(z, training=training)
+        if self.library_size == "observed":
+            log_library = tf.reshape(tf.math.log(self.library(x)), [-1] + [1] * (extra_axes + 1))
+            params = self.decoder.scale_to_library(params, log_library)
+        return params
 
     def sample_noise(self, shape):
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
@@ -83,23 +128,24 @@ class BaseVAE(keras.Model):
         """Set prior components from {K: (centres [K, D], scales [K, D], assignments [n])}."""
 
     # --------------------------------------------------------------------- subclass contract
-    def terms(self, x, training=False, noise=None):
+    def terms(self, x, training=False, noise=None, covariates=None):
         """Per-cell loss terms (dict of [B] tensors, or scalars for batch-level terms)."""
         raise NotImplementedError
 
-    def outputs(self, x):
+    def outputs(self, x, covariates=None):
         """Per-cell outputs for users: latent means and cluster probabilities."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------ Keras plumbing
-    def call(self, x, training=False):
-        return self.outputs(x)
+    def call(self, inputs, training=False):
+        return self.outputs(*self._unpack(inputs))
 
     def build(self, input_shape=None):
         """Create every weight by running the model once on a dummy batch."""
         x = tf.zeros((2, self.n_genes))
-        self.terms(x, noise=None)
-        self.outputs(x)
+        covariates = tf.zeros((2, self.n_covariates)) if self.n_covariates else None
+        self.terms(x, noise=None, covariates=covariates)
+        self.outputs(x, covariates=covariates)
 
     @property
     def metrics(self):
@@ -110,24 +156,34 @@ class BaseVAE(keras.Model):
             tracker.update_state(tf.reduce_mean(terms[name]))
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
-    @staticmethod
-    def _counts(data):
-        return data[0] if isinstance(data, (tuple, list)) else data
+    def _unpack(self, data):
+        """(counts, covariates or None) from a batch: x alone, or (x, c) as CountBatches gives
+        with covariates (Keras passes that second element where it expects targets)."""
+        if isinstance(data, (tuple, list)):
+            x, covariates = data[0], (data[1] if len(data) > 1 else None)
+        else:
+            x, covariates = data, None
+        return x, self.check_covariates(covariates)
 
     def train_step(self, data):
-        x = self._counts(data)
+        x, covariates = self._unpack(data)
         with tf.GradientTape() as tape:
-            terms = self.terms(x, training=True)
+            terms = self.terms(x, training=True, covariates=covariates)
             loss = tf.reduce_mean(terms["loss"])
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         return self._record(terms)
 
     def test_step(self, data):
-        return self._record(self.terms(self._counts(data), training=False))
+        x, covariates = self._unpack(data)
+        return self._record(self.terms(x, training=False, covariates=covariates))
+
+    def predict_step(self, data):
+        return self.outputs(*self._unpack(data))
 
     def get_config(self):
         return {**super().get_config(), "n_genes": self.n_genes, "latent_dim": self.latent_dim,
                 "hidden": list(self.hidden), "likelihood": self.likelihood_name,
                 "normalisation": self.normalisation, "input_transform": self.input_transform,
-                "seed": self.seed, "format_version": FORMAT_VERSION, "package_version": __version__}
+                "library_size": self.library_size, "covariates": list(self.covariates), "seed": self.seed,
+                "format_version": FORMAT_VERSION, "package_version": __version__}

@@ -46,9 +46,9 @@ class IndMoMVAE(HierarchicalVAE):
             centres, scales, _ = moments[k]
             prior.set_moments(centres, scales)
 
-    def encode(self, x, training=False):
+    def encode(self, x, training=False, covariates=None):
         """Per branch: log q(y_l|x) [B, K_l], and loc, scale of q(z|x,y_l) [B, K_l, D]."""
-        trunk = self.trunk(self.encoder_input(x), training=training)
+        trunk = self.trunk(self.encoder_input(x, covariates), training=training)
         branches = []
         for y_stack, y_logits, z_stack, z_head in zip(self.y_stacks, self.y_logits, self.z_stacks, self.z_heads):
             log_qy = tf.nn.log_softmax(y_logits(y_stack(trunk, training=training)))
@@ -56,12 +56,13 @@ class IndMoMVAE(HierarchicalVAE):
             branches.append((log_qy, loc, scale))
         return branches
 
-    def terms(self, x, training=False, noise=None):
-        branches = self.encode(x, training)
+    def terms(self, x, training=False, noise=None, covariates=None):
+        covariates = self.check_covariates(covariates)
+        branches = self.encode(x, training, covariates)
         locs = tf.concat([loc for _, loc, _ in branches], axis=1)     # [B, sum K_l, D]
         scales = tf.concat([scale for _, _, scale in branches], axis=1)
         z = self.reparameterise(locs, scales, noise)
-        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, sum K_l]
+        reconstruction = self.decoder.log_prob(x, self.decode(z, x, covariates, training))  # [B, sum K_l]
         edges = np.cumsum((0,) + self.level_sizes)
         per_branch = []
         for level, (log_qy, loc, scale) in enumerate(branches):
@@ -75,21 +76,23 @@ class IndMoMVAE(HierarchicalVAE):
         return self.combine(mean("reconstruction"), mean("kl_z"), kl_y, kl_y, [b["kl_y"] for b in per_branch],
                             [log_qy for log_qy, _, _ in branches], log_p_marginals)
 
-    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+    def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """[S, B] log-weights whose log-mean-exp over S is log mean_b (IWAE bound of branch b).
 
         Sample s is the branch average of the branches' weights, log (1/L) sum_b w_bs: an unbiased
         estimate of p(x) = (1/L) sum_b p_b(x), each w_bs drawn as in MixtureVAE from branch b."""
+        covariates = self.check_covariates(covariates)
         seeds = tf.unstack(tf.random.experimental.stateless_split(seed, self.n_levels))
         weights = []
-        for level, (log_qy, loc, scale) in enumerate(self.encode(x)):
+        for level, (log_qy, loc, scale) in enumerate(self.encode(x, covariates=covariates)):
             prior = mixture_prior(self.prior_logits[level], self.priors[level].distribution())
-            weights.append(mixture_log_weights(self.decoder, x, log_qy, loc, scale, prior, n_samples, seeds[level]))
+            weights.append(mixture_log_weights(self, x, covariates, log_qy, loc, scale, prior, n_samples, seeds[level]))
         return tf.reduce_logsumexp(tf.stack(weights), axis=0) - tf.math.log(float(self.n_levels))
 
-    def outputs(self, x):
+    def outputs(self, x, covariates=None):
         out = {}
-        for level, (log_qy, loc, _) in enumerate(self.encode(x), start=1):
+        for level, (log_qy, loc, _) in enumerate(self.encode(x, covariates=self.check_covariates(covariates)),
+                                                 start=1):
             qy = tf.exp(log_qy)
             out[f"level_{level}_latent"] = tf.reduce_sum(qy[..., None] * loc, axis=1)
             out[f"level_{level}_probabilities"] = qy

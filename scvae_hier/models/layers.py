@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import component_law, get_likelihood, nested_mixture_prior
+from ..distributions import LOG_R_RANGE, component_law, get_likelihood, nested_mixture_prior
 
 NORMALISATIONS = ("batch", "layer", "none")
 TREE_SHRINK = 0.5  # each level's offsets count half as much as its parent level's
@@ -89,6 +89,20 @@ class CountDecoder(keras.layers.Layer):
     def call(self, z, training=False):
         h = self.stack(z, training=training)
         return {name: head(h) for name, head in self.heads.items()}
+
+    def scale_to_library(self, params, log_library):
+        """Make the mean-setting head a gene composition times the library: mean = softmax(head) * L.
+
+        `log_library` is log L broadcastable to the parameters ([B, 1, ...]). For the negative
+        binomial (mean r p / (1 - p) = exp(log r + logits)) the logits become log mean - log r, with
+        log r clipped as the log-density clips it, so the mean is exactly softmax(head) * L."""
+        params = dict(params)
+        if "log_rate" in params:
+            params["log_rate"] = tf.nn.log_softmax(params["log_rate"]) + log_library
+        else:
+            log_mean = tf.nn.log_softmax(params["logits"]) + log_library
+            params["logits"] = log_mean - tf.clip_by_value(params["log_r"], *LOG_R_RANGE)
+        return params
 
     def log_prob(self, x, params):
         """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params

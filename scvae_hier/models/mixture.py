@@ -55,32 +55,34 @@ class MixtureVAE(BaseVAE):
         """The marginal prior p(z) = sum_k pi_k p(z|k) as a TFP MixtureSameFamily."""
         return mixture_prior(self.prior_logits, self.prior_components.distribution())
 
-    def encode(self, x, training=False):
+    def encode(self, x, training=False, covariates=None):
         """log q(y|x) [B, K] and the parameters of q(z|x,y) for every y: [B, K, D] each."""
-        h = self.encoder_input(x)
+        h = self.encoder_input(x, covariates)
         log_qy = tf.nn.log_softmax(self.y_logits(self.y_stack(h, training=training)))
         loc, scale = self.z_head(self.z_stack(h, training=training))
         return log_qy, loc, scale
 
-    def terms(self, x, training=False, noise=None):
-        log_qy, loc, scale = self.encode(x, training)
+    def terms(self, x, training=False, noise=None, covariates=None):
+        covariates = self.check_covariates(covariates)
+        log_qy, loc, scale = self.encode(x, training, covariates)
         z = self.reparameterise(loc, scale, noise)                                     # [B, K, D]
-        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, K]
+        reconstruction = self.decoder.log_prob(x, self.decode(z, x, covariates, training))  # [B, K]
         terms = mixture_terms(log_qy, loc, scale, z, reconstruction, self.prior_components.distribution(),
                               self.log_py())
         terms["loss"] = -(terms["reconstruction"] - self.kl_weight * (terms["kl_z"] + terms["kl_y"]))
         terms["components_used"] = perplexity(log_qy)
         return terms
 
-    def outputs(self, x):
-        log_qy, loc, _ = self.encode(x)
+    def outputs(self, x, covariates=None):
+        log_qy, loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
         qy = tf.exp(log_qy)
         return {"latent": tf.reduce_sum(qy[..., None] * loc, axis=1), "cluster_probabilities": qy}
 
-    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+    def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """log p(x, z) - log q(z|x), [S, B], for z ~ q(z|x) = sum_y q(y|x) q(z|x,y) (stateless draws)."""
-        log_qy, loc, scale = self.encode(x)
-        return mixture_log_weights(self.decoder, x, log_qy, loc, scale, self.prior(), n_samples, seed)
+        covariates = self.check_covariates(covariates)
+        log_qy, loc, scale = self.encode(x, covariates=covariates)
+        return mixture_log_weights(self, x, covariates, log_qy, loc, scale, self.prior(), n_samples, seed)
 
     def get_config(self):
         return {**super().get_config(), "n_components": self.n_components, "prior": self.prior_law,
@@ -100,17 +102,17 @@ def mixture_terms(log_qy, loc, scale, z, reconstruction, components, log_py) -> 
             "kl_z": kl_z, "kl_y": kl_y}
 
 
-def mixture_log_weights(decoder, x, log_qy, loc, scale, prior, n_samples, seed):
+def mixture_log_weights(model, x, covariates, log_qy, loc, scale, prior, n_samples, seed):
     """Importance log-weights [S, B] of a mixture with y summed out of both p(z) (`prior`, the
     marginal mixture) and q(z|x) = sum_y q(y|x) q(z|x,y): the proposal draws y, then z, but the
     weight never conditions on the drawn y, so its log-mean-exp bounds log p(x).
 
-    Shapes: log_qy [B, K]; loc, scale [B, K, D]; seed a stateless seed pair."""
+    Shapes: log_qy [B, K]; loc, scale [B, K, D]; seed a stateless seed pair; `model` decodes."""
     y_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     y = tf.random.stateless_categorical(log_qy, n_samples, y_seed)                    # [B, S]
     loc_y, scale_y = tf.gather(loc, y, batch_dims=1), tf.gather(scale, y, batch_dims=1)  # [B, S, D]
     z = loc_y + scale_y * tf.random.stateless_normal(tf.shape(loc_y), z_seed)
-    log_px = decoder.log_prob(x, decoder(z))                                          # [B, S]
+    log_px = model.decoder.log_prob(x, model.decode(z, x, covariates))                # [B, S]
     q_components = tfp.distributions.Independent(
         tfp.distributions.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)  # [B, 1, K]
     log_qz = tf.reduce_logsumexp(log_qy[:, None] + q_components.log_prob(z[:, :, None]), axis=-1)

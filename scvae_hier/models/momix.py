@@ -119,15 +119,16 @@ class MoMixVAE(HierarchicalVAE):
         full = tf.broadcast_to(expanded, tf.concat([leading, tf.shape(t)[2:]], axis=0))
         return tf.reshape(full, tf.concat([[batch, self.n_paths], tf.shape(t)[2:]], axis=0))
 
-    def terms(self, x, training=False, noise=None):
-        h = self.encoder_input(x)
+    def terms(self, x, training=False, noise=None, covariates=None):
+        covariates = self.check_covariates(covariates)
+        h = self.encoder_input(x, covariates)
         batch = tf.shape(x)[0]
         log_p = self.log_prior_paths()
         log_q = self.log_q_paths(h, training)                                   # [B, K_1..K_L]
         q_flat = tf.exp(tf.reshape(log_q, [batch, -1]))                         # [B, P]
         loc, scale = self.z_head(self.z_stack(h, training=training))            # [B, P or K_L, D]
         z = self.reparameterise(loc, scale, noise)
-        reconstruction = self.decoder.log_prob(x, self.decoder(z, training=training))  # [B, P or K_L]
+        reconstruction = self.decoder.log_prob(x, self.decode(z, x, covariates, training))  # [B, P or K_L]
         kl_z = self.kl_to_prior(self.to_paths(loc), self.to_paths(scale), self.to_paths(z),
                                 self.prior_layer.flat_components())             # [B, P]
         reconstruction = tf.reduce_sum(q_flat * self.to_paths(reconstruction), axis=-1)
@@ -138,21 +139,22 @@ class MoMixVAE(HierarchicalVAE):
                             level_marginals(log_q, self.n_levels),
                             level_marginals(tf.expand_dims(log_p, 0), self.n_levels))
 
-    def log_importance_weights(self, x, n_samples, seed=(0, 0)):
+    def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """[S, B] log p(x, z) - log q(z|x) with every path summed out of p(z) and of
         q(z|x) = sum_path q(path|x) q(z|x, path). In scalable mode q(z|x, path) depends on the
         path through y_L alone, so the sum runs over y_L with the marginal q(y_L|x) (same law)."""
-        h = self.encoder_input(x)
+        covariates = self.check_covariates(covariates)
+        h = self.encoder_input(x, covariates)
         log_q = self.log_q_paths(h)
         loc, scale = self.z_head(self.z_stack(h))                                 # [B, P or K_L, D]
         if self.inference == "exact":
             log_q = tf.reshape(log_q, [tf.shape(x)[0], -1])
         else:
             log_q = level_marginals(log_q, self.n_levels)[-1]
-        return mixture_log_weights(self.decoder, x, log_q, loc, scale, self.prior(), n_samples, seed)
+        return mixture_log_weights(self, x, covariates, log_q, loc, scale, self.prior(), n_samples, seed)
 
-    def outputs(self, x):
-        h = self.encoder_input(x)
+    def outputs(self, x, covariates=None):
+        h = self.encoder_input(x, self.check_covariates(covariates))
         log_q = self.log_q_paths(h)
         loc, _ = self.z_head(self.z_stack(h))
         q_flat = tf.exp(tf.reshape(log_q, [tf.shape(x)[0], -1]))
