@@ -272,6 +272,28 @@ def fold_cells(n_cells, n_folds, fold, validation_fraction=0.1, seed=0):
     return out
 
 
+def batch_covariates(obs, batch_key, categories=None):
+    """One-hot [cells, categories] float32 of obs[batch_key] and the category names, or (None, [])
+    without a key. Training takes the sorted categories it finds; evaluation passes the model's
+    own `categories`, and a cell of a category the model never saw is refused."""
+    if not batch_key:
+        return None, []
+    if batch_key not in obs:
+        raise DataError(f"The batch covariate {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.")
+    values = obs[batch_key]
+    if values.isna().any():
+        raise DataError(f"obs[{batch_key!r}] is missing for {int(values.isna().sum())} cells; fill it in or "
+                        f"drop those cells.")
+    values = values.astype(str).to_numpy()
+    categories = sorted(set(values)) if categories is None else [str(c) for c in categories]
+    unknown = sorted(set(values) - set(categories))
+    if unknown:
+        raise DataError(f"obs[{batch_key!r}] has categories {unknown} that the model was not trained with "
+                        f"({categories}); a batch covariate only corrects batches it has seen.")
+    codes = pd.Index(categories).get_indexer(values)
+    return np.eye(len(categories), dtype=np.float32)[codes], categories
+
+
 def file_checksum(path):
     """sha256 of a file, or of every file in a folder (relative names and contents, sorted)."""
     path = Path(path)

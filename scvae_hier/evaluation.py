@@ -8,23 +8,24 @@ from .data import CountBatches
 CELLS_TIMES_SAMPLES = 8192  # per model call: bounds memory whatever n_samples is
 
 
-def iwae(model, X, n_samples=100, batch_size=256, seed=0, progress=None) -> np.ndarray:
+def iwae(model, X, n_samples=100, batch_size=256, seed=0, progress=None, covariates=None) -> np.ndarray:
     """Per-cell IWAE bound log (1/S) sum_s w_s, [n_cells], from `model.log_importance_weights`.
 
     The S samples run in chunks; each chunk's log-sum-exp is accumulated with logaddexp, so the
     result equals one log-mean-exp over all S samples. Draws are stateless, keyed by
     (seed, call index): the same arguments give the same numbers, and training noise is untouched.
-    `progress` is called with (batches done, batches in all)."""
-    batches = CountBatches(X, batch_size=batch_size)
+    `progress` is called with (batches done, batches in all); `covariates` are the cells' one-hot
+    batch covariates for a model trained with them."""
+    batches = CountBatches(X, batch_size=batch_size, covariates=covariates)
     chunk = max(1, min(int(n_samples), CELLS_TIMES_SAMPLES // batches.batch_size))
     starts = range(0, int(n_samples), chunk)
     out, call = [], 0
     for index in range(len(batches)):
-        x = tf.constant(batches[index])
+        x, c = _batch(batches[index])
         total = np.full(x.shape[0], -np.inf)
         for start in starts:
             size = min(chunk, int(n_samples) - start)
-            log_w = model.log_importance_weights(x, size, seed=tf.constant([seed, call], tf.int64))
+            log_w = model.log_importance_weights(x, size, seed=tf.constant([seed, call], tf.int64), covariates=c)
             total = np.logaddexp(total, tf.reduce_logsumexp(log_w, axis=0).numpy().astype(np.float64))
             call += 1
         out.append(total - np.log(n_samples))
@@ -33,19 +34,26 @@ def iwae(model, X, n_samples=100, batch_size=256, seed=0, progress=None) -> np.n
     return np.concatenate(out)
 
 
-def elbo_terms(model, X, batch_size=256) -> dict:
+def _batch(item):
+    """(counts, covariates or None) as tensors from a CountBatches item."""
+    if isinstance(item, tuple):
+        return tf.constant(item[0]), tf.constant(item[1])
+    return tf.constant(item), None
+
+
+def elbo_terms(model, X, batch_size=256, covariates=None) -> dict:
     """Every term of `model.terms` per cell, with the KL weight at 1 (the true bound, whatever the
     warm-up left it at) and the noise counter restored afterwards, so evaluating does not shift a
     resumed run's noise. Batch-level terms (components used, marginal usage) hold their batch's
     value for each cell of that batch."""
-    batches = CountBatches(X, batch_size=batch_size)
+    batches = CountBatches(X, batch_size=batch_size, covariates=covariates)
     kl_weight, noise_draws = model.kl_weight.numpy(), model.noise_draws.numpy()
     model.kl_weight.assign(1.0)
     parts = {}
     try:
         for index in range(len(batches)):
-            x = tf.constant(batches[index])
-            for name, value in model.terms(x, training=False).items():
+            x, c = _batch(batches[index])
+            for name, value in model.terms(x, training=False, covariates=c).items():
                 value = np.broadcast_to(value.numpy(), (x.shape[0],))
                 parts.setdefault(name, []).append(value)
     finally:

@@ -17,9 +17,10 @@ from sklearn.metrics import adjusted_rand_score
 from .data import CountBatches
 
 
-def predict_outputs(model, X, batch_size: int) -> dict:
-    """Model outputs for every row of X, in order, as numpy arrays."""
-    return model.predict(CountBatches(X, batch_size), verbose=0)
+def predict_outputs(model, X, batch_size: int, covariates=None) -> dict:
+    """Model outputs for every row of X (with its covariate row, for a model trained with a batch
+    covariate), in order, as numpy arrays."""
+    return model.predict(CountBatches(X, batch_size, covariates=covariates), verbose=0)
 
 
 def level_ari(hierarchy, labels, clusters_by_level) -> dict:
@@ -65,9 +66,9 @@ def level_names(hierarchy, outputs) -> list:
     return [f"level_{i}" for i in range(1, n_levels + 1)]
 
 
-def write_outputs(run, model, prepared, split, hierarchy, batch_size: int) -> dict:
+def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics."""
-    outputs = predict_outputs(model, prepared.X, batch_size)
+    outputs = predict_outputs(model, prepared.X, batch_size, covariates)
     adata = prepared.copy()
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
     clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import DataError, file_checksum, prepare, read_counts
+from .data import DataError, batch_covariates, file_checksum, prepare, read_counts
 from .evaluation import check_genes, elbo_terms, iwae
 from .hierarchy import Hierarchy
 from .outputs import annotate, level_names, predict_outputs
@@ -126,9 +126,12 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
     model = load_model(run.path)
     started = time.time()
     X = prepared.X
-    terms = elbo_terms(model, X, batch_size=batch_size)
-    per_cell_iwae = iwae(model, X, n_samples=iwae_samples, batch_size=batch_size, seed=seed, progress=progress)
-    outputs = predict_outputs(model, X, config.get("predict_batch_size", 1024))
+    covariates, _ = batch_covariates(prepared.obs, config["options"].get("batch_key"),
+                                     config["model_arguments"].get("covariates"))
+    terms = elbo_terms(model, X, batch_size=batch_size, covariates=covariates)
+    per_cell_iwae = iwae(model, X, n_samples=iwae_samples, batch_size=batch_size, seed=seed, progress=progress,
+                         covariates=covariates)
+    outputs = predict_outputs(model, X, config.get("predict_batch_size", 1024), covariates)
     adata = prepared
     clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))
     adata.obs["scvae_elbo"] = terms["elbo"]

@@ -6,14 +6,14 @@ import math
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
-from .data import CountBatches, DataError, file_checksum, fold_cells, prepare, read_counts, split_cells
+from .data import (CountBatches, DataError, batch_covariates, file_checksum, fold_cells, prepare, read_counts,
+                   split_cells)
 from .hierarchy import Hierarchy
 from .initialisation import initialise_prior
 from .models import IndMoMVAE, MixtureVAE, MoMixVAE, model_class
@@ -131,41 +131,6 @@ def resolve_hierarchy(adata, options: TrainOptions):
         raise DataError(f"The hierarchy maps labels of obs column {hierarchy.label_column!r}, which the data lacks; "
                         f"obs has {sorted(adata.obs.columns)}. Pass --label-column or a matching --hierarchy.")
     return hierarchy
-
-
-def batch_covariates(obs, batch_key):
-    """One-hot [cells, categories] float32 of obs[batch_key] and the category names (sorted), or
-    (None, []) without a key."""
-    if not batch_key:
-        return None, []
-    if batch_key not in obs:
-        raise DataError(f"--batch-key {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.")
-    values = obs[batch_key]
-    if values.isna().any():
-        raise DataError(f"obs[{batch_key!r}] is missing for {int(values.isna().sum())} cells; fill it in or "
-                        f"drop those cells.")
-    categories, codes = np.unique(values.astype(str).to_numpy(), return_inverse=True)
-    return np.eye(len(categories), dtype=np.float32)[codes], [str(c) for c in categories]
-
-
-@contextmanager
-def predicting_with_covariates(model, covariates):
-    """outputs.write_outputs predicts from the counts alone: while it runs, a covariate model gets
-    its cells' covariates (same rows, same order) with every batch. Drop this once
-    outputs.predict_outputs takes covariates itself."""
-    if covariates is None:
-        yield
-        return
-    predict = model.predict
-
-    def predict_with_covariates(batches, **kwargs):
-        return predict(CountBatches(batches.X, batches.batch_size, covariates=covariates), **kwargs)
-
-    model.predict = predict_with_covariates
-    try:
-        yield
-    finally:
-        del model.predict
 
 
 def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=()) -> dict:
@@ -299,8 +264,7 @@ def train(options: TrainOptions, log=print) -> Path:
         model.load_weights(run.checkpoint_best)
 
     save_model_atomically(model, run.model)
-    with predicting_with_covariates(model, covariates):
-        metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE)
+    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, covariates)
     metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
                    seconds=round(time.time() - started, 1))
     write_json(run.metrics, metrics)

@@ -14,7 +14,7 @@ from scvae_hier.cli import main
 from scvae_hier.data import CountBatches, DataError
 from scvae_hier.models import IndMoMVAE, MixtureVAE, MoMixVAE, VAE
 from scvae_hier.runs import RunDirectory, load_model
-from scvae_hier.training import batch_covariates
+from scvae_hier.data import batch_covariates
 
 G, D = 12, 3
 BATCHES = ["a", "b", "c"]
@@ -110,6 +110,11 @@ def test_batch_covariates_are_one_hot_in_sorted_category_order():
         batch_covariates(obs, "batch")
     with pytest.raises(DataError, match="missing for 1 cells"):
         batch_covariates(pd.DataFrame({"source": ["x", None]}), "source")
+    # Evaluation passes the model's categories: their order, not the data's, sets the columns.
+    values, names = batch_covariates(pd.DataFrame({"source": ["z", "x"]}), "source", ["x", "y", "z"])
+    np.testing.assert_array_equal(values, np.eye(3)[[2, 0]])
+    with pytest.raises(DataError, match=r"categories \['w'\] that the model was not trained with"):
+        batch_covariates(pd.DataFrame({"source": ["w", "x"]}), "source", ["x", "y", "z"])
 
 
 def test_cli_trains_with_batch_key_and_size_factor_and_reloads_exactly(tmp_path):
@@ -135,3 +140,12 @@ def test_cli_trains_with_batch_key_and_size_factor_and_reloads_exactly(tmp_path)
     np.testing.assert_array_equal(again["latent"], cells.obsm["X_scvae"])
     np.testing.assert_array_equal(again["cluster_probabilities"], cells.obsm["scvae_cluster_probabilities"])
     assert json.loads(run.metrics.read_text())["epochs_run"] == 2
+
+    # Evaluation feeds each cell's covariate too; a batch the model never saw is refused.
+    assert main(["evaluate", str(out), "--set", "all", "--iwae-samples", "4"]) == 0
+    evaluated = anndata.read_h5ad(out / "evaluation" / "all" / "cells.h5ad")
+    np.testing.assert_array_equal(evaluated.obsm["X_scvae"], cells.obsm["X_scvae"])
+    other = anndata.read_h5ad(data)
+    other.obs["batch"] = other.obs["batch"].astype(str).replace("b2", "b3")
+    other.write_h5ad(tmp_path / "other.h5ad")
+    assert main(["evaluate", str(out), "--data", str(tmp_path / "other.h5ad")]) == 2
