@@ -26,6 +26,14 @@ def negative_binomial_log_prob(x, log_r, logits):
             + x * tf.math.log_sigmoid(logits) + r * tf.math.log_sigmoid(-logits))
 
 
+def negative_binomial_rate_terms(x, params):
+    """The NB terms that depend on p: x log p + r log(1 - p) (the rest, lgamma(x + r) - lgamma(r),
+    is added separately when r is one per gene; see CountDecoder.log_prob)."""
+    r = tf.exp(tf.clip_by_value(params["log_r"], *LOG_R_RANGE))
+    logits = params["logits"]
+    return x * tf.math.log_sigmoid(logits) + r * tf.math.log_sigmoid(-logits)
+
+
 def negative_binomial_mean(log_r, logits):
     return tf.exp(tf.clip_by_value(log_r, *LOG_R_RANGE) + logits)
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .distributions import LIKELIHOODS, PRIOR_LAWS
 from .models import MODELS
 from .models.base import INPUT_TRANSFORMS, LIBRARY_SIZES
-from .models.layers import NORMALISATIONS
+from .models.layers import DISPERSIONS, NORMALISATIONS
 from .models.mixture import PRIOR_PROBABILITIES
 from .models.momix import INFERENCE_MODES, TRANSITIONS
 
@@ -61,6 +61,9 @@ class TrainOptions:
                                "the cell's total count, scVI's size factor).", list(LIBRARY_SIZES))
     batch_key: str = option(None, "obs column of a batch covariate (e.g. source_dataset): its one-hot value is "
                             "appended to the encoder and decoder inputs, so clusters need not follow batches.")
+    dispersion: str = option("cell", "Negative-binomial dispersion r: cell (a decoder output per cell and gene, "
+                             "scVAE's) or gene (one learned r per gene, scVI's; the lgamma terms are then "
+                             "computed once per cell instead of once per cluster or path).", list(DISPERSIONS))
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")

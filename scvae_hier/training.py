@@ -137,6 +137,7 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
     arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
                      likelihood=options.likelihood, normalisation=options.normalisation,
                      input_transform=options.input_transform, library_size=options.library_size,
+                     dispersion=options.dispersion,
                      covariates=list(covariates), seed=options.seed)
     cls = model_class(options.model)
     if cls is MixtureVAE:

@@ -119,3 +119,45 @@ def test_mixture_prior_samples_follow_the_weights():
     shares = [(samples < -5).mean(), ((samples > -5) & (samples < 5)).mean(), (samples > 5).mean()]
     np.testing.assert_allclose(shares, [0.2, 0.3, 0.5], atol=0.015)
     assert tf.reduce_all(tf.math.is_finite(prior.log_prob(samples[:, None])))
+
+
+@pytest.mark.parametrize("likelihood", ["negative_binomial", "zero_inflated_negative_binomial"])
+def test_gene_dispersion_decoder_matches_scipy_over_clusters(likelihood):
+    """One r per gene: the lgamma part computed once per cell must equal the full density of
+    every cluster's parameters (scipy, and the zero-inflated law by hand)."""
+    from scvae_hier.models.layers import CountDecoder
+
+    rng = np.random.default_rng(1)
+    B, K, G = 3, 4, 5
+    decoder = CountDecoder(G, (8,), likelihood, "none", dispersion="gene")
+    assert set(decoder.heads) == ({"logits", "dropout_logits"} if "zero" in likelihood else {"logits"})
+    decoder.gene_log_r.assign(rng.normal(0.3, 1.0, G).astype("float32"))
+    params = decoder(tf.constant(rng.normal(size=(B, K, 2)), tf.float32))
+    x = rng.poisson(3.0, (B, G)).astype("float32")
+    x[0, :2] = 0
+    ours = decoder.log_prob(tf.constant(x), params).numpy()  # [B, K]
+    log_r = np.broadcast_to(decoder.gene_log_r.numpy(), (B, K, G))
+    nb = nb_by_scipy(x[:, None, :], log_r, params["logits"].numpy())
+    if "zero" in likelihood:
+        pi = expit(params["dropout_logits"].numpy())
+        nb = np.where(x[:, None, :] == 0, np.log(pi + (1 - pi) * np.exp(nb)), np.log(1 - pi) + nb)
+    np.testing.assert_allclose(ours, nb.sum(-1), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="negative-binomial likelihoods"):
+        CountDecoder(G, (8,), "poisson", dispersion="gene")
+    with pytest.raises(ValueError, match="Unknown dispersion"):
+        CountDecoder(G, (8,), dispersion="cluster")
+
+
+def test_gene_dispersion_model_saves_and_reloads(tmp_path):
+    import keras
+    from scvae_hier.models import MixtureVAE
+
+    model = MixtureVAE(6, n_components=3, latent_dim=2, hidden=(8,), dispersion="gene")
+    model.build()
+    model.decoder.gene_log_r.assign(np.linspace(-1, 1, 6).astype("float32"))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert again.dispersion == "gene" and "log_r" not in again.decoder.heads
+    x = tf.constant(np.random.default_rng(0).poisson(2.0, (4, 6)).astype("float32"))
+    np.testing.assert_array_equal(again.decoder.gene_log_r.numpy(), model.decoder.gene_log_r.numpy())
+    np.testing.assert_allclose(again.outputs(x)["latent"].numpy(), model.outputs(x)["latent"].numpy())

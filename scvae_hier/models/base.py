@@ -25,7 +25,8 @@ class BaseVAE(keras.Model):
     term_names = ("loss", "elbo", "reconstruction", "kl_z")
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
-                 normalisation="batch", input_transform="none", library_size="none", covariates=(), seed=0,
+                 normalisation="batch", input_transform="none", library_size="none", covariates=(),
+                 dispersion="cell", seed=0,
                  format_version=FORMAT_VERSION, package_version=__version__, **kwargs):
         super().__init__(**kwargs)
         if library_size not in LIBRARY_SIZES:
@@ -50,7 +51,9 @@ class BaseVAE(keras.Model):
         self.covariates = tuple(str(c) for c in covariates)
         self.n_covariates = len(self.covariates)
         self.seed = int(seed)
-        self.decoder = CountDecoder(self.n_genes, self.hidden[::-1], likelihood, normalisation, name="decoder")
+        self.dispersion = dispersion
+        self.decoder = CountDecoder(self.n_genes, self.hidden[::-1], likelihood, normalisation, dispersion,
+                                    name="decoder")
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
         # Noise comes from stateless draws keyed by (seed, draw counter); the counter is a saved
         # weight, so a run resumed from its checkpoint continues the very same noise stream.
@@ -185,5 +188,6 @@ class BaseVAE(keras.Model):
         return {**super().get_config(), "n_genes": self.n_genes, "latent_dim": self.latent_dim,
                 "hidden": list(self.hidden), "likelihood": self.likelihood_name,
                 "normalisation": self.normalisation, "input_transform": self.input_transform,
-                "library_size": self.library_size, "covariates": list(self.covariates), "seed": self.seed,
+                "library_size": self.library_size, "covariates": list(self.covariates),
+                "dispersion": self.dispersion, "seed": self.seed,
                 "format_version": FORMAT_VERSION, "package_version": __version__}

@@ -4,9 +4,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import LOG_R_RANGE, component_law, get_likelihood, nested_mixture_prior
+from ..distributions import (LOG_R_RANGE, component_law, get_likelihood, negative_binomial_rate_terms,
+                             nested_mixture_prior)
 
 NORMALISATIONS = ("batch", "layer", "none")
+DISPERSIONS = ("cell", "gene")
 TREE_SHRINK = 0.5  # each level's offsets count half as much as its parent level's
 
 
@@ -74,21 +76,39 @@ class GaussianHead(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable("scvae_hier")
 class CountDecoder(keras.layers.Layer):
-    """p(x|z): an MLP on z with one linear head per likelihood parameter (per gene)."""
+    """p(x|z): an MLP on z with one linear head per likelihood parameter (per gene).
 
-    def __init__(self, n_genes, hidden=(100, 100), likelihood="negative_binomial", normalisation="batch", **kwargs):
+    dispersion="gene" (negative-binomial laws only) replaces the per-cell log r head by one learned
+    log r per gene, as scVI does. Then lgamma(x + r) - lgamma(r), the costliest part of the
+    density, no longer depends on z, so it is computed once per cell rather than once per
+    cluster or path."""
+
+    def __init__(self, n_genes, hidden=(100, 100), likelihood="negative_binomial", normalisation="batch",
+                 dispersion="cell", **kwargs):
         super().__init__(**kwargs)
         self.n_genes = int(n_genes)
         self.hidden = tuple(int(u) for u in hidden)
         self.likelihood_name = likelihood
         self.likelihood = get_likelihood(likelihood)
         self.normalisation = normalisation
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"Unknown dispersion {dispersion!r}; choose one of {DISPERSIONS}.")
+        if dispersion == "gene" and "log_r" not in self.likelihood.params:
+            raise ValueError(f"--dispersion gene applies to negative-binomial likelihoods, not {likelihood!r}.")
+        self.dispersion = dispersion
         self.stack = DenseStack(self.hidden, normalisation)
-        self.heads = {name: keras.layers.Dense(self.n_genes, name=name) for name in self.likelihood.heads}
+        shared = ("log_r",) if dispersion == "gene" else ()
+        self.heads = {name: keras.layers.Dense(self.n_genes, name=name)
+                      for name in self.likelihood.heads if name not in shared}
+        if shared:
+            self.gene_log_r = self.add_weight(shape=(self.n_genes,), initializer="zeros", name="gene_log_r")
 
     def call(self, z, training=False):
         h = self.stack(z, training=training)
-        return {name: head(h) for name, head in self.heads.items()}
+        params = {name: head(h) for name, head in self.heads.items()}
+        if self.dispersion == "gene":
+            params["log_r"] = tf.broadcast_to(self.gene_log_r, tf.shape(params["logits"]))
+        return params
 
     def scale_to_library(self, params, log_library):
         """Make the mean-setting head a gene composition times the library: mean = softmax(head) * L.
@@ -106,17 +126,26 @@ class CountDecoder(keras.layers.Layer):
 
     def log_prob(self, x, params):
         """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params
-        (clusters or paths), and the parameter-free log x! is computed once per cell."""
-        log_factorial = tf.reduce_sum(tf.math.lgamma(x + 1.0), axis=-1)
-        extra_axes = len(params[self.likelihood.heads[0]].shape) - len(x.shape)
+        (clusters or paths), and the parameter-free log x! is computed once per cell (with one
+        dispersion per gene, so is the NB's lgamma(x + r) - lgamma(r))."""
+        per_cell = -tf.math.lgamma(x + 1.0)
+        if self.dispersion == "gene" and not self.likelihood.zero_inflated:
+            r = tf.exp(tf.clip_by_value(self.gene_log_r, *LOG_R_RANGE))
+            per_cell += tf.math.lgamma(x + r) - tf.math.lgamma(r)
+            law = negative_binomial_rate_terms
+        else:
+            law = self.likelihood.log_prob_plus_log_factorial
+        per_cell = tf.reduce_sum(per_cell, axis=-1)
+        extra_axes = len(params[self.likelihood.params[0]].shape) - len(x.shape)
         for _ in range(extra_axes):
             x = tf.expand_dims(x, 1)
-            log_factorial = tf.expand_dims(log_factorial, 1)
-        return tf.reduce_sum(self.likelihood.log_prob_plus_log_factorial(x, params), axis=-1) - log_factorial
+            per_cell = tf.expand_dims(per_cell, 1)
+        return tf.reduce_sum(law(x, params), axis=-1) + per_cell
 
     def get_config(self):
         return {**super().get_config(), "n_genes": self.n_genes, "hidden": list(self.hidden),
-                "likelihood": self.likelihood_name, "normalisation": self.normalisation}
+                "likelihood": self.likelihood_name, "normalisation": self.normalisation,
+                "dispersion": self.dispersion}
 
 
 def _inverse_softplus(y):
