@@ -269,6 +269,9 @@ def figures_for_run(run_folder, out_folder=None, method="umap", progress=print):
     hierarchy = hierarchy.restrict(labels)
     if "scvae_cluster" in adata.obs:
         predicted = adata.obs["scvae_cluster"].astype(str).to_numpy()
+    elif f"scvae_{hierarchy.levels[0]}_cluster" not in adata.obs:
+        raise ValueError(f"{run_folder} holds a model without clusters (a plain VAE); the figures compare "
+                         f"clusters with labels. Use outputs.h5ad's obsm['X_scvae'] with scanpy instead.")
     else:
         predicted = [adata.obs[f"scvae_{level}_cluster"].astype(str).to_numpy()
                      for level in hierarchy.levels]
