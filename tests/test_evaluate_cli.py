@@ -182,3 +182,14 @@ def test_analyse_refuses_an_scvae_run_on_other_cells(runs, tmp_path, capsys):
     code = main(["analyse", str(renamed), "--scvae", str(FIXTURE), "--output", str(tmp_path / "c"), "--no-figures"])
     assert code == 2
     assert "same cells" in capsys.readouterr().err
+
+
+def test_a_plain_vae_is_evaluated_without_levels_and_not_analysed(pbmc_slice, tmp_path, capsys):
+    run = train(pbmc_slice, tmp_path / "vae", "vae")
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iwae-samples", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "IWAE (  5)" in printed and "No per-level scores" in printed
+    assert not (run / "evaluation" / "test" / "level_metrics.csv").exists()
+    assert main(["analyse", str(run)]) == 2
+    assert "without clusters" in capsys.readouterr().err
