@@ -61,6 +61,9 @@ class TrainOptions:
                                "the cell's total count, scVI's size factor).", list(LIBRARY_SIZES))
     batch_key: str = option(None, "obs column of a batch covariate (e.g. source_dataset): its one-hot value is "
                             "appended to the encoder and decoder inputs, so clusters need not follow batches.")
+    usage_level_weights: tuple = option(None, "Per-level multipliers of the marginal-usage KL (coarse to fine; "
+                                        "default 1 each): small at coarse levels lets unbalanced classes be "
+                                        "unbalanced, large at fine levels fights collapse.", nargs="+", type=float)
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")
