@@ -64,6 +64,9 @@ class TrainOptions:
     dispersion: str = option("cell", "Negative-binomial dispersion r: cell (a decoder output per cell and gene, "
                              "scVAE's) or gene (one learned r per gene, scVI's; the lgamma terms are then "
                              "computed once per cell instead of once per cluster or path).", list(DISPERSIONS))
+    usage_level_weights: tuple = option(None, "Per-level multipliers of the marginal-usage KL (coarse to fine; "
+                                        "default 1 each): small at coarse levels lets unbalanced classes be "
+                                        "unbalanced, large at fine levels fights collapse.", nargs="+", type=float)
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")

@@ -156,7 +156,8 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
             raise DataError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
                             f"({', '.join(hierarchy.levels)}); give one size per level.")
         arguments.update(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
-                         usage_target=options.usage_target)
+                         usage_target=options.usage_target,
+                         usage_level_weights=list(options.usage_level_weights) if options.usage_level_weights else None)
         if cls is MoMixVAE:
             arguments.update(inference=options.inference, transitions=options.transitions,
                              component_means=options.component_means)

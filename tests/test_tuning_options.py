@@ -67,7 +67,8 @@ def test_covariate_changes_decoder_and_encoder_outputs():
     lambda: MoMixVAE(G, level_sizes=(2, 3), latent_dim=D, hidden=(6,), covariates=BATCHES, library_size="observed"),
     lambda: MixtureVAE(G, n_components=3, latent_dim=D, hidden=(6,), covariates=BATCHES, library_size="observed",
                        input_transform="normalised_log1p", likelihood="poisson"),
-    lambda: IndMoMVAE(G, level_sizes=(2, 3), latent_dim=D, hidden=(6, 4), covariates=BATCHES),
+    lambda: IndMoMVAE(G, level_sizes=(2, 3), latent_dim=D, hidden=(6, 4), covariates=BATCHES,
+                      usage_level_weights=(0.1, 1.0)),
     lambda: VAE(G, latent_dim=D, hidden=(6,), covariates=BATCHES, library_size="observed"),
 ])
 def test_covariate_model_trains_saves_and_reloads_bit_identically(tmp_path, make):
@@ -149,3 +150,17 @@ def test_cli_trains_with_batch_key_and_size_factor_and_reloads_exactly(tmp_path)
     other.obs["batch"] = other.obs["batch"].astype(str).replace("b2", "b3")
     other.write_h5ad(tmp_path / "other.h5ad")
     assert main(["evaluate", str(out), "--data", str(tmp_path / "other.h5ad")]) == 2
+
+
+@pytest.mark.parametrize("cls", [MoMixVAE, IndMoMVAE])
+def test_usage_level_weights_scale_each_level_of_the_usage_kl(cls):
+    x = tf.constant(counts(16))
+    terms = {}
+    for weights in [(1.0, 0.0), (0.0, 1.0), (2.0, 3.0)]:
+        keras.utils.set_random_seed(0)
+        model = cls(G, level_sizes=(2, 3), latent_dim=D, hidden=(6,), usage_level_weights=weights)
+        model.build()
+        terms[weights] = model.terms(x, noise=tf.zeros((16, 3 if cls is MoMixVAE else 5, D)))["marginal_usage"]
+    np.testing.assert_allclose(terms[(2.0, 3.0)], 2 * terms[(1.0, 0.0)] + 3 * terms[(0.0, 1.0)], rtol=1e-5)
+    with pytest.raises(ValueError, match="one non-negative weight per level"):
+        cls(G, level_sizes=(2, 3), usage_level_weights=(1.0,))

@@ -22,7 +22,7 @@ class HierarchicalVAE(BaseVAE):
     """Base for IndMoMVAE and MoMixVAE: one clustering per hierarchy level."""
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, usage_target="uniform",
-                 **kwargs):
+                 usage_level_weights=None, **kwargs):
         super().__init__(n_genes, **kwargs)
         sizes = [int(k) for k in level_sizes]
         if not sizes:
@@ -34,6 +34,13 @@ class HierarchicalVAE(BaseVAE):
         if usage_target not in USAGE_TARGETS:
             raise ValueError(f"Unknown usage target {usage_target!r}; choose one of {USAGE_TARGETS}.")
         self.usage_target = usage_target
+        # Per-level multipliers of the usage KL: a uniform target is wrong for coarse levels whose
+        # true classes are unbalanced (Stem is 9% of the cells), but needed against collapse at fine ones.
+        weights = [1.0] * len(sizes) if usage_level_weights is None else [float(w) for w in usage_level_weights]
+        if len(weights) != len(sizes) or min(weights) < 0:
+            raise ValueError(f"usage_level_weights needs one non-negative weight per level ({len(sizes)}), "
+                             f"got {list(usage_level_weights)}.")
+        self.usage_level_weights = tuple(weights)
         self.level_sizes = tuple(sizes)
         self.n_levels = len(sizes)
         self.prior_law = prior
@@ -51,7 +58,8 @@ class HierarchicalVAE(BaseVAE):
         ELBO, `kl_y_objective` the loss (e.g. the level-averaged KL of MoMixVAE)."""
         if self.usage_target == "uniform":  # a learnable p(y_l) can collapse together with q
             log_p_marginals = [-tf.math.log(float(k)) + tf.zeros((k,)) for k in self.level_sizes]
-        usage = tf.add_n([usage_kl(q, p) for q, p in zip(log_q_marginals, log_p_marginals)])
+        usage = tf.add_n([w * usage_kl(q, p)
+                          for w, q, p in zip(self.usage_level_weights, log_q_marginals, log_p_marginals)])
         loss = -reconstruction + self.kl_weight * (kl_z + kl_y_objective) + self.usage_weight * usage
         terms = {"loss": loss, "elbo": reconstruction - kl_z - kl_y, "reconstruction": reconstruction,
                  "kl_z": kl_z, "kl_y": kl_y, "marginal_usage": usage}
@@ -62,4 +70,5 @@ class HierarchicalVAE(BaseVAE):
 
     def get_config(self):
         return {**super().get_config(), "level_sizes": list(self.level_sizes), "prior": self.prior_law,
-                "marginal_usage": self.marginal_usage, "usage_target": self.usage_target}
+                "marginal_usage": self.marginal_usage, "usage_target": self.usage_target,
+                "usage_level_weights": list(self.usage_level_weights)}
