@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, data: str, exclude: list) -> dict:
+def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, data: str, exclude: list,
+            dispersion: str = "cell") -> dict:
     """Runs in a child process: train and time epochs."""
     import keras
     import numpy as np
@@ -40,6 +41,7 @@ def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, d
     X = prepared.X[split == "train"]
     name, _, law = model.partition(":")
     arguments = {"prior": law} if law else {}
+    arguments["dispersion"] = dispersion
     if name == "mixture":
         arguments["n_components"] = components or sizes[-1]
     elif name != "vae":
@@ -60,7 +62,7 @@ def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, d
 
     net.fit(CountBatches(X, 128, shuffle=True), epochs=epochs, shuffle=False, verbose=0, callbacks=[Timer()])
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": model, "genes": prepared.n_vars, "xla": xla, "cells": X.shape[0],
+    return {"model": model, "genes": prepared.n_vars, "xla": xla, "dispersion": dispersion, "cells": X.shape[0],
             "first_epoch_s": times[0], "epoch_s": float(np.median(times[1:])), "peak_mib": peak_mib}
 
 
@@ -70,6 +72,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=["vae", "mixture"])
     parser.add_argument("--genes", nargs="+", type=int, default=[500, 2000])
     parser.add_argument("--xla", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--dispersion", nargs="+", default=["cell"], choices=["cell", "gene"],
+                        help="NB dispersion per cell (scVAE's) and/or per gene (scVI's)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--components", type=int, default=None, help="mixture K (default: finest level)")
     parser.add_argument("--exclude-labels", nargs="*", default=[])
@@ -85,20 +89,20 @@ def main():
                        for m in ("mixture", "indmom", "momix-scalable", "momix-exact")]
         args.genes, args.xla, args.exclude_labels = [500], ["on"], args.exclude_labels or ["cd14_monocytes"]
     rows = []
-    for model, genes, xla in itertools.product(args.models, args.genes, args.xla):
-        job = dict(model=model, n_genes=genes, xla=xla == "on", epochs=args.epochs,
+    for model, genes, xla, dispersion in itertools.product(args.models, args.genes, args.xla, args.dispersion):
+        job = dict(model=model, n_genes=genes, xla=xla == "on", epochs=args.epochs, dispersion=dispersion,
                    components=args.components, data=args.data, exclude=args.exclude_labels)
         result = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)],
                                 capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"measured {model} genes={genes} xla={xla}", file=sys.stderr)
+        print(f"measured {model} genes={genes} xla={xla} dispersion={dispersion}", file=sys.stderr)
     base = rows[0]["epoch_s"]
     print(f"\n{rows[0]['cells']} training cells, batch 128, {args.epochs} epochs per configuration\n")
-    print("| model | genes | XLA | first epoch (s) | s / epoch | ratio to first row | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | genes | XLA | dispersion | first epoch (s) | s / epoch | ratio to first row | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = r["model"]
-        print(f"| {name} | {r['genes']} | {'on' if r['xla'] else 'off'} | {r['first_epoch_s']:.1f} | "
+        print(f"| {name} | {r['genes']} | {'on' if r['xla'] else 'off'} | {r['dispersion']} | {r['first_epoch_s']:.1f} | "
               f"{r['epoch_s']:.2f} | {r['epoch_s'] / base:.2f} | {r['peak_mib']:.0f} |")
 
 
