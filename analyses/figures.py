@@ -203,11 +203,14 @@ def learning_curves(history_csv, path):
             colour = f"C{i}"
             for column, style, split in ((name, "-", "train"), (f"val_{name}", "--", "validation")):
                 if column in history:
-                    label = f"{name} {split}" if len(names) > 1 else split
+                    label = f"{name.replace('components_used_', 'level ')} {split}" if len(names) > 1 else split
                     ax.plot(x, history[column], style, color=colour, label=label)
         ax.set_title(panel.replace("_", " "), fontsize=10)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        if len(names) > 1:  # many lines: legend beside the panel, not over the curves
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            ax.legend(fontsize=7)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"Learning curves ({Path(history_csv).parent.name})")

@@ -45,8 +45,11 @@ def elbo_terms(model, X, batch_size=256, covariates=None) -> dict:
     """Every term of `model.terms` per cell, with the KL weight at 1 (the true bound, whatever the
     warm-up left it at) and the noise counter restored afterwards, so evaluating does not shift a
     resumed run's noise. Batch-level terms (components used, marginal usage) hold their batch's
-    value for each cell of that batch."""
-    batches = CountBatches(X, batch_size=batch_size, covariates=covariates)
+    value for each cell of that batch; cells are batched in a fixed random order, since files
+    usually store cells grouped by type and a one-type batch would show one component in use."""
+    order = np.random.default_rng(0).permutation(X.shape[0])
+    batches = CountBatches(X[order], batch_size=batch_size, covariates=None if covariates is None else
+                           np.asarray(covariates)[order])
     kl_weight, noise_draws = model.kl_weight.numpy(), model.noise_draws.numpy()
     model.kl_weight.assign(1.0)
     parts = {}
@@ -59,7 +62,8 @@ def elbo_terms(model, X, batch_size=256, covariates=None) -> dict:
     finally:
         model.kl_weight.assign(kl_weight)
         model.noise_draws.assign(noise_draws)
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    inverse = np.argsort(order)
+    return {name: np.concatenate(values)[inverse] for name, values in parts.items()}
 
 
 def check_genes(model_genes, data_genes) -> None:

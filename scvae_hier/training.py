@@ -249,9 +249,14 @@ def train(options: TrainOptions, log=print) -> Path:
     train_batches.epoch = initial_epoch
     has_validation = (split == "validation").any()
     # Validation decodes every cluster or path per cell, so it uses the training batch size:
-    # 1,024 cells x 360 paths in exact MoMixVAE mode would hold several GB for no gain.
-    validation = CountBatches(X[split == "validation"], options.batch_size, covariates=rows("validation")) \
-        if has_validation else None
+    # 1,024 cells x 360 paths in exact MoMixVAE mode would hold several GB for no gain. Its cells
+    # go in a fixed random order: files store cells grouped by type, and a one-type batch would
+    # show one component in use and inflate the batch-level marginal-usage term.
+    validation = None
+    if has_validation:
+        cells = np.random.default_rng(options.seed).permutation(np.flatnonzero(split == "validation"))
+        validation = CountBatches(X[cells], options.batch_size,
+                                  covariates=None if covariates is None else covariates[cells])
     monitor = "val_elbo" if has_validation else "elbo"
     tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "

@@ -147,3 +147,31 @@ def test_check_genes_names_missing_and_extra_genes():
         check_genes(["a", "b", "c"], ["a", "b", "d"])
     with pytest.raises(ValueError, match="different order"):
         check_genes(["a", "b"], ["b", "a"])
+
+
+def test_batch_level_terms_do_not_depend_on_cells_being_stored_by_type():
+    """Files store cells grouped by type; batching them in file order would put one type in each
+    batch and report about one component in use. elbo_terms batches a fixed shuffle instead, and
+    its per-cell terms still come back in the caller's order."""
+    keras.utils.set_random_seed(5)  # a draw whose q(y|x) tells the two types apart
+    model = MixtureVAE(G, n_components=3, latent_dim=2, hidden=(5,))
+    model.build()
+    kernel = model.y_logits.kernel
+    kernel.assign(kernel * 200.0)  # near one-hot q(y|x), driven by the input
+    rng = np.random.default_rng(0)
+    group_a = rng.poisson([20, 20, 20, 0.2, 0.2, 0.2], (64, G))
+    group_b = rng.poisson([0.2, 0.2, 0.2, 20, 20, 20], (64, G))
+    X = np.vstack([group_a, group_b]).astype("float32")
+    q = np.exp(model.encode(tf.constant(X))[0].numpy())
+
+    def perplexity(p):
+        mean = p.mean(axis=0)
+        return float(np.exp(-(mean * np.log(mean + 1e-12)).sum()))
+
+    whole, per_group = perplexity(q), max(perplexity(q[:64]), perplexity(q[64:]))
+    assert whole > per_group + 0.3  # the two types use different components (else the test proves nothing)
+    terms = elbo_terms(model, X, batch_size=64)
+    assert abs(terms["components_used"].mean() - whole) < 0.25 * (whole - per_group)
+    shuffled = rng.permutation(len(X))
+    again = elbo_terms(model, X[shuffled], batch_size=64)
+    np.testing.assert_allclose(again["kl_y"], terms["kl_y"][shuffled], rtol=1e-5)  # analytic, per cell
