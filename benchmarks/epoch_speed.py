@@ -22,6 +22,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def epoch_timer(times: list):
+    """A Keras callback appending each epoch's wall seconds to `times` (keras imported lazily, so
+    the parent process that only launches children stays light)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    return EpochTimer()
+
+
 def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, data: str, exclude: list,
             dispersion: str = "cell") -> dict:
     """Runs in a child process: train and time epochs."""
@@ -52,15 +67,7 @@ def measure(model: str, n_genes: int, xla: bool, epochs: int, components: int, d
     net.build()
     net.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
     times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
-    net.fit(CountBatches(X, 128, shuffle=True), epochs=epochs, shuffle=False, verbose=0, callbacks=[Timer()])
+    net.fit(CountBatches(X, 128, shuffle=True), epochs=epochs, shuffle=False, verbose=0, callbacks=[epoch_timer(times)])
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": model, "genes": prepared.n_vars, "xla": xla, "dispersion": dispersion, "cells": X.shape[0],
             "first_epoch_s": times[0], "epoch_s": float(np.median(times[1:])), "peak_mib": peak_mib}
