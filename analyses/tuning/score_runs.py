@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import anndata
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
