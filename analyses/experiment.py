@@ -6,6 +6,7 @@ Finished runs are skipped and interrupted ones resumed from their checkpoint, so
 command after an interruption continues where it stopped. Results are what the code wrote;
 nothing in them is edited by hand.
 """
+import gc
 import json
 import platform
 import sys
@@ -13,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import yaml
@@ -175,6 +177,8 @@ def run_experiment(config_path, only_folds=None, log=print) -> Path:
     for i, (name, options) in enumerate(plan, start=1):
         log(f"[{i}/{len(plan)}] fold {options.fold}: {name or options.model + ' ' + options.prior}")
         path = run_one(options, iwae_samples, log)
+        keras.backend.clear_session()  # free the finished run's graphs: the process otherwise grew ~0.45 GB a run
+        gc.collect()
         runs.append(str(path))
         if name:
             names[str(path)] = name
