@@ -1,6 +1,6 @@
 """Our MixtureVAE against the original scVAE GMVAE at equal settings, side by side in one run.
 
-Both train on the same file (the shared fixture's pbmc9.loom: the nine populations, 8,391 cells
+Both train on the same file (data/scvae_reference/pbmc9.loom: the nine populations, 8,391 cells
 x 500 genes, every cell a training cell), K=9, latent 20, hidden 100 100, batch 128, NB
 likelihood, warm-up 5, Adam 1e-3, for --epochs epochs, one after the other (never at the same
 time). Reported: median seconds per training epoch after the first (the first includes graph
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOM = ROOT.parent / "shared" / "fixtures" / "scvae" / "pbmc9.loom"
+LOOM = ROOT / "data" / "scvae_reference" / "pbmc9.loom"
 
 
 def ours(loom: str, epochs: int, xla: bool, dispersion: str = "cell") -> dict:

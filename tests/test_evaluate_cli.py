@@ -15,7 +15,7 @@ from scvae_hier.hierarchy import Hierarchy
 
 from conftest import FAST
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scvae" / "analyses_s0_model"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference" / "analyses_s0_model"
 LEVELS = ["level_1", "level_2", "level_3", "level_4"]
 
 

@@ -9,7 +9,7 @@ import yaml
 from analyses.experiment import ExperimentError, planned_runs, read_config
 from scvae_hier.cli import main
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scvae" / "analyses_s0_model"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference" / "analyses_s0_model"
 
 
 def write_config(tmp_path, data, **changes):

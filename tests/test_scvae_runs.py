@@ -15,7 +15,7 @@ from analyses.scvae_runs import (ScvaeRunError, find_scvae_runs, parse_metrics_l
                                  parse_prediction_log, read_scvae_run, scvae_level_scores)
 from scvae_hier.hierarchy import Hierarchy
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "scvae"
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference"
 DATA = Path(__file__).resolve().parents[1] / "data"
 SET = ("pbmc9/no_split/no_preprocessing/GMVAE/gaussian_mixture-c_9/"
        "negative_binomial-l_20-h_100_100-mc_1-iw_1-bn-wu_5/run_s0/e_100-mc_1-iw_1/full")
@@ -134,8 +134,9 @@ def test_folder_without_scvae_output(tmp_path):
         read_scvae_run(tmp_path)
     with pytest.raises(ScvaeRunError, match="not a folder"):
         find_scvae_runs(tmp_path / "missing")
+    (tmp_path / "models" / "run_s0").mkdir(parents=True)  # scVAE's -M folder: checkpoints, no analyses
     with pytest.raises(ScvaeRunError, match="no scVAE output"):
-        read_scvae_run(FIXTURE / "models")
+        read_scvae_run(tmp_path / "models")
 
 
 def test_cells_that_do_not_match(model_run, pbmc):
