@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from analyses import compare
-from analyses.report import comparison_report
+from analyses.report import comparison_report, slug
 from scvae_hier.options import TrainOptions
 from scvae_hier.run_evaluation import evaluate_run, read_evaluation, write_evaluation
 from scvae_hier.runs import RunDirectory
@@ -64,16 +64,12 @@ def planned_runs(config) -> list:
         for entry in config["models"]:
             values = {**config.get("options", {}), **{k: v for k, v in entry.items() if k != "name"}}
             name = entry.get("name")
-            slug = "-".join([values["model"], values.get("prior", "normal")] + ([_slug(name)] if name else []))
+            folder = slug(name) if name else f'{values["model"]}-{values.get("prior", "normal")}'
             options = TrainOptions.from_dict({**values, "data": config["data"], "folds": int(config["folds"]),
                                               "fold": fold, "seed": int(config.get("seed", 0)),
-                                              "output": str(Path(config["runs"]) / f"{slug}-f{fold}")})
+                                              "output": str(Path(config["runs"]) / f"{folder}-f{fold}")})
             plan.append((name, options))
     return plan
-
-
-def _slug(text):
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
 def run_one(options: TrainOptions, iwae_samples: int, log=print) -> Path:

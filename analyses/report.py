@@ -51,7 +51,8 @@ def _batches(progress):
     return report
 
 
-def _slug(text):
+def slug(text):
+    """A file-name-safe lower-case form of a group or level name."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
@@ -142,13 +143,13 @@ def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iw
     output.mkdir(parents=True, exist_ok=True)
     rows.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "summary.csv", index=False)
-    figure_one = compare.figure_one(rows, level, output / f"figure1_{_slug(level)}.png")
+    figure_one = compare.figure_one(rows, level, output / f"figure1_{slug(level)}.png")
     progress(f"wrote {figure_one}")
     figure_paths = []
     if figures:
         for group, run in first_of_group.items():
             progress(f"Figures of {run} ({group}) ...")
-            figure_paths.append((group, run, figures_for_run(run, output / "figures" / _slug(group),
+            figure_paths.append((group, run, figures_for_run(run, output / "figures" / slug(group),
                                                              method=embedding, progress=progress)))
 
     n_ours = len(runs)
