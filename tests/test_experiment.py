@@ -47,7 +47,7 @@ def test_experiment_runs_every_fold_and_model_then_skips_finished_runs(pbmc_slic
     report = (results / "report.md").read_text()
     assert "Beside the poster" in report and "Targets" in report and "stem" in report.lower()
     # The named run really used its own option.
-    assert "log1p" in (tmp_path / "runs" / "momix-normal-momixvae_log1p-f1" / "config.json").read_text()
+    assert "log1p" in (tmp_path / "runs" / "momixvae_log1p-f1" / "config.json").read_text()
 
     capsys.readouterr()
     assert main(["experiment", str(config), "--folds", "0"]) == 0
