@@ -69,6 +69,11 @@ def planned_runs(config) -> list:
                                               "fold": fold, "seed": int(config.get("seed", 0)),
                                               "output": str(Path(config["runs"]) / f"{folder}-f{fold}")})
             plan.append((name, options))
+    folders = [options.output for _, options in plan]
+    clashes = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if clashes:  # a second entry would find the first one's finished run and skip its own training
+        raise ExperimentError(f"Two model entries share the run folder {clashes[0]}: give each entry with the same "
+                              f"model and prior its own `name` (the run folder is named after it).")
     return plan
 
 

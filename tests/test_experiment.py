@@ -66,3 +66,9 @@ def test_experiment_config_errors_name_the_problem(tmp_path):
     assert [(o.fold, o.model, o.prior) for _, o in plan][:3] == [(0, "mixture", "normal"), (0, "momix", "student-t"),
                                                                 (0, "momix", "normal")]
     assert all(o.folds == 2 and o.n_genes == 80 for _, o in plan) and len(plan) == 6
+    twins = [{"model": "momix", "prior": "normal"}, {"model": "momix", "prior": "normal", "normalisation": "layer"}]
+    with pytest.raises(ExperimentError, match="share the run folder .*momix-normal-f0.*own `name`"):
+        planned_runs(read_config(write_config(tmp_path, "x.h5ad", models=twins)))
+    twins[1]["name"] = "MoMixVAE layer norm"
+    assert [o.output for _, o in planned_runs(read_config(write_config(tmp_path, "x.h5ad", models=twins)))][:2] == [
+        str(tmp_path / "runs" / "momix-normal-f0"), str(tmp_path / "runs" / "momixvae_layer_norm-f0")]
