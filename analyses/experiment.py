@@ -72,8 +72,8 @@ def planned_runs(config) -> list:
     folders = [options.output for _, options in plan]
     clashes = sorted({folder for folder in folders if folders.count(folder) > 1})
     if clashes:  # a second entry would find the first one's finished run and skip its own training
-        raise ExperimentError(f"Two model entries share the run folder {clashes[0]}: give each entry with the same "
-                              f"model and prior its own `name` (the run folder is named after it).")
+        raise ExperimentError(f"Two model entries share the run folder {clashes[0]}: give each of them its own "
+                              f"`name` (a named entry's run folder is named after it).")
     return plan
 
 

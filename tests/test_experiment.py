@@ -67,8 +67,11 @@ def test_experiment_config_errors_name_the_problem(tmp_path):
                                                                 (0, "momix", "normal")]
     assert all(o.folds == 2 and o.n_genes == 80 for _, o in plan) and len(plan) == 6
     twins = [{"model": "momix", "prior": "normal"}, {"model": "momix", "prior": "normal", "normalisation": "layer"}]
-    with pytest.raises(ExperimentError, match="share the run folder .*momix-normal-f0.*own `name`"):
+    with pytest.raises(ExperimentError, match="share the run folder .*momix-normal-f0.*its own `name`"):
         planned_runs(read_config(write_config(tmp_path, "x.h5ad", models=twins)))
     twins[1]["name"] = "MoMixVAE layer norm"
     assert [o.output for _, o in planned_runs(read_config(write_config(tmp_path, "x.h5ad", models=twins)))][:2] == [
         str(tmp_path / "runs" / "momix-normal-f0"), str(tmp_path / "runs" / "momixvae_layer_norm-f0")]
+    twins[0]["name"] = "MoMixVAE, layer norm"  # the same folder through another spelling
+    with pytest.raises(ExperimentError, match="momixvae_layer_norm-f0"):
+        planned_runs(read_config(write_config(tmp_path, "x.h5ad", models=twins)))
