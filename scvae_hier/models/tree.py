@@ -1,0 +1,412 @@
+"""TreeVAE: a mixture over the leaves of the user's hierarchy, read at every level by summing.
+
+Generative model: p(x, z, c) = p(x|z) p(z|c) p(c), with c one of M prior components. Every
+component belongs to one leaf (finest class) of the hierarchy, and through the hierarchy's
+parent structure to exactly one class at every coarser level, so a coarse class is the union of
+its leaves: q(y_l = k | x) = sum of q(c|x) over the components under k. Per-level predictions
+are the ancestors of the cell's most probable leaf (`path_predictions`), a path of the tree for
+every cell by construction.
+
+Component means are tree-structured, mu_c = sum_l 2^-(l-1) delta_l[ancestor_l(c)] (plus a
+per-component offset when a leaf has several components), so siblings share their ancestors'
+offsets and start close together.
+
+Posterior: one Gaussian q(z|x) (one decoder pass per cell, like a plain VAE) and the cluster
+posterior that is optimal for it, q(c|x) = softmax_c(log p(c) - KL(q(z|x) || p(z|c))) for
+Normal components (analytic), or the component posterior p(c|z) at the sampled z for Student-t
+components (then the ELBO is the one of the marginal mixture prior). The clusters are therefore
+regions of the latent space itself, where a graph clustering of the latent finds the cell types,
+instead of the output of a separate y-encoder that can disagree with the latent's geometry.
+ELBO = E_q log p(x|z) - sum_c q(c|x) KL(q(z|x) || p(z|c)) - KL(q(c|x) || p(c)), exact in c.
+
+Re-seeding: at the start of epoch `reseed_epoch` (after the KL warm-up, when the latent has
+formed but the prior has not yet shaped it), the components are set from a clustering of the
+training cells' latent means: k-means into as many clusters as leaves, each cluster matched to a
+leaf so that the hierarchy's classes are as compact as possible in the latent (`match_to_tree`,
+exhaustive over assignments for up to 10 leaves), and split again into the leaf's components.
+The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
+needs no special wiring.
+"""
+import itertools
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.cluster import KMeans
+
+from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..distributions import component_law, mixture_prior
+from .hierarchical import HierarchicalVAE
+from .layers import TREE_SHRINK, DenseStack, GaussianHead, _inverse_softplus
+from .mixture import mixture_log_weights, mixture_terms
+from .paths import perplexity
+
+EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
+NEGLIGIBLE = -1e9       # log-mask of components outside a class
+
+
+# ----------------------------------------------------------------------------- tree algebra
+def default_parents(level_sizes):
+    """A tree for bare level sizes (no hierarchy): children split evenly over parents, in order."""
+    return [[c * k_parent // k for c in range(k)] for k_parent, k in zip(level_sizes, level_sizes[1:])]
+
+
+def check_parents(parents, level_sizes):
+    """Every class of level l > 1 has one parent of level l - 1, and every class has a child."""
+    if len(parents) != len(level_sizes) - 1:
+        raise ValueError(f"parents gives {len(parents)} levels of parent links; a {len(level_sizes)}-level tree "
+                         f"needs {len(level_sizes) - 1}.")
+    for level, (links, k_parent, k) in enumerate(zip(parents, level_sizes, level_sizes[1:]), start=2):
+        links = np.asarray(links, dtype=int)
+        if links.shape != (k,) or links.min() < 0 or links.max() >= k_parent:
+            raise ValueError(f"Level {level}: parents must give each of its {k} classes a parent in 0..{k_parent - 1}, "
+                             f"got {list(links)}.")
+        childless = sorted(set(range(k_parent)) - set(links.tolist()))
+        if childless:
+            raise ValueError(f"Level {level - 1} class(es) {childless} have no child at level {level}; every class "
+                             f"of a tree needs at least one leaf below it.")
+
+
+def leaf_ancestors(parents, n_leaves):
+    """[L, K_L] array: the class at each level (coarse to fine) of every leaf."""
+    rows = [np.arange(n_leaves)]
+    for links in reversed(parents):
+        rows.insert(0, np.asarray(links, dtype=int)[rows[0]])
+    return np.stack(rows)
+
+
+def path_predictions(level_probabilities, parents):
+    """The nested prediction rule: every level's class is an ancestor of the most probable leaf.
+
+    level_probabilities: list of [n, K_l] arrays (only the last, the leaf marginals, is read);
+    returns a list of [n] class indices per level that form a path of the tree for every cell."""
+    leaf = np.asarray(level_probabilities[-1]).argmax(axis=1)
+    return [row[leaf] for row in leaf_ancestors(parents, np.asarray(level_probabilities[-1]).shape[1])]
+
+
+def _tree_scores(centres, counts, ancestors, assignments):
+    """Between-class sum of squares, summed over the coarse levels, of each assignment of
+    clusters to leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the
+    total sum of squares is fixed, so this is minus the within-class sum of squares."""
+    weighted = centres * counts[:, None]
+    score = np.zeros(len(assignments))
+    for row in ancestors[:-1]:
+        nodes = row[assignments]                                              # [A, K]
+        onehot = nodes[:, :, None] == np.arange(row.max() + 1)                # [A, K, J]
+        sums = np.einsum("akj,kd->ajd", onehot, weighted)
+        sizes = np.einsum("akj,k->aj", onehot, counts)
+        score += ((sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)).sum(-1)
+    return score
+
+
+def match_to_tree(centres, counts, parents, seed=0, chunk=40320):
+    """Assign K clusters (centres [K, D], sizes [K]) one-to-one to the K leaves of the tree so that
+    the classes of every coarser level are as compact as possible (least within-class sum of
+    squares of the cells, summed over levels). Exhaustive up to EXHAUSTIVE_LEAVES leaves, pairwise
+    swaps from many starts beyond. Returns leaf_of_cluster [K]."""
+    centres, counts = np.asarray(centres, float), np.asarray(counts, float)
+    k = len(centres)
+    ancestors = leaf_ancestors(parents, k)
+    if k <= EXHAUSTIVE_LEAVES:
+        best, best_score = None, -np.inf
+        permutations = itertools.permutations(range(k))
+        while True:
+            block = np.array(list(itertools.islice(permutations, chunk)), dtype=np.int16)
+            if not len(block):
+                return np.asarray(best, dtype=int)
+            scores = _tree_scores(centres, counts, ancestors, block)
+            if scores.max() > best_score:
+                best_score, best = scores.max(), block[scores.argmax()]
+    rng = np.random.default_rng(seed)
+    best, best_score = None, -np.inf
+    for _ in range(20):
+        current = rng.permutation(k)
+        score = _tree_scores(centres, counts, ancestors, current[None])[0]
+        improved = True
+        while improved:
+            swaps = [(i, j) for i in range(k) for j in range(i + 1, k)]
+            candidates = np.repeat(current[None], len(swaps), axis=0)
+            for row, (i, j) in enumerate(swaps):
+                candidates[row, [i, j]] = candidates[row, [j, i]]
+            scores = _tree_scores(centres, counts, ancestors, candidates)
+            improved = scores.max() > score + 1e-9
+            if improved:
+                current, score = candidates[scores.argmax()], scores.max()
+        if score > best_score:
+            best, best_score = current, score
+    return np.asarray(best, dtype=int)
+
+
+def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, n_init=10):
+    """Nested clustering of latent points [n, D] in the tree's shape: k-means into n_leaves
+    clusters matched to leaves by `match_to_tree`, each split by k-means into `per_leaf`
+    components. Returns the component of every point [n] (component m belongs to leaf m // per_leaf)."""
+    fit = KMeans(n_clusters=n_leaves, n_init=n_init, random_state=seed).fit(latent)
+    counts = np.bincount(fit.labels_, minlength=n_leaves)
+    leaf = match_to_tree(fit.cluster_centers_, counts, parents, seed)[fit.labels_]
+    if per_leaf == 1:
+        return leaf
+    component = leaf * per_leaf
+    for k in range(n_leaves):
+        members = np.flatnonzero(leaf == k)
+        if len(members) >= per_leaf:
+            sub = KMeans(n_clusters=per_leaf, n_init=n_init, random_state=seed).fit(latent[members]).labels_
+            component[members] += sub
+    return component
+
+
+# ------------------------------------------------------------------------------ components
+@keras.saving.register_keras_serializable("scvae_hier")
+class TreePathComponents(keras.layers.Layer):
+    """M components p(z|c), each under one leaf, located at a sum of its ancestors' offsets:
+    mu_c = sum_l TREE_SHRINK^(l-1) delta_l[ancestor_l(c)] (+ TREE_SHRINK^L delta_c when leaves
+    hold several components); scale (and Student-t df) per component."""
+
+    def __init__(self, ancestors, latent_dim, law="normal", **kwargs):
+        super().__init__(**kwargs)
+        self.ancestors = [[int(a) for a in row] for row in ancestors]   # [L, M]: class at each level
+        self.latent_dim = int(latent_dim)
+        self.law = law
+        self.n_components = len(self.ancestors[-1])
+        sizes = [max(row) + 1 for row in self.ancestors]
+        self.offsets = [self.add_weight(shape=(k, self.latent_dim), initializer=keras.initializers.RandomNormal(stddev=1.0),
+                                        name=f"level_{level + 1}_offsets") for level, k in enumerate(sizes)]
+        self.own = None
+        if self.n_components > sizes[-1]:  # several components per leaf: one more offset each
+            self.own = self.add_weight(shape=(self.n_components, self.latent_dim),
+                                       initializer=keras.initializers.RandomNormal(stddev=0.1), name="component_offsets")
+        full = (self.n_components, self.latent_dim)
+        self.raw_scale = self.add_weight(shape=full, initializer=keras.initializers.Constant(_inverse_softplus(1.0)),
+                                         name="raw_scale")
+        if law == "student-t":
+            self.raw_df = self.add_weight(shape=(self.n_components, 1),
+                                          initializer=keras.initializers.Constant(_inverse_softplus(4.0)), name="raw_df")
+
+    @property
+    def loc(self):
+        terms = [TREE_SHRINK ** level * tf.gather(offset, row)
+                 for level, (offset, row) in enumerate(zip(self.offsets, self.ancestors))]
+        if self.own is not None:
+            terms.append(TREE_SHRINK ** len(self.offsets) * self.own)
+        return tf.add_n(terms)
+
+    @property
+    def scale(self):
+        return tf.nn.softplus(self.raw_scale) + 1e-4
+
+    @property
+    def df(self):
+        return 1.0 + tf.nn.softplus(self.raw_df) if self.law == "student-t" else None
+
+    def distribution(self):
+        return component_law(self.law, self.loc, self.scale, self.df)
+
+    def set_from_points(self, latent, component, scales=None):
+        """Set every offset so that each component sits at the mean of its points (a class's offset
+        is its mean minus its parent's mean), and scales at their spread. Components without
+        points keep their leaf's (or parent's) mean plus their current own offset (which also breaks
+        the tie between the components of a leaf). `scales` [M, D] overrides the spreads."""
+        latent = np.asarray(latent, dtype="float64")
+        component = np.asarray(component, dtype=int)
+        parent_means = np.zeros((1, self.latent_dim))  # level-1 offsets are their classes' means
+        parent_of = np.zeros(self.n_components, dtype=int)
+        for level, (offset, row) in enumerate(zip(self.offsets, self.ancestors)):
+            row = np.asarray(row)
+            node_of_point = row[component]
+            k = offset.shape[0]
+            means = np.array([latent[node_of_point == j].mean(axis=0) if (node_of_point == j).any()
+                              else parent_means[parent_of[row == j][0]] for j in range(k)])
+            parents_here = np.array([parent_of[row == j][0] for j in range(k)])
+            offset.assign(((means - parent_means[parents_here]) / TREE_SHRINK ** level).astype("float32"))
+            parent_means, parent_of = means, row
+        spread = np.ones((self.n_components, self.latent_dim)) if scales is None else np.asarray(scales, float)
+        own = None if self.own is None else self.own.numpy().astype("float64")  # empty components keep theirs
+        for c in range(self.n_components):
+            points = latent[component == c]
+            if len(points) > 1 and scales is None:
+                spread[c] = points.std(axis=0)
+            if self.own is not None and len(points):
+                own[c] = (points.mean(axis=0) - parent_means[parent_of[c]]) / TREE_SHRINK ** len(self.offsets)
+        if self.own is not None:
+            self.own.assign(own.astype("float32"))
+        self.raw_scale.assign(np.log(np.expm1(np.clip(spread, 0.05, None))).astype("float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "ancestors": self.ancestors, "latent_dim": self.latent_dim, "law": self.law}
+
+
+# ----------------------------------------------------------------------------------- model
+@keras.saving.register_keras_serializable("scvae_hier")
+class TreeVAE(HierarchicalVAE):
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        if hierarchy is None:
+            raise ValueError("--model tree needs a hierarchy (--hierarchy, --levels, or the data's uns['hierarchy']): "
+                             "its components are the hierarchy's leaves, under their classes.")
+        if options.level_sizes and list(options.level_sizes) != list(hierarchy.sizes):
+            raise ValueError(f"--model tree takes its level sizes from the hierarchy ({hierarchy.sizes}); leave out "
+                             f"--level-sizes, or use --components-per-leaf for more components than leaves.")
+        parents = [hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)]
+        return dict(super().arguments_from(options, hierarchy), parents=parents,
+                    components_per_leaf=options.components_per_leaf,
+                    prior_probabilities=options.prior_probabilities, reseed_epoch=options.reseed_epoch)
+
+    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
+                 prior="normal", prior_probabilities="uniform", reseed_epoch=0, **kwargs):
+        super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
+        check_choice("prior", prior, PRIOR_LAWS)
+        check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
+        self.parents = [[int(p) for p in links] for links in (parents or default_parents(self.level_sizes))]
+        check_parents(self.parents, self.level_sizes)
+        if int(components_per_leaf) < 1:
+            raise ValueError(f"components_per_leaf must be at least 1, got {components_per_leaf}.")
+        self.components_per_leaf = int(components_per_leaf)
+        self.prior_probabilities = prior_probabilities
+        self.reseed_epoch = int(reseed_epoch)
+        n_leaves = self.level_sizes[-1]
+        self.n_components = n_leaves * self.components_per_leaf
+        leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
+        # [L, M]: the class of every component at every level; the last row is its leaf.
+        self.component_ancestors = leaf_ancestors(self.parents, n_leaves)[:, leaf_of_component]
+        self.level_masks = [np.where(row[:, None] == np.arange(k), 0.0, NEGLIGIBLE).astype("float32")
+                            for row, k in zip(self.component_ancestors, self.level_sizes)]   # [M, K_l] each
+        self.z_stack = DenseStack(self.hidden, self.normalisation, name="z_encoder")
+        self.z_head = GaussianHead(self.latent_dim, name="z_head")
+        self.components = TreePathComponents(self.component_ancestors.tolist(), self.latent_dim, prior,
+                                             name="components")
+        self.prior_logits = self.add_weight(shape=(self.n_components,), initializer="zeros",
+                                            trainable=prior_probabilities == "learnable", name="prior_logits")
+        self._init_trackers()
+
+    # ---------------------------------------------------------------- prior and initialisation
+    def log_pc(self):
+        return tf.nn.log_softmax(self.prior_logits)
+
+    def prior(self):
+        """The marginal prior p(z) = sum_c p(c) p(z|c) as a TFP MixtureSameFamily."""
+        return mixture_prior(self.prior_logits, self.components.distribution())
+
+    def prior_sizes(self):
+        return [self.level_sizes[-1]]
+
+    def initialise_prior(self, moments):
+        """PCA + k-means start: the k-means clusters matched to leaves (`match_to_tree`), each
+        leaf's components at its cluster's centre with its cluster's spread."""
+        centres, scales, labels = moments[self.level_sizes[-1]]
+        leaf = match_to_tree(centres, np.bincount(labels, minlength=len(centres)), self.parents, self.seed)
+        self.components.set_from_points(centres, leaf * self.components_per_leaf,
+                                        scales=np.asarray(scales)[np.argsort(leaf)][self.component_ancestors[-1]])
+
+    def reseed(self, latent):
+        """Set components (and learnable p(c)) from a tree-shaped clustering of latent means."""
+        component = tree_clustering(np.asarray(latent), self.parents, self.level_sizes[-1],
+                                    self.components_per_leaf, self.seed)
+        self.components.set_from_points(latent, component)
+        if self.prior_probabilities == "learnable":
+            share = (np.bincount(component, minlength=self.n_components) + 1.0) / (len(component) + self.n_components)
+            self.prior_logits.assign(np.log(share).astype("float32"))
+        return component
+
+    # --------------------------------------------------------------------------- inference
+    def encode(self, x, training=False, covariates=None):
+        """log q(c|x) [B, M] and q(z|x)'s mean and scale [B, D]."""
+        h = self.encoder_input(x, covariates)
+        loc, scale = self.z_head(self.z_stack(h, training=training))
+        return self.component_log_posterior(loc, scale, loc), loc, scale
+
+    def component_log_posterior(self, loc, scale, z):
+        """log q(c|x) = log softmax(log p(c) - KL(q(z|x) || p(z|c))): analytic for Normal
+        components; for Student-t the one-sample KL at z, i.e. the posterior p(c|z)."""
+        kl = self.kl_to_prior(loc[:, None], scale[:, None], z[:, None], self.components.distribution())
+        return tf.nn.log_softmax(self.log_pc() - kl, axis=-1)
+
+    def level_log_marginals(self, log_qc):
+        """log q(y_l|x) for every level: the components under each class summed, [B, K_l] each."""
+        return [tf.reduce_logsumexp(log_qc[:, :, None] + mask, axis=1) for mask in self.level_masks]
+
+    def terms(self, x, training=False, noise=None, covariates=None):
+        covariates = self.check_covariates(covariates)
+        h = self.encoder_input(x, covariates)
+        loc, scale = self.z_head(self.z_stack(h, training=training))                    # [B, D]
+        z = self.reparameterise(loc, scale, noise)
+        # Decoded as [B, 1, D], the shape of the importance samples [B, S, D] (normalisation layers fix their rank).
+        reconstruction = self.decoder.log_prob(x, self.decode(z[:, None], x, covariates, training))  # [B, 1]
+        log_qc = self.component_log_posterior(loc, scale, z)
+        log_pc = self.log_pc()
+        pieces = mixture_terms(log_qc, loc[:, None], scale[:, None], z[:, None], reconstruction,
+                               self.components.distribution(), log_pc)
+        q_levels = self.level_log_marginals(log_qc)
+        p_levels = [m[0] for m in self.level_log_marginals(log_pc[None])]
+        # Chain split of KL(q(c) || p(c)): a class determines its ancestors, so the KL of level l's
+        # marginals is the KL of the path prefix; the within-leaf part goes to the last level.
+        prefix = [tf.reduce_sum(tf.exp(q) * (q - p), axis=-1) for q, p in zip(q_levels, p_levels)]
+        level_kls = [prefix[0]] + [b - a for a, b in zip(prefix, prefix[1:])]
+        level_kls[-1] += pieces["kl_y"] - prefix[-1]
+        return self.combine(pieces["reconstruction"], pieces["kl_z"], pieces["kl_y"], pieces["kl_y"], level_kls,
+                            q_levels, p_levels)
+
+    def uniform_usage_targets(self):
+        """The tree's 'uniform' usage target: every component equally used, so a class's target
+        is its share of the leaves (Stem, one leaf of nine, 1/9; not 1/2)."""
+        uniform = tf.fill((1, self.n_components), -float(np.log(self.n_components)))
+        return [m[0] for m in self.level_log_marginals(uniform)]
+
+    def outputs(self, x, covariates=None):
+        log_qc, loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
+        return {"latent": loc, **{f"level_{l + 1}_probabilities": tf.exp(m)
+                                  for l, m in enumerate(self.level_log_marginals(log_qc))}}
+
+    def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
+        """[S, B] log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x), with p(z) the full mixture over
+        components (c summed out of the prior; q(z|x) has no discrete part)."""
+        covariates = self.check_covariates(covariates)
+        h = self.encoder_input(x, covariates)
+        loc, scale = self.z_head(self.z_stack(h))
+        return mixture_log_weights(self, x, covariates, tf.zeros_like(loc[:, :1]), loc[:, None], scale[:, None],
+                                   self.prior(), n_samples, seed)
+
+    # ---------------------------------------------------------------------------- training
+    def fit(self, x=None, *args, callbacks=None, **kwargs):
+        """Keras fit, plus the re-seeding callback when `reseed_epoch` is set and the training
+        data is a CountBatches (or an array) the callback can read the cells from."""
+        callbacks = list(callbacks or [])
+        if self.reseed_epoch > 0 and not any(isinstance(c, TreeReseeding) for c in callbacks):
+            cells = getattr(x, "X", x)
+            if cells is not None and hasattr(cells, "shape"):
+                callbacks.insert(0, TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epoch, log=print))
+        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "parents": self.parents, "components_per_leaf": self.components_per_leaf,
+                "prior_probabilities": self.prior_probabilities, "reseed_epoch": self.reseed_epoch}
+
+
+class TreeReseeding(keras.callbacks.Callback):
+    """At the start of epoch `epoch`, set TreeVAE's components from a tree-shaped clustering of
+    the training cells' latent means (`TreeVAE.reseed`). A run resumed after that epoch keeps
+    the re-seeded weights from its checkpoint; one resumed at that epoch re-seeds as the
+    uninterrupted run did (same weights, same seed, same k-means)."""
+
+    def __init__(self, cells, covariates=None, epoch=5, batch_size=1024, log=None):
+        super().__init__()
+        self.cells, self.covariates, self.epoch = cells, covariates, int(epoch)
+        self.batch_size, self.log = int(batch_size), log
+        self.assignments = None
+
+    def latent(self):
+        means = []
+        for start in range(0, self.cells.shape[0], self.batch_size):
+            x = self.cells[start:start + self.batch_size]
+            x = tf.constant(x.toarray() if hasattr(x, "toarray") else np.asarray(x), tf.float32)
+            c = None if self.covariates is None else tf.constant(self.covariates[start:start + self.batch_size],
+                                                                 tf.float32)
+            means.append(self.model.encode(x, covariates=self.model.check_covariates(c))[1].numpy())
+        return np.concatenate(means)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.epoch:
+            return
+        self.assignments = self.model.reseed(self.latent())
+        if self.log:
+            used = np.bincount(self.assignments, minlength=self.model.n_components)
+            self.log(f"Re-seeded the tree's components from the latent at epoch {epoch + 1}: cells per component {used.tolist()}.")

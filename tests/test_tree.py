@@ -1,0 +1,237 @@
+"""TreeVAE: the ELBO against a loop over components, level posteriors as sums of leaf posteriors,
+nested predictions, the IWAE against a brute-force log p(x), save/load, gradients, the
+tree matching of clusters to leaves and recovery of a known two-level structure."""
+import itertools
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+from scipy.special import log_softmax, logsumexp
+from sklearn.metrics import adjusted_rand_score
+from test_hierarchical import nested_counts
+from test_models import dense, nb_log_likelihood, softplus, stack_forward
+
+from scvae_hier.hierarchy import Hierarchy
+from scvae_hier.models import model_class
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, leaf_ancestors, match_to_tree, path_predictions,
+                                    tree_clustering)
+from scvae_hier.training import KLWarmUp
+
+RNG = np.random.default_rng(0)
+# The PBMC tree of nine leaves: Stem / Non-stem; CD34, B, NK, T; CD34, B, NK, CD4 T, CD8 T.
+PBMC_PARENTS = [[0, 1, 1, 1], [0, 1, 2, 3, 3], [0, 1, 2, 3, 3, 3, 3, 4, 4]]
+SMALL_PARENTS = [[0, 0, 1], [0, 1, 1, 2, 2]]  # 2 / 3 / 5
+
+
+def small_model(**kwargs):
+    arguments = dict(level_sizes=(2, 3, 5), parents=SMALL_PARENTS, latent_dim=2, hidden=(6, 5), normalisation="none",
+                     input_transform="log1p", prior_probabilities="learnable")
+    return TreeVAE(7, **{**arguments, **kwargs})
+
+
+def by_hand(model, x, noise):
+    """Encoder, components and q(c|x) in numpy."""
+    h = stack_forward(model.z_stack, np.log1p(x))
+    loc, scale = dense(model.z_head.loc, h), softplus(dense(model.z_head.raw_scale, h)) + 1e-4
+    c = model.components
+    offsets = [o.numpy() for o in c.offsets]
+    ancestors = model.component_ancestors
+    mu = sum(0.5 ** l * offsets[l][ancestors[l]] for l in range(len(offsets)))
+    if c.own is not None:
+        mu = mu + 0.5 ** len(offsets) * c.own.numpy()
+    sigma = softplus(c.raw_scale.numpy()) + 1e-4
+    log_pc = log_softmax(model.prior_logits.numpy())
+    return loc, scale, loc + scale * noise, mu, sigma, log_pc
+
+
+@pytest.mark.parametrize("per_leaf", [1, 2])
+def test_elbo_matches_a_loop_over_components_normal(per_leaf):
+    model = small_model(components_per_leaf=per_leaf)
+    model.build()
+    model.prior_logits.assign(RNG.normal(size=model.n_components).astype("float32"))
+    x = RNG.poisson(3.0, size=(4, 7)).astype("float32")
+    noise = RNG.normal(size=(4, 2)).astype("float32")
+    terms = {k: v.numpy() for k, v in model.terms(tf.constant(x), noise=tf.constant(noise)).items()}
+    loc, scale, z, mu, sigma, log_pc = by_hand(model, x, noise)
+    reconstruction = nb_log_likelihood(model, x, z)
+    kls = np.stack([(np.log(sigma[c] / scale) + (scale ** 2 + (loc - mu[c]) ** 2) / (2 * sigma[c] ** 2) - 0.5).sum(-1)
+                    for c in range(model.n_components)], axis=1)                       # a loop over components
+    log_qc = log_softmax(log_pc - kls, axis=1)                                          # the optimal q(c|x)
+    q = np.exp(log_qc)
+    kl_y = (q * (log_qc - log_pc)).sum(1)
+    elbo = reconstruction - (q * kls).sum(1) - kl_y
+    np.testing.assert_allclose(terms["elbo"], elbo, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(terms["kl_y"], kl_y, rtol=1e-4, atol=1e-5)
+    # With the optimal q(c|x) the bound is log sum_c p(c) exp(-KL_c): check that identity too.
+    np.testing.assert_allclose(terms["elbo"], reconstruction + logsumexp(log_pc - kls, axis=1), rtol=1e-4, atol=1e-3)
+    # Per-level KLs split kl_y; the loss is the negative ELBO plus the usage penalty.
+    np.testing.assert_allclose(sum(terms[f"kl_y_{l}"] for l in (1, 2, 3)), kl_y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(terms["loss"], -terms["elbo"] + terms["marginal_usage"], rtol=1e-4, atol=1e-3)
+
+
+def test_student_t_elbo_is_the_marginal_prior_bound():
+    model = small_model(prior="student-t")
+    model.build()
+    x = RNG.poisson(3.0, size=(4, 7)).astype("float32")
+    noise = RNG.normal(size=(4, 2)).astype("float32")
+    terms = {k: v.numpy() for k, v in model.terms(tf.constant(x), noise=tf.constant(noise)).items()}
+    loc, scale, z, mu, sigma, log_pc = by_hand(model, x, noise)
+    df = 1 + softplus(model.components.raw_df.numpy())
+    log_pz = logsumexp(np.stack([log_pc[c] + stats.t.logpdf(z, df[c], mu[c], sigma[c]).sum(-1)
+                                 for c in range(model.n_components)], axis=1), axis=1)
+    elbo = nb_log_likelihood(model, x, z) + log_pz - stats.norm.logpdf(z, loc, scale).sum(-1)
+    np.testing.assert_allclose(terms["elbo"], elbo, rtol=1e-4, atol=1e-3)
+
+
+def test_level_posteriors_are_sums_of_leaf_posteriors_and_predictions_nest():
+    model = small_model(components_per_leaf=3)
+    model.build()
+    model.components.own.assign(RNG.normal(size=(15, 2)).astype("float32") * 3)
+    x = RNG.poisson(3.0, size=(50, 7)).astype("float32")
+    out = {k: v.numpy() for k, v in model.outputs(tf.constant(x)).items()}
+    log_qc = model.encode(tf.constant(x))[0].numpy()
+    ancestors = model.component_ancestors
+    for level, k in enumerate((2, 3, 5)):
+        expected = np.stack([np.exp(log_qc)[:, ancestors[level] == j].sum(1) for j in range(k)], axis=1)
+        np.testing.assert_allclose(out[f"level_{level + 1}_probabilities"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[f"level_{level + 1}_probabilities"].sum(1), 1.0, rtol=1e-5)
+    predictions = path_predictions([out[f"level_{l}_probabilities"] for l in (1, 2, 3)], model.parents)
+    assert (predictions[2] == out["level_3_probabilities"].argmax(1)).all()
+    for level, links in enumerate(model.parents):  # every cell's classes form a path of the tree
+        assert (np.asarray(links)[predictions[level + 1]] == predictions[level]).all()
+
+
+def test_iwae_bounds_and_converges_to_brute_force_log_likelihood():
+    """One latent dimension: log p(x) = log of the integral of p(x|z) p(z) over a fine grid."""
+    model = TreeVAE(3, level_sizes=(2, 3), parents=[[0, 1, 1]], latent_dim=1, hidden=(4,), normalisation="none",
+                    input_transform="log1p", likelihood="poisson")
+    model.build()
+    model.components.offsets[0].assign(np.array([[-1.5], [1.5]], "float32"))
+    # A broad proposal q(z|x) = N(0, 1.5^2) for every cell, so that 20,000 draws cover the posterior.
+    for dense_layer, bias in ((model.z_head.loc, 0.0), (model.z_head.raw_scale, np.log(np.expm1(1.5)))):
+        dense_layer.kernel.assign(np.zeros(dense_layer.kernel.shape, "float32"))
+        dense_layer.bias.assign(np.full(dense_layer.bias.shape, bias, "float32"))
+    x = RNG.poisson(2.0, size=(3, 3)).astype("float32")
+    grid = np.linspace(-12, 12, 4001, dtype="float32")[:, None]
+    log_pz = model.prior().log_prob(grid).numpy()
+    log_px_z = np.stack([model.decoder.log_prob(tf.constant(x[i:i + 1]), model.decode(tf.constant(grid[None]),
+                                                                                       tf.constant(x[i:i + 1])))
+                         .numpy()[0] for i in range(3)])                               # [cells, grid]
+    exact = logsumexp(log_px_z + log_pz, axis=1) + np.log(grid[1, 0] - grid[0, 0])
+    elbo = np.mean([model.terms(tf.constant(x))["elbo"].numpy() for _ in range(200)], axis=0)
+    def iwae(samples, seed):
+        weights = model.log_importance_weights(tf.constant(x), samples, seed=(seed, 2)).numpy()
+        return logsumexp(weights, axis=0) - np.log(samples)
+
+    iwae_10 = np.mean([iwae(10, seed) for seed in range(100)], axis=0)   # its expectation, over draws
+    assert np.all(elbo <= exact + 1e-3) and np.all(iwae_10 <= exact + 0.05) and np.all(iwae_10 >= elbo)
+    np.testing.assert_allclose(iwae(20000, 1), exact, atol=0.05)
+
+
+def test_save_and_load_reproduce_outputs_and_tree(tmp_path):
+    model = small_model(prior="student-t", components_per_leaf=2, normalisation="batch", reseed_epoch=1)
+    model.build()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = RNG.poisson(2.0, size=(40, 7)).astype("float32")
+    model.fit(x, batch_size=8, epochs=2, verbose=0)   # epoch 2 starts with a re-seeding
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded) is TreeVAE and loaded.get_config() == model.get_config()
+    assert loaded.parents == SMALL_PARENTS
+    before, after = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
+    assert set(before) == {"latent", "level_1_probabilities", "level_2_probabilities", "level_3_probabilities"}
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+
+
+def test_gradients_reach_every_weight():
+    model = small_model(prior="student-t", components_per_leaf=2, normalisation="batch")
+    model.build()
+    x = tf.constant(RNG.poisson(2.0, size=(8, 7)).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(model.terms(x, training=True)["loss"])
+    grads = tape.gradient(loss, model.trainable_variables)
+    names = [v.path for v in model.trainable_variables]
+    assert sum("offsets" in n for n in names) == 4 and any("raw_df" in n for n in names)
+    for path, grad in zip(names, grads):
+        assert grad is not None and np.any(tf.convert_to_tensor(grad).numpy() != 0), f"no gradient reaches {path}"
+
+
+def test_match_to_tree_finds_the_tree_of_permuted_clusters():
+    """Leaves placed so that siblings are close; clusters given in a shuffled order must come back
+    to leaves whose classes at every level are the true ones (up to swapping identical subtrees)."""
+    rng = np.random.default_rng(4)
+    ancestors = leaf_ancestors(PBMC_PARENTS, 9)
+    centres = sum(s * rng.normal(size=(k, 6))[row] for s, k, row in zip((8, 4, 2, 1), (2, 4, 5, 9), ancestors))
+    counts = rng.integers(50, 200, size=9).astype(float)
+    for exhaustive in (True, False):
+        order = rng.permutation(9)
+        if exhaustive:
+            leaf = match_to_tree(centres[order], counts[order], PBMC_PARENTS)
+        else:  # the pairwise-swap search used beyond ten leaves
+            from scvae_hier.models import tree
+            limit, tree.EXHAUSTIVE_LEAVES = tree.EXHAUSTIVE_LEAVES, 3
+            try:
+                leaf = match_to_tree(centres[order], counts[order], PBMC_PARENTS)
+            finally:
+                tree.EXHAUSTIVE_LEAVES = limit
+        found = ancestors[:, leaf]                       # class of each shuffled cluster at every level
+        truth = ancestors[:, order]
+        for level in range(3):
+            assert adjusted_rand_score(truth[level], found[level]) == 1.0, (exhaustive, level)
+
+
+def test_tree_clustering_gives_components_in_the_trees_shape():
+    ancestors = leaf_ancestors(SMALL_PARENTS, 5)
+    # Level-1 classes apart on axis 0, level-2 classes within them on axis 1, leaves on axis 2.
+    centres = np.stack([10.0 * ancestors[0], 5.0 * ancestors[1], 2.5 * ancestors[2]], axis=1)
+    truth = np.repeat(np.arange(5), 80)
+    latent = centres[truth] + 0.2 * np.random.default_rng(3).normal(size=(400, 3))
+    component = tree_clustering(latent, SMALL_PARENTS, 5, per_leaf=2)
+    assert component.max() == 9
+    for level in range(3):
+        assert adjusted_rand_score(ancestors[level][truth], ancestors[level][component // 2]) == 1.0
+
+
+def test_arguments_from_hierarchy_and_bad_trees():
+    hierarchy = Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
+    options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
+                              usage_target="uniform", usage_level_weights=None, components_per_leaf=2,
+                              prior_probabilities="uniform", reseed_epoch=3)
+    arguments = TreeVAE.arguments_from(options, hierarchy)
+    assert arguments["parents"] == [[0, 0, 1]] and arguments["level_sizes"] == [2, 3]
+    assert model_class("tree") is TreeVAE
+    with pytest.raises(ValueError, match="needs a hierarchy"):
+        TreeVAE.arguments_from(options, None)
+    with pytest.raises(ValueError, match="no child"):
+        TreeVAE(5, level_sizes=(3, 4), parents=[[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="a parent in 0..1"):
+        TreeVAE(5, level_sizes=(2, 3), parents=[[0, 2, 1]])
+
+
+def test_reseeding_callback_sets_components_at_the_given_epoch():
+    x, top, leaf = nested_counts(n_per_leaf=40)
+    model = TreeVAE(x.shape[1], level_sizes=(2, 4), parents=[[0, 0, 1, 1]], latent_dim=2, hidden=(8,))
+    model.build()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    callback = TreeReseeding(x, None, epoch=1)
+    model.fit(x, batch_size=40, epochs=2, verbose=0, callbacks=[callback])
+    assert callback.assignments is not None and len(callback.assignments) == len(x)
+
+
+def test_recovers_both_levels_of_a_known_nested_structure():
+    x, top, leaf = nested_counts()
+    order = np.random.default_rng(1).permutation(len(x))
+    keras.utils.set_random_seed(0)
+    model = TreeVAE(x.shape[1], level_sizes=(2, 4), parents=[[0, 0, 1, 1]], latent_dim=4, hidden=(32, 32),
+                    reseed_epoch=5)
+    model.build()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(x[order], batch_size=64, epochs=25, verbose=0, callbacks=[KLWarmUp(5)])
+    out = model.predict(x, verbose=0)
+    predictions = path_predictions([out["level_1_probabilities"], out["level_2_probabilities"]], model.parents)
+    assert adjusted_rand_score(top, predictions[0]) > 0.9
+    assert adjusted_rand_score(leaf, predictions[1]) > 0.9
