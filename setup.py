@@ -31,7 +31,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["scvae_hier", "scvae_hier.*", "analyses", "analyses.*"]),
+    packages=find_packages(include=["scvae_hier", "scvae_hier.*"]),
     install_requires=REQUIREMENTS,
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["scvae-hier=scvae_hier.cli:main"]},

@@ -5,7 +5,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from .options import TrainOptions
-from .run_evaluation import DEFAULT_IWAE_SAMPLES, SETS
+from .choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS
 
 
 def _add_options(parser, dataclass):
@@ -106,7 +106,7 @@ def _progress(done, total):
 
 
 def run_evaluate(args) -> int:
-    from .run_evaluation import evaluate_run, format_evaluation, write_evaluation
+    from .analysis.evaluate import evaluate_run, format_evaluation, write_evaluation
 
     evaluation = evaluate_run(args.run, data=args.data, subset=args.subset, iwae_samples=args.iwae_samples,
                               batch_size=args.batch_size, seed=args.seed,
@@ -118,7 +118,7 @@ def run_evaluate(args) -> int:
 
 
 def run_analyse(args) -> int:
-    from analyses.report import analyse
+    from .analysis.report import analyse
 
     analyse(args.runs, scvae=args.scvae, output=args.output, level=args.level, subset=args.subset,
             iwae_samples=args.iwae_samples, embedding=args.embedding, figures=args.figures)
@@ -126,7 +126,7 @@ def run_analyse(args) -> int:
 
 
 def run_experiment(args) -> int:
-    from analyses.experiment import run_experiment as run
+    from .analysis.experiment import run_experiment as run
 
     run(args.config, only_folds=args.folds)
     return 0

@@ -3,6 +3,7 @@
 Everything here works on scipy CSR matrices of raw UMI counts (cells x genes) so that the
 whole matrix is never densified; models see dense float32 minibatches only.
 """
+from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import copy
 import hashlib
 from pathlib import Path

@@ -5,12 +5,10 @@ option documented here is an option the CLI has and a run remembers.
 """
 from dataclasses import asdict, dataclass, field, fields
 
-from .distributions import LIKELIHOODS, PRIOR_LAWS
+from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
+                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, PRIOR_LAWS, PRIOR_PROBABILITIES,
+                      TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
-from .models.base import INPUT_TRANSFORMS, LIBRARY_SIZES
-from .models.layers import DISPERSIONS, NORMALISATIONS
-from .models.mixture import PRIOR_PROBABILITIES
-from .models.momix import INFERENCE_MODES, TRANSITIONS
 
 
 def option(default, help, choices=None, **extra):
@@ -41,16 +39,16 @@ class TrainOptions:
     marginal_usage: float = option(1.0, "Weight of the marginal-usage KL (hierarchical models); constant for the "
                                    "first half of --epochs, then cosine-annealed to 10%%.")
     usage_target: str = option("uniform", "Target of the marginal-usage KL: uniform, or the model's own p(y_l) "
-                               "(the poster's; it collapses with a learnable prior).", ["uniform", "prior"])
+                               "(the poster's; it collapses with a learnable prior).", list(USAGE_TARGETS))
     component_means: str = option("tree", "MoMixVAE component locations: tree (a sum of per-level class offsets, "
                                   "halved per level, so coarse classes are latent regions) or path (one free "
-                                  "location per path, the poster's).", ["tree", "path"])
+                                  "location per path, the poster's).", list(COMPONENT_MEANS))
     init: str = option("random", "Prior initialisation: random, or pca-kmeans (k-means on a PCA of "
                        "log-normalised counts; it lowered clustering on synthetic data but raised level-4 ARI on "
-                       "PBMC validation cells, see analyses/tuning/NOTES.md).", ["random", "pca-kmeans"])
+                       "PBMC validation cells, see analyses/tuning/NOTES.md).", list(INITIALISATIONS))
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
     prior_probabilities: str = option("uniform", "p(y): fixed uniform or learned.", list(PRIOR_PROBABILITIES))
-    likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOODS))
+    likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOOD_NAMES))
     latent_dim: int = option(20, "Dimension of the latent z.")
     hidden: tuple = option((100, 100), "Hidden layer sizes of encoders (decoder mirrors them).", nargs="+", type=int)
     normalisation: str = option("batch", "Normalisation after each hidden layer (scVAE uses batch).",
@@ -68,6 +66,12 @@ class TrainOptions:
     usage_level_weights: tuple = option(None, "Per-level multipliers of the marginal-usage KL (coarse to fine; "
                                         "default 1 each): small at coarse levels lets unbalanced classes be "
                                         "unbalanced, large at fine levels fights collapse.", nargs="+", type=float)
+    # -- TreeVAE options
+    components_per_leaf: int = option(1, "TreeVAE: prior components per finest-level class (more than one lets a "
+                                      "leaf be a union of latent clusters; its posterior is their sum).")
+    reseed_epoch: int = option(5, "TreeVAE: at the start of this epoch (counted from 0; 0 = never), set the "
+                               "components from a clustering of the training cells' latent means, matched to the "
+                               "hierarchy's leaves so that its classes are compact.")
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")

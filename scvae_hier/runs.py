@@ -1,6 +1,7 @@
 """Run folders: where a trained model, its configuration, history and per-cell outputs live,
 and `load_model`, which reads a model back with clear errors for missing, corrupt or
 wrong-version files."""
+from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import json
 import os
 import zipfile
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import keras
 
-from . import models  # noqa: F401  (registers the model classes with Keras)
+from .models import register_all
 from .models.base import FORMAT_VERSION
 
 
@@ -96,6 +97,7 @@ def load_model(run_or_file):
                                 f"or its model.keras file.")
     _check_model_file(path)
     try:
+        register_all()
         return keras.saving.load_model(path)
     except Exception as error:  # Keras raises many types for damaged archives
         raise ModelFileError(f"Could not load {path}: {error}. Retrain, or resume the run from its checkpoint.") from error

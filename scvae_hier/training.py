@@ -1,5 +1,6 @@
 """Training: KL warm-up, resumable early stopping and checkpoints, and the `train` pipeline that
 turns options into a finished run folder."""
+from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import csv
 import json
 import math
@@ -16,7 +17,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
                    split_cells)
 from .hierarchy import Hierarchy
 from .initialisation import initialise_prior
-from .models import IndMoMVAE, MixtureVAE, MoMixVAE, model_class
+from .models import model_class
 from .options import TrainOptions
 from .runs import RunDirectory, save_model_atomically, write_json
 from .outputs import write_outputs
@@ -139,30 +140,10 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
                      input_transform=options.input_transform, library_size=options.library_size,
                      dispersion=options.dispersion,
                      covariates=list(covariates), seed=options.seed)
-    cls = model_class(options.model)
-    if cls is MixtureVAE:
-        n_components = options.n_components or (hierarchy.sizes[-1] if hierarchy else None)
-        if not n_components:
-            raise DataError("The mixture needs a number of components: pass --n-components, or a hierarchy "
-                            "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
-        arguments.update(n_components=n_components, prior=options.prior,
-                         prior_probabilities=options.prior_probabilities)
-    elif cls in (IndMoMVAE, MoMixVAE):
-        if hierarchy is None and not options.level_sizes:
-            raise DataError(f"--model {options.model} needs a hierarchy (--hierarchy, --levels, or the data's "
-                            f"uns['hierarchy']) or --level-sizes.")
-        sizes = list(options.level_sizes or hierarchy.sizes)
-        if hierarchy is not None and len(sizes) != hierarchy.n_levels:
-            raise DataError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
-                            f"({', '.join(hierarchy.levels)}); give one size per level.")
-        arguments.update(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
-                         usage_target=options.usage_target,
-                         usage_level_weights=list(options.usage_level_weights) if options.usage_level_weights else None)
-        if cls is MoMixVAE:
-            arguments.update(inference=options.inference, transitions=options.transitions,
-                             component_means=options.component_means)
-        else:
-            arguments.update(prior_probabilities=options.prior_probabilities)
+    try:
+        arguments.update(model_class(options.model).arguments_from(options, hierarchy))
+    except ValueError as error:
+        raise DataError(str(error)) from None
     return arguments
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score, f1_score
 
-from analyses.scvae_runs import read_scvae_run
+from scvae_hier.analysis.scvae_runs import read_scvae_run
 from scvae_hier.cli import main
 from scvae_hier.hierarchy import Hierarchy
 
@@ -155,7 +155,7 @@ def test_analyse_compares_runs_with_original_scvae_on_the_same_cells(runs, tmp_p
         assert row["ari"] == pytest.approx(adjusted_rand_score(truth[:, i], clusters))
         assert row["n_cells"] == cells.n_obs
     # Weighted F1 with the Hungarian matching, recomputed with sklearn on the matched labels.
-    from analyses.metrics import hungarian_mapping
+    from scvae_hier.analysis.metrics import hungarian_mapping
     mapping = hungarian_mapping(truth[:, 3], clusters)
     mapped = np.array([mapping.get(c, "unmatched") for c in clusters])
     assert first[first["level"] == "level_4"].iloc[0]["f1_weighted"] == pytest.approx(

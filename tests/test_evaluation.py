@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import tensorflow as tf
 
 from scvae_hier.distributions import mixture_prior
-from scvae_hier.evaluation import check_genes, elbo_terms, iwae
+from scvae_hier.bounds import check_genes, elbo_terms, iwae
 from scvae_hier.models import VAE, IndMoMVAE, MixtureVAE, MoMixVAE
 
 G = 6

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analyses.experiment import ExperimentError, planned_runs, read_config
+from scvae_hier.analysis.experiment import ExperimentError, planned_runs, read_config
 from scvae_hier.cli import main
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference" / "analyses_s0_model"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import silhouette_score
 
-from analyses.figures import (aligned_names, confusion_matrices, figures_for_run, hierarchy_matrix,
+from scvae_hier.analysis.figures import (aligned_names, confusion_matrices, figures_for_run, hierarchy_matrix,
                               latent_embedding, learning_curves, true_vs_predicted)
 from scvae_hier.hierarchy import Hierarchy
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from analyses.scvae_runs import (ScvaeRunError, find_scvae_runs, parse_metrics_log,
+from scvae_hier.analysis.scvae_runs import (ScvaeRunError, find_scvae_runs, parse_metrics_log,
                                  parse_prediction_log, read_scvae_run, scvae_level_scores)
 from scvae_hier.hierarchy import Hierarchy
 

@@ -11,9 +11,9 @@ import tensorflow as tf
 from sklearn.metrics import adjusted_rand_score as ari
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from analyses.metrics import hierarchy_consistency  # noqa: E402
+from scvae_hier.analysis.metrics import hierarchy_consistency  # noqa: E402
 from scvae_hier.data import batch_covariates  # noqa: E402
-from scvae_hier.run_evaluation import load_cells  # noqa: E402
+from scvae_hier.analysis.evaluate import load_cells  # noqa: E402
 from scvae_hier.runs import RunDirectory, load_model  # noqa: E402
 
 for path in sys.argv[1:]:

@@ -4,37 +4,43 @@ noise sampling, loss trackers and the Keras train/test steps.
 A model subclass only says how to compute its per-cell terms (`terms`) and its outputs
 (`outputs`); fitting, progress bars, callbacks and `.keras` saving come from Keras.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from .. import __version__
-from .layers import NORMALISATIONS, CountDecoder
+from ..choices import INPUT_TRANSFORMS, LIBRARY_SIZES, NORMALISATIONS, check_choice
+from .layers import CountDecoder
 
 tfd = tfp.distributions
 
 FORMAT_VERSION = 1  # bump when saved models stop loading into the new code
-INPUT_TRANSFORMS = ("log1p", "none", "normalised_log1p")
-LIBRARY_SIZES = ("none", "observed")
 NORMALISED_TOTAL = 1e4  # normalised_log1p: counts scaled to this total before log1p (Seurat's scale)
 
 
 class BaseVAE(keras.Model):
-    """Shared machinery; subclasses define `term_names`, `terms()` and `outputs()`."""
+    """Shared machinery and the contract every model fulfils.
+
+    A new model is one file defining a subclass plus one line in `models.MODELS`. It sets
+    `term_names` and `clustering`, and implements `arguments_from` (its own constructor arguments
+    from the training options and hierarchy), `encode`, `terms`, `outputs` and
+    `log_importance_weights`; fitting, progress bars, callbacks and `.keras` saving come from Keras.
+    """
 
     term_names = ("loss", "elbo", "reconstruction", "kl_z")
+    # What `outputs` holds besides "latent": "none" (no clusters), "flat" (one clustering,
+    # "cluster_probabilities") or "levels" (one per hierarchy level, "level_<l>_probabilities").
+    clustering = "none"
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
                  normalisation="batch", input_transform="none", library_size="none", covariates=(),
                  dispersion="cell", seed=0,
                  format_version=FORMAT_VERSION, package_version=__version__, **kwargs):
         super().__init__(**kwargs)
-        if library_size not in LIBRARY_SIZES:
-            raise ValueError(f"Unknown library size {library_size!r}; choose one of {LIBRARY_SIZES}.")
-        if input_transform not in INPUT_TRANSFORMS:
-            raise ValueError(f"Unknown input transform {input_transform!r}; choose one of {INPUT_TRANSFORMS}.")
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"Unknown normalisation {normalisation!r}; choose one of {NORMALISATIONS}.")
+        check_choice("library size", library_size, LIBRARY_SIZES)
+        check_choice("input transform", input_transform, INPUT_TRANSFORMS)
+        check_choice("normalisation", normalisation, NORMALISATIONS)
         if int(format_version) != FORMAT_VERSION:
             raise ValueError(
                 f"This model was saved in scvae-hier model format {format_version} (package {package_version}); "
@@ -131,6 +137,21 @@ class BaseVAE(keras.Model):
         """Set prior components from {K: (centres [K, D], scales [K, D], assignments [n])}."""
 
     # --------------------------------------------------------------------- subclass contract
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        """This model's own constructor arguments (beyond the shared ones) from the training
+        options and the hierarchy (None without labels). Raise ValueError naming the fix."""
+        return {}
+
+    def encode(self, x, training=False, covariates=None):
+        """The posterior's parameters for a batch of counts (model-specific structure)."""
+        raise NotImplementedError
+
+    def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
+        """[S, B] log p(x, z_s) - log q(z_s|x) for S stateless draws z_s ~ q(z|x), every discrete
+        variable summed out of both, so that log-mean-exp over S bounds log p(x) (the IWAE)."""
+        raise NotImplementedError
+
     def terms(self, x, training=False, noise=None, covariates=None):
         """Per-cell loss terms (dict of [B] tensors, or scalars for batch-level terms)."""
         raise NotImplementedError

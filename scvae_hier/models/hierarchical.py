@@ -11,15 +11,29 @@ no penalty), comparable across models.
 import keras
 import tensorflow as tf
 
+from ..choices import USAGE_TARGETS, check_choice
 from .base import BaseVAE
 from .paths import perplexity, usage_kl
 
 
-USAGE_TARGETS = ("uniform", "prior")
-
 
 class HierarchicalVAE(BaseVAE):
     """Base for IndMoMVAE and MoMixVAE: one clustering per hierarchy level."""
+
+    clustering = "levels"
+
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        if hierarchy is None and not options.level_sizes:
+            raise ValueError(f"--model {options.model} needs a hierarchy (--hierarchy, --levels, or the data's "
+                             f"uns['hierarchy']) or --level-sizes.")
+        sizes = list(options.level_sizes or hierarchy.sizes)
+        if hierarchy is not None and len(sizes) != hierarchy.n_levels:
+            raise ValueError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
+                             f"({', '.join(hierarchy.levels)}); give one size per level.")
+        weights = list(options.usage_level_weights) if options.usage_level_weights else None
+        return dict(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
+                    usage_target=options.usage_target, usage_level_weights=weights)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, usage_target="uniform",
                  usage_level_weights=None, **kwargs):
@@ -31,8 +45,7 @@ class HierarchicalVAE(BaseVAE):
         if single:
             raise ValueError(f"Level(s) {single} have fewer than 2 classes ({sizes}); a level with one class "
                              f"carries no clustering. Drop it from the hierarchy or use --level-sizes.")
-        if usage_target not in USAGE_TARGETS:
-            raise ValueError(f"Unknown usage target {usage_target!r}; choose one of {USAGE_TARGETS}.")
+        check_choice("usage target", usage_target, USAGE_TARGETS)
         self.usage_target = usage_target
         # Per-level multipliers of the usage KL: a uniform target is wrong for coarse levels whose
         # true classes are unbalanced (Stem is 9% of the cells), but needed against collapse at fine ones.
@@ -57,7 +70,7 @@ class HierarchicalVAE(BaseVAE):
         """Per-cell loss and reported terms from per-level pieces. `kl_y` enters the reported
         ELBO, `kl_y_objective` the loss (e.g. the level-averaged KL of MoMixVAE)."""
         if self.usage_target == "uniform":  # a learnable p(y_l) can collapse together with q
-            log_p_marginals = [-tf.math.log(float(k)) + tf.zeros((k,)) for k in self.level_sizes]
+            log_p_marginals = self.uniform_usage_targets()
         usage = tf.add_n([w * usage_kl(q, p)
                           for w, q, p in zip(self.usage_level_weights, log_q_marginals, log_p_marginals)])
         loss = -reconstruction + self.kl_weight * (kl_z + kl_y_objective) + self.usage_weight * usage
@@ -67,6 +80,10 @@ class HierarchicalVAE(BaseVAE):
             terms[f"kl_y_{level}"] = kl
             terms[f"components_used_{level}"] = perplexity(q)
         return terms
+
+    def uniform_usage_targets(self):
+        """log targets [K_l] per level of the usage KL with usage_target="uniform": every class alike."""
+        return [-tf.math.log(float(k)) + tf.zeros((k,)) for k in self.level_sizes]
 
     def get_config(self):
         return {**super().get_config(), "level_sizes": list(self.level_sizes), "prior": self.prior_law,

@@ -9,20 +9,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import PRIOR_LAWS, mixture_prior
+from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..distributions import mixture_prior
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
-from .mixture import PRIOR_PROBABILITIES, mixture_log_weights, mixture_terms
+from .mixture import mixture_log_weights, mixture_terms
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
 class IndMoMVAE(HierarchicalVAE):
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        return dict(super().arguments_from(options, hierarchy), prior_probabilities=options.prior_probabilities)
+
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", prior_probabilities="uniform", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
-        if prior not in PRIOR_LAWS:
-            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
-        if prior_probabilities not in PRIOR_PROBABILITIES:
-            raise ValueError(f"Unknown prior probabilities {prior_probabilities!r}; choose {PRIOR_PROBABILITIES}.")
+        check_choice("prior", prior, PRIOR_LAWS)
+        check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
         self.prior_probabilities = prior_probabilities
         self.trunk = DenseStack(self.hidden[:1], self.normalisation, name="trunk")
         branch_units = self.hidden[1:] or self.hidden[:1]

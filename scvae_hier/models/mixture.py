@@ -9,24 +9,30 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from ..distributions import PRIOR_LAWS, mixture_prior
+from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..distributions import mixture_prior
 from .base import BaseVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .paths import perplexity
-
-PRIOR_PROBABILITIES = ("uniform", "learnable")
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
 class MixtureVAE(BaseVAE):
     term_names = ("loss", "elbo", "reconstruction", "kl_z", "kl_y", "components_used")
+    clustering = "flat"
+
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        n_components = options.n_components or (hierarchy.sizes[-1] if hierarchy else None)
+        if not n_components:
+            raise ValueError("The mixture needs a number of components: pass --n-components, or a hierarchy "
+                             "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
+        return dict(n_components=n_components, prior=options.prior, prior_probabilities=options.prior_probabilities)
 
     def __init__(self, n_genes, n_components=10, prior="normal", prior_probabilities="uniform", **kwargs):
         super().__init__(n_genes, **kwargs)
-        if prior not in PRIOR_LAWS:
-            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
-        if prior_probabilities not in PRIOR_PROBABILITIES:
-            raise ValueError(f"Unknown prior probabilities {prior_probabilities!r}; choose {PRIOR_PROBABILITIES}.")
+        check_choice("prior", prior, PRIOR_LAWS)
+        check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
         if int(n_components) < 2:
             raise ValueError(f"A mixture needs at least 2 components, got {n_components}.")
         self.n_components = int(n_components)

@@ -17,27 +17,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import PRIOR_LAWS
+from ..choices import INFERENCE_MODES, PRIOR_LAWS, TRANSITIONS, check_choice
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, NestedPrior
 from .mixture import mixture_log_weights
 from .paths import chain, level_kls, level_marginals, n_paths
 
-INFERENCE_MODES = ("exact", "scalable")
-TRANSITIONS = ("learnable", "uniform")
-
 
 @keras.saving.register_keras_serializable("scvae_hier")
 class MoMixVAE(HierarchicalVAE):
+    @classmethod
+    def arguments_from(cls, options, hierarchy) -> dict:
+        return dict(super().arguments_from(options, hierarchy), inference=options.inference,
+                    transitions=options.transitions, component_means=options.component_means)
+
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", inference="scalable",
                  transitions="learnable", component_means="tree", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
-        if prior not in PRIOR_LAWS:
-            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_LAWS}.")
-        if inference not in INFERENCE_MODES:
-            raise ValueError(f"Unknown inference mode {inference!r}; choose one of {INFERENCE_MODES}.")
-        if transitions not in TRANSITIONS:
-            raise ValueError(f"Unknown transitions {transitions!r}; choose one of {TRANSITIONS}.")
+        check_choice("prior", prior, PRIOR_LAWS)
+        check_choice("inference mode", inference, INFERENCE_MODES)
+        check_choice("transitions", transitions, TRANSITIONS)
         self.inference = inference
         self.transitions = transitions
         self.component_means = component_means

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from analyses.metrics import hungarian_mapping  # noqa: E402
+from .metrics import hungarian_mapping  # noqa: E402
 
 DPI = 120
 
@@ -259,7 +259,7 @@ def figures_for_run(run_folder, out_folder=None, method="umap", progress=print):
 
     import anndata as ad
 
-    from scvae_hier.hierarchy import Hierarchy
+    from ..hierarchy import Hierarchy
 
     run_folder = Path(run_folder)
     out = Path(out_folder) if out_folder is not None else run_folder / "figures"

@@ -1,5 +1,6 @@
 """Held-out evaluation of a trained model: the ELBO with its terms, and the importance-weighted
 bound (IWAE), which is tighter and approaches log p(x) as the number of samples grows."""
+from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import numpy as np
 import tensorflow as tf
 

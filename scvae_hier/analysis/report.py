@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from analyses import compare
-from analyses.figures import figures_for_run
-from scvae_hier.hierarchy import Hierarchy
-from scvae_hier.run_evaluation import (COLUMNS, DEFAULT_IWAE_SAMPLES, evaluate_run, read_evaluation,
+from . import compare
+from .figures import figures_for_run
+from ..hierarchy import Hierarchy
+from .evaluate import (COLUMNS, DEFAULT_IWAE_SAMPLES, evaluate_run, read_evaluation,
                                        write_evaluation)
-from scvae_hier.runs import RunDirectory
+from ..runs import RunDirectory
 
 FIGURE_NOTES = {
     "true_vs_predicted.png": "Figure 2: true classes (top) and predicted clusters, Hungarian-matched to class "

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analyses import compare
-from analyses.report import comparison_report, slug
-from scvae_hier.options import TrainOptions
-from scvae_hier.run_evaluation import evaluate_run, read_evaluation, write_evaluation
-from scvae_hier.runs import RunDirectory
-from scvae_hier.training import train
+from . import compare
+from .report import comparison_report, slug
+from ..options import TrainOptions
+from .evaluate import evaluate_run, read_evaluation, write_evaluation
+from ..runs import RunDirectory
+from ..training import train
 
 # The poster's level-4 table (DESIGN §7, read off its Figure 1).
 POSTER = {"MixtureVAE Normal": (0.40, 0.36, -765), "MixtureVAE Student-t": (0.40, 0.34, -710),

@@ -5,7 +5,7 @@ another count file with the model's genes) it computes the ELBO with each of its
 IWAE bound, and per-level clustering scores, and writes them with an AnnData of those cells into
 RUN/evaluation/<name>/:
 - bounds.json: mean ELBO terms and IWAE, their standard errors, cells, samples, data checksum;
-- level_metrics.json / level_metrics.csv: one row per hierarchy level (analyses.metrics);
+- level_metrics.json / level_metrics.csv: one row per hierarchy level (scvae_hier.analysis.metrics);
 - cells.h5ad: the evaluated cells (raw counts of the model's genes in X) with the keys of
   outputs.h5ad (see scvae_hier.outputs), per-cell obs["scvae_elbo"] and obs["scvae_iwae"], and
   uns["scvae_evaluation"] holding bounds and per-level scores.
@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import DataError, batch_covariates, file_checksum, prepare, read_counts
-from .evaluation import check_genes, elbo_terms, iwae
-from .hierarchy import Hierarchy
-from .outputs import annotate, level_names, predict_outputs
-from .runs import RunDirectory, load_model, write_json
-
-SETS = ("test", "validation", "train", "all")
-DEFAULT_IWAE_SAMPLES = 100
+from ..bounds import check_genes, elbo_terms, iwae
+from ..choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, check_choice
+from ..data import DataError, batch_covariates, file_checksum, prepare, read_counts
+from ..hierarchy import Hierarchy
+from ..outputs import annotate, level_names, predict_outputs
+from ..runs import RunDirectory, load_model, write_json
 
 
 @dataclass
@@ -65,8 +63,7 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     same_file = file_checksum(path) == config["data_checksum"]
     if subset is None:
         subset = "test" if same_file else "all"
-    if subset not in SETS:
-        raise ValueError(f"Unknown set {subset!r}; choose one of {', '.join(SETS)}.")
+    check_choice("set", subset, SETS)
     if not same_file and subset != "all":
         raise DataError(f"{path} is not the file the run was trained on, so the run's {subset} cells are not "
                         f"defined in it; evaluate it as a whole with --set all (the default for other files).")
@@ -108,7 +105,7 @@ def _mean_and_error(values) -> dict:
 
 def level_table(hierarchy, labels, clusters_by_level, flat: bool) -> pd.DataFrame:
     """Per-level scores, with each level's per-class F1 in attrs (level 1's stem class, say)."""
-    from analyses.metrics import hungarian_f1, level_scores
+    from .metrics import hungarian_f1, level_scores
 
     table = level_scores(hierarchy, labels, clusters_by_level[0] if flat else clusters_by_level)
     truth = hierarchy.level_labels(labels)
@@ -161,7 +158,7 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
 
 def write_evaluation(evaluation: Evaluation) -> list:
     """Write bounds.json, level_metrics.{json,csv} and cells.h5ad; return their paths."""
-    from analyses.metrics import write_scores
+    from .metrics import write_scores
 
     folder = evaluation.folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from analyses.scvae_runs import ScvaeRunError, read_scvae_run, scvae_level_scores  # noqa: E402
+from .scvae_runs import ScvaeRunError, read_scvae_run, scvae_level_scores  # noqa: E402
 
 SCORES = ["ari", "nmi", "ami", "f1_weighted", "f1_macro", "accuracy_hungarian", "accuracy_majority",
           "n_clusters_used"]

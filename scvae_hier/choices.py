@@ -1,0 +1,27 @@
+"""Every named choice a user can make, and the one function that checks them.
+
+Kept free of TensorFlow so that the command line can list choices (`scvae-hier --help`) without
+loading it; the models and laws import their names from here.
+"""
+
+LIKELIHOOD_NAMES = ("negative_binomial", "poisson", "zero_inflated_negative_binomial", "zero_inflated_poisson")
+PRIOR_LAWS = ("normal", "student-t")
+PRIOR_PROBABILITIES = ("uniform", "learnable")
+INPUT_TRANSFORMS = ("log1p", "none", "normalised_log1p")
+LIBRARY_SIZES = ("none", "observed")
+NORMALISATIONS = ("batch", "layer", "none")
+DISPERSIONS = ("cell", "gene")
+INFERENCE_MODES = ("exact", "scalable")
+TRANSITIONS = ("learnable", "uniform")
+USAGE_TARGETS = ("uniform", "prior")
+COMPONENT_MEANS = ("tree", "path")
+INITIALISATIONS = ("random", "pca-kmeans")
+EVALUATION_SETS = ("test", "validation", "train", "all")
+DEFAULT_IWAE_SAMPLES = 100  # importance samples per cell of `evaluate` (the poster used 500)
+
+
+def check_choice(what: str, value, choices) -> str:
+    """Return `value` if it is one of `choices`, else raise a ValueError that lists them."""
+    if value not in choices:
+        raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}.")
+    return value
