@@ -26,7 +26,7 @@ REQUIREMENTS = [
 
 setup(
     name="scvae-hier",
-    version="0.1.0",
+    version="0.2.0",
     description="scVAE-style variational auto-encoders with cell-type-hierarchy priors",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

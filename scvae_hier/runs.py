@@ -87,6 +87,12 @@ def _check_model_file(path: Path):
             f"or retrain the model with this one.")
 
 
+def load_checkpoint(path):
+    """A training checkpoint (model and optimizer state) written by this installation."""
+    register_all()
+    return keras.saving.load_model(path)
+
+
 def load_model(run_or_file):
     """Load a trained model from a run folder or a `.keras` file."""
     path = Path(run_or_file)

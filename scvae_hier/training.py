@@ -7,6 +7,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -19,8 +20,9 @@ from .hierarchy import Hierarchy
 from .initialisation import initialise_prior
 from .models import model_class
 from .options import TrainOptions
-from .runs import RunDirectory, save_model_atomically, write_json
-from .outputs import write_outputs
+from .runs import RunDirectory, load_checkpoint, save_model_atomically, write_json
+from .metrics import hungarian_mapping
+from .outputs import predict_outputs, write_outputs
 
 PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
 
@@ -57,18 +59,20 @@ class MarginalUsageSchedule(keras.callbacks.Callback):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """Early stopping on the (beta-free) ELBO, checkpoints and history, all resumable.
+    """Early stopping on the (beta-free) ELBO, with the best weights restored at the end.
 
-    After every epoch it writes the model with its optimizer state, the best weights so far, the
-    history and the early-stopping counters, so `--resume` continues exactly where it stopped.
+    With a run folder it writes, after every epoch, the model with its optimizer state, the best
+    weights so far, the history and the early-stopping counters, so `--resume` continues exactly
+    where it stopped; without one (the Python API) it keeps the best weights in memory.
     Epochs before the end of warm-up never count as best: their loss is not the full objective.
     """
 
-    def __init__(self, run: RunDirectory, monitor: str, patience: int, first_epoch: int, state=None, log=print):
+    def __init__(self, run, monitor: str, patience: int, first_epoch: int, state=None, log=print):
         super().__init__()
         self.run, self.monitor, self.patience, self.first_epoch = run, monitor, int(patience), int(first_epoch)
         self.state = state or {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "history": []}
         self.log = log
+        self.best_weights = None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -77,20 +81,31 @@ class TrainingState(keras.callbacks.Callback):
             value = logs[self.monitor]
             if self.state["best"] is None or value > self.state["best"]:
                 self.state.update(best=value, best_epoch=epoch, wait=0)
-                self.model.save_weights(self.run.checkpoint_best)
+                if self.run is None:
+                    self.best_weights = self.model.get_weights()
+                else:
+                    self.model.save_weights(self.run.checkpoint_best)
             else:
                 self.state["wait"] += 1
         self.state["epoch"] = epoch
-        write_history(self.run.history, self.state["history"])
-        save_model_atomically(self.model, self.run.checkpoint_model)
-        write_json(self.run.checkpoint_state, self.state)
+        if self.run is not None:
+            write_history(self.run.history, self.state["history"])
+            save_model_atomically(self.model, self.run.checkpoint_model)
+            write_json(self.run.checkpoint_state, self.state)
         if self.state["wait"] >= self.patience:
             self.log(f"Early stopping: {self.monitor} has not improved for {self.patience} epochs "
                      f"(best {self.state['best']:.3f} at epoch {self.state['best_epoch'] + 1}).")
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        if self.state["best_epoch"] is not None and self.run.checkpoint_best.exists():
+        self.restore_best()
+
+    def restore_best(self):
+        if self.state["best_epoch"] is None:
+            return
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        elif self.run is not None and self.run.checkpoint_best.exists():
             self.model.load_weights(self.run.checkpoint_best)
 
 
@@ -168,6 +183,120 @@ def _prepare_folder(run: RunDirectory, options: TrainOptions):
     return None
 
 
+@dataclass
+class Cells:
+    """The modelled cells: checked counts of the model's genes (CSR, in `adata.X`), their obs, the
+    hierarchy restricted to their labels, and one-hot batch covariates with their categories."""
+    adata: object
+    hierarchy: object = None
+    covariates: np.ndarray = None
+    categories: list = field(default_factory=list)
+
+
+def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
+    """Check and subset `adata` (counts in X) as the options say: the shared first step of the
+    command line and the Python API."""
+    label_column = hierarchy.label_column if hierarchy else None
+    prepared = prepare(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
+                       exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells)
+    if hierarchy is not None:
+        labels = prepared.obs[label_column].astype(str).to_numpy()
+        hierarchy.validate(labels)
+        hierarchy = hierarchy.restrict(labels)
+    covariates, categories = batch_covariates(prepared.obs, options.batch_key)
+    return Cells(prepared, hierarchy, covariates, categories)
+
+
+def make_split(cells: Cells, options: TrainOptions) -> np.ndarray:
+    n = cells.adata.n_obs
+    if options.folds:
+        return fold_cells(n, options.folds, options.fold, options.split[1], options.seed)
+    return split_cells(n, tuple(options.split), options.seed)
+
+
+def model_metadata(cells: Cells, options: TrainOptions) -> dict:
+    """What applying the model to new data needs, saved inside the model file: genes in order,
+    the hierarchy with its class order, the batch covariate and its categories (with cell counts),
+    the counts' layer, and the spread of log library sizes (for sampling new cells)."""
+    library = np.log(np.maximum(np.asarray(cells.adata.X.sum(axis=1)).ravel(), 1.0))
+    batch_counts = {}
+    if cells.covariates is not None:
+        batch_counts = dict(zip(cells.categories, cells.covariates.sum(axis=0).astype(int).tolist()))
+    return {"genes": list(map(str, cells.adata.var_names)),
+            "hierarchy": cells.hierarchy.to_dict() if cells.hierarchy else None,
+            "batch_key": options.batch_key, "batch_counts": batch_counts, "layer": options.layer,
+            "drop_empty_cells": bool(options.drop_empty_cells),
+            "log_library": [float(library.mean()), float(library.std())]}
+
+
+def new_model(options: TrainOptions, cells: Cells):
+    """An untrained model for these cells (every setting checked before anything is written)."""
+    arguments = model_arguments(options, cells.adata.n_vars, cells.hierarchy, cells.categories)
+    model = model_class(options.model)(**arguments, metadata=model_metadata(cells, options))
+    return model, arguments
+
+
+def compile_model(model, options: TrainOptions, train_counts) -> None:
+    """Create the weights, optionally set the prior from k-means on a PCA, and compile."""
+    model.build()
+    if options.init == "pca-kmeans":
+        initialise_prior(model, train_counts, options.seed)
+    model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), jit_compile=options.xla)
+
+
+def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None, verbose=None,
+        log=print) -> TrainingState:
+    """Train with KL warm-up, the marginal-usage schedule and early stopping on the validation
+    ELBO; returns the state (history, best epoch), the model holding its best weights."""
+    X, covariates = cells.adata.X, cells.covariates
+    initial_epoch = state["epoch"] + 1 if state else 0
+    rows = lambda subset: None if covariates is None else covariates[split == subset]  # noqa: E731
+    train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed,
+                                 covariates=rows("train"))
+    train_batches.epoch = initial_epoch
+    has_validation = (split == "validation").any()
+    # Validation decodes every cluster or path per cell, so it uses the training batch size:
+    # 1,024 cells x 360 paths in exact MoMixVAE mode would hold several GB for no gain. Its cells
+    # go in a fixed random order: files store cells grouped by type, and a one-type batch would
+    # show one component in use and inflate the batch-level marginal-usage term.
+    validation = None
+    if has_validation:
+        order = np.random.default_rng(options.seed).permutation(np.flatnonzero(split == "validation"))
+        validation = CountBatches(X[order], options.batch_size,
+                                  covariates=None if covariates is None else covariates[order])
+    monitor = "val_elbo" if has_validation else "elbo"
+    tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
+    if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
+        # shuffle=False: CountBatches shuffles itself from (seed, epoch), so a resumed run sees the same order.
+        model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,
+                  shuffle=False,
+                  callbacks=[KLWarmUp(options.warm_up), MarginalUsageSchedule(options.marginal_usage, options.epochs),
+                             tracker], verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+    else:
+        tracker.restore_best()
+    return tracker
+
+
+def name_clusters(model, cells: Cells, split) -> None:
+    """Name each cluster of every level after the class it recovers best on the training cells
+    (one-to-one Hungarian matching; unmatched clusters get None), in model.metadata, so that a
+    saved model predicts class names and can sample a named node. A flat model's one clustering
+    is matched at every level."""
+    hierarchy = cells.hierarchy
+    if hierarchy is None or model.clustering == "none":
+        return
+    train = split == "train"
+    covariates = None if cells.covariates is None else cells.covariates[train]
+    out = predict_outputs(model, cells.adata.X[train], PREDICT_BATCH_SIZE, covariates)
+    truth = hierarchy.level_labels(cells.adata.obs[hierarchy.label_column].astype(str).to_numpy()[train])
+    names = {}
+    for i, level in enumerate(hierarchy.levels):
+        p = out["cluster_probabilities"] if model.clustering == "flat" else out[f"level_{i + 1}_probabilities"]
+        mapping = hungarian_mapping(truth[:, i], p.argmax(axis=1))
+        names[level] = [mapping.get(k) for k in range(p.shape[1])]
+    model.metadata["cluster_names"] = names
+
+
 def train(options: TrainOptions, log=print) -> Path:
     """Train a model as the options say and write its run folder; returns the folder."""
     run = RunDirectory(options.output or default_run_path(options))
@@ -182,25 +311,11 @@ def train(options: TrainOptions, log=print) -> Path:
     if saved is not None and saved["data_checksum"] != checksum:
         raise DataError(f"{options.data} is not the file this run was trained on (checksum differs); "
                         f"resume with the original data or start a new run.")
-    hierarchy = resolve_hierarchy(adata, options)
-    label_column = hierarchy.label_column if hierarchy else None
-    prepared = prepare(adata, n_genes=options.n_genes, genes=saved["genes"] if saved else None,
-                       label_column=label_column, exclude_labels=list(options.exclude_labels),
-                       drop_empty_cells=options.drop_empty_cells)
+    cells = prepare_cells(adata, options, resolve_hierarchy(adata, options), genes=saved["genes"] if saved else None)
     del adata
-    if hierarchy is not None:
-        labels = prepared.obs[label_column].astype(str).to_numpy()
-        hierarchy.validate(labels)
-        hierarchy = hierarchy.restrict(labels)
-
-    if saved is None:
-        split = (fold_cells(prepared.n_obs, options.folds, options.fold, options.split[1], options.seed)
-                 if options.folds else split_cells(prepared.n_obs, tuple(options.split), options.seed))
-    else:
-        split = _read_split(run, prepared.obs_names)
-    covariates, categories = batch_covariates(prepared.obs, options.batch_key)
-    arguments = model_arguments(options, prepared.n_vars, hierarchy, categories)
-    model = model_class(options.model)(**arguments)  # fail on bad settings before anything is written
+    prepared, hierarchy = cells.adata, cells.hierarchy
+    split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
+    model, arguments = new_model(options, cells)
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
               "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
@@ -214,45 +329,16 @@ def train(options: TrainOptions, log=print) -> Path:
     state = None
     if saved is not None and run.has_checkpoint():
         state = json.loads(run.checkpoint_state.read_text())
-        model = keras.saving.load_model(run.checkpoint_model)
+        model = load_checkpoint(run.checkpoint_model)
         log(f"Resuming {run.path} after epoch {state['epoch'] + 1}.")
     else:
-        model.build()
-        if options.init == "pca-kmeans":
-            initialise_prior(model, prepared.X[split == "train"], options.seed)
-        model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), jit_compile=options.xla)
-    initial_epoch = state["epoch"] + 1 if state else 0
-
-    X = prepared.X
-    rows = lambda subset: None if covariates is None else covariates[split == subset]  # noqa: E731
-    train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed,
-                                 covariates=rows("train"))
-    train_batches.epoch = initial_epoch
-    has_validation = (split == "validation").any()
-    # Validation decodes every cluster or path per cell, so it uses the training batch size:
-    # 1,024 cells x 360 paths in exact MoMixVAE mode would hold several GB for no gain. Its cells
-    # go in a fixed random order: files store cells grouped by type, and a one-type batch would
-    # show one component in use and inflate the batch-level marginal-usage term.
-    validation = None
-    if has_validation:
-        cells = np.random.default_rng(options.seed).permutation(np.flatnonzero(split == "validation"))
-        validation = CountBatches(X[cells], options.batch_size,
-                                  covariates=None if covariates is None else covariates[cells])
-    monitor = "val_elbo" if has_validation else "elbo"
-    tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
+        compile_model(model, options, prepared.X[split == "train"])
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
         f"({_device()}); run folder: {run.path}")
-    if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
-        # shuffle=False: CountBatches shuffles itself from (seed, epoch), so a resumed run sees the same order.
-        model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,
-                  shuffle=False,
-                  callbacks=[KLWarmUp(options.warm_up), MarginalUsageSchedule(options.marginal_usage, options.epochs),
-                             tracker], verbose=1 if sys.stdout.isatty() else 2)
-    elif run.checkpoint_best.exists():
-        model.load_weights(run.checkpoint_best)
-
+    tracker = fit(model, cells, split, options, run=run, state=state, log=log)
+    name_clusters(model, cells, split)
     save_model_atomically(model, run.model)
-    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, covariates)
+    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates)
     metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
                    seconds=round(time.time() - started, 1))
     write_json(run.metrics, metrics)

@@ -13,7 +13,7 @@ from scvae_hier.analysis.scvae_runs import read_scvae_run
 from scvae_hier.cli import main
 from scvae_hier.hierarchy import Hierarchy
 
-from conftest import FAST
+from conftest import FAST, scatter_points
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference" / "analyses_s0_model"
 LEVELS = ["level_1", "level_2", "level_3", "level_4"]
@@ -116,19 +116,31 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not a scvae-hier run folder" in capsys.readouterr().err
 
 
-def test_analyse_one_run_writes_figures_and_report(runs):
+def test_analyse_one_run_writes_figures_and_report(runs, drawn_figures):
     run = runs["momix"]
     assert main(["analyse", str(run), "--iwae-samples", "5"]) == 0
     names = ["true_vs_predicted", "hierarchy_matrix", "learning_curves", "confusion_matrices"]
     for name in names:
-        assert (run / "figures" / f"{name}.png").stat().st_size > 5_000
+        assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn_figures) == sorted(f"{name}.png" for name in names)
+    # What the figures show: every cell of the run in each scatter, one panel per level.
+    truth, predicted = drawn_figures["true_vs_predicted.png"].axes[:4], drawn_figures["true_vs_predicted.png"].axes[4:]
+    assert [ax.get_title() for ax in truth] == [f"{level}: true classes" for level in LEVELS]
+    assert all(ax.get_title().startswith(f"{level}: predicted clusters (ARI ") for ax, level in zip(predicted, LEVELS))
+    assert all(scatter_points(ax) == [540] for ax in truth + predicted)
+    matrix = drawn_figures["hierarchy_matrix.png"].axes  # one latent for every level: one row
+    assert [ax.get_title() for ax in matrix] == [f"coloured by {level}" for level in LEVELS]
+    assert all(scatter_points(ax) == [540] for ax in matrix)
+    confusion = [ax for ax in drawn_figures["confusion_matrices.png"].axes if ax.images]
+    assert [ax.images[0].get_array().shape[0] for ax in confusion] == [2, 4, 5, 9]  # true classes per level
+    assert all(sum(int(t.get_text()) for t in ax.texts) == 540 for ax in confusion)
     report = (run / "report.md").read_text()
     for name in names:
         assert f"(figures/{name}.png)" in report
     assert "| level_4 |" in report and "Hierarchy consistency" in report and "IWAE" in report
 
 
-def test_analyse_compares_runs_with_original_scvae_on_the_same_cells(runs, tmp_path):
+def test_analyse_compares_runs_with_original_scvae_on_the_same_cells(runs, tmp_path, drawn_figures):
     out = tmp_path / "comparison"
     argv = ["analyse", str(runs["momix"]), str(runs["mixture"]), str(runs["mixture_s1"]),
             "--scvae", str(FIXTURE), "--output", str(out), "--iwae-samples", "5", "--embedding", "tsne"]
@@ -155,7 +167,7 @@ def test_analyse_compares_runs_with_original_scvae_on_the_same_cells(runs, tmp_p
         assert row["ari"] == pytest.approx(adjusted_rand_score(truth[:, i], clusters))
         assert row["n_cells"] == cells.n_obs
     # Weighted F1 with the Hungarian matching, recomputed with sklearn on the matched labels.
-    from scvae_hier.analysis.metrics import hungarian_mapping
+    from scvae_hier.metrics import hungarian_mapping
     mapping = hungarian_mapping(truth[:, 3], clusters)
     mapped = np.array([mapping.get(c, "unmatched") for c in clusters])
     assert first[first["level"] == "level_4"].iloc[0]["f1_weighted"] == pytest.approx(
@@ -163,7 +175,11 @@ def test_analyse_compares_runs_with_original_scvae_on_the_same_cells(runs, tmp_p
 
     report = (out / "report.md").read_text()
     assert "original scVAE" in report and "figure1_level_4.png" in report
-    assert (out / "figure1_level_4.png").stat().st_size > 5_000
+    figure_one = drawn_figures["figure1_level_4.png"]
+    assert (out / "figure1_level_4.png").is_file()
+    assert [ax.get_title() for ax in figure_one.axes] == ["weighted F1 vs IWAE at level_4", "ARI vs IWAE at level_4"]
+    legend = [t.get_text() for t in figure_one.axes[1].get_legend().get_texts()]
+    assert legend == ["MoMixVAE Normal (n=1)", "MixtureVAE Normal (n=2)", "original scVAE (n=2), no IWAE"]
     for group in ("momixvae_normal", "mixturevae_normal"):
         assert (out / "figures" / group / "true_vs_predicted.png").is_file()
 

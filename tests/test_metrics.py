@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, adjusted_mutual_info_score, adjusted_rand_score,
                              f1_score, normalized_mutual_info_score)
 
-from scvae_hier.analysis.metrics import (clustering_scores, hierarchy_consistency, hungarian_f1,
+from scvae_hier.metrics import (clustering_scores, hierarchy_consistency, hungarian_f1,
                               hungarian_mapping, level_scores, majority_accuracy, write_scores)
 from scvae_hier.hierarchy import Hierarchy
 

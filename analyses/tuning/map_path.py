@@ -11,7 +11,7 @@ import tensorflow as tf
 from sklearn.metrics import adjusted_rand_score as ari
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from scvae_hier.analysis.metrics import hierarchy_consistency  # noqa: E402
+from scvae_hier.metrics import hierarchy_consistency  # noqa: E402
 from scvae_hier.data import batch_covariates  # noqa: E402
 from scvae_hier.analysis.evaluate import load_cells  # noqa: E402
 from scvae_hier.runs import RunDirectory, load_model  # noqa: E402

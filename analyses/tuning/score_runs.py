@@ -18,7 +18,7 @@ import anndata
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from scvae_hier.analysis.metrics import hungarian_f1, level_scores  # noqa: E402
+from scvae_hier.metrics import hungarian_f1, level_scores  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 
 STEM = "Stem"

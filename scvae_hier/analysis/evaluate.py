@@ -5,7 +5,7 @@ another count file with the model's genes) it computes the ELBO with each of its
 IWAE bound, and per-level clustering scores, and writes them with an AnnData of those cells into
 RUN/evaluation/<name>/:
 - bounds.json: mean ELBO terms and IWAE, their standard errors, cells, samples, data checksum;
-- level_metrics.json / level_metrics.csv: one row per hierarchy level (scvae_hier.analysis.metrics);
+- level_metrics.json / level_metrics.csv: one row per hierarchy level (scvae_hier.metrics);
 - cells.h5ad: the evaluated cells (raw counts of the model's genes in X) with the keys of
   outputs.h5ad (see scvae_hier.outputs), per-cell obs["scvae_elbo"] and obs["scvae_iwae"], and
   uns["scvae_evaluation"] holding bounds and per-level scores.
@@ -105,7 +105,7 @@ def _mean_and_error(values) -> dict:
 
 def level_table(hierarchy, labels, clusters_by_level, flat: bool) -> pd.DataFrame:
     """Per-level scores, with each level's per-class F1 in attrs (level 1's stem class, say)."""
-    from .metrics import hungarian_f1, level_scores
+    from ..metrics import hungarian_f1, level_scores
 
     table = level_scores(hierarchy, labels, clusters_by_level[0] if flat else clusters_by_level)
     truth = hierarchy.level_labels(labels)
@@ -158,7 +158,7 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
 
 def write_evaluation(evaluation: Evaluation) -> list:
     """Write bounds.json, level_metrics.{json,csv} and cells.h5ad; return their paths."""
-    from .metrics import write_scores
+    from ..metrics import write_scores
 
     folder = evaluation.folder
     folder.mkdir(parents=True, exist_ok=True)

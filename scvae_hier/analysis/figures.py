@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from .metrics import hungarian_mapping  # noqa: E402
+from ..metrics import hungarian_mapping  # noqa: E402
 
 DPI = 120
 

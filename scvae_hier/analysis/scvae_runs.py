@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .metrics import level_scores
+from ..metrics import level_scores
 
 
 class ScvaeRunError(ValueError):

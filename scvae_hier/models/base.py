@@ -35,7 +35,7 @@ class BaseVAE(keras.Model):
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
                  normalisation="batch", input_transform="none", library_size="none", covariates=(),
-                 dispersion="cell", seed=0,
+                 dispersion="cell", seed=0, metadata=None,
                  format_version=FORMAT_VERSION, package_version=__version__, **kwargs):
         super().__init__(**kwargs)
         check_choice("library size", library_size, LIBRARY_SIZES)
@@ -57,6 +57,9 @@ class BaseVAE(keras.Model):
         self.covariates = tuple(str(c) for c in covariates)
         self.n_covariates = len(self.covariates)
         self.seed = int(seed)
+        # What applying the model to new data needs (genes in order, hierarchy, batch categories,
+        # names of the clusters); saved in the model file, see training.model_metadata.
+        self.metadata = dict(metadata or {})
         self.dispersion = dispersion
         self.decoder = CountDecoder(self.n_genes, self.hidden[::-1], likelihood, normalisation, dispersion,
                                     name="decoder")
@@ -94,20 +97,23 @@ class BaseVAE(keras.Model):
         """Each cell's total count, [B, 1] (at least 1, so empty dummy batches stay finite)."""
         return tf.maximum(tf.reduce_sum(x, axis=-1, keepdims=True), 1.0)
 
-    def decode(self, z, x, covariates=None, training=False):
+    def decode(self, z, x, covariates=None, training=False, log_library=None):
         """Count-law parameters for latent samples z [B, ..., D] of the cells x [B, G].
 
         One-hot covariates [B, C] are appended to every sample of z, so the decoder can put a
         batch's shift in expression into the covariate instead of the latent. With
         library_size="observed" the decoder's mean head gives gene proportions, scaled by the
-        cell's observed total count (scVI's size factor), so z need not encode sequencing depth."""
+        cell's observed total count (scVI's size factor), so z need not encode sequencing depth.
+        `log_library` [B] replaces the totals of x (for sampling new cells, where x is None)."""
         extra_axes = len(z.shape) - 2
         if self.n_covariates:
             c = tf.reshape(tf.cast(covariates, z.dtype), [-1] + [1] * extra_axes + [self.n_covariates])
             z = tf.concat([z, tf.broadcast_to(c, tf.concat([tf.shape(z)[:-1], [self.n_covariates]], 0))], axis=-1)
         params = self.decoder(z, training=training)
         if self.library_size == "observed":
-            log_library = tf.reshape(tf.math.log(self.library(x)), [-1] + [1] * (extra_axes + 1))
+            if log_library is None:
+                log_library = tf.math.log(self.library(x))
+            log_library = tf.reshape(log_library, [-1] + [1] * (extra_axes + 1))
             params = self.decoder.scale_to_library(params, log_library)
         return params
 
@@ -151,6 +157,12 @@ class BaseVAE(keras.Model):
         """[S, B] log p(x, z_s) - log q(z_s|x) for S stateless draws z_s ~ q(z|x), every discrete
         variable summed out of both, so that log-mean-exp over S bounds log p(x) (the IWAE)."""
         raise NotImplementedError
+
+    def prior_components(self):
+        """The prior p(z) as one mixture: (log weights [M], component distribution with batch [M],
+        class index of each component at every level [L, M] (-1: none), or None for a flat model).
+        Sampling from a hierarchy node keeps the components under it."""
+        raise NotImplementedError(f"{type(self).__name__} has no mixture prior to sample clusters from.")
 
     def terms(self, x, training=False, noise=None, covariates=None):
         """Per-cell loss terms (dict of [B] tensors, or scalars for batch-level terms)."""
@@ -210,5 +222,5 @@ class BaseVAE(keras.Model):
                 "hidden": list(self.hidden), "likelihood": self.likelihood_name,
                 "normalisation": self.normalisation, "input_transform": self.input_transform,
                 "library_size": self.library_size, "covariates": list(self.covariates),
-                "dispersion": self.dispersion, "seed": self.seed,
+                "dispersion": self.dispersion, "seed": self.seed, "metadata": self.metadata,
                 "format_version": FORMAT_VERSION, "package_version": __version__}

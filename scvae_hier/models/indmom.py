@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
-from ..distributions import mixture_prior
+from ..distributions import component_law, mixture_prior
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .mixture import mixture_log_weights, mixture_terms
@@ -48,6 +48,20 @@ class IndMoMVAE(HierarchicalVAE):
         for prior, k in zip(self.priors, self.level_sizes):
             centres, scales, _ = moments[k]
             prior.set_moments(centres, scales)
+
+    def prior_components(self):
+        """p(z) = (1/L) sum over branches of branch l's mixture: one mixture of sum_l K_l components;
+        a component of branch l has a class at level l only."""
+        log_weights = tf.concat([tf.nn.log_softmax(logits) for logits in self.prior_logits], 0) - np.log(self.n_levels)
+        loc = tf.concat([p.loc for p in self.priors], 0)
+        scale = tf.concat([p.scale for p in self.priors], 0)
+        df = None if self.prior_law == "normal" else tf.concat([p.df for p in self.priors], 0)
+        levels = np.full((self.n_levels, sum(self.level_sizes)), -1)
+        start = 0
+        for level, k in enumerate(self.level_sizes):
+            levels[level, start:start + k] = np.arange(k)
+            start += k
+        return log_weights, component_law(self.prior_law, loc, scale, df), levels
 
     def encode(self, x, training=False, covariates=None):
         """Per branch: log q(y_l|x) [B, K_l], and loc, scale of q(z|x,y_l) [B, K_l, D]."""

@@ -61,6 +61,9 @@ class MixtureVAE(BaseVAE):
         """The marginal prior p(z) = sum_k pi_k p(z|k) as a TFP MixtureSameFamily."""
         return mixture_prior(self.prior_logits, self.prior_components.distribution())
 
+    def prior_components(self):
+        return self.log_py(), self.prior_components.distribution(), None
+
     def encode(self, x, training=False, covariates=None):
         """log q(y|x) [B, K] and the parameters of q(z|x,y) for every y: [B, K, D] each."""
         h = self.encoder_input(x, covariates)

@@ -94,6 +94,10 @@ class MoMixVAE(HierarchicalVAE):
         """The marginal prior p(z): TFP MixtureSameFamily nested once per level."""
         return self.prior_layer.distribution()
 
+    def prior_components(self):
+        paths = np.array(np.unravel_index(np.arange(self.n_paths), self.level_sizes))   # [L, P]
+        return tf.reshape(self.log_prior_paths(), [-1]), self.prior_layer.flat_components(), paths
+
     def log_prior_paths(self):
         """log p(y_1..y_L), shape [K_1, ..., K_L]."""
         return chain(self.prior_layer.level_log_probs())

@@ -1,0 +1,409 @@
+"""The Python API: train on the AnnData you hold, get results back into it, save, load, sample.
+
+In the conventions of scvi-tools:
+
+    import scvae_hier as sh
+    sh.MoMixVAE.setup_anndata(adata, layer="counts", levels=["level_1", "level_2"], batch_key="donor")
+    model = sh.MoMixVAE(adata, prior="student-t")
+    model.train(max_epochs=100)
+    adata.obsm["X_scvae_hier"] = model.get_latent_representation()
+    adata.obs = adata.obs.join(model.predict_levels())
+    model.save("pbmc_momix/"); model = sh.MoMixVAE.load("pbmc_momix/", adata=new_adata)
+    cells = model.sample(n=500, node="CD8 T")
+
+Every step runs the same code as the command line (`training.prepare_cells`, `new_model`,
+`compile_model`, `fit`); the command line adds the run folder (checkpoints, resume, outputs).
+Results are indexed by the caller's obs_names: cells the model did not see (no counts on its
+genes, with drop_empty_cells) get NaN rather than a shifted row.
+"""
+from dataclasses import fields
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .choices import check_choice
+from .data import DataError, validate_counts
+from .hierarchy import Hierarchy
+from .options import TrainOptions
+
+SETUP_KEY = "_scvae_hier"  # adata.uns entry written by setup_anndata
+PREDICT_BATCH_SIZE = 1024
+# TrainOptions that are about files, runs or the command line, not the model or its training.
+NOT_MODEL_OPTIONS = {"data", "model", "output", "resume", "overwrite", "layer", "label_column", "hierarchy",
+                     "levels", "batch_key", "folds", "fold"}
+TRAIN_ARGUMENTS = {"max_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
+                   "warm_up": "warm_up", "patience": "patience", "split": "split", "seed": "seed", "xla": "xla",
+                   "init": "init"}
+
+
+class SetupError(ValueError):
+    """An AnnData was not set up for scvae-hier, or does not fit a trained model."""
+
+
+def _hierarchy_from(adata, hierarchy, levels, label_key):
+    if hierarchy is not None and levels is not None:
+        raise SetupError("Give either hierarchy= (a file, dict or Hierarchy) or levels= (obs columns), not both.")
+    if isinstance(hierarchy, Hierarchy):
+        return hierarchy
+    if isinstance(hierarchy, dict):
+        return Hierarchy.from_dict(hierarchy)
+    if hierarchy is not None:
+        return Hierarchy.from_file(hierarchy)
+    if levels is not None:
+        return Hierarchy.from_obs(adata.obs, list(levels), label_key)
+    if label_key is not None:
+        return Hierarchy.from_obs(adata.obs, [label_key])
+    if "hierarchy" in adata.uns:
+        return Hierarchy.from_anndata(adata)
+    return None
+
+
+class HierarchyModel:
+    """Shared user API; each subclass names one model of `scvae_hier.models`."""
+
+    model_name = None
+
+    # ------------------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(cls, adata, layer=None, levels=None, hierarchy=None, label_key=None, batch_key=None) -> None:
+        """Say where the counts, labels and batches are; checked now, stored in adata.uns.
+
+        layer: the layer of raw counts (default X). levels: per-level obs columns, coarse to fine;
+        or hierarchy: a TSV/JSON/YAML file, dict or Hierarchy mapping labels of obs[label_key] to
+        paths (default: adata.uns['hierarchy'] if present). batch_key: obs column of a batch."""
+        if layer is not None and layer not in adata.layers:
+            raise SetupError(f"adata has no layer {layer!r}; its layers are {list(adata.layers)} (layer=None uses X).")
+        validate_counts(adata.layers[layer] if layer else adata.X, what=f"counts in {'layers[' + repr(layer) + ']' if layer else 'X'}")
+        tree = _hierarchy_from(adata, hierarchy, levels, label_key)
+        if tree is not None:
+            if tree.label_column not in adata.obs:
+                raise SetupError(f"The hierarchy maps labels of obs column {tree.label_column!r}, which adata lacks; "
+                                 f"obs has {list(adata.obs.columns)}. Pass label_key= or a matching hierarchy.")
+            tree.validate(adata.obs[tree.label_column].astype(str).to_numpy())
+        if batch_key is not None and batch_key not in adata.obs:
+            raise SetupError(f"batch_key {batch_key!r} is not an obs column; obs has {list(adata.obs.columns)}.")
+        adata.uns[SETUP_KEY] = {"layer": layer, "batch_key": batch_key,
+                                "hierarchy": tree.to_dict() if tree else None}
+
+    @staticmethod
+    def _setup_of(adata) -> dict:
+        if SETUP_KEY not in adata.uns:
+            raise SetupError("adata is not set up: call e.g. sh.MoMixVAE.setup_anndata(adata, layer=..., levels=[...]) "
+                             "first, to say where the counts and labels are.")
+        return adata.uns[SETUP_KEY]
+
+    # ---------------------------------------------------------------------------- building
+    def __init__(self, adata, **options):
+        """Choose genes, check the cells and build the (untrained) model. Options are the command
+        line's, with underscores (`scvae-hier train --help`): n_genes, exclude_labels, latent_dim,
+        hidden, prior, likelihood, ... ; training settings go to `train`."""
+        from .training import new_model, prepare_cells
+
+        known = {f.name for f in fields(TrainOptions)} - NOT_MODEL_OPTIONS
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown}; model options are {sorted(known)}.")
+        setup = self._setup_of(adata)
+        self.options = TrainOptions(model=self.model_name, layer=setup["layer"], batch_key=setup["batch_key"],
+                                    xla=options.pop("xla", True), **options)
+        self.hierarchy = Hierarchy.from_dict(setup["hierarchy"]) if setup["hierarchy"] else None
+        self.adata = adata
+        self.cells = prepare_cells(self._counts_view(adata), self.options, self.hierarchy)
+        self.hierarchy = self.cells.hierarchy
+        self.module, self.arguments = new_model(self.options, self.cells)
+        self.history = None
+        self.split = None
+        self.is_trained = False
+
+    @staticmethod
+    def _counts_view(adata, layer=None):
+        """An AnnData sharing obs/var whose X holds the counts (X or the setup's layer)."""
+        layer = layer if layer is not None else adata.uns.get(SETUP_KEY, {}).get("layer")
+        return anndata.AnnData(X=adata.layers[layer] if layer else adata.X, obs=adata.obs, var=adata.var)
+
+    def __repr__(self):
+        state = "trained" if self.is_trained else "not trained"
+        cells = f"{self.cells.adata.n_obs} cells x " if self.cells is not None else ""
+        return (f"{type(self).__name__} on {cells}{len(self.module.metadata['genes'])} genes, {state}; "
+                f"levels: {self.level_names or 'none'}")
+
+    @property
+    def level_names(self) -> list:
+        hierarchy = self.module.metadata.get("hierarchy")
+        if hierarchy:
+            return list(hierarchy["levels"])
+        return [f"level_{i + 1}" for i in range(len(getattr(self.module, "level_sizes", ())))]
+
+    # ---------------------------------------------------------------------------- training
+    def train(self, max_epochs=100, early_stopping=True, progress_bar=True, **settings) -> "HierarchyModel":
+        """Fit with KL warm-up and early stopping on the validation ELBO (best weights kept).
+
+        settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
+        fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
+        the per-epoch terms in `self.history` (a DataFrame)."""
+        import keras
+
+        from .training import compile_model, fit, make_split, name_clusters
+
+        unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
+        if unknown:
+            raise TypeError(f"Unknown training setting(s) {unknown}; choose from {sorted(TRAIN_ARGUMENTS)}.")
+        if self.is_trained:
+            raise RuntimeError("This model is trained already; build a new one to train again.")
+        values = {TRAIN_ARGUMENTS[k]: v for k, v in settings.items()}
+        values["epochs"] = int(max_epochs)
+        if not early_stopping:
+            values["patience"] = int(max_epochs) + 1
+        if "split" in values:
+            values["split"] = tuple(values["split"])
+        self.options = TrainOptions.from_dict({**self.options.to_dict(), **values})
+        keras.utils.set_random_seed(self.options.seed)
+        self.split = make_split(self.cells, self.options)
+        train_counts = self.cells.adata.X[self.split == "train"]
+        compile_model(self.module, self.options, train_counts)
+        log = print if progress_bar else (lambda *_: None)
+        state = fit(self.module, self.cells, self.split, self.options, verbose=1 if progress_bar else 0, log=log)
+        self.history = pd.DataFrame(state.state["history"]).set_index("epoch")
+        self.is_trained = True
+        name_clusters(self.module, self.cells, self.split)
+        return self
+
+    # ---------------------------------------------------------------------------- outputs
+    def _model_cells(self, adata):
+        """(counts [n, genes] of the model's genes, covariates, row of each cell in adata)."""
+        from .data import batch_covariates, prepare
+
+        meta = self.module.metadata
+        counts = self._counts_view(adata, meta.get("layer"))
+        prepared = prepare(counts, genes=meta["genes"], drop_empty_cells=meta.get("drop_empty_cells", False))
+        rows = adata.obs_names.get_indexer(prepared.obs_names)
+        covariates, _ = batch_covariates(prepared.obs, meta.get("batch_key"), list(meta.get("batch_counts", {})))
+        return prepared.X, covariates, rows
+
+    def _outputs(self, adata):
+        from .outputs import predict_outputs
+
+        self._check_trained()
+        if adata is None:
+            adata = self.adata
+        if not adata.obs_names.is_unique:
+            raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
+                            "call adata.obs_names_make_unique() first.")
+        X, covariates, rows = self._model_cells(adata)
+        return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata
+
+    def _check_trained(self):
+        if not self.is_trained:
+            raise RuntimeError("The model is not trained yet: call model.train() first.")
+
+    def get_latent_representation(self, adata=None) -> np.ndarray:
+        """Latent means E_q[z|x], [cells of adata, latent_dim] (NaN rows for cells left out)."""
+        out, rows, adata = self._outputs(adata)
+        latent = np.full((adata.n_obs, out["latent"].shape[1]), np.nan, dtype=np.float32)
+        latent[rows] = out["latent"]
+        return latent
+
+    def predict_levels(self, adata=None) -> pd.DataFrame:
+        """Per level: the predicted class name (`<level>`), its cluster (`<level>_cluster`) and
+        posterior probability (`<level>_probability`), indexed by adata.obs_names.
+
+        Names come from the Hungarian matching of clusters to classes on the training cells;
+        a cluster no class was matched to (or a model trained without labels) gives "cluster <k>".
+        A flat MixtureVAE's one clustering is named at the finest level and each coarser level
+        takes the ancestors of that name, so its predictions nest."""
+        out, rows, adata = self._outputs(adata)
+        table = pd.DataFrame(index=adata.obs_names)
+        names = self.module.metadata.get("cluster_names", {})
+        if self.module.clustering == "none":
+            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+        if self.module.clustering == "flat":
+            levels = self.level_names or ["cluster"]
+            probabilities = {name: out["cluster_probabilities"] for name in levels}
+        else:
+            levels = self.level_names
+            probabilities = {name: out[f"level_{i + 1}_probabilities"] for i, name in enumerate(levels)}
+        finest_names = None
+        for i, level in enumerate(levels):
+            p = probabilities[level]
+            cluster = p.argmax(axis=1)
+            if self.module.clustering == "flat" and self.hierarchy is not None:
+                finest = names.get(levels[-1], [None] * p.shape[1])
+                finest_names = finest_names or finest
+                label = [self._ancestor(finest_names[k], i) if finest_names[k] else f"cluster {k}" for k in cluster]
+            else:
+                level_names = names.get(level, [None] * p.shape[1])
+                label = [level_names[k] or f"cluster {k}" for k in cluster]
+            table[level] = pd.Series(pd.NA, index=table.index, dtype=object)
+            table.iloc[rows, table.columns.get_loc(level)] = label
+            table[level] = table[level].astype("category")
+            table[f"{level}_cluster"] = np.nan
+            table.iloc[rows, table.columns.get_loc(f"{level}_cluster")] = cluster
+            table[f"{level}_probability"] = np.nan
+            table.iloc[rows, table.columns.get_loc(f"{level}_probability")] = p.max(axis=1)
+        return table
+
+    def _ancestor(self, leaf_class, level_index):
+        """The class at `level_index` above a finest-level class."""
+        for path in self.hierarchy.paths.values():
+            if path[-1] == leaf_class:
+                return path[level_index]
+        return leaf_class
+
+    # ---------------------------------------------------------------------------- saving
+    def save(self, folder, overwrite=False) -> Path:
+        """Write model.keras (weights, options, genes, hierarchy, cluster names) and history.csv."""
+        from .runs import save_model_atomically
+
+        self._check_trained()
+        folder = Path(folder)
+        if (folder / "model.keras").exists() and not overwrite:
+            raise FileExistsError(f"{folder} already holds a model; pass overwrite=True or another folder.")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model_atomically(self.module, folder / "model.keras")
+        if self.history is not None:
+            self.history.to_csv(folder / "history.csv")
+        return folder
+
+    @classmethod
+    def load(cls, folder, adata=None) -> "HierarchyModel":
+        """A saved model (a `save` folder, a `scvae-hier train` run folder, or a .keras file).
+
+        With `adata`, its genes are checked now (matched by name, any order; missing genes are
+        refused by name) and it becomes the default data of get_latent_representation etc."""
+        from .models import MODELS
+        from .runs import load_model
+
+        module = load_model(folder)
+        name = next((n for n, (_, c) in MODELS.items() if c == type(module).__name__), None)
+        if cls.model_name is not None and name != cls.model_name:
+            raise SetupError(f"{folder} holds a {type(module).__name__}, not a {cls.__name__}; "
+                             f"load it with sh.load({str(folder)!r}) or sh.{API_CLASSES[name].__name__}.load.")
+        if "genes" not in module.metadata:
+            raise SetupError(f"{folder} was saved without its gene list (before scvae-hier 0.2); retrain it to "
+                             f"use it from Python.")
+        model = object.__new__(API_CLASSES[name])
+        model.module, model.arguments = module, module.get_config()
+        hierarchy = module.metadata.get("hierarchy")
+        model.hierarchy = Hierarchy.from_dict(hierarchy) if hierarchy else None
+        model.options = None
+        model.history = None
+        history = Path(folder) / "history.csv"
+        if Path(folder).is_dir() and history.is_file():
+            model.history = pd.read_csv(history).set_index("epoch")
+        model.split, model.cells, model.is_trained = None, None, True
+        model.adata = None
+        if adata is not None:
+            model._model_cells(adata)  # refuses missing genes by name
+            model.adata = adata
+        return model
+
+    # ---------------------------------------------------------------------------- sampling
+    def sample(self, n=100, node=None, level=None, batch=None, seed=0) -> anndata.AnnData:
+        """Draw `n` cells from the generative model, from the prior restricted to a hierarchy
+        node (a class name at any level; `level` picks the level when a name repeats), or from
+        the whole prior. Returns counts of the model's genes; obs["node"] says what was asked.
+        A batch-covariate model draws each cell's batch from the training mix unless `batch` is given;
+        the library size (with library_size="observed") is log-normal as on the training cells."""
+        import tensorflow as tf
+        import tensorflow_probability as tfp
+
+        from .sampling import sample_counts
+
+        self._check_trained()
+        rng = np.random.default_rng(seed)
+        meta = self.module.metadata
+        if node is None:
+            prior = self.module.prior()
+        else:
+            log_weights, components, _ = self.module.prior_components()
+            keep = self._components_under(node, level)
+            log_weights = tf.where(tf.constant(keep), log_weights, -np.inf)
+            prior = tfp.distributions.MixtureSameFamily(tfp.distributions.Categorical(logits=log_weights), components)
+        z = prior.sample(int(n), seed=tf.constant([seed, 0], tf.int32))
+        covariates, batches = None, None
+        if self.module.n_covariates:
+            counts = meta["batch_counts"]
+            categories = list(counts)
+            if batch is not None:
+                check_choice("batch", str(batch), categories)
+                batches = np.array([str(batch)] * int(n))
+            else:
+                freq = np.array([counts[c] for c in categories], dtype=float)
+                batches = rng.choice(categories, size=int(n), p=freq / freq.sum())
+            covariates = np.eye(len(categories), dtype=np.float32)[pd.Index(categories).get_indexer(batches)]
+        mean, sd = meta.get("log_library", [0.0, 0.0])
+        log_library = tf.constant(rng.normal(mean, sd, int(n)), tf.float32)
+        # The decoder's batch normalisation fixed the rank it was built on: [B, K, D] for models
+        # with clusters (one decode per cluster), [B, D] for the plain VAE.
+        clustered = self.module.clustering != "none"
+        params = self.module.decode(z[:, None] if clustered else z, None, covariates, log_library=log_library)
+        params = {k: (v[:, 0] if clustered else v).numpy().astype(np.float64) for k, v in params.items()}
+        counts = sample_counts(params, rng)
+        obs = pd.DataFrame({"node": [str(node) if node is not None else "prior"] * int(n)},
+                           index=[f"sample_{i}" for i in range(int(n))])
+        if batches is not None:
+            obs[meta["batch_key"]] = batches
+        return anndata.AnnData(X=sp.csr_matrix(counts.astype(np.float32)), obs=obs,
+                               var=pd.DataFrame(index=meta["genes"]))
+
+    def _components_under(self, node, level=None) -> np.ndarray:
+        """Boolean mask over the prior's components: those whose cluster at the node's level was
+        matched to the node (flat model: whose finest class lies under it)."""
+        if self.hierarchy is None:
+            raise SetupError("Sampling a node needs a model trained with a hierarchy (labels).")
+        levels = self.hierarchy.levels
+        where = [i for i, name in enumerate(levels) if node in self.hierarchy.classes(i)]
+        if level is not None:
+            index = self.hierarchy._level(level)
+            if index not in where:
+                raise SetupError(f"{node!r} is not a class of level {levels[index]!r}; its classes are "
+                                 f"{self.hierarchy.classes(index)}.")
+            where = [index]
+        if not where:
+            raise SetupError(f"{node!r} is not a class of the hierarchy; classes per level: "
+                             + "; ".join(f"{lv}: {self.hierarchy.classes(i)}" for i, lv in enumerate(levels)))
+        index = where[-1]  # a name repeated below (a class that does not split) means the same cells
+        names = self.module.metadata.get("cluster_names", {})
+        _, _, component_levels = self.module.prior_components()
+        if component_levels is None:  # flat: components named at the finest level
+            leaves = {path[-1] for path in self.hierarchy.paths.values() if path[index] == node}
+            keep = np.array([name in leaves for name in names.get(levels[-1], [])])
+        else:
+            level_names = names.get(levels[index], [])
+            column = component_levels[index]
+            keep = np.array([c >= 0 and level_names[c] == node for c in column])
+        if not keep.any():
+            raise SetupError(f"No cluster of the model was matched to {node!r} on the training cells, so there is "
+                             f"nothing to sample it from; matched names: {names.get(levels[index])}.")
+        return keep
+
+
+class VAE(HierarchyModel):
+    """The plain VAE: a Gaussian latent with a N(0, I) prior (no clusters)."""
+    model_name = "vae"
+
+
+class MixtureVAE(HierarchyModel):
+    """scVAE's Gaussian-mixture VAE: one flat clustering q(y|x)."""
+    model_name = "mixture"
+
+
+class IndMoMVAE(HierarchyModel):
+    """Independent mixture branches, one clustering per hierarchy level."""
+    model_name = "indmom"
+
+
+class MoMixVAE(HierarchyModel):
+    """The nested mixture-of-mixtures prior, one clustering per hierarchy level."""
+    model_name = "momix"
+
+
+API_CLASSES = {cls.model_name: cls for cls in (VAE, MixtureVAE, IndMoMVAE, MoMixVAE)}
+
+
+def load(folder, adata=None) -> HierarchyModel:
+    """Load any saved model (`save` folder, run folder or .keras file) into its API class."""
+    return HierarchyModel.load(folder, adata=adata)
