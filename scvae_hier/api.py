@@ -144,8 +144,6 @@ class HierarchyModel:
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
         the per-epoch terms in `self.history` (a DataFrame)."""
-        import keras
-
         from .training import compile_model, fit, make_split, name_clusters
 
         unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
@@ -160,7 +158,6 @@ class HierarchyModel:
         if "split" in values:
             values["split"] = tuple(values["split"])
         self.options = TrainOptions.from_dict({**self.options.to_dict(), **values})
-        keras.utils.set_random_seed(self.options.seed)
         self.split = make_split(self.cells, self.options)
         train_counts = self.cells.adata.X[self.split == "train"]
         compile_model(self.module, self.options, train_counts)
@@ -206,44 +203,56 @@ class HierarchyModel:
         latent[rows] = out["latent"]
         return latent
 
-    def predict_levels(self, adata=None) -> pd.DataFrame:
-        """Per level: the predicted class name (`<level>`), its cluster (`<level>_cluster`) and
-        posterior probability (`<level>_probability`), indexed by adata.obs_names.
+    def predict_levels(self, adata=None, prefix="scvae_") -> pd.DataFrame:
+        """Per level: the predicted class name (`scvae_<level>`), its cluster (`scvae_<level>_cluster`)
+        and posterior probability (`scvae_<level>_probability`), indexed by adata.obs_names, ready for
+        `adata.obs = adata.obs.join(...)` (the prefix keeps them apart from the true level columns)."""
+        return self._predict_levels(adata).add_prefix(prefix)
+
+    def _predict_levels(self, adata=None) -> pd.DataFrame:
+        """predict_levels without the prefix.
 
         Names come from the Hungarian matching of clusters to classes on the training cells;
         a cluster no class was matched to (or a model trained without labels) gives "cluster <k>".
         A flat MixtureVAE's one clustering is named at the finest level and each coarser level
         takes the ancestors of that name, so its predictions nest."""
-        out, rows, adata = self._outputs(adata)
-        table = pd.DataFrame(index=adata.obs_names)
-        names = self.module.metadata.get("cluster_names", {})
         if self.module.clustering == "none":
             raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+        out, rows, adata = self._outputs(adata)
+        names = self.module.metadata.get("cluster_names", {})
+        levels = self.level_names or ["cluster"]
         if self.module.clustering == "flat":
-            levels = self.level_names or ["cluster"]
-            probabilities = {name: out["cluster_probabilities"] for name in levels}
+            flat = np.asarray(out["cluster_probabilities"])
+            finest = names.get(levels[-1]) or [None] * flat.shape[1]
+            columns = self._flat_levels(flat, finest, levels)
         else:
-            levels = self.level_names
-            probabilities = {name: out[f"level_{i + 1}_probabilities"] for i, name in enumerate(levels)}
-        finest_names = None
-        for i, level in enumerate(levels):
-            p = probabilities[level]
-            cluster = p.argmax(axis=1)
-            if self.module.clustering == "flat" and self.hierarchy is not None:
-                finest = names.get(levels[-1], [None] * p.shape[1])
-                finest_names = finest_names or finest
-                label = [self._ancestor(finest_names[k], i) if finest_names[k] else f"cluster {k}" for k in cluster]
-            else:
-                level_names = names.get(level, [None] * p.shape[1])
+            probabilities = [np.asarray(out[f"level_{i + 1}_probabilities"]) for i in range(len(levels))]
+            clusters = self.module.level_predictions(probabilities)
+            columns = []
+            for level, p, cluster in zip(levels, probabilities, clusters):
+                level_names = names.get(level) or [None] * p.shape[1]
                 label = [level_names[k] or f"cluster {k}" for k in cluster]
-            table[level] = pd.Series(pd.NA, index=table.index, dtype=object)
-            table.iloc[rows, table.columns.get_loc(level)] = label
-            table[level] = table[level].astype("category")
-            table[f"{level}_cluster"] = np.nan
-            table.iloc[rows, table.columns.get_loc(f"{level}_cluster")] = cluster
-            table[f"{level}_probability"] = np.nan
-            table.iloc[rows, table.columns.get_loc(f"{level}_probability")] = p.max(axis=1)
+                columns.append((label, cluster, p[np.arange(len(cluster)), cluster]))
+        table = pd.DataFrame(index=adata.obs_names)
+        for level, (label, cluster, probability) in zip(levels, columns):
+            for suffix, values in (("", label), ("_cluster", cluster), ("_probability", probability)):
+                column = pd.Series(np.nan if suffix else None, index=table.index, dtype=float if suffix else object)
+                column.iloc[rows] = values
+                table[level + suffix] = column.astype("category") if not suffix else column
         return table
+
+    def _flat_levels(self, probabilities, finest_names, levels) -> list:
+        """A flat clustering read at every level: the cluster's matched finest class and its
+        ancestors (so the names nest), with the probability of every cluster under that name."""
+        cluster = probabilities.argmax(axis=1)
+        columns = []
+        for i in range(len(levels)):
+            names = np.array([self._ancestor(n, i) if n and self.hierarchy else (n or f"cluster {k}")
+                              for k, n in enumerate(finest_names)], dtype=object)
+            label = names[cluster]
+            same = names[None, :] == label[:, None]                        # [cells, clusters]
+            columns.append((list(label), cluster, (probabilities * same).sum(axis=1)))
+        return columns
 
     def _ancestor(self, leaf_class, level_index):
         """The class at `level_index` above a finest-level class."""
@@ -365,20 +374,22 @@ class HierarchyModel:
         if not where:
             raise SetupError(f"{node!r} is not a class of the hierarchy; classes per level: "
                              + "; ".join(f"{lv}: {self.hierarchy.classes(i)}" for i, lv in enumerate(levels)))
-        index = where[-1]  # a name repeated below (a class that does not split) means the same cells
         names = self.module.metadata.get("cluster_names", {})
         _, _, component_levels = self.module.prior_components()
-        if component_levels is None:  # flat: components named at the finest level
-            leaves = {path[-1] for path in self.hierarchy.paths.values() if path[index] == node}
-            keep = np.array([name in leaves for name in names.get(levels[-1], [])])
-        else:
-            level_names = names.get(levels[index], [])
-            column = component_levels[index]
-            keep = np.array([c >= 0 and level_names[c] == node for c in column])
-        if not keep.any():
-            raise SetupError(f"No cluster of the model was matched to {node!r} on the training cells, so there is "
-                             f"nothing to sample it from; matched names: {names.get(levels[index])}.")
-        return keep
+        # A name repeated at several levels (a class that does not split) means the same cells:
+        # use the finest of those levels at which some cluster was matched to it.
+        for index in reversed(where):
+            if component_levels is None:  # flat: components named at the finest level
+                leaves = {path[-1] for path in self.hierarchy.paths.values() if path[index] == node}
+                keep = np.array([name in leaves for name in names.get(levels[-1], [])])
+            else:
+                level_names = names.get(levels[index], [])
+                keep = np.array([c >= 0 and level_names[c] == node for c in component_levels[index]])
+            if keep.any():
+                return keep
+        raise SetupError(f"No cluster of the model was matched to {node!r} on the training cells, so there is "
+                         f"nothing to sample it from; matched names per level: "
+                         + "; ".join(f"{lv}: {names.get(lv)}" for lv in levels))
 
 
 class VAE(HierarchyModel):
@@ -401,7 +412,12 @@ class MoMixVAE(HierarchyModel):
     model_name = "momix"
 
 
-API_CLASSES = {cls.model_name: cls for cls in (VAE, MixtureVAE, IndMoMVAE, MoMixVAE)}
+class TreeVAE(HierarchyModel):
+    """A mixture over the hierarchy's leaves read at every level by summing: predictions nest."""
+    model_name = "tree"
+
+
+API_CLASSES = {cls.model_name: cls for cls in (VAE, MixtureVAE, IndMoMVAE, MoMixVAE, TreeVAE)}
 
 
 def load(folder, adata=None) -> HierarchyModel:

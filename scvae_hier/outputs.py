@@ -31,28 +31,32 @@ def level_ari(hierarchy, labels, clusters_by_level) -> dict:
             for i, level in enumerate(hierarchy.levels)}
 
 
-def _add_clusters(adata, column, probabilities, obsm_key=None):
-    """Store q(y|x) in obsm and its argmax as a categorical obs column; return the argmax."""
+def _add_clusters(adata, column, probabilities, clusters, obsm_key=None):
+    """Store q(y|x) in obsm and the clusters as a categorical obs column; return the clusters."""
     probabilities = np.asarray(probabilities)
-    clusters = probabilities.argmax(axis=1)
     adata.obsm[obsm_key or column.replace("_cluster", "_cluster_probabilities")] = probabilities
     adata.obs[column] = pd.Categorical(clusters.astype(str), categories=[str(k) for k in range(probabilities.shape[1])])
     return clusters
 
 
-def annotate(adata, outputs, level_names) -> list:
+def annotate(adata, outputs, level_names, model=None) -> list:
     """Put a model's outputs into `adata` (obsm latent and probabilities, obs clusters) under the
     keys documented above; return the clustering of each level (the flat clustering repeated for
-    a MixtureVAE, [] for the plain VAE, which has no clusters)."""
+    a MixtureVAE, [] for the plain VAE, which has no clusters). Clusters are the model's
+    `level_predictions` (argmax per level, or the nested rule of TreeVAE); without a model, argmax."""
     adata.obsm["X_scvae"] = np.asarray(outputs["latent"])
     if "cluster_probabilities" in outputs:  # one flat clustering, scored against every level
-        return [_add_clusters(adata, "scvae_cluster", outputs["cluster_probabilities"])] * len(level_names)
+        probabilities = outputs["cluster_probabilities"]
+        return [_add_clusters(adata, "scvae_cluster", probabilities, np.asarray(probabilities).argmax(axis=1))
+                ] * len(level_names)
+    n_levels = sum(f"level_{i}_probabilities" in outputs for i in range(1, len(level_names) + 1))
+    probabilities = [outputs[f"level_{i}_probabilities"] for i in range(1, n_levels + 1)]
+    predictions = (model.level_predictions(probabilities) if model is not None
+                   else [np.asarray(p).argmax(axis=1) for p in probabilities])
     clusters_by_level = []
-    for i, name in enumerate(level_names, start=1):
-        if f"level_{i}_probabilities" not in outputs:
-            break
-        clusters_by_level.append(_add_clusters(adata, f"scvae_{name}_cluster", outputs[f"level_{i}_probabilities"],
-                                               f"scvae_{name}_probabilities"))
+    for i, name in enumerate(level_names[:n_levels], start=1):
+        clusters_by_level.append(_add_clusters(adata, f"scvae_{name}_cluster", probabilities[i - 1],
+                                               predictions[i - 1], f"scvae_{name}_probabilities"))
         if f"level_{i}_latent" in outputs:
             adata.obsm[f"X_scvae_{name}"] = np.asarray(outputs[f"level_{i}_latent"])
     return clusters_by_level
@@ -71,7 +75,7 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
     outputs = predict_outputs(model, prepared.X, batch_size, covariates)
     adata = prepared.copy()
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
-    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))
+    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs), model)
     metrics = {"model": type(model).__name__}
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()

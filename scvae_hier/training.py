@@ -230,14 +230,19 @@ def model_metadata(cells: Cells, options: TrainOptions) -> dict:
 
 
 def new_model(options: TrainOptions, cells: Cells):
-    """An untrained model for these cells (every setting checked before anything is written)."""
+    """An untrained model for these cells (every setting checked before anything is written).
+    Keras draws initializer seeds when layers are constructed, so the seed is set here (and again
+    before the weights are built), making the CLI and the API build the same model."""
+    keras.utils.set_random_seed(options.seed)
     arguments = model_arguments(options, cells.adata.n_vars, cells.hierarchy, cells.categories)
     model = model_class(options.model)(**arguments, metadata=model_metadata(cells, options))
     return model, arguments
 
 
 def compile_model(model, options: TrainOptions, train_counts) -> None:
-    """Create the weights, optionally set the prior from k-means on a PCA, and compile."""
+    """Create the weights (seeded here, so the CLI and the API draw the same ones), optionally set
+    the prior from k-means on a PCA, and compile."""
+    keras.utils.set_random_seed(options.seed)
     model.build()
     if options.init == "pca-kmeans":
         initialise_prior(model, train_counts, options.seed)
@@ -289,11 +294,16 @@ def name_clusters(model, cells: Cells, split) -> None:
     covariates = None if cells.covariates is None else cells.covariates[train]
     out = predict_outputs(model, cells.adata.X[train], PREDICT_BATCH_SIZE, covariates)
     truth = hierarchy.level_labels(cells.adata.obs[hierarchy.label_column].astype(str).to_numpy()[train])
+    if model.clustering == "flat":
+        probabilities = [out["cluster_probabilities"]] * hierarchy.n_levels
+        clusters = [np.asarray(probabilities[0]).argmax(axis=1)] * hierarchy.n_levels
+    else:
+        probabilities = [out[f"level_{i + 1}_probabilities"] for i in range(hierarchy.n_levels)]
+        clusters = model.level_predictions(probabilities)
     names = {}
     for i, level in enumerate(hierarchy.levels):
-        p = out["cluster_probabilities"] if model.clustering == "flat" else out[f"level_{i + 1}_probabilities"]
-        mapping = hungarian_mapping(truth[:, i], p.argmax(axis=1))
-        names[level] = [mapping.get(k) for k in range(p.shape[1])]
+        mapping = hungarian_mapping(truth[:, i], clusters[i])
+        names[level] = [mapping.get(k) for k in range(np.asarray(probabilities[i]).shape[1])]
     model.metadata["cluster_names"] = names
 
 

@@ -130,7 +130,7 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
                          covariates=covariates)
     outputs = predict_outputs(model, X, config.get("predict_batch_size", 1024), covariates)
     adata = prepared
-    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs))
+    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs), model)
     adata.obs["scvae_elbo"] = terms["elbo"]
     adata.obs["scvae_iwae"] = per_cell_iwae
 

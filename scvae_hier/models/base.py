@@ -6,6 +6,7 @@ A model subclass only says how to compute its per-cell terms (`terms`) and its o
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -157,6 +158,12 @@ class BaseVAE(keras.Model):
         """[S, B] log p(x, z_s) - log q(z_s|x) for S stateless draws z_s ~ q(z|x), every discrete
         variable summed out of both, so that log-mean-exp over S bounds log p(x) (the IWAE)."""
         raise NotImplementedError
+
+    def level_predictions(self, level_probabilities) -> list:
+        """Each level's cluster per cell from its posterior q(y_l|x) ([n, K_l] numpy arrays, coarse
+        to fine): the argmax of each level on its own. A model whose predictions must nest
+        (TreeVAE) overrides this."""
+        return [np.asarray(p).argmax(axis=1) for p in level_probabilities]
 
     def prior_components(self):
         """The prior p(z) as one mixture: (log weights [M], component distribution with batch [M],

@@ -1,0 +1,147 @@
+"""The AnnData-first Python API on real cells: setup checks, training, results back into the
+caller's AnnData by obs_names, named nested predictions, save/load, gene alignment by name,
+sampling from a hierarchy node, and that the command line trains the very same model."""
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import scvae_hier as sh
+from scvae_hier.api import SetupError
+from scvae_hier.data import DataError
+from scvae_hier.cli import main
+
+TINY = dict(n_genes=80, latent_dim=3, hidden=(16, 16), drop_empty_cells=True)
+TRAIN = dict(max_epochs=2, warm_up=1, batch_size=64, xla=False, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc_slice):
+    adata = anndata.read_h5ad(pbmc_slice)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))  # what a scanpy user holds in X after normalising
+    return adata
+
+
+@pytest.fixture(scope="module")
+def momix(cells):
+    adata = cells.copy()
+    sh.MoMixVAE.setup_anndata(adata, layer="counts", levels=["level_1", "level_2", "level_3", "level_4"],
+                              batch_key="source_dataset")
+    return sh.MoMixVAE(adata, **TINY).train(**TRAIN)
+
+
+def test_setup_refuses_what_it_cannot_use(cells):
+    adata = cells.copy()
+    with pytest.raises(SetupError, match="not set up.*setup_anndata"):
+        sh.MoMixVAE(adata)
+    with pytest.raises(SetupError, match="no layer 'raw'.*counts"):
+        sh.MoMixVAE.setup_anndata(adata, layer="raw")
+    with pytest.raises(DataError, match="non-integer"):
+        sh.MoMixVAE.setup_anndata(adata)  # X holds log1p values, not counts
+    with pytest.raises(ValueError, match="no column.*level_9"):
+        sh.MoMixVAE.setup_anndata(adata, layer="counts", levels=["level_1", "level_9"])
+    with pytest.raises(SetupError, match="batch_key 'donor'"):
+        sh.MoMixVAE.setup_anndata(adata, layer="counts", batch_key="donor")
+    sh.MoMixVAE.setup_anndata(adata, layer="counts", levels=["level_2", "level_4"])
+    with pytest.raises(TypeError, match="Unknown option.*latent_dims"):
+        sh.MoMixVAE(adata, latent_dims=3)
+    model = sh.MoMixVAE(adata, **TINY)
+    with pytest.raises(TypeError, match="Unknown training setting.*epochs"):
+        model.train(epochs=3)
+    with pytest.raises(RuntimeError, match="not trained yet"):
+        model.get_latent_representation()
+    assert model.level_names == ["level_2", "level_4"] and model.module.level_sizes == (5, 10)
+
+
+def test_results_go_back_to_the_callers_cells(momix):
+    adata = momix.adata
+    latent = momix.get_latent_representation()
+    assert latent.shape == (adata.n_obs, 3)
+    modelled = adata.obs_names.isin(momix.cells.adata.obs_names)
+    # Cells dropped for having no counts on the model's genes get NaN, never a shifted row.
+    assert np.isnan(latent[~modelled]).all() and np.isfinite(latent[modelled]).all()
+    assert momix.history.index.tolist() == [0, 1] and "val_elbo" in momix.history
+    levels = momix.predict_levels()
+    assert list(levels.index) == list(adata.obs_names)
+    for level in ["level_1", "level_2", "level_3", "level_4"]:
+        names = levels[f"scvae_{level}"].dropna().astype(str)
+        classes = set(momix.hierarchy.classes(level))
+        assert names.map(lambda n: n in classes or n.startswith("cluster ")).all()
+        probability = levels[f"scvae_{level}_probability"][modelled]
+        assert ((probability > 0) & (probability <= 1 + 1e-6)).all()
+    # The named prediction is the matched class of the predicted cluster, cell by cell.
+    matched = momix.module.metadata["cluster_names"]["level_2"]
+    row = levels[modelled].iloc[0]
+    assert row["scvae_level_2"] == (matched[int(row["scvae_level_2_cluster"])] or
+                                    f"cluster {int(row['scvae_level_2_cluster'])}")
+    adata.obs = adata.obs.join(levels)  # the documented way in; no clash with the true level columns
+    assert "scvae_level_4" in adata.obs and "level_4" in adata.obs
+
+
+def test_save_load_round_trip_and_genes_aligned_by_name(momix, tmp_path):
+    adata = momix.adata
+    before = momix.get_latent_representation()
+    momix.save(tmp_path / "model")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        momix.save(tmp_path / "model")
+    loaded = sh.MoMixVAE.load(tmp_path / "model", adata=adata)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), before)
+    pd.testing.assert_frame_equal(loaded.predict_levels(), momix.predict_levels())
+    assert isinstance(sh.load(tmp_path / "model"), sh.MoMixVAE)
+    with pytest.raises(SetupError, match="holds a MoMixVAE, not a MixtureVAE"):
+        sh.MixtureVAE.load(tmp_path / "model")
+
+    reordered = adata[:, adata.var_names[::-1]].copy()  # same genes, reversed order
+    np.testing.assert_array_equal(loaded.get_latent_representation(reordered), before)
+    genes = momix.module.metadata["genes"]
+    missing = adata[:, ~adata.var_names.isin(genes[:2])].copy()
+    with pytest.raises(DataError, match=f"2 of the 80 required genes are missing.*{genes[0]}"):
+        sh.load(tmp_path / "model", adata=missing)
+
+
+def test_sample_cells_of_a_hierarchy_node(momix):
+    named = [n for n in momix.module.metadata["cluster_names"]["level_2"] if n]
+    node = named[0]
+    sample = momix.sample(n=100, node=node, seed=1)
+    assert sample.shape == (100, 80) and list(sample.var_names) == momix.module.metadata["genes"]
+    counts = sample.X.toarray()
+    assert (counts >= 0).all() and (counts == np.round(counts)).all() and counts.sum() > 0
+    assert (sample.obs["node"] == node).all()
+    assert set(sample.obs["source_dataset"]) <= set(momix.module.metadata["batch_counts"])
+    again = momix.sample(n=100, node=node, seed=1)
+    np.testing.assert_array_equal(again.X.toarray(), counts)  # seeded
+    with pytest.raises(SetupError, match="'Neuron' is not a class of the hierarchy"):
+        momix.sample(n=5, node="Neuron")
+    with pytest.raises(ValueError, match="Unknown batch 'x'"):
+        momix.sample(n=5, node=node, batch="x")
+
+
+def test_flat_mixture_names_nest_in_the_hierarchy(cells):
+    adata = cells.copy()
+    sh.MixtureVAE.setup_anndata(adata, layer="counts")  # the shipped uns['hierarchy']
+    model = sh.MixtureVAE(adata, **TINY).train(**TRAIN)
+    levels = model.predict_levels().dropna()
+    paths = {tuple(p) for p in model.hierarchy.paths.values()}
+    named = levels[~levels["scvae_level_4"].astype(str).str.startswith("cluster ")]
+    assert len(named) > 0
+    for _, row in named.iterrows():
+        assert tuple(row[f"scvae_{lv}"] for lv in model.hierarchy.levels) in paths
+    # Coarser probabilities sum the clusters under the name, so they never fall below the finest one.
+    assert (named["scvae_level_1_probability"] >= named["scvae_level_4_probability"] - 1e-6).all()
+
+
+def test_command_line_trains_the_same_model(momix, cells, tmp_path):
+    """The CLI is a client of the same pieces: equal settings give bit-identical latents."""
+    run, path = tmp_path / "run", tmp_path / "user.h5ad"
+    cells.write_h5ad(path)
+    assert main(["train", str(path), "--model", "momix", "--layer", "counts", "--output", str(run),
+                 "--levels", "level_1", "level_2", "level_3", "level_4", "--batch-key", "source_dataset",
+                 "--n-genes", "80", "--latent-dim", "3", "--hidden", "16", "16", "--drop-empty-cells",
+                 "--epochs", "2", "--warm-up", "1", "--batch-size", "64", "--no-xla"]) == 0
+    outputs = anndata.read_h5ad(run / "outputs.h5ad")
+    latent = pd.DataFrame(momix.get_latent_representation(), index=momix.adata.obs_names)
+    np.testing.assert_array_equal(latent.loc[outputs.obs_names].to_numpy(), outputs.obsm["X_scvae"])
+    loaded = sh.load(run)
+    assert loaded.module.metadata["cluster_names"] == momix.module.metadata["cluster_names"]
