@@ -37,9 +37,8 @@ def iwae(model, X, n_samples=100, batch_size=256, seed=0, progress=None, covaria
 
 def _batch(item):
     """(counts, covariates or None) as tensors from a CountBatches item."""
-    if isinstance(item, tuple):
-        return tf.constant(item[0]), tf.constant(item[1])
-    return tf.constant(item), None
+    covariates = item.get("covariates")
+    return tf.constant(item["counts"]), None if covariates is None else tf.constant(covariates)
 
 
 def elbo_terms(model, X, batch_size=256, covariates=None) -> dict:

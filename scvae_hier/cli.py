@@ -97,12 +97,18 @@ def run_train(args) -> int:
     return 0
 
 
-def _progress(done, total):
-    """IWAE progress on one line (a line every ~10% when not on a terminal)."""
-    if sys.stderr.isatty():
-        print(f"\rIWAE: batch {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-    elif done == total or done % max(1, total // 10) == 0:
-        print(f"IWAE: batch {done}/{total}", file=sys.stderr, flush=True)
+class _Progress:
+    """IWAE progress as a Keras progress bar (one line per update when not on a terminal)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done, total):
+        import keras
+
+        if self.bar is None:
+            self.bar = keras.utils.Progbar(total, unit_name="batch", verbose=1 if sys.stderr.isatty() else 2)
+        self.bar.update(done)
 
 
 def run_evaluate(args) -> int:
@@ -110,7 +116,7 @@ def run_evaluate(args) -> int:
 
     evaluation = evaluate_run(args.run, data=args.data, subset=args.subset, iwae_samples=args.iwae_samples,
                               batch_size=args.batch_size, seed=args.seed,
-                              drop_empty_cells=args.drop_empty_cells or None, progress=_progress)
+                              drop_empty_cells=args.drop_empty_cells or None, progress=_Progress())
     files = write_evaluation(evaluation)
     print(format_evaluation(evaluation))
     print(f"Written to {evaluation.folder}: " + ", ".join(f.name for f in files))

@@ -252,24 +252,42 @@ def split_cells(n_cells, fractions=(0.8, 0.1, 0.1), seed=0):
     return out
 
 
-def fold_cells(n_cells, n_folds, fold, validation_fraction=0.1, seed=0):
+def fold_cells(n_cells, n_folds, fold, validation_fraction=0.1, seed=0, labels=None):
     """'train'/'validation'/'test' for fold `fold` of a seeded `n_folds`-fold cross-validation.
 
-    The seed fixes one partition of the cells into folds, so folds 0..K-1 of the same seed test
-    every cell exactly once; the validation cells (validation_fraction of all cells) are drawn
-    from the other folds."""
+    The seed fixes one partition of the cells into folds (scikit-learn's StratifiedKFold on
+    `labels` when given, so a rare class such as Stem, 9% of the cells, is in every fold in
+    proportion; KFold otherwise), so folds 0..K-1 of the same seed test every cell exactly once;
+    the validation cells (validation_fraction of all cells) are drawn from the other folds,
+    stratified too when every class there has at least two cells."""
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
     if n_folds < 2 or not 0 <= fold < n_folds:
         raise DataError(f"--fold must be in 0..{n_folds - 1} and --folds at least 2; got fold {fold} of {n_folds}")
     if n_cells < n_folds:
         raise DataError(f"{n_cells} cells cannot be split into {n_folds} folds")
     if not 0 <= validation_fraction < 1 - 1 / n_folds:
         raise DataError(f"the validation fraction {validation_fraction} leaves no training cells with {n_folds} folds")
+    cells = np.arange(n_cells)
+    if labels is not None:
+        labels = np.asarray(labels).astype(str)
+        if len(labels) != n_cells:
+            raise DataError(f"{len(labels)} labels for {n_cells} cells")
+        if np.unique(labels, return_counts=True)[1].min() < n_folds:
+            labels = None  # a class with fewer cells than folds cannot be in every fold
+    splitter = (StratifiedKFold(n_folds, shuffle=True, random_state=seed) if labels is not None
+                else KFold(n_folds, shuffle=True, random_state=seed))
+    _, test = list(splitter.split(cells, labels))[fold]
     out = np.full(n_cells, "train", dtype="<U10")
-    chunks = np.array_split(np.random.default_rng(seed).permutation(n_cells), n_folds)
-    out[chunks[fold]] = "test"
+    out[test] = "test"
     rest = np.flatnonzero(out == "train")
     n_validation = int(round(validation_fraction * n_cells))
-    out[np.random.default_rng([seed, fold]).permutation(rest)[:n_validation]] = "validation"
+    if n_validation:
+        strata = labels[rest] if labels is not None else None
+        if strata is not None and np.unique(strata, return_counts=True)[1].min() < 2:
+            strata = None
+        _, validation = train_test_split(rest, test_size=n_validation, random_state=seed + fold, stratify=strata)
+        out[validation] = "validation"
     return out
 
 
@@ -353,10 +371,10 @@ class CountBatches(keras.utils.PyDataset):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
         rows = self.order()[index * self.batch_size:(index + 1) * self.batch_size]
         x = self.X[rows]
-        x = x.toarray() if sp.issparse(x) else x
-        if self.covariates is None:
-            return x
-        return x, self.covariates[rows]
+        batch = {"counts": x.toarray() if sp.issparse(x) else x}
+        if self.covariates is not None:
+            batch["covariates"] = self.covariates[rows]
+        return batch
 
     def on_epoch_end(self):
         self.epoch += 1

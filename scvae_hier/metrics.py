@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score,
+from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score, f1_score,
                              normalized_mutual_info_score)
 
 
@@ -49,22 +49,21 @@ def hungarian_mapping(true, predicted):
 def hungarian_f1(true, predicted):
     """F1 per class after the Hungarian mapping, with weighted/macro averages and accuracy.
 
-    Computed from the count table: a matched pair (class i, cluster j) has tp = n_ij, support
-    n_i. and n_.j predictions of class i; cells of unmatched clusters are predictions of no class.
+    scikit-learn's f1_score on the mapped labels: cells of unmatched clusters are predictions of
+    no class (a label outside `labels`), so they count as misses of their class and as no one's
+    false positive; a class no cluster is matched to gets F1 0.
     """
-    classes, _, table, _, _ = _contingency(true, predicted)
-    rows, cols = _assignment(table)
-    support = table.sum(axis=1)
-    f1 = np.zeros(classes.size)
-    for r, c in zip(rows, cols):
-        tp = table[r, c]
-        denominator = support[r] + table[:, c].sum()
-        f1[r] = 2.0 * tp / denominator if denominator else 0.0
-    n = table.sum()
-    return {"weighted": float(np.sum(f1 * support) / n),
-            "macro": float(np.mean(f1)),
-            "per_class": {cls.item(): float(v) for cls, v in zip(classes, f1)},
-            "accuracy": float(table[rows, cols].sum() / n)}
+    classes, true_index = np.unique(np.asarray(true).ravel(), return_inverse=True)
+    index = {cls.item(): i for i, cls in enumerate(classes)}
+    mapping = hungarian_mapping(true, predicted)
+    mapped = np.array([index[mapping[p]] if p in mapping else -1      # -1: a cluster matched to no class
+                       for p in np.asarray(predicted).ravel().tolist()])
+    per_class = f1_score(true_index, mapped, labels=np.arange(classes.size), average=None, zero_division=0.0)
+    support = np.bincount(true_index, minlength=classes.size)
+    return {"weighted": float(np.sum(per_class * support) / support.sum()),
+            "macro": float(np.mean(per_class)),
+            "per_class": {cls.item(): float(v) for cls, v in zip(classes, per_class)},
+            "accuracy": float(np.mean(mapped == true_index))}
 
 
 def majority_accuracy(true, predicted):

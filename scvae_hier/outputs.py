@@ -8,7 +8,8 @@ Keys written by `scvae-hier train` into outputs.h5ad:
   each hierarchy level (IndMoMVAE, MoMixVAE), e.g. obs["scvae_level_4_cluster"];
 - obsm["X_scvae_<level>"]: IndMoMVAE's per-branch latent means;
 - obs["split"]: train / validation / test;
-- uns["scvae"]: the model name and the first-look ARI per hierarchy level.
+- uns["scvae"]: the model name, its kind of clustering ("none", "flat" or "levels") and the
+  first-look ARI per hierarchy level.
 """
 import numpy as np
 import pandas as pd
@@ -62,6 +63,17 @@ def annotate(adata, outputs, level_names, model=None) -> list:
     return clusters_by_level
 
 
+def clustering_of(adata) -> str:
+    """"none", "flat" or "levels": the kind of clustering of an annotated AnnData (outputs.h5ad or
+    an evaluation's cells.h5ad), as the model declared it (runs written before 0.2: from the keys)."""
+    recorded = adata.uns.get("scvae", {}).get("clustering")
+    if recorded is not None:
+        return str(recorded)
+    if "scvae_cluster" in adata.obs:
+        return "flat"
+    return "levels" if any(k.startswith("scvae_") and k.endswith("_cluster") for k in adata.obs) else "none"
+
+
 def level_names(hierarchy, outputs) -> list:
     """The hierarchy's level names, or level_1..level_L from the model's own levels."""
     if hierarchy is not None:
@@ -82,6 +94,7 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
         metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])
                           for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
                           if mask.any()}
-    adata.uns["scvae"] = {"model": metrics["model"], "metrics": {k: v for k, v in metrics.items() if k != "model"}}
+    adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
+                          "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     adata.write_h5ad(run.outputs, compression="gzip")
     return metrics

@@ -33,6 +33,12 @@ class RunDirectory:
     checkpoint_model = property(lambda self: self.path / "checkpoint" / "last.keras")
     checkpoint_best = property(lambda self: self.path / "checkpoint" / "best.weights.h5")
     checkpoint_state = property(lambda self: self.path / "checkpoint" / "state.json")
+    figures = property(lambda self: self.path / "figures")
+    report = property(lambda self: self.path / "report.md")
+
+    def evaluation(self, name="test") -> Path:
+        """Folder of `scvae-hier evaluate` on one set of cells (test, validation, ..., <file>-all)."""
+        return self.path / "evaluation" / name
 
     def is_finished(self) -> bool:
         return self.model.exists() and self.outputs.exists()

@@ -210,7 +210,9 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
 def make_split(cells: Cells, options: TrainOptions) -> np.ndarray:
     n = cells.adata.n_obs
     if options.folds:
-        return fold_cells(n, options.folds, options.fold, options.split[1], options.seed)
+        labels = (cells.adata.obs[cells.hierarchy.label_column].to_numpy() if cells.hierarchy is not None
+                  else None)
+        return fold_cells(n, options.folds, options.fold, options.split[1], options.seed, labels)
     return split_cells(n, tuple(options.split), options.seed)
 
 

@@ -2,7 +2,6 @@
 import gzip
 import hashlib
 import shutil
-from pathlib import Path
 
 import anndata
 import h5py
@@ -15,12 +14,7 @@ import scipy.sparse as sp
 from scvae_hier.data import (CountBatches, DataError, file_checksum, prepare, read_counts,
                              split_cells, validate_counts, fold_cells)
 
-PBMC = Path(__file__).resolve().parent.parent / "data" / "pbmc.h5ad"
-
-
-@pytest.fixture(scope="module")
-def pbmc():
-    return read_counts(PBMC)
+from conftest import PBMC
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +44,13 @@ def assert_same_counts(adata, small):
 # -- readers -------------------------------------------------------------------------------
 
 def test_read_shipped_h5ad(pbmc):
+    """`pbmc` is read_counts(PBMC), read once per session (conftest.py)."""
     assert pbmc.shape == (9149, 8149)
     assert pbmc.X.format == "csr" and pbmc.X.dtype == np.float32
     validate_counts(pbmc.X)
-    raw = anndata.read_h5ad(PBMC)
-    assert raw.X.dtype == np.int32  # the shipped file keeps integer counts
-    assert raw.X.sum() == pbmc.X.sum()
+    with h5py.File(PBMC, "r") as raw:  # the file itself, without reading it whole a second time
+        assert raw["X"]["data"].dtype == np.int32  # the shipped file keeps integer counts
+        assert raw["X"]["data"][:].sum(dtype=np.int64) == pbmc.X.sum(dtype=np.float64)
     assert pbmc.obs["source_library"].value_counts()["cd14_monocytes"] == 758
     for level in ["level_1", "level_2", "level_3", "level_4"]:
         assert level in pbmc.obs
@@ -332,18 +327,19 @@ def test_count_batches_in_order(pbmc_1000):
     X = pbmc_1000.X[:300]
     batches = CountBatches(X, batch_size=64)
     assert len(batches) == 5
-    parts = [batches[i] for i in range(len(batches))]
+    parts = [batches[i]["counts"] for i in range(len(batches))]
     assert all(p.dtype == np.float32 and isinstance(p, np.ndarray) for p in parts)
     assert [len(p) for p in parts] == [64, 64, 64, 64, 44]
     np.testing.assert_array_equal(np.concatenate(parts), X.toarray())
     with pytest.raises(IndexError):
         batches[5]
     dense = CountBatches(X.toarray(), batch_size=64)
-    np.testing.assert_array_equal(dense[4], parts[4])
+    np.testing.assert_array_equal(dense[4]["counts"], parts[4])
+    assert set(batches[0]) == {"counts"}  # covariates only for a model trained with them
 
 
 def _epoch(batches):
-    xs, rows = zip(*(batches[i] for i in range(len(batches))))
+    xs, rows = zip(*((batches[i]["counts"], batches[i]["covariates"]) for i in range(len(batches))))
     return np.concatenate(xs), np.concatenate(rows)
 
 
@@ -380,14 +376,15 @@ def test_count_batches_under_keras_fit(small):
         class Recording(CountBatches):
             def __getitem__(self, index):
                 seen.append((self.epoch, index))
-                return super().__getitem__(index)
+                batch = super().__getitem__(index)
+                return batch["counts"], batch["covariates"]  # (inputs, targets) for the toy regression
 
         X = small.X.astype(np.float32)
         batches = Recording(X, batch_size=16, shuffle=True, seed=1,
                             covariates=np.zeros((small.n_obs, 1), np.float32))
         batches.epoch = initial_epoch
         model = keras.Sequential([keras.Input((small.n_vars,)), keras.layers.Dense(1)])
-        model.compile("sgd", "mse")
+        model.compile("sgd", "mse", jit_compile=False)
         model.fit(batches, epochs=3, initial_epoch=initial_epoch, shuffle=False, verbose=0)
         return [s for s in seen if s[0] > initial_epoch]  # drop Keras' shape-probing calls
 
@@ -405,6 +402,11 @@ def test_folds_test_every_cell_once_and_draw_validation_from_the_rest():
         assert (f == "validation").sum() == 100 and (f == "train").sum() == 1003 - 100 - (f == "test").sum()
     np.testing.assert_array_equal(folds[0], fold_cells(1003, 5, 0, 0.1, seed=2))
     assert np.any(folds[0] != fold_cells(1003, 5, 0, 0.1, seed=3))
+    # Stratified by label: a 9% class is in every test fold in proportion (18 of 200 cells).
+    labels = np.where(np.arange(1003) < 90, "stem", "other")
+    for k in range(5):
+        test = fold_cells(1003, 5, k, 0.1, seed=2, labels=labels) == "test"
+        assert 18 <= (labels[test] == "stem").sum() <= 18 + 1
     with pytest.raises(DataError, match="--fold must be in 0..4"):
         fold_cells(100, 5, 5)
     with pytest.raises(DataError, match="leaves no training cells"):

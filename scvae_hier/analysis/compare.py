@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from ..runs import RunDirectory  # noqa: E402
 from .scvae_runs import ScvaeRunError, read_scvae_run, scvae_level_scores  # noqa: E402
 
 SCORES = ["ari", "nmi", "ami", "f1_weighted", "f1_macro", "accuracy_hungarian", "accuracy_majority",
@@ -173,4 +174,4 @@ def figure_one(rows: pd.DataFrame, level: str, path) -> Path:
 
 def evaluated_cells(run_path, name) -> anndata.AnnData:
     """The AnnData `scvae-hier evaluate` wrote for a run (cells.h5ad)."""
-    return anndata.read_h5ad(Path(run_path) / "evaluation" / name / "cells.h5ad")
+    return anndata.read_h5ad(RunDirectory(run_path).evaluation(name) / "cells.h5ad")

@@ -37,7 +37,7 @@ class Evaluation:
 
     @property
     def folder(self) -> Path:
-        return self.run.path / "evaluation" / self.name
+        return self.run.evaluation(self.name)
 
 
 def _data_path(config: dict, data) -> Path:
@@ -143,7 +143,8 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
     levels = None
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
-        levels = level_table(hierarchy, labels, clusters_by_level, flat="scvae_cluster" in adata.obs)
+        levels = level_table(hierarchy, labels, clusters_by_level, flat=model.clustering == "flat")
+    adata.uns["scvae"] = {"model": type(model).__name__, "clustering": model.clustering}
     adata.uns["scvae_evaluation"] = {
         "bounds": {"iwae": bounds["iwae"]["mean"], "iwae_samples": bounds["iwae_samples"],
                    **{term: value["mean"] for term, value in bounds["terms"].items()}},
@@ -174,7 +175,7 @@ def write_evaluation(evaluation: Evaluation) -> list:
 
 def read_evaluation(run_path, name="test"):
     """(bounds dict, per-level DataFrame or None) written by a previous evaluation, or None."""
-    folder = RunDirectory(run_path).path / "evaluation" / name
+    folder = RunDirectory(run_path).evaluation(name)
     if not (folder / "bounds.json").is_file():
         return None
     import json

@@ -23,6 +23,7 @@ from . import compare
 from .report import comparison_report, slug
 from ..options import TrainOptions
 from .evaluate import evaluate_run, read_evaluation, write_evaluation
+from ..outputs import clustering_of
 from ..runs import RunDirectory
 from ..training import train
 
@@ -102,14 +103,14 @@ def level_one_details(runs, names) -> pd.DataFrame:
     for run in runs:
         config = RunDirectory(run).read_config()
         cells = compare.evaluated_cells(run, "test")
-        record = json.loads((Path(run) / "evaluation" / "test" / "level_metrics.json").read_text())
+        record = json.loads((RunDirectory(run).evaluation("test") / "level_metrics.json").read_text())
         levels = list(record["levels"])
         first = levels[0]
         per_class = record.get("per_class_f1", {}).get(first, {})
         hierarchy_labels = cells.obs[config["hierarchy"]["label_column"]].astype(str)
         paths = {label: path for label, path in config["hierarchy"]["paths"].items()}
         finest = hierarchy_labels.map(lambda label: paths[label][-1]).to_numpy()
-        flat = "scvae_cluster" in cells.obs
+        flat = clustering_of(cells) == "flat"
         top = (cells.obs["scvae_cluster"] if flat else cells.obs[f"scvae_{first}_cluster"]).astype(str).to_numpy()
         split = []
         for cluster in sorted(set(top), key=lambda c: -np.sum(top == c)):
@@ -195,7 +196,7 @@ def run_experiment(config_path, only_folds=None, log=print) -> Path:
     poster = poster_table(summary, config.get("level", "level_4"))
     poster.to_csv(results / "poster.csv", index=False)
     wall = time.time() - started
-    seconds = {run: json.loads((Path(run) / "metrics.json").read_text()).get("seconds") for run in runs}
+    seconds = {run: json.loads(RunDirectory(run).metrics.read_text()).get("seconds") for run in runs}
     info = {"command": "scvae-hier experiment " + str(config_path), "date": datetime.now(timezone.utc).isoformat(),
             "wall_seconds_this_invocation": round(wall, 1),
             "training_seconds_per_run": seconds, "training_seconds_total": round(sum(filter(None, seconds.values())), 1),

@@ -106,7 +106,7 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
     lines += ["", "## Figures", ""] + _figure_lines(figures, run.path)
     lines += ["Per-cell outputs: `outputs.h5ad` (all cells) and `evaluation/<set>/cells.h5ad` (evaluated cells); "
               "keys in the README's 'Outputs' section."]
-    path = run.path / "report.md"
+    path = run.report
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     progress(f"Report: {path}")
     return path

@@ -68,7 +68,7 @@ class BaseVAE(keras.Model):
         # Noise comes from stateless draws keyed by (seed, draw counter); the counter is a saved
         # weight, so a run resumed from its checkpoint continues the very same noise stream.
         self.noise_draws = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False,
-                                           name="noise_draws")
+                                           aggregation="only_first_replica", name="noise_draws")
 
     # ------------------------------------------------------------------ pieces for subclasses
     def _init_trackers(self):
@@ -119,7 +119,13 @@ class BaseVAE(keras.Model):
         return params
 
     def sample_noise(self, shape):
+        """Standard normal noise from the stateless seed (model seed, draw counter). Under a
+        tf.distribute strategy each replica folds its index into the seed, so replicas draw
+        different noise, reproducibly; on one device the stream is unchanged."""
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
         self.noise_draws.assign_add(1)
         return tf.random.stateless_normal(shape, seed=seed)
 
@@ -200,13 +206,17 @@ class BaseVAE(keras.Model):
         return {name: tracker.result() for name, tracker in self.trackers.items()}
 
     def _unpack(self, data):
-        """(counts, covariates or None) from a batch: x alone, or (x, c) as CountBatches gives
-        with covariates (Keras passes that second element where it expects targets)."""
+        """(counts, covariates or None) from a batch: a dict as CountBatches gives ("counts", and
+        "covariates" for a model trained with a batch covariate; room for labels and masks), or
+        bare counts. Keras may wrap the dict in a 1-tuple (inputs without targets)."""
+        if isinstance(data, (tuple, list)) and len(data) == 1:
+            data = data[0]
+        if isinstance(data, dict):
+            return data["counts"], self.check_covariates(data.get("covariates"))
         if isinstance(data, (tuple, list)):
-            x, covariates = data[0], (data[1] if len(data) > 1 else None)
-        else:
-            x, covariates = data, None
-        return x, self.check_covariates(covariates)
+            raise TypeError("Pass batches as a dict {'counts': x, 'covariates': c} (or counts alone), "
+                            "as scvae_hier.data.CountBatches gives them.")
+        return data, self.check_covariates(None)
 
     def train_step(self, data):
         x, covariates = self._unpack(data)
