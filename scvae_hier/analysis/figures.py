@@ -107,6 +107,9 @@ def _labels(adata, hierarchy):
 
 
 def _save(fig, path):
+    """Write the figure to `path` and close it; with path None return the open figure (sh.pl)."""
+    if path is None:
+        return fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
