@@ -19,11 +19,10 @@ regions of the latent space itself, where a graph clustering of the latent finds
 instead of the output of a separate y-encoder that can disagree with the latent's geometry.
 ELBO = E_q log p(x|z) - sum_c q(c|x) KL(q(z|x) || p(z|c)) - KL(q(c|x) || p(c)), exact in c.
 
-Re-seeding: at the start of epoch `reseed_epoch` (after the KL warm-up, when the latent has
-formed but the prior has not yet shaped it), the components are set from a clustering of the
-training cells' latent means: k-means into as many clusters as leaves, each cluster matched to a
-leaf so that the hierarchy's classes are as compact as possible in the latent (`match_to_tree`,
-exhaustive over assignments for up to 10 leaves), and split again into the leaf's components.
+Re-seeding: at the start of each epoch in `reseed_epochs` (once the latent has formed), the components are set from a clustering of the
+training cells' latent means: k-means into `reseed_clusters` clusters per leaf, the clusters
+assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
+the latent (`assign_to_tree`), and each leaf split again into its components.
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
@@ -85,12 +84,12 @@ def path_predictions(level_probabilities, parents):
 
 
 def _tree_scores(centres, counts, ancestors, assignments):
-    """Between-class sum of squares, summed over the coarse levels, of each assignment of
-    clusters to leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the
-    total sum of squares is fixed, so this is minus the within-class sum of squares."""
+    """Between-class sum of squares, summed over the levels, of each assignment of clusters to
+    leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the total sum of
+    squares is fixed, so this is minus the within-class sum of squares."""
     weighted = centres * counts[:, None]
     score = np.zeros(len(assignments))
-    for row in ancestors[:-1]:
+    for row in ancestors:
         nodes = row[assignments]                                              # [A, K]
         onehot = nodes[:, :, None] == np.arange(row.max() + 1)                # [A, K, J]
         sums = np.einsum("akj,kd->ajd", onehot, weighted)
@@ -137,13 +136,52 @@ def match_to_tree(centres, counts, parents, seed=0, chunk=40320):
     return np.asarray(best, dtype=int)
 
 
-def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, n_init=10):
-    """Nested clustering of latent points [n, D] in the tree's shape: k-means into n_leaves
-    clusters matched to leaves by `match_to_tree`, each split by k-means into `per_leaf`
-    components. Returns the component of every point [n] (component m belongs to leaf m // per_leaf)."""
-    fit = KMeans(n_clusters=n_leaves, n_init=n_init, random_state=seed).fit(latent)
-    counts = np.bincount(fit.labels_, minlength=n_leaves)
-    leaf = match_to_tree(fit.cluster_centers_, counts, parents, seed)[fit.labels_]
+def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30):
+    """Assign K >= n_leaves clusters to leaves (every leaf at least one) so that the classes of every
+    level, leaves included, are as compact as possible: local search (moves of one cluster to
+    another leaf, swaps of two) from `starts` random assignments. Returns leaf_of_cluster [K]."""
+    centres, counts = np.asarray(centres, float), np.asarray(counts, float)
+    k = len(centres)
+    if k == n_leaves and k <= EXHAUSTIVE_LEAVES:
+        return match_to_tree(centres, counts, parents, seed)
+    ancestors = leaf_ancestors(parents, n_leaves)
+    rng = np.random.default_rng(seed)
+    best, best_score = None, -np.inf
+    for _ in range(starts):
+        current = np.concatenate([rng.permutation(n_leaves), rng.integers(0, n_leaves, k - n_leaves)])[rng.permutation(k)]
+        score = _tree_scores(centres, counts, ancestors, current[None])[0]
+        while True:
+            sizes = np.bincount(current, minlength=n_leaves)
+            candidates = []
+            for i in range(k):
+                if sizes[current[i]] > 1:
+                    for leaf in range(n_leaves):
+                        if leaf != current[i]:
+                            candidates.append(current.copy())
+                            candidates[-1][i] = leaf
+                for j in range(i + 1, k):
+                    if current[i] != current[j]:
+                        candidates.append(current.copy())
+                        candidates[-1][[i, j]] = current[[j, i]]
+            candidates = np.array(candidates)
+            scores = _tree_scores(centres, counts, ancestors, candidates)
+            if scores.max() <= score + 1e-9:
+                break
+            current, score = candidates[scores.argmax()], scores.max()
+        if score > best_score:
+            best, best_score = current, score
+    return np.asarray(best, dtype=int)
+
+
+def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10):
+    """Nested clustering of latent points [n, D] in the tree's shape: k-means into
+    clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
+    k-means splits in two, and two that it merges, are both common: more clusters than leaves let
+    the tree's shape decide), then each leaf split by k-means into `per_leaf` components. Returns
+    the component of every point [n] (component m belongs to leaf m // per_leaf)."""
+    fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
+    counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
+    leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed)[fit.labels_]
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -231,6 +269,21 @@ class TreePathComponents(keras.layers.Layer):
             self.own.assign(own.astype("float32"))
         self.raw_scale.assign(np.log(np.expm1(np.clip(spread, 0.05, None))).astype("float32"))
 
+    def set_moments(self, means, scales):
+        """Set every offset so that component c sits at means[c] (a class's offset is the mean of its
+        components' means minus its parent's), and scales [M, D]."""
+        means = np.asarray(means, dtype="float64")
+        parent_means, parent_of = np.zeros((1, self.latent_dim)), np.zeros(self.n_components, dtype=int)
+        for level, (offset, row) in enumerate(zip(self.offsets, self.ancestors)):
+            row = np.asarray(row)
+            node_means = np.array([means[row == j].mean(axis=0) for j in range(offset.shape[0])])
+            parents_here = np.array([parent_of[row == j][0] for j in range(offset.shape[0])])
+            offset.assign(((node_means - parent_means[parents_here]) / TREE_SHRINK ** level).astype("float32"))
+            parent_means, parent_of = node_means, row
+        if self.own is not None:
+            self.own.assign(((means - parent_means[parent_of]) / TREE_SHRINK ** len(self.offsets)).astype("float32"))
+        self.raw_scale.assign(np.log(np.expm1(np.clip(scales, 1e-3, None))).astype("float32"))
+
     def get_config(self):
         return {**super().get_config(), "ancestors": self.ancestors, "latent_dim": self.latent_dim, "law": self.law}
 
@@ -249,10 +302,11 @@ class TreeVAE(HierarchicalVAE):
         parents = [hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)]
         return dict(super().arguments_from(options, hierarchy), parents=parents,
                     components_per_leaf=options.components_per_leaf,
-                    prior_probabilities=options.prior_probabilities, reseed_epoch=options.reseed_epoch)
+                    prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
+                    reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
-                 prior="normal", prior_probabilities="uniform", reseed_epoch=0, **kwargs):
+                 prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -262,7 +316,9 @@ class TreeVAE(HierarchicalVAE):
             raise ValueError(f"components_per_leaf must be at least 1, got {components_per_leaf}.")
         self.components_per_leaf = int(components_per_leaf)
         self.prior_probabilities = prior_probabilities
-        self.reseed_epoch = int(reseed_epoch)
+        self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
+        self.reseed_clusters = int(reseed_clusters)
+        self.final_refit = int(final_refit)
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -297,15 +353,49 @@ class TreeVAE(HierarchicalVAE):
         self.components.set_from_points(centres, leaf * self.components_per_leaf,
                                         scales=np.asarray(scales)[np.argsort(leaf)][self.component_ancestors[-1]])
 
-    def reseed(self, latent):
-        """Set components (and learnable p(c)) from a tree-shaped clustering of latent means."""
-        component = tree_clustering(np.asarray(latent), self.parents, self.level_sizes[-1],
-                                    self.components_per_leaf, self.seed)
-        self.components.set_from_points(latent, component)
+    def reseed(self, latent, latent_scale=None):
+        """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]:
+        each at its cells' mean, with variance the spread of their means plus their mean posterior
+        variance (latent_scale [n, D], the M-step of EM; without it, the means' spread alone)."""
+        latent = np.asarray(latent, "float64")
+        component = tree_clustering(latent, self.parents, self.level_sizes[-1],
+                                    self.components_per_leaf, self.seed, self.reseed_clusters)
+        posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
+        means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
+        for c in range(self.n_components):
+            members, jitter = component == c, 0.0
+            if not members.any():  # a leaf with fewer cells than components: near its leaf's mean
+                members = component // self.components_per_leaf == c // self.components_per_leaf
+                jitter = 0.01 * (c % self.components_per_leaf)
+            if members.any():
+                means[c] = latent[members].mean(axis=0) + jitter
+                scales[c] = np.sqrt(latent[members].var(axis=0) + posterior_variance[members].mean(axis=0))
+        self.components.set_moments(means, np.clip(scales, 0.05, None))
         if self.prior_probabilities == "learnable":
             share = (np.bincount(component, minlength=self.n_components) + 1.0) / (len(component) + self.n_components)
             self.prior_logits.assign(np.log(share).astype("float32"))
         return component
+
+    def refit_prior(self, loc, scale, steps=10, reseed=True):
+        """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
+        latent means, then EM steps that each raise the ELBO's prior terms sum over cells of
+        log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
+        mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
+        p(c) = mean q(c|x) when learnable). Returns the component of every cell (argmax q(c|x))."""
+        loc, scale = np.asarray(loc, "float64"), np.asarray(scale, "float64")
+        if reseed:
+            self.reseed(loc, scale)
+        for _ in range(steps):
+            q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
+                                                    tf.constant(loc, tf.float32)).numpy().astype("float64"))
+            weight = q.sum(axis=0) + 1e-8                                              # [M]
+            means = (q.T @ loc) / weight[:, None]
+            variances = (q.T @ (scale ** 2 + loc ** 2)) / weight[:, None] - means ** 2
+            self.components.set_moments(means, np.sqrt(np.maximum(variances, 1e-6)))
+            if self.prior_probabilities == "learnable":
+                self.prior_logits.assign(np.log(weight / weight.sum()).astype("float32"))
+        return self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
+                                            tf.constant(loc, tf.float32)).numpy().argmax(axis=1)
 
     # --------------------------------------------------------------------------- inference
     def encode(self, x, training=False, covariates=None):
@@ -367,46 +457,59 @@ class TreeVAE(HierarchicalVAE):
 
     # ---------------------------------------------------------------------------- training
     def fit(self, x=None, *args, callbacks=None, **kwargs):
-        """Keras fit, plus the re-seeding callback when `reseed_epoch` is set and the training
-        data is a CountBatches (or an array) the callback can read the cells from."""
+        """Keras fit, plus the re-seeding callback when `reseed_epochs` is set, and the final refit
+        of the prior (`refit_prior`, `final_refit` EM steps) once fitting ends and the best weights
+        are back, when the training data is a CountBatches (or an array) to read the cells from."""
         callbacks = list(callbacks or [])
-        if self.reseed_epoch > 0 and not any(isinstance(c, TreeReseeding) for c in callbacks):
-            cells = getattr(x, "X", x)
-            if cells is not None and hasattr(cells, "shape"):
-                callbacks.insert(0, TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epoch, log=print))
-        return super().fit(x, *args, callbacks=callbacks, **kwargs)
+        reseeding = next((c for c in callbacks if isinstance(c, TreeReseeding)), None)
+        cells = getattr(x, "X", x)
+        if reseeding is None and (self.reseed_epochs or self.final_refit) and hasattr(cells, "shape"):
+            reseeding = TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epochs, log=print)
+            callbacks.insert(0, reseeding)
+        history = super().fit(x, *args, callbacks=callbacks, **kwargs)
+        if self.final_refit and reseeding is not None:  # after the best weights are restored
+            reseeding.set_model(self)
+            self.refit_prior(*reseeding.latent(), steps=self.final_refit)
+            print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
+                  f"{self.final_refit} EM steps.")
+        return history
 
     def get_config(self):
         return {**super().get_config(), "parents": self.parents, "components_per_leaf": self.components_per_leaf,
-                "prior_probabilities": self.prior_probabilities, "reseed_epoch": self.reseed_epoch}
+                "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
+                "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit}
 
 
 class TreeReseeding(keras.callbacks.Callback):
-    """At the start of epoch `epoch`, set TreeVAE's components from a tree-shaped clustering of
+    """At the start of each of `epochs` (counted from 0), set TreeVAE's components from a tree-shaped clustering of
     the training cells' latent means (`TreeVAE.reseed`). A run resumed after that epoch keeps
     the re-seeded weights from its checkpoint; one resumed at that epoch re-seeds as the
     uninterrupted run did (same weights, same seed, same k-means)."""
 
-    def __init__(self, cells, covariates=None, epoch=5, batch_size=1024, log=None):
+    def __init__(self, cells, covariates=None, epochs=(5,), batch_size=1024, log=None):
         super().__init__()
-        self.cells, self.covariates, self.epoch = cells, covariates, int(epoch)
+        self.cells, self.covariates = cells, covariates
+        self.epochs = tuple(int(e) for e in (epochs if np.ndim(epochs) else [epochs]))
         self.batch_size, self.log = int(batch_size), log
         self.assignments = None
 
     def latent(self):
-        means = []
+        """Means and scales of q(z|x) of every training cell."""
+        means, scales = [], []
         for start in range(0, self.cells.shape[0], self.batch_size):
             x = self.cells[start:start + self.batch_size]
             x = tf.constant(x.toarray() if hasattr(x, "toarray") else np.asarray(x), tf.float32)
             c = None if self.covariates is None else tf.constant(self.covariates[start:start + self.batch_size],
                                                                  tf.float32)
-            means.append(self.model.encode(x, covariates=self.model.check_covariates(c))[1].numpy())
-        return np.concatenate(means)
+            _, loc, scale = self.model.encode(x, covariates=self.model.check_covariates(c))
+            means.append(loc.numpy())
+            scales.append(scale.numpy())
+        return np.concatenate(means), np.concatenate(scales)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch != self.epoch:
+        if epoch not in self.epochs:
             return
-        self.assignments = self.model.reseed(self.latent())
+        self.assignments = self.model.reseed(*self.latent())
         if self.log:
             used = np.bincount(self.assignments, minlength=self.model.n_components)
             self.log(f"Re-seeded the tree's components from the latent at epoch {epoch + 1}: cells per component {used.tolist()}.")

@@ -1,0 +1,80 @@
+"""Offline check of a final prior refit on finished TreeVAE runs (no training): load the run's
+model, take q(z|x) of its training cells, re-seed the components from a tree-shaped k-means of
+the latent means and run EM steps on the prior terms (`TreeVAE.refit_prior`), then score the
+validation cells' nested predictions as score.py does. Writes nothing into the run.
+
+    python analyses/tuning/tree/refit.py RUN [RUN ...]
+"""
+import os
+import sys
+
+for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ[name] = "1"
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import anndata  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+import scvae_hier.models.tree  # noqa: E402,F401  (registers TreeVAE)
+from scvae_hier.data import batch_covariates  # noqa: E402
+from scvae_hier.hierarchy import Hierarchy  # noqa: E402
+from scvae_hier.models.tree import leaf_ancestors, path_predictions  # noqa: E402
+
+from scvae_hier.models.tree import TreeVAE  # noqa: E402
+
+# The first runs of this tuning saved reseed_epoch (one epoch) before it became reseed_epochs.
+TreeVAE.from_config = classmethod(lambda cls, config: cls(**{
+    ("reseed_epochs" if k == "reseed_epoch" else k): ([v] if k == "reseed_epoch" else v) for k, v in config.items()}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score import hungarian_f1  # noqa: E402
+
+
+def encode(model, X, covariates, batch=1024):
+    locs, scales = [], []
+    for start in range(0, X.shape[0], batch):
+        x = X[start:start + batch]
+        x = tf.constant(x.toarray() if hasattr(x, "toarray") else np.asarray(x), tf.float32)
+        c = None if covariates is None else tf.constant(covariates[start:start + batch])
+        _, loc, scale = model.encode(x, covariates=c)
+        locs.append(loc.numpy())
+        scales.append(scale.numpy())
+    return np.concatenate(locs), np.concatenate(scales)
+
+
+def evaluate(model, loc, scale, truth, parents):
+    log_qc = model.component_log_posterior(tf.constant(loc), tf.constant(scale), tf.constant(loc))
+    probabilities = [np.exp(m.numpy()) for m in model.level_log_marginals(log_qc)]
+    nested = path_predictions(probabilities, parents)
+    aris = [adjusted_rand_score(truth[:, l], nested[l]) for l in range(truth.shape[1])]
+    return aris, hungarian_f1(truth[:, -1], nested[-1])["weighted"]
+
+
+for path in sys.argv[1:]:
+    folder = Path(path)
+    config = json.loads((folder / "config.json").read_text())
+    hierarchy = Hierarchy.from_dict(config["hierarchy"])
+    model = keras.saving.load_model(folder / "model.keras")
+    cells = anndata.read_h5ad(folder / "outputs.h5ad")
+    covariates = None
+    if config["options"].get("batch_key"):
+        covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
+    split = cells.obs["split"].to_numpy()
+    truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
+    loc, scale = encode(model, cells.X, covariates)
+    train, validation = split == "train", split == "validation"
+    before = evaluate(model, loc[validation], scale[validation], truth[validation], model.parents)
+    results = {"as trained": before}
+    for steps, reseed in ((0, True), (10, True), (10, False)):
+        fresh = keras.saving.load_model(folder / "model.keras")
+        fresh.refit_prior(loc[train], scale[train], steps=steps, reseed=reseed)
+        results[f"reseed={reseed} em={steps}"] = evaluate(fresh, loc[validation], scale[validation],
+                                                          truth[validation], model.parents)
+    for name, (aris, f1) in results.items():
+        print(f"{folder.name:<28} {name:<22} ARI {' / '.join(f'{a:.2f}' for a in aris)}  wF1 {f1:.2f}", flush=True)
