@@ -4,8 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import (LOG_R_RANGE, component_law, get_likelihood, negative_binomial_rate_terms,
-                             nested_mixture_prior)
+from ..distributions import (LOG_R_RANGE, component_law, get_likelihood, lgamma_ratio_sum, nested_mixture_prior)
 
 NORMALISATIONS = ("batch", "layer", "none")
 DISPERSIONS = ("cell", "gene")
@@ -124,23 +123,39 @@ class CountDecoder(keras.layers.Layer):
             params["logits"] = log_mean - tf.clip_by_value(params["log_r"], *LOG_R_RANGE)
         return params
 
+    # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only; tests and
+    # benchmarks/count_law_speed.py set distributions.dense_lgamma_ratio_sum on an instance to compare.
+    lgamma_ratio_sum = staticmethod(lgamma_ratio_sum)
+
     def log_prob(self, x, params):
         """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params
-        (clusters or paths), and the parameter-free log x! is computed once per cell (with one
-        dispersion per gene, so is the NB's lgamma(x + r) - lgamma(r))."""
-        per_cell = -tf.math.lgamma(x + 1.0)
-        if self.dispersion == "gene" and not self.likelihood.zero_inflated:
-            r = tf.exp(tf.clip_by_value(self.gene_log_r, *LOG_R_RANGE))
-            per_cell += tf.math.lgamma(x + r) - tf.math.lgamma(r)
-            law = negative_binomial_rate_terms
-        else:
-            law = self.likelihood.log_prob_plus_log_factorial
-        per_cell = tf.reduce_sum(per_cell, axis=-1)
+        (clusters or paths), and the parameter-free log x! is computed once per cell.
+
+        For the negative-binomial laws the costly lgamma(x + r) - lgamma(r) is 0 where x = 0, so it
+        is summed apart (see _lgamma_ratio) and added to the cheap rest of the density."""
+        per_cell = -tf.reduce_sum(tf.math.lgamma(x + 1.0), axis=-1)
         extra_axes = len(params[self.likelihood.params[0]].shape) - len(x.shape)
+        x_wide = x
         for _ in range(extra_axes):
-            x = tf.expand_dims(x, 1)
+            x_wide = tf.expand_dims(x_wide, 1)
             per_cell = tf.expand_dims(per_cell, 1)
-        return tf.reduce_sum(law(x, params), axis=-1) + per_cell
+        if "log_r" not in self.likelihood.params:
+            return tf.reduce_sum(self.likelihood.log_prob_plus_log_factorial(x_wide, params), axis=-1) + per_cell
+        r = tf.exp(tf.clip_by_value(params["log_r"], *LOG_R_RANGE))
+        extra = {"dropout_logits": params["dropout_logits"]} if self.likelihood.zero_inflated else {}
+        rest = self.likelihood.lgamma_free_fn(x_wide, r, params["logits"], **extra)
+        return tf.reduce_sum(rest, axis=-1) + self._lgamma_ratio(x, r, extra_axes) + per_cell
+
+    def _lgamma_ratio(self, x, r, extra_axes):
+        """Sum over genes of lgamma(x + r) - lgamma(r) for x [B, G] and r [B, ..., G]: once per
+        cell ([B, 1, ...]) with one dispersion per gene, else per cluster or path ([B, ...])."""
+        if self.dispersion == "gene":
+            r_gene = tf.exp(tf.clip_by_value(self.gene_log_r, *LOG_R_RANGE))
+            ratio = self.lgamma_ratio_sum(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])   # [B, 1]
+            return tf.reshape(ratio, [-1] + [1] * extra_axes)
+        shape = tf.shape(r)
+        ratio = self.lgamma_ratio_sum(x, tf.reshape(r, tf.stack([shape[0], -1, shape[-1]])))  # [B, M]
+        return tf.reshape(ratio, shape[:-1])
 
     def get_config(self):
         return {**super().get_config(), "n_genes": self.n_genes, "hidden": list(self.hidden),

@@ -1,0 +1,106 @@
+"""Milliseconds per MixtureVAE training step with the NB lgamma terms dense vs at non-zero counts only.
+
+Both variants train side by side in one process on the same real batches of data/pbmc.h5ad (cells
+drawn at random, batch 128), their steps interleaved, so that other jobs on the machine slow both
+alike: read the ratios and medians, not single times. Each (genes, XLA, dispersion) setting
+builds one model per variant from the same initial weights; the dense one has its decoder's
+lgamma_ratio_sum set to distributions.dense_lgamma_ratio_sum (what the decoder computed before).
+
+    python benchmarks/count_law_speed.py                        # 500 and 2000 genes, XLA off and on, K=9
+    python benchmarks/count_law_speed.py --genes 500 --xla on --dispersion cell gene --steps 60
+"""
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def real_batches(data: str, n_genes: int, batch_size: int, n_batches: int, seed: int = 0) -> list:
+    """`n_batches` batches of real cells (dense float32 [batch_size, genes]) from the h5ad file."""
+    from scvae_hier.data import prepare, read_counts
+    from scvae_hier.hierarchy import Hierarchy
+
+    adata = read_counts(data)
+    prepared = prepare(adata, n_genes=n_genes, drop_empty_cells=True,
+                       label_column=Hierarchy.from_anndata(adata).label_column)
+    X = prepared.X.toarray() if hasattr(prepared.X, "toarray") else np.asarray(prepared.X)
+    rng = np.random.default_rng(seed)
+    return [X[rng.choice(X.shape[0], batch_size, replace=False)].astype("float32") for _ in range(n_batches)]
+
+
+def models(variants: dict, n_genes: int, components: int, dispersion: str, xla: bool) -> dict:
+    """Per variant (name -> lgamma_ratio_sum function), a MixtureVAE from equal initial weights and
+    its training step compiled as Keras compiles it (tf.function over train_step, XLA or not)
+    without Keras's per-call overhead of train_on_batch."""
+    import keras
+    import tensorflow as tf
+
+    from scvae_hier.models import MixtureVAE
+
+    built = {}
+    for name, lgamma_ratio_sum in variants.items():
+        keras.utils.set_random_seed(0)
+        model = MixtureVAE(n_genes, n_components=components, latent_dim=20, hidden=(100, 100), dispersion=dispersion)
+        model.build()
+        model.decoder.lgamma_ratio_sum = lgamma_ratio_sum
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
+        model.optimizer.build(model.trainable_variables)
+        built[name] = tf.function(model.train_step, jit_compile=xla)
+    return built
+
+
+def time_steps(built: dict, batches: list, steps: int) -> dict:
+    """Interleaved training steps: per variant, the first (tracing/compiling) step's seconds and the
+    milliseconds of each later step."""
+    first, times = {}, {name: [] for name in built}
+    for name, step in built.items():
+        start = time.perf_counter()
+        float(step(batches[0])["loss"])
+        first[name] = time.perf_counter() - start
+    for step in range(steps):
+        order = list(built) if step % 2 == 0 else list(built)[::-1]
+        for name in order:
+            x = batches[(step + 1) % len(batches)]
+            start = time.perf_counter()
+            float(built[name](x)["loss"])
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {"first_s": first, "ms": times}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT / "data" / "pbmc.h5ad"))
+    parser.add_argument("--genes", nargs="+", type=int, default=[500, 2000])
+    parser.add_argument("--xla", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--dispersion", nargs="+", default=["cell"], choices=["cell", "gene"])
+    parser.add_argument("--components", type=int, default=9)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant (after the first)")
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from scvae_hier.distributions import dense_lgamma_ratio_sum, lgamma_ratio_sum
+
+    variants = {"dense": dense_lgamma_ratio_sum, "sparse": lgamma_ratio_sum}
+    print("| genes | XLA | dispersion | non-zero share | dense ms/step | sparse ms/step | sparse / dense "
+          "| first step dense / sparse (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for genes in args.genes:
+        batches = real_batches(args.data, genes, args.batch_size, 16)
+        share = float(np.mean([np.mean(b > 0) for b in batches]))
+        batches = [tf.constant(b) for b in batches]
+        for xla, dispersion in itertools.product(args.xla, args.dispersion):
+            result = time_steps(models(variants, genes, args.components, dispersion, xla == "on"), batches, args.steps)
+            ms = {name: float(np.median(t)) for name, t in result["ms"].items()}
+            print(f"| {genes} | {xla} | {dispersion} | {share:.2f} | {ms['dense']:.1f} | {ms['sparse']:.1f} | "
+                  f"{ms['sparse'] / ms['dense']:.2f} | {result['first_s']['dense']:.1f} / "
+                  f"{result['first_s']['sparse']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

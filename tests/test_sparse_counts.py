@@ -1,0 +1,131 @@
+"""The NB lgamma terms at non-zero counts only (distributions.lgamma_ratio_sum) against the dense
+sum over every entry and against scipy: values and gradients, both dispersion modes, NB and ZINB,
+over a cluster axis and path axes, empty batches, one dense cell, large counts."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+from scipy.special import expit
+
+from scvae_hier.distributions import (SPARSE_SHARE, dense_lgamma_ratio_sum, lgamma_ratio_sum,
+                                      sparse_lgamma_ratio_sum)
+from scvae_hier.models.layers import CountDecoder
+
+B, G = 12, 40
+
+
+def counts(density, seed=0, scale=3.0):
+    """Counts [B, G] with about `density` of them non-zero."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((B, G)) < density) * (1 + rng.poisson(scale, (B, G)))
+    return x.astype("float32")
+
+
+def batches():
+    """Batches for both paths of lgamma_ratio_sum: all zeros, sparse ones, the dense fallback
+    (one cell with every gene non-zero among empty cells), large counts."""
+    one_dense_cell = np.zeros((B, G), "float32")
+    one_dense_cell[3] = np.arange(1, G + 1)
+    large = counts(0.1, seed=3)
+    large[large > 0] *= 5000.0
+    return {"zeros": np.zeros((B, G), "float32"), "5%": counts(0.05), "20%": counts(0.2, seed=1),
+            "60% (dense path)": counts(0.6, seed=2), "one dense cell (dense path)": one_dense_cell, "large counts": large}
+
+
+def value_and_grad(fn, x, r):
+    with tf.GradientTape() as tape:
+        tape.watch(r)
+        value = fn(tf.constant(x), r)
+        weighted = tf.reduce_sum(value * tf.range(1.0, 1.0 + value.shape[-1]))   # a different weight per column
+    return value.numpy(), tape.gradient(weighted, r).numpy()
+
+
+@pytest.mark.parametrize("name", list(batches()))
+def test_sparse_sum_equals_dense_values_and_gradients(name):
+    x = batches()[name]
+    r = tf.constant(np.exp(np.random.default_rng(4).normal(0.0, 2.0, (B, 3, G))).astype("float32"))
+    dense, dense_grad = value_and_grad(dense_lgamma_ratio_sum, x, r)
+    capacity = int(SPARSE_SHARE * G)
+    sparse = [lgamma_ratio_sum] + [lambda x, r: sparse_lgamma_ratio_sum(x, r, capacity)] * bool(
+        (x > 0).sum(-1).max() <= capacity)                      # the sparse path itself, where it is exact
+    for fn in sparse:
+        ours, grad = value_and_grad(fn, x, r)
+        np.testing.assert_allclose(ours, dense, rtol=1e-6, atol=1e-3 if name == "large counts" else 1e-5)
+        np.testing.assert_allclose(grad, dense_grad, rtol=1e-6, atol=1e-6)
+    if not x.any():
+        assert not dense.any() and not dense_grad.any()
+
+
+def test_sparse_sum_matches_scipy_lgamma():
+    from scipy.special import gammaln
+
+    x = counts(0.1, seed=5)
+    r = np.exp(np.random.default_rng(6).normal(0.0, 1.0, (B, 2, G)))
+    expected = (gammaln(x[:, None] + r) - gammaln(r)).sum(-1)
+    ours = lgamma_ratio_sum(tf.constant(x), tf.constant(r.astype("float32"))).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+def decoder_and_params(likelihood, dispersion, extra_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    decoder = CountDecoder(G, (8,), likelihood, "none", dispersion=dispersion)
+    params = decoder(tf.constant(rng.normal(size=(B, *extra_shape, 2)), tf.float32))
+    if dispersion == "gene":
+        decoder.gene_log_r.assign(rng.normal(0.3, 1.0, G).astype("float32"))
+        params = decoder(tf.constant(rng.normal(size=(B, *extra_shape, 2)), tf.float32))
+    return decoder, params
+
+
+def log_prob_and_grads(decoder, x, params):
+    params = {name: tf.identity(value) for name, value in params.items()}
+    with tf.GradientTape() as tape:
+        tape.watch(list(params.values()))
+        value = decoder.log_prob(tf.constant(x), params)
+    sources = list(params.values()) + decoder.trainable_variables
+    return value.numpy(), [g.numpy() for g in tape.gradient(tf.reduce_sum(value), sources) if g is not None]
+
+
+CASES = [(likelihood, dispersion, extra) for likelihood in ("negative_binomial", "zero_inflated_negative_binomial")
+         for dispersion in ("cell", "gene") for extra in ((), (5,), (2, 3))]
+
+
+@pytest.mark.parametrize("likelihood,dispersion,extra_shape", CASES)
+def test_decoder_log_prob_sparse_equals_dense(likelihood, dispersion, extra_shape):
+    """Over no extra axis (VAE), a cluster axis [B, K, G] and path axes [B, K_1, K_2, G]: the
+    default decoder against one whose lgamma ratio is summed over every entry (the old way)."""
+    decoder, params = decoder_and_params(likelihood, dispersion, extra_shape)
+    for name, x in batches().items():
+        ours, grads = log_prob_and_grads(decoder, x, params)
+        decoder.lgamma_ratio_sum = dense_lgamma_ratio_sum
+        dense, dense_grads = log_prob_and_grads(decoder, x, params)
+        del decoder.lgamma_ratio_sum
+        assert ours.shape == (B, *extra_shape)
+        np.testing.assert_allclose(ours, dense, rtol=1e-5, atol=1e-4)
+        assert len(grads) == len(dense_grads)
+        for grad, dense_grad in zip(grads, dense_grads):
+            np.testing.assert_allclose(grad, dense_grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["negative_binomial", "zero_inflated_negative_binomial"])
+@pytest.mark.parametrize("dispersion", ["cell", "gene"])
+def test_decoder_log_prob_matches_scipy_on_sparse_counts(likelihood, dispersion):
+    decoder, params = decoder_and_params(likelihood, dispersion, (4,), seed=1)
+    x = counts(0.1, seed=7)
+    assert (x > 0).sum(-1).max() <= SPARSE_SHARE * G   # the sparse path is the one tested
+    ours = decoder.log_prob(tf.constant(x), params).numpy()
+    log_r = np.clip(params["log_r"].numpy(), -10, 10)
+    nb = stats.nbinom.logpmf(x[:, None], np.exp(log_r), expit(-params["logits"].numpy()))
+    if "zero" in likelihood:
+        pi = expit(params["dropout_logits"].numpy())
+        nb = np.where(x[:, None] == 0, np.log(pi + (1 - pi) * np.exp(nb)), np.log(1 - pi) + nb)
+    np.testing.assert_allclose(ours, nb.sum(-1), rtol=1e-5, atol=1e-3)
+
+
+def test_sparse_path_compiles_with_xla_for_any_batch_size():
+    """Keras retraces with an unknown batch size: the capacities must still be XLA constants."""
+    spec = [tf.TensorSpec([None, G], tf.float32), tf.TensorSpec([None, 2, G], tf.float32)]
+    compiled = tf.function(lgamma_ratio_sum, input_signature=spec, jit_compile=True)
+    for name in ("5%", "20%", "one dense cell (dense path)"):
+        x = batches()[name][: 5 if name == "5%" else B]
+        r = tf.constant(np.exp(np.random.default_rng(8).normal(0.0, 1.0, (len(x), 2, G))).astype("float32"))
+        np.testing.assert_allclose(compiled(x, r).numpy(), dense_lgamma_ratio_sum(x, r).numpy(), rtol=1e-5, atol=1e-4)
