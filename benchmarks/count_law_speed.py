@@ -5,6 +5,8 @@ drawn at random, batch 128), their steps interleaved, so that other jobs on the 
 alike: read the ratios and medians, not single times. Each (genes, XLA, dispersion) setting
 builds one model per variant from the same initial weights; the dense one has its decoder's
 lgamma_ratio_sum set to distributions.dense_lgamma_ratio_sum (what the decoder computed before).
+With --dispersion gene the sum is once per cell and dense in both (the sparse one lost there by
+3-12%), so those rows only show the two models are alike.
 
     python benchmarks/count_law_speed.py                        # 500 and 2000 genes, XLA off and on, K=9
     python benchmarks/count_law_speed.py --genes 500 --xla on --dispersion cell gene --steps 60

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..distributions import (LOG_R_RANGE, component_law, get_likelihood, lgamma_ratio_sum, nested_mixture_prior)
+from ..distributions import (LOG_R_RANGE, component_law, dense_lgamma_ratio_sum, get_likelihood, lgamma_ratio_sum,
+                             nested_mixture_prior)
 
 NORMALISATIONS = ("batch", "layer", "none")
 DISPERSIONS = ("cell", "gene")
@@ -123,8 +124,8 @@ class CountDecoder(keras.layers.Layer):
             params["logits"] = log_mean - tf.clip_by_value(params["log_r"], *LOG_R_RANGE)
         return params
 
-    # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only; tests and
-    # benchmarks/count_law_speed.py set distributions.dense_lgamma_ratio_sum on an instance to compare.
+    # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only (per-cell
+    # dispersion); tests and benchmarks/count_law_speed.py set dense_lgamma_ratio_sum on an instance.
     lgamma_ratio_sum = staticmethod(lgamma_ratio_sum)
 
     def log_prob(self, x, params):
@@ -148,10 +149,13 @@ class CountDecoder(keras.layers.Layer):
 
     def _lgamma_ratio(self, x, r, extra_axes):
         """Sum over genes of lgamma(x + r) - lgamma(r) for x [B, G] and r [B, ..., G]: once per
-        cell ([B, 1, ...]) with one dispersion per gene, else per cluster or path ([B, ...])."""
+        cell ([B, 1, ...]) with one dispersion per gene, else per cluster or path ([B, ...]).
+
+        Once per cell it is only B x G entries, and measured (benchmarks/count_law_speed.py) the
+        gather of the sparse path then costs more than it saves, so that sum stays dense."""
         if self.dispersion == "gene":
             r_gene = tf.exp(tf.clip_by_value(self.gene_log_r, *LOG_R_RANGE))
-            ratio = self.lgamma_ratio_sum(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])   # [B, 1]
+            ratio = dense_lgamma_ratio_sum(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])   # [B, 1]
             return tf.reshape(ratio, [-1] + [1] * extra_axes)
         shape = tf.shape(r)
         ratio = self.lgamma_ratio_sum(x, tf.reshape(r, tf.stack([shape[0], -1, shape[-1]])))  # [B, M]
