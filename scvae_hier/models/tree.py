@@ -441,6 +441,13 @@ class TreeVAE(HierarchicalVAE):
         uniform = tf.fill((1, self.n_components), -float(np.log(self.n_components)))
         return [m[0] for m in self.level_log_marginals(uniform)]
 
+    def level_predictions(self, level_probabilities):
+        """Nested by construction: every level's class is an ancestor of the most probable leaf."""
+        return path_predictions(level_probabilities, self.parents)
+
+    def prior_components(self):
+        return self.log_pc(), self.components.distribution(), np.asarray(self.component_ancestors)
+
     def outputs(self, x, covariates=None):
         log_qc, loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
         return {"latent": loc, **{f"level_{l + 1}_probabilities": tf.exp(m)
