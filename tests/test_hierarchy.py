@@ -20,8 +20,8 @@ def pbmc_h():
 
 
 @pytest.fixture(scope="module")
-def pbmc_obs():
-    return anndata.read_h5ad(DATA / "pbmc.h5ad", backed="r").obs.copy()
+def pbmc_obs(pbmc):
+    return pbmc.obs.copy()
 
 
 def write(path, text):
@@ -67,10 +67,9 @@ def test_shipped_labels_validate_and_match_shipped_levels(pbmc_h, pbmc_obs):
             np.testing.assert_array_equal(pbmc_h.parent_index(l)[codes[:, l]], codes[:, l - 1])
 
 
-def test_shipped_h5ad_carries_the_hierarchy(pbmc_h):
-    adata = anndata.read_h5ad(DATA / "pbmc.h5ad", backed="r")
-    assert Hierarchy.from_anndata(adata) == pbmc_h
-    assert adata.uns["provenance"]["source_file"] == "zheng2017_purified_pbmc_merged3sources.h5ad"
+def test_shipped_h5ad_carries_the_hierarchy(pbmc_h, pbmc):
+    assert Hierarchy.from_anndata(pbmc) == pbmc_h
+    assert pbmc.uns["provenance"]["source_file"] == "zheng2017_purified_pbmc_merged3sources.h5ad"
 
 
 def test_from_obs_recovers_the_paths(pbmc_h, pbmc_obs):

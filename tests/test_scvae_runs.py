@@ -5,7 +5,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +15,6 @@ from scvae_hier.analysis.scvae_runs import (ScvaeRunError, find_scvae_runs, pars
 from scvae_hier.hierarchy import Hierarchy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "scvae_reference"
-DATA = Path(__file__).resolve().parents[1] / "data"
 SET = ("pbmc9/no_split/no_preprocessing/GMVAE/gaussian_mixture-c_9/"
        "negative_binomial-l_20-h_100_100-mc_1-iw_1-bn-wu_5/run_s0/e_100-mc_1-iw_1/full")
 
@@ -39,9 +37,8 @@ def kmeans_run():
 
 
 @pytest.fixture(scope="module")
-def pbmc():
-    adata = anndata.read_h5ad(DATA / "pbmc.h5ad", backed="r")
-    return Hierarchy.from_anndata(adata), adata.obs["source_library"].astype(str)
+def hierarchy_and_labels(pbmc):
+    return Hierarchy.from_anndata(pbmc), pbmc.obs["source_library"].astype(str)
 
 
 def test_finds_both_evaluations_and_refuses_to_guess():
@@ -107,8 +104,8 @@ def test_falls_back_to_logs_when_pickles_are_unreadable_or_unsafe(tmp_path):
         read_scvae_run(copy, prediction="kmeans_9")
 
 
-def test_level_scores_reproduce_scvae_ari(model_run, kmeans_run, pbmc):
-    hierarchy, labels = pbmc
+def test_level_scores_reproduce_scvae_ari(model_run, kmeans_run, hierarchy_and_labels):
+    hierarchy, labels = hierarchy_and_labels
     for run, logged in ((model_run, 0.696), (kmeans_run, 0.489)):
         df = scvae_level_scores(run, hierarchy, labels)
         assert list(df.index) == ["level_1", "level_2", "level_3", "level_4"]
@@ -139,8 +136,8 @@ def test_folder_without_scvae_output(tmp_path):
         read_scvae_run(tmp_path / "models")
 
 
-def test_cells_that_do_not_match(model_run, pbmc):
-    hierarchy, labels = pbmc
+def test_cells_that_do_not_match(model_run, hierarchy_and_labels):
+    hierarchy, labels = hierarchy_and_labels
     renamed = pd.Series(labels.to_numpy(), index="other-" + labels.index.astype(str))
     with pytest.raises(ScvaeRunError, match="only 0 of the run's 8391 cells"):
         scvae_level_scores(model_run, hierarchy, renamed)
