@@ -74,7 +74,7 @@ def test_covariate_changes_decoder_and_encoder_outputs():
 def test_covariate_model_trains_saves_and_reloads_bit_identically(tmp_path, make):
     model = make()
     model.build()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
     x, c = counts(), one_hot()
     model.fit(CountBatches(x, 8, shuffle=True, covariates=c), epochs=1, verbose=0)
     model.save(tmp_path / "m.keras")
@@ -128,7 +128,7 @@ def test_cli_trains_with_batch_key_and_size_factor_and_reloads_exactly(tmp_path)
     out = tmp_path / "run"
     assert main(["train", str(data), "--model", "mixture", "--label-column", "cell_type", "--n-genes", "0",
                  "--epochs", "2", "--warm-up", "1", "--latent-dim", "2", "--hidden", "8", "--batch-size", "32",
-                 "--batch-key", "batch", "--library-size", "observed", "--output", str(out)]) == 0
+                 "--batch-key", "batch", "--library-size", "observed", "--no-xla", "--output", str(out)]) == 0
     run = RunDirectory(out)
     config = run.read_config()
     assert config["options"]["batch_key"] == "batch" and config["options"]["library_size"] == "observed"
