@@ -144,7 +144,7 @@ class HierarchyModel:
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
         the per-epoch terms in `self.history` (a DataFrame)."""
-        from .training import compile_model, fit, make_split, name_clusters
+        from .training import check_enough_cells, compile_model, fit, make_split, name_clusters
 
         unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
         if unknown:
@@ -159,6 +159,7 @@ class HierarchyModel:
             values["split"] = tuple(values["split"])
         self.options = TrainOptions.from_dict({**self.options.to_dict(), **values})
         self.split = make_split(self.cells, self.options)
+        check_enough_cells(self.module, self.split, self.options)
         train_counts = self.cells.adata.X[self.split == "train"]
         compile_model(self.module, self.options, train_counts)
         log = print if progress_bar else (lambda *_: None)
@@ -175,7 +176,8 @@ class HierarchyModel:
 
         meta = self.module.metadata
         counts = self._counts_view(adata, meta.get("layer"))
-        prepared = prepare(counts, genes=meta["genes"], drop_empty_cells=meta.get("drop_empty_cells", False))
+        prepared = prepare(counts, genes=meta["genes"], drop_empty_cells=meta.get("drop_empty_cells", False),
+                           outlier_counts=meta.get("outlier_counts", "keep"))
         rows = adata.obs_names.get_indexer(prepared.obs_names)
         covariates, _ = batch_covariates(prepared.obs, meta.get("batch_key"), list(meta.get("batch_counts", {})))
         return prepared.X, covariates, rows

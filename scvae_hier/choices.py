@@ -16,6 +16,7 @@ TRANSITIONS = ("learnable", "uniform")
 USAGE_TARGETS = ("uniform", "prior")
 COMPONENT_MEANS = ("tree", "path")
 INITIALISATIONS = ("random", "pca-kmeans")
+OUTLIER_HANDLING = ("keep", "clip")
 EVALUATION_SETS = ("test", "validation", "train", "all")
 DEFAULT_IWAE_SAMPLES = 100  # importance samples per cell of `evaluate` (the poster used 500)
 

@@ -86,7 +86,7 @@ def run_train(args) -> int:
     import json
 
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions)})
-    path = train(options)
+    path = train(options, given=args.given)
     metrics = json.loads(RunDirectory(path).metrics.read_text())
     print(f"\nRun written to {path} ({metrics['epochs_run']} epochs, best at epoch "
           f"{(metrics['best_epoch'] or 0) + 1}, {metrics['seconds']} s).")
@@ -141,13 +141,36 @@ def run_experiment(args) -> int:
 COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse, "experiment": run_experiment}
 
 
+def typed_options(argv) -> set:
+    """The TrainOptions the user typed on the command line (a resumed run refuses those that
+    would change it; defaults never count)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for f in fields(TrainOptions):
+        if not f.metadata.get("positional"):
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=f.name, nargs="*", default=argparse.SUPPRESS)
+            if isinstance(f.default, bool):
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, nargs="*",
+                                    default=argparse.SUPPRESS)
+    known, _ = parser.parse_known_args(argv)
+    return set(vars(known))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.given = typed_options(argv[1:]) if args.command == "train" else set()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"scvae-hier {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        run = getattr(interrupt, "run_path", None)
+        hint = (f" Continue it with: scvae-hier train {interrupt.data} --output {run} --resume" if run is not None
+                else "")
+        print(f"\nscvae-hier {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

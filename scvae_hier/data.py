@@ -25,6 +25,10 @@ class DataError(ValueError):
     """Input data cannot be used as it is; the message says what is wrong and how to fix it."""
 
 
+class OutlierCountWarning(UserWarning):
+    """Counts far outside their gene's range (reported; --outlier-counts clip clips them)."""
+
+
 # -- reading -------------------------------------------------------------------------------
 
 def _first_existing(folder, names):
@@ -139,20 +143,70 @@ def validate_counts(X, what="counts"):
 
 # -- preprocessing -------------------------------------------------------------------------
 
+MIN_CELLS_GENE_SELECTION = 20  # seurat_v3's loess fit of variance on mean needs a spread of cells
+
+
 def _highly_variable(X, n_genes):
     """Indices (in original order) of the n_genes seurat_v3 highly variable genes."""
     import scanpy as sc
+    if X.shape[0] < MIN_CELLS_GENE_SELECTION:
+        raise DataError(f"Choosing {n_genes} highly variable genes (seurat_v3) needs at least "
+                        f"{MIN_CELLS_GENE_SELECTION} cells; there are {X.shape[0]}. Keep all genes with --n-genes 0 "
+                        f"(n_genes=0), or use more cells.")
     tmp = anndata.AnnData(X=X.copy())
     tmp.var_names = [str(i) for i in range(X.shape[1])]
-    sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_genes)
+    try:
+        sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_genes)
+    except Exception as error:  # the loess fit fails on degenerate data with LAPACK/ValueErrors
+        raise DataError(f"seurat_v3 gene selection failed on these {X.shape[0]} cells ({type(error).__name__}: "
+                        f"{error}); keep all genes with --n-genes 0, or use more cells.") from None
     return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
 
 
+def label_values(obs, column):
+    """A label column as strings, with missing labels (NaN, None) as "nan", the name
+    --exclude-labels takes to drop those cells."""
+    values = obs[column]
+    return values.astype(object).where(values.notna(), "nan").astype(str).to_numpy()
+
+
+def find_outliers(X, factor=20.0, floor=1000.0):
+    """Entries far above their gene's typical range: above max(floor, factor x the gene's 99.9th
+    percentile over cells). A UMI count of 10^6 in one gene of one cell is a data error, and one
+    such entry dominates the training ELBO. Returns (rows, columns, values, thresholds per gene)."""
+    X = sp.csr_matrix(X)
+    dense_quantile = np.zeros(X.shape[1])
+    csc = X.tocsc()
+    for g in range(X.shape[1]):
+        column = csc.data[csc.indptr[g]:csc.indptr[g + 1]]
+        if column.size:
+            # 99.9th percentile over all cells, zeros included, from the non-zero values alone
+            rank = int(np.ceil(0.999 * X.shape[0])) - (X.shape[0] - column.size)
+            dense_quantile[g] = np.sort(column)[max(rank, 1) - 1] if rank > 0 else 0.0
+    threshold = np.maximum(floor, factor * dense_quantile)
+    coo = X.tocoo()
+    bad = coo.data > threshold[coo.col]
+    return coo.row[bad], coo.col[bad], coo.data[bad], threshold
+
+
+def _check_unique(names, what, fix):
+    names = pd.Index(names)
+    if not names.is_unique:
+        repeated = names[names.duplicated()].unique()
+        raise DataError(f"{len(repeated)} {what} names occur more than once (e.g. {list(repeated[:3])}), so results "
+                        f"cannot be matched to them; {fix}.")
+
+
 def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=(),
-            drop_empty_cells=False):
-    """Checked raw counts of the chosen cells and genes, ready for training or evaluation."""
+            drop_empty_cells=False, outlier_counts="keep"):
+    """Checked raw counts of the chosen cells and genes, ready for training or evaluation.
+
+    outlier_counts: entries far above their gene's range (see `find_outliers`) are always
+    reported with an OutlierCountWarning; "clip" also clips them to that range."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the count matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+    _check_unique(adata.obs_names, "cell", "make them unique first (adata.obs_names_make_unique())")
+    _check_unique(adata.var_names, "gene", "make them unique first (adata.var_names_make_unique())")
     X = sp.csr_matrix(adata.X, dtype=np.float32)
     validate_counts(X)
     exclude_labels = [str(lab) for lab in exclude_labels]
@@ -165,7 +219,7 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
     if exclude_labels:
         if label_column is None:
             raise DataError("exclude_labels needs a label column (--label-column)")
-        labels = adata.obs[label_column].astype(str).to_numpy()
+        labels = label_values(adata.obs, label_column)
         absent = [lab for lab in exclude_labels if lab not in set(labels)]
         if absent:
             raise DataError(
@@ -216,6 +270,7 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
         cells, X = cells[~empty], X[~empty]
     record.update(n_cells_empty_dropped=n_empty, n_cells=int(X.shape[0]),
                   n_genes=int(X.shape[1]))
+    X = _handle_outliers(X, adata.var_names[selected], outlier_counts, record)
 
     obs = adata.obs.iloc[cells].copy()
     for column in obs.columns:
@@ -225,6 +280,34 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
                           var=adata.var.iloc[selected].copy(), uns=copy.deepcopy(dict(adata.uns)))
     out.uns["preprocessing"] = record
     return out
+
+
+def _handle_outliers(X, genes, outlier_counts, record):
+    """Report (and with "clip", clip) outlier entries; the record keeps what was found."""
+    import warnings
+
+    rows, columns, values, threshold = find_outliers(X)
+    record["n_outlier_counts"] = int(len(values))
+    if not len(values):
+        return X
+    worst = np.argsort(-values)[:5]
+    named = sorted(set(genes[columns].tolist()))
+    message = (f"{len(values)} count(s) lie far above their gene's range (more than 20x its 99.9th percentile "
+               f"over cells, and over 1000), in {len(named)} gene(s): {', '.join(named[:10])}"
+               f"{' ...' if len(named) > 10 else ''}; largest: "
+               + ", ".join(f"{values[i]:g} ({genes[columns[i]]}, cell {rows[i]})" for i in worst) + ". ")
+    if outlier_counts == "clip":
+        X = X.tocsr(copy=True)
+        X[rows, columns] = threshold[columns]
+        record["outlier_counts"] = "clipped"
+        warnings.warn(message + "They were clipped to that range (--outlier-counts clip).", OutlierCountWarning,
+                      stacklevel=3)
+    else:
+        record["outlier_counts"] = "kept"
+        warnings.warn(message + "They are kept; they can dominate the training objective: check the data, or "
+                      "clip them with --outlier-counts clip (outlier_counts='clip').", OutlierCountWarning,
+                      stacklevel=3)
+    return X
 
 
 # -- splits and bookkeeping ----------------------------------------------------------------

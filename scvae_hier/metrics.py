@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
+from .files import write_csv, write_text
 from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score, f1_score,
                              normalized_mutual_info_score)
 
@@ -174,6 +175,6 @@ def write_scores(df, folder, name="metrics"):
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"
     record = {"levels": df.to_dict(orient="index"), **dict(df.attrs)}
-    json_path.write_text(json.dumps(_plain(record), indent=2) + "\n", encoding="utf-8")
-    df.to_csv(csv_path, index_label=df.index.name or "level")
+    write_text(json_path, json.dumps(_plain(record), indent=2) + "\n")
+    write_csv(df, csv_path, index_label=df.index.name or "level")
     return json_path, csv_path

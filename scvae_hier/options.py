@@ -6,7 +6,7 @@ option documented here is an option the CLI has and a run remembers.
 from dataclasses import asdict, dataclass, field, fields
 
 from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
-                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, PRIOR_LAWS, PRIOR_PROBABILITIES,
+                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES,
                       TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
 
@@ -29,6 +29,8 @@ class TrainOptions:
     exclude_labels: tuple = option((), "Drop cells with these labels (e.g. cd14_monocytes for the poster's nine).",
                                   nargs="+")
     drop_empty_cells: bool = option(False, "Drop cells with no counts on the selected genes instead of failing.")
+    outlier_counts: str = option("keep", "Counts over 20x their gene's 99.9th percentile (and over 1000) are always "
+                                 "reported; keep them, or clip them to that bound.", list(OUTLIER_HANDLING))
     n_components: int = option(None, "Mixture components (default: the number of finest-level classes).")
     level_sizes: tuple = option(None, "Components per level for indmom/momix (default: the hierarchy's class "
                                 "counts; more than classes is allowed).", nargs="+", type=int)
@@ -69,9 +71,14 @@ class TrainOptions:
     # -- TreeVAE options
     components_per_leaf: int = option(1, "TreeVAE: prior components per finest-level class (more than one lets a "
                                       "leaf be a union of latent clusters; its posterior is their sum).")
-    reseed_epoch: int = option(5, "TreeVAE: at the start of this epoch (counted from 0; 0 = never), set the "
-                               "components from a clustering of the training cells' latent means, matched to the "
-                               "hierarchy's leaves so that its classes are compact.")
+    reseed_epochs: tuple = option((5,), "TreeVAE: at the start of these epochs (counted from 0; none or 0 = never), "
+                                  "set the components from a clustering of the training cells' latent means, "
+                                  "grouped into the hierarchy's leaves so that its classes are compact.",
+                                  nargs="*", type=int)
+    reseed_clusters: int = option(2, "TreeVAE: k-means clusters per leaf when re-seeding; they are grouped into "
+                                  "leaves by the hierarchy's shape (more than one lets a split type be rejoined).")
+    final_refit: int = option(10, "TreeVAE: after training, re-seed the components once more from the trained "
+                              "encoder's latent and run this many EM steps on the prior terms (0 = off).")
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")
@@ -87,6 +94,9 @@ class TrainOptions:
     resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")
     overwrite: bool = option(False, "Replace an existing run folder.")
 
+    def __post_init__(self):
+        check_ranges(self)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -94,3 +104,31 @@ class TrainOptions:
     def from_dict(cls, values: dict) -> "TrainOptions":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# Smallest allowed value of each numeric option (None: the option may be left unset). Checked
+# where options enter, for the command line and the Python API alike.
+MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
+            "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
+            "patience": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,
+            "reseed_clusters": 1, "final_refit": 0, "reseed_epochs": 0}
+
+
+def check_ranges(options) -> None:
+    """Refuse numeric options outside their range, naming the option, the value and the bound."""
+    for name, minimum in MINIMUMS.items():
+        value = getattr(options, name, None)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (tuple, list)) else [value]
+        bad = [v for v in values if not isinstance(v, (int, float)) or v < minimum]
+        if bad:
+            flag = "--" + name.replace("_", "-")
+            bound = f"at least {minimum}"
+            raise ValueError(f"{flag} must be {bound}; got {value!r}.")
+    if len(tuple(options.split)) != 3 or abs(sum(options.split) - 1.0) > 1e-6:
+        raise ValueError(f"--split needs three fractions (train, validation, test) that sum to 1; got {options.split!r}.")
+    if options.folds == 1:
+        raise ValueError("--folds must be 0 (use --split) or at least 2.")
+    if options.folds and not options.fold < options.folds:
+        raise ValueError(f"--fold must be in 0..{options.folds - 1}; got {options.fold}.")

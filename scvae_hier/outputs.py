@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 from .data import CountBatches
+from .files import write_h5ad
 
 
 def predict_outputs(model, X, batch_size: int, covariates=None) -> dict:
@@ -96,5 +97,5 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
                           if mask.any()}
     adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                           "metrics": {k: v for k, v in metrics.items() if k != "model"}}
-    adata.write_h5ad(run.outputs, compression="gzip")
+    write_h5ad(adata, run.outputs)
     return metrics

@@ -3,12 +3,12 @@ and `load_model`, which reads a model back with clear errors for missing, corrup
 wrong-version files."""
 from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import keras
 
+from .files import atomic_path, write_json  # noqa: F401  (write_json: run files)
 from .models import register_all
 from .models.base import FORMAT_VERSION
 
@@ -33,12 +33,22 @@ class RunDirectory:
     checkpoint_model = property(lambda self: self.path / "checkpoint" / "last.keras")
     checkpoint_best = property(lambda self: self.path / "checkpoint" / "best.weights.h5")
     checkpoint_state = property(lambda self: self.path / "checkpoint" / "state.json")
+    marker = property(lambda self: self.path / ".scvae-hier-run")  # written first: "this folder is a run"
     figures = property(lambda self: self.path / "figures")
     report = property(lambda self: self.path / "report.md")
 
     def evaluation(self, name="test") -> Path:
         """Folder of `scvae-hier evaluate` on one set of cells (test, validation, ..., <file>-all)."""
         return self.path / "evaluation" / name
+
+    def is_ours(self) -> bool:
+        """A run folder of scvae-hier: it has the marker (or, written before 0.2, a run config)."""
+        if self.marker.exists():
+            return True
+        try:
+            return "options" in json.loads(self.config.read_text())
+        except (OSError, ValueError):
+            return False
 
     def is_finished(self) -> bool:
         return self.model.exists() and self.outputs.exists()
@@ -52,25 +62,14 @@ class RunDirectory:
         return json.loads(self.config.read_text())
 
 
-def write_json(path, data):
-    """Write JSON atomically, so an interrupt never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
 def save_model_atomically(model, path):
-    path = Path(path)
-    tmp = path.with_name("tmp-" + path.name)
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def save_weights_atomically(model, path):
+    with atomic_path(path) as tmp:  # still ends in .weights.h5, as Keras requires
+        model.save_weights(tmp)
 
 
 def _check_model_file(path: Path):
@@ -95,8 +94,18 @@ def _check_model_file(path: Path):
 
 def load_checkpoint(path):
     """A training checkpoint (model and optimizer state) written by this installation."""
+    path = Path(path)
+    fix = (f"The checkpoint {path} is damaged (e.g. the disk filled up while it was written), so the run cannot "
+           f"resume from it; start it again with --overwrite.")
+    try:
+        _check_model_file(path)
+    except ModelFileError as error:
+        raise ModelFileError(f"{fix} ({error})") from None
     register_all()
-    return keras.saving.load_model(path)
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for damaged archives
+        raise ModelFileError(f"{fix} ({type(error).__name__}: {error})") from None
 
 
 def load_model(run_or_file):

@@ -7,7 +7,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import keras
@@ -16,11 +16,12 @@ import pandas as pd
 
 from .data import (CountBatches, DataError, batch_covariates, file_checksum, fold_cells, prepare, read_counts,
                    split_cells)
+from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
 from .initialisation import initialise_prior
 from .models import model_class
 from .options import TrainOptions
-from .runs import RunDirectory, load_checkpoint, save_model_atomically, write_json
+from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import hungarian_mapping
 from .outputs import predict_outputs, write_outputs
 
@@ -84,7 +85,7 @@ class TrainingState(keras.callbacks.Callback):
                 if self.run is None:
                     self.best_weights = self.model.get_weights()
                 else:
-                    self.model.save_weights(self.run.checkpoint_best)
+                    save_weights_atomically(self.model, self.run.checkpoint_best)
             else:
                 self.state["wait"] += 1
         self.state["epoch"] = epoch
@@ -111,7 +112,7 @@ class TrainingState(keras.callbacks.Callback):
 
 def write_history(path, rows):
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -141,8 +142,8 @@ def resolve_hierarchy(adata, options: TrainOptions):
     else:
         return None
     if options.label_column and options.label_column != hierarchy.label_column:
-        raise DataError(f"--label-column {options.label_column!r} differs from the hierarchy's label column "
-                        f"{hierarchy.label_column!r}; leave it out or use a matching hierarchy.")
+        # The hierarchy's paths apply to the labels of another column (e.g. a renamed column).
+        hierarchy = Hierarchy(options.label_column, hierarchy.levels, hierarchy.paths)
     if hierarchy.label_column not in adata.obs:
         raise DataError(f"The hierarchy maps labels of obs column {hierarchy.label_column!r}, which the data lacks; "
                         f"obs has {sorted(adata.obs.columns)}. Pass --label-column or a matching --hierarchy.")
@@ -168,7 +169,13 @@ def _prepare_folder(run: RunDirectory, options: TrainOptions):
         if not run.config.exists():
             raise FileNotFoundError(f"Nothing to resume in {run.path}: no config.json. Start a new run instead.")
         return run.read_config()
+    if run.path.exists() and not run.path.is_dir():
+        raise FileExistsError(f"--output {run.path} is a file, not a folder; choose another --output.")
     if run.path.exists() and any(run.path.iterdir()):
+        if not run.is_ours():
+            raise FileExistsError(f"--output {run.path} is a folder that is not a scvae-hier run (no "
+                                  f"{run.marker.name} marker or run config), so it is never deleted, --overwrite or "
+                                  f"not; choose another --output.")
         if not options.overwrite:
             if run.is_finished():
                 hint = "it holds a finished run"
@@ -180,7 +187,52 @@ def _prepare_folder(run: RunDirectory, options: TrainOptions):
                                   f"or --output to choose another folder.")
         shutil.rmtree(run.path)
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run.marker.write_text("A scvae-hier run folder: `scvae-hier train --overwrite` may replace it.\n")
     return None
+
+
+# Options that a resumed run may change: they extend or shorten training without changing what
+# was being trained. Anything else would make the resumed run a different run.
+RESUMABLE = ("epochs", "patience", "xla")
+NOT_COMPARED = ("resume", "overwrite", "output", "data")
+
+
+def resumed_options(saved: dict, options: TrainOptions, given=None, log=print) -> TrainOptions:
+    """The saved run's options with the allowed changes applied (and recorded in config.json's
+    "resumed_with"); any other option given with a different value is refused by name.
+
+    `given`: the option names the user typed (the command line knows them); from Python, every
+    option that differs from its default counts as given."""
+    defaults = TrainOptions()
+    if given is None:
+        given = {f.name for f in fields(TrainOptions) if getattr(options, f.name) != getattr(defaults, f.name)}
+    kept = TrainOptions.from_dict(saved["options"])
+    changes, refused = {}, []
+    for name in sorted(set(given) - set(NOT_COMPARED)):
+        new, old = getattr(options, name), getattr(kept, name)
+        if _same(new, old):
+            continue
+        if name in RESUMABLE:
+            changes[name] = new
+        else:
+            refused.append(f"--{name.replace('_', '-')} {_shown(new)} (the run has {_shown(old)})")
+    if refused:
+        raise ValueError(f"--resume continues the run as it was started; these options differ: {'; '.join(refused)}. "
+                         f"Leave them out to resume, or start a new run with another --output. Only "
+                         f"{', '.join('--' + n for n in RESUMABLE)} may change when resuming.")
+    if changes:
+        log("Resuming with " + ", ".join(f"--{n} {_shown(v)}" for n, v in changes.items()) + ".")
+    return TrainOptions.from_dict({**saved["options"], **changes, "resume": True, "output": options.output})
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return a is not None and b is not None and list(a) == list(b) or (a is None and b is None)
+    return a == b
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 @dataclass
@@ -198,7 +250,8 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
     command line and the Python API."""
     label_column = hierarchy.label_column if hierarchy else None
     prepared = prepare(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
-                       exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells)
+                       exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells,
+                       outlier_counts=options.outlier_counts)
     if hierarchy is not None:
         labels = prepared.obs[label_column].astype(str).to_numpy()
         hierarchy.validate(labels)
@@ -216,6 +269,29 @@ def make_split(cells: Cells, options: TrainOptions) -> np.ndarray:
     return split_cells(n, tuple(options.split), options.seed)
 
 
+MIN_CELLS_PER_COMPONENT = 3   # training cells per mixture component (fewer: components fit single cells)
+MIN_EVALUATION_CELLS = 10     # validation / test cells: scores of a handful of cells mean nothing
+
+
+def check_enough_cells(model, split, options: TrainOptions) -> None:
+    """Refuse splits too small to train or to score on, with the numbers and the fix."""
+    counts = {s: int((split == s).sum()) for s in ("train", "validation", "test")}
+    components = max(list(model.prior_sizes()) or [1])
+    needed = max(MIN_EVALUATION_CELLS, MIN_CELLS_PER_COMPONENT * components)
+    if counts["train"] < needed:
+        what = f"{components} mixture components" if components > 1 else "a model"
+        raise DataError(f"{counts['train']} training cells are too few for {what}: at least {needed} are needed "
+                        f"({MIN_CELLS_PER_COMPONENT} per component, {MIN_EVALUATION_CELLS} in all). Use more cells"
+                        + (", or fewer components (--n-components / --level-sizes)." if components > 1 else "."))
+    planned = {"validation": options.split[1] > 0 or bool(options.folds), "test": options.split[2] > 0 or bool(options.folds)}
+    for subset in ("validation", "test"):
+        if planned[subset] and counts[subset] < MIN_EVALUATION_CELLS:
+            raise DataError(f"The split leaves {counts[subset]} {subset} cell(s) of {len(split)}; at least "
+                            f"{MIN_EVALUATION_CELLS} are needed for {'early stopping' if subset == 'validation' else 'test scores'} "
+                            f"to mean anything. Use more cells, a larger {subset} fraction (--split), or a fraction "
+                            f"of 0 to go without {subset} cells.")
+
+
 def model_metadata(cells: Cells, options: TrainOptions) -> dict:
     """What applying the model to new data needs, saved inside the model file: genes in order,
     the hierarchy with its class order, the batch covariate and its categories (with cell counts),
@@ -227,6 +303,7 @@ def model_metadata(cells: Cells, options: TrainOptions) -> dict:
     return {"genes": list(map(str, cells.adata.var_names)),
             "hierarchy": cells.hierarchy.to_dict() if cells.hierarchy else None,
             "batch_key": options.batch_key, "batch_counts": batch_counts, "layer": options.layer,
+            "outlier_counts": options.outlier_counts,
             "drop_empty_cells": bool(options.drop_empty_cells),
             "log_library": [float(library.mean()), float(library.std())]}
 
@@ -309,12 +386,24 @@ def name_clusters(model, cells: Cells, split) -> None:
     model.metadata["cluster_names"] = names
 
 
-def train(options: TrainOptions, log=print) -> Path:
-    """Train a model as the options say and write its run folder; returns the folder."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; carries the run folder so the command line can say how to resume."""
+
+    def __init__(self, run_path, data):
+        super().__init__(str(run_path))
+        self.run_path, self.data = Path(run_path), data
+
+
+def train(options: TrainOptions, log=print, given=None) -> Path:
+    """Train a model as the options say and write its run folder; returns the folder.
+
+    With --resume, the saved run's options are kept; `given` names the options the user typed
+    (see `resumed_options`)."""
     run = RunDirectory(options.output or default_run_path(options))
     saved = _prepare_folder(run, options)
-    if saved is not None:  # a resumed run keeps every option it started with
-        options = TrainOptions.from_dict({**saved["options"], "resume": True, "output": str(run.path)})
+    if saved is not None:
+        options = resumed_options(saved, TrainOptions.from_dict({**options.to_dict(), "output": str(run.path)}),
+                                  given, log)
     keras.utils.set_random_seed(options.seed)
     started = time.time()
 
@@ -328,6 +417,7 @@ def train(options: TrainOptions, log=print) -> Path:
     prepared, hierarchy = cells.adata, cells.hierarchy
     split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
     model, arguments = new_model(options, cells)
+    check_enough_cells(model, split, options)
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
               "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
@@ -335,7 +425,13 @@ def train(options: TrainOptions, log=print) -> Path:
               "preprocessing": prepared.uns.get("preprocessing", {}),
               "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
     if saved is None:
-        pd.DataFrame({"cell": prepared.obs_names, "set": split}).to_csv(run.split, index=False)
+        write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
+        write_json(run.config, config)
+    elif options.to_dict() != saved["options"]:  # allowed changes, recorded
+        config = {**saved, "options": options.to_dict(),
+                  "resumed_with": saved.get("resumed_with", []) + [
+                      {k: v for k, v in options.to_dict().items()
+                       if saved["options"].get(k) != v and k not in NOT_COMPARED}]}
         write_json(run.config, config)
 
     state = None
@@ -347,7 +443,10 @@ def train(options: TrainOptions, log=print) -> Path:
         compile_model(model, options, prepared.X[split == "train"])
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
         f"({_device()}); run folder: {run.path}")
-    tracker = fit(model, cells, split, options, run=run, state=state, log=log)
+    try:
+        tracker = fit(model, cells, split, options, run=run, state=state, log=log)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run.path, options.data) from None
     name_clusters(model, cells, split)
     save_model_atomically(model, run.model)
     metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates)

@@ -20,6 +20,7 @@ import pandas as pd
 from ..bounds import check_genes, elbo_terms, iwae
 from ..choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, check_choice
 from ..data import DataError, batch_covariates, file_checksum, prepare, read_counts
+from ..files import write_h5ad
 from ..hierarchy import Hierarchy
 from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
@@ -55,18 +56,18 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     """The cells to evaluate, prepared exactly as for training (the model's genes, in its order).
 
     Returns (prepared AnnData of the chosen cells, hierarchy or None, subset, evaluation name).
-    The run's split only applies to the file it was trained on (same checksum); any other file
-    is evaluated as a whole."""
+    The run's split (test, validation, train cells) applies to the file it was trained on; if that
+    file changed since training (checksum), or another file is asked for a set, the set's cells
+    are matched by name and refused unless every one of them is there. Another file is evaluated
+    as a whole by default."""
     config = run.read_config()
     options = config["options"]
     path = _data_path(config, data)
     same_file = file_checksum(path) == config["data_checksum"]
+    own_path = data is None or Path(data).resolve() == Path(options["data"]).resolve()
     if subset is None:
-        subset = "test" if same_file else "all"
+        subset = "test" if same_file or own_path else "all"
     check_choice("set", subset, SETS)
-    if not same_file and subset != "all":
-        raise DataError(f"{path} is not the file the run was trained on, so the run's {subset} cells are not "
-                        f"defined in it; evaluate it as a whole with --set all (the default for other files).")
 
     adata = read_counts(path, layer=options.get("layer"))
     hierarchy = Hierarchy.from_dict(config["hierarchy"]) if config.get("hierarchy") else None
@@ -74,13 +75,26 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     prepared = prepare(adata, genes=config["genes"], label_column=hierarchy.label_column if has_labels else None,
                        exclude_labels=list(options.get("exclude_labels") or ()) if has_labels else (),
                        drop_empty_cells=options.get("drop_empty_cells", False) if drop_empty_cells is None
-                       else drop_empty_cells)
+                       else drop_empty_cells, outlier_counts=options.get("outlier_counts", "keep"))
     check_genes(config["genes"], prepared.var_names)
+    split = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
     if same_file:
-        split = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
         missing = prepared.obs_names.difference(split.index)
         if len(missing):
             raise DataError(f"{len(missing)} cells of {path} are not in the run's split (e.g. {list(missing[:3])}).")
+    elif subset != "all":
+        wanted = split.index[split == subset]
+        absent = wanted.difference(prepared.obs_names)
+        if len(absent):
+            change = "changed since the run was trained on it" if own_path else "is not the file the run was trained on"
+            raise DataError(f"{path} {change} (its checksum differs), and {len(absent)} of the run's {len(wanted)} "
+                            f"{subset} cells are not in it by name (e.g. {list(absent[:3])}), so its {subset} cells "
+                            f"cannot be told apart from cells the model trained on. Evaluate the original file, or "
+                            f"this one as a whole with --set all (training cells included).")
+        print(f"Note: {path} differs from the file the run was trained on; its {len(wanted)} {subset} cells were "
+              f"matched by name.")
+        prepared = prepared[prepared.obs_names.isin(split.index)].copy()
+    if same_file or subset != "all":
         prepared.obs["split"] = pd.Categorical(split.loc[prepared.obs_names].to_numpy(),
                                                categories=["train", "validation", "test"])
         if subset != "all":
@@ -93,7 +107,7 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
         hierarchy = hierarchy.restrict(labels)
     else:
         hierarchy = None
-    name = subset if same_file else f"{path.name.split('.')[0]}-{subset}"
+    name = subset if same_file or subset != "all" else f"{path.name.split('.')[0]}-{subset}"
     return prepared, hierarchy, subset, name
 
 
@@ -167,7 +181,7 @@ def write_evaluation(evaluation: Evaluation) -> list:
     files = [folder / "bounds.json"]
     if evaluation.levels is not None:
         files.extend(write_scores(evaluation.levels, folder, "level_metrics"))
-    evaluation.adata.write_h5ad(folder / "cells.h5ad", compression="gzip")
+    write_h5ad(evaluation.adata, folder / "cells.h5ad")
     files.append(folder / "cells.h5ad")
     evaluation.files = files
     return files
