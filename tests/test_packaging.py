@@ -1,0 +1,34 @@
+"""Packaging and layering: the wheel installs only `scvae_hier`; the command line's help loads no
+TensorFlow; the core never imports the analysis layer or a top-level `analyses` package."""
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["bounds", "choices", "data", "distributions", "files", "hierarchy", "initialisation", "metrics", "options",
+        "outputs", "runs", "sampling", "training"]
+
+
+def test_wheel_installs_only_the_scvae_hier_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    wheel, = tmp_path.glob("scvae_hier-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"scvae_hier"}
+
+
+def test_help_loads_no_tensorflow():
+    code = ("import sys; from scvae_hier.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'scanpy')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_core_never_imports_upward():
+    for name in CORE + [f"models/{p.stem}" for p in (ROOT / "scvae_hier" / "models").glob("*.py")]:
+        text = (ROOT / "scvae_hier" / f"{name}.py").read_text()
+        imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", text, flags=re.M)
+        assert not [i for i in imports if i.startswith(("analyses", ".analysis", "..analysis", "scvae_hier.analysis",
+                                                        ".api", "..api", ".pl", ".cli"))], name
