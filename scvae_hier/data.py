@@ -171,19 +171,22 @@ def label_values(obs, column):
 
 
 def find_outliers(X, factor=20.0, floor=1000.0):
-    """Entries far above their gene's typical range: above max(floor, factor x the gene's 99.9th
+    """Entries far above their gene's typical range: above max(floor, factor x the gene's 99th
     percentile over cells). A UMI count of 10^6 in one gene of one cell is a data error, and one
-    such entry dominates the training ELBO. Returns (rows, columns, values, thresholds per gene)."""
+    such entry dominates the training ELBO. (The 99th, not a higher percentile, so that on a few
+    hundred cells the outlier itself is not the reference.) Returns (rows, columns, values,
+    thresholds per gene)."""
     X = sp.csr_matrix(X)
-    dense_quantile = np.zeros(X.shape[1])
+    n_cells = X.shape[0]
     csc = X.tocsc()
+    reference = np.zeros(X.shape[1])
+    rank = int(np.ceil(0.99 * n_cells))  # 1-based rank of the 99th percentile among all cells
     for g in range(X.shape[1]):
-        column = csc.data[csc.indptr[g]:csc.indptr[g + 1]]
-        if column.size:
-            # 99.9th percentile over all cells, zeros included, from the non-zero values alone
-            rank = int(np.ceil(0.999 * X.shape[0])) - (X.shape[0] - column.size)
-            dense_quantile[g] = np.sort(column)[max(rank, 1) - 1] if rank > 0 else 0.0
-    threshold = np.maximum(floor, factor * dense_quantile)
+        column = np.sort(csc.data[csc.indptr[g]:csc.indptr[g + 1]])
+        above_zeros = rank - (n_cells - column.size)  # zeros fill the lowest ranks
+        if above_zeros > 0:
+            reference[g] = column[above_zeros - 1]
+    threshold = np.maximum(floor, factor * reference)
     coo = X.tocoo()
     bad = coo.data > threshold[coo.col]
     return coo.row[bad], coo.col[bad], coo.data[bad], threshold
@@ -292,7 +295,7 @@ def _handle_outliers(X, genes, outlier_counts, record):
         return X
     worst = np.argsort(-values)[:5]
     named = sorted(set(genes[columns].tolist()))
-    message = (f"{len(values)} count(s) lie far above their gene's range (more than 20x its 99.9th percentile "
+    message = (f"{len(values)} count(s) lie far above their gene's range (more than 20x its 99th percentile "
                f"over cells, and over 1000), in {len(named)} gene(s): {', '.join(named[:10])}"
                f"{' ...' if len(named) > 10 else ''}; largest: "
                + ", ".join(f"{values[i]:g} ({genes[columns[i]]}, cell {rows[i]})" for i in worst) + ". ")

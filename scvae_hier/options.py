@@ -29,7 +29,7 @@ class TrainOptions:
     exclude_labels: tuple = option((), "Drop cells with these labels (e.g. cd14_monocytes for the poster's nine).",
                                   nargs="+")
     drop_empty_cells: bool = option(False, "Drop cells with no counts on the selected genes instead of failing.")
-    outlier_counts: str = option("keep", "Counts over 20x their gene's 99.9th percentile (and over 1000) are always "
+    outlier_counts: str = option("keep", "Counts over 20x their gene's 99th percentile (and over 1000) are always "
                                  "reported; keep them, or clip them to that bound.", list(OUTLIER_HANDLING))
     n_components: int = option(None, "Mixture components (default: the number of finest-level classes).")
     level_sizes: tuple = option(None, "Components per level for indmom/momix (default: the hierarchy's class "

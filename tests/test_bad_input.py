@@ -142,9 +142,9 @@ def test_tiny_inputs_are_refused_with_the_numbers(pbmc_slice, tmp_path, capsys):
     assert re.search(r"\d training cells are too few .* Use more cells", capsys.readouterr().err)
     forty = write(adata[::15].copy(), tmp_path / "forty.h5ad")
     assert train_cli(forty, tmp_path / "c", "--n-components", "50", "--split", "0.5", "0.25", "0.25",
-                     "--drop-empty-cells", *FAST) == 2
+                     "--drop-empty-cells", *FAST, "--n-genes", "0") == 2
     assert re.search(r"too few for 50 mixture components: at least 150 .* fewer components", capsys.readouterr().err)
-    assert train_cli(forty, tmp_path / "d", "--drop-empty-cells", *FAST) == 2  # 10% of 40 = 4 test cells
+    assert train_cli(forty, tmp_path / "d", "--drop-empty-cells", *FAST, "--n-genes", "0") == 2  # 10%: 4 cells
     assert re.search(r"leaves \d validation cell\(s\) of \d+; at least 10", capsys.readouterr().err)
 
 
