@@ -100,7 +100,7 @@ class HierarchyModel:
         """Choose genes, check the cells and build the (untrained) model. Options are the command
         line's, with underscores (`scvae-hier train --help`): n_genes, exclude_labels, latent_dim,
         hidden, prior, likelihood, ... ; training settings go to `train`."""
-        from .training import new_model, prepare_cells
+        from .training import distribution_strategy, in_scope, new_model, prepare_cells
 
         known = {f.name for f in fields(TrainOptions)} - NOT_MODEL_OPTIONS
         unknown = sorted(set(options) - known)
@@ -113,7 +113,9 @@ class HierarchyModel:
         self.adata = adata
         self.cells = prepare_cells(self._counts_view(adata), self.options, self.hierarchy)
         self.hierarchy = self.cells.hierarchy
-        self.module, self.arguments = new_model(self.options, self.cells)
+        self._strategy = distribution_strategy(self.options.devices)
+        with in_scope(self._strategy):
+            self.module, self.arguments = new_model(self.options, self.cells)
         self.history = None
         self.split = None
         self.is_trained = False
@@ -144,7 +146,7 @@ class HierarchyModel:
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
         the per-epoch terms in `self.history` (a DataFrame)."""
-        from .training import check_enough_cells, compile_model, fit, make_split, name_clusters
+        from .training import check_enough_cells, compile_model, fit, in_scope, make_split, name_clusters
 
         unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
         if unknown:
@@ -161,7 +163,8 @@ class HierarchyModel:
         self.split = make_split(self.cells, self.options)
         check_enough_cells(self.module, self.split, self.options)
         train_counts = self.cells.adata.X[self.split == "train"]
-        compile_model(self.module, self.options, train_counts)
+        with in_scope(self._strategy):
+            compile_model(self.module, self.options, train_counts)
         log = print if progress_bar else (lambda *_: None)
         state = fit(self.module, self.cells, self.split, self.options, verbose=1 if progress_bar else 0, log=log)
         self.history = pd.DataFrame(state.state["history"]).set_index("epoch")
@@ -304,7 +307,7 @@ class HierarchyModel:
         history = Path(folder) / "history.csv"
         if Path(folder).is_dir() and history.is_file():
             model.history = pd.read_csv(history).set_index("epoch")
-        model.split, model.cells, model.is_trained = None, None, True
+        model.split, model.cells, model.is_trained, model._strategy = None, None, True, None
         model.adata = None
         if adata is not None:
             model._model_cells(adata)  # refuses missing genes by name

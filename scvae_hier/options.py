@@ -91,6 +91,9 @@ class TrainOptions:
     fold: int = option(0, "The test fold, 0 to --folds - 1.")
     seed: int = option(0, "Random seed (split, weights, noise, batch order).")
     xla: bool = option(True, "Compile train/predict steps with XLA (measured faster for the mixture models).")
+    devices: int = option(1, "Train on this many devices with tf.distribute.MirroredStrategy: GPUs when present, "
+                          "else the CPU split into logical devices (for testing; no faster). Each device takes "
+                          "--batch-size / devices cells of every batch.")
     resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")
     overwrite: bool = option(False, "Replace an existing run folder.")
 
@@ -110,7 +113,7 @@ class TrainOptions:
 # where options enter, for the command line and the Python API alike.
 MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
             "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
-            "patience": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,
+            "patience": 1, "devices": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,
             "reseed_clusters": 1, "final_refit": 0, "reseed_epochs": 0}
 
 

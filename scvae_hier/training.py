@@ -1,6 +1,7 @@
 """Training: KL warm-up, resumable early stopping and checkpoints, and the `train` pipeline that
 turns options into a finished run folder."""
 from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
+import contextlib
 import csv
 import json
 import math
@@ -308,6 +309,35 @@ def model_metadata(cells: Cells, options: TrainOptions) -> dict:
             "log_library": [float(library.mean()), float(library.std())]}
 
 
+def distribution_strategy(devices: int):
+    """None for one device; else a MirroredStrategy over `devices` GPUs or, without GPUs, over the
+    CPU split into that many logical devices (which TensorFlow allows only before it first runs an
+    operation, so call this before building anything)."""
+    if devices == 1:
+        return None
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if len(gpus) < devices:
+            raise ValueError(f"--devices {devices}: this machine has {len(gpus)} GPU(s); ask for at most that many.")
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(devices)])
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) != devices:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+        except RuntimeError:
+            raise ValueError(f"--devices {devices} without GPUs splits the CPU into logical devices, which TensorFlow "
+                             f"allows only before it has run anything; start a new Python process (or pass "
+                             f"devices= to the first model you build).") from None
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)])
+
+
+def in_scope(strategy):
+    """The strategy's scope (models must be built, compiled and loaded in it), or a no-op."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def new_model(options: TrainOptions, cells: Cells):
     """An untrained model for these cells (every setting checked before anything is written).
     Keras draws initializer seeds when layers are constructed, so the seed is set here (and again
@@ -320,12 +350,15 @@ def new_model(options: TrainOptions, cells: Cells):
 
 def compile_model(model, options: TrainOptions, train_counts) -> None:
     """Create the weights (seeded here, so the CLI and the API draw the same ones), optionally set
-    the prior from k-means on a PCA, and compile."""
+    the prior from k-means on a PCA, and compile. XLA stays off on several devices: a
+    jit-compiled step under MirroredStrategy fails to reach the other replicas' variables
+    (measured here with TF 2.21 / Keras 3.15 on logical CPUs; keras-team/keras#18627)."""
     keras.utils.set_random_seed(options.seed)
     model.build()
     if options.init == "pca-kmeans":
         initialise_prior(model, train_counts, options.seed)
-    model.compile(optimizer=keras.optimizers.Adam(options.learning_rate), jit_compile=options.xla)
+    model.compile(optimizer=keras.optimizers.Adam(options.learning_rate),
+                  jit_compile=options.xla and options.devices == 1)
 
 
 def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None, verbose=None,
@@ -416,7 +449,9 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
     del adata
     prepared, hierarchy = cells.adata, cells.hierarchy
     split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
-    model, arguments = new_model(options, cells)
+    strategy = distribution_strategy(options.devices)
+    with in_scope(strategy):
+        model, arguments = new_model(options, cells)
     check_enough_cells(model, split, options)
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
@@ -437,12 +472,14 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
     state = None
     if saved is not None and run.has_checkpoint():
         state = json.loads(run.checkpoint_state.read_text())
-        model = load_checkpoint(run.checkpoint_model)
+        with in_scope(strategy):
+            model = load_checkpoint(run.checkpoint_model)
         log(f"Resuming {run.path} after epoch {state['epoch'] + 1}.")
     else:
-        compile_model(model, options, prepared.X[split == "train"])
+        with in_scope(strategy):
+            compile_model(model, options, prepared.X[split == "train"])
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
-        f"({_device()}); run folder: {run.path}")
+        f"({_device(options.devices)}); run folder: {run.path}")
     try:
         tracker = fit(model, cells, split, options, run=run, state=state, log=log)
     except KeyboardInterrupt:
@@ -465,10 +502,11 @@ def _read_split(run: RunDirectory, cells) -> np.ndarray:
     return table.loc[cells].to_numpy()
 
 
-def _device() -> str:
+def _device(devices=1) -> str:
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
-    return f"GPU: {gpus[0].name}" if gpus else "CPU"
+    where = f"GPU: {gpus[0].name}" if gpus else "CPU"
+    return where if devices == 1 else f"{devices} x {'GPU' if gpus else 'logical CPU'}, MirroredStrategy"
 
 
 def _versions() -> dict:

@@ -119,15 +119,31 @@ class BaseVAE(keras.Model):
         return params
 
     def sample_noise(self, shape):
-        """Standard normal noise from the stateless seed (model seed, draw counter). Under a
-        tf.distribute strategy each replica folds its index into the seed, so replicas draw
-        different noise, reproducibly; on one device the stream is unchanged."""
+        """Standard normal noise [cells, ...] from the stateless seed (model seed, draw counter).
+
+        Under a tf.distribute strategy every replica draws the noise of the whole global batch and
+        keeps its own rows, so replicas draw different noise and a run on N devices draws exactly
+        what one device would for the same global batch (reproducible, and tested)."""
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
+        self.noise_draws.assign_add(1)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return tf.random.stateless_normal(shape, seed=seed)
+        sizes = context.all_gather(tf.reshape(shape[0], [1]), axis=0)              # cells per replica
+        offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
+        noise = tf.random.stateless_normal(tf.concat([[tf.reduce_sum(sizes)], shape[1:]], 0), seed=seed)
+        return noise[offset:offset + shape[0]]
+
+    @staticmethod
+    def global_mean(per_cell):
+        """Mean over the global batch. Under tf.distribute each replica holds part of the batch and
+        the optimizer sums the replicas' gradients, so each replica divides its own sum by the
+        global number of cells (a per-replica mean would give N-fold gradients on N replicas)."""
+        n = tf.cast(tf.shape(per_cell)[0], per_cell.dtype)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
-            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
-        self.noise_draws.assign_add(1)
-        return tf.random.stateless_normal(shape, seed=seed)
+            n = context.all_reduce("sum", n)
+        return tf.reduce_sum(per_cell) / n
 
     def reparameterise(self, loc, scale, noise=None):
         if noise is None:
@@ -222,7 +238,7 @@ class BaseVAE(keras.Model):
         x, covariates = self._unpack(data)
         with tf.GradientTape() as tape:
             terms = self.terms(x, training=True, covariates=covariates)
-            loss = tf.reduce_mean(terms["loss"])
+            loss = self.global_mean(terms["loss"])
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         return self._record(terms)
