@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 try:
     from scvae_hier.metrics import hungarian_f1, level_scores
-except ImportError:  # before the analysis package moved
-    from analyses.metrics import hungarian_f1, level_scores
+except ImportError:  # earlier layouts of the package
+    try:
+        from scvae_hier.analysis.metrics import hungarian_f1, level_scores
+    except ImportError:
+        from analyses.metrics import hungarian_f1, level_scores
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models.tree import path_predictions
 
