@@ -9,6 +9,9 @@ strategy = distribution_strategy(2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})  # as tests/conftest.py
 
 from scvae_hier.data import CountBatches  # noqa: E402
 from scvae_hier.models import MixtureVAE  # noqa: E402
