@@ -191,6 +191,9 @@ class HierarchyModel:
         self._check_trained()
         if adata is None:
             adata = self.adata
+        if not isinstance(adata, anndata.AnnData):
+            raise TypeError(f"adata must be an AnnData (cells x genes with obs_names and var_names), "
+                            f"not {type(adata).__name__}.")
         if not adata.obs_names.is_unique:
             raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
                             "call adata.obs_names_make_unique() first.")
@@ -273,6 +276,8 @@ class HierarchyModel:
 
         self._check_trained()
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is a file; save needs a folder (it writes model.keras and history.csv).")
         if (folder / "model.keras").exists() and not overwrite:
             raise FileExistsError(f"{folder} already holds a model; pass overwrite=True or another folder.")
         folder.mkdir(parents=True, exist_ok=True)
@@ -327,6 +332,13 @@ class HierarchyModel:
         from .sampling import sample_counts
 
         self._check_trained()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a whole number of cells, 0 or more; got {n!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer; got {seed!r}.")
+        if batch is not None and not self.module.n_covariates:
+            raise ValueError(f"This model was trained without a batch covariate, so batch={batch!r} has no meaning; "
+                             f"leave it out.")
         rng = np.random.default_rng(seed)
         meta = self.module.metadata
         if node is None:

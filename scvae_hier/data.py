@@ -386,6 +386,10 @@ def batch_covariates(obs, batch_key, categories=None):
     if batch_key not in obs:
         raise DataError(f"The batch covariate {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.")
     values = obs[batch_key]
+    if categories is None and pd.api.types.is_float_dtype(values):
+        raise DataError(f"obs[{batch_key!r}] holds real numbers ({values.nunique()} distinct values), not batch "
+                        f"categories; pass a column of batch names (convert it with .astype(str) if its numbers "
+                        f"are batch labels).")
     if values.isna().any():
         raise DataError(f"obs[{batch_key!r}] is missing for {int(values.isna().sum())} cells; fill it in or "
                         f"drop those cells.")

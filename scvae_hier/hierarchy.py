@@ -215,7 +215,7 @@ class Hierarchy:
             raise HierarchyError(f"hierarchy file {str(path)!r} does not exist")
         suffix = path.suffix.lower()
         if suffix in (".json", ".yaml", ".yml"):
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the text
             try:
                 if suffix == ".json":
                     d = json.loads(text)
@@ -235,7 +235,7 @@ class Hierarchy:
 
     @classmethod
     def _from_tsv(cls, path):
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = [(i, row) for i, row in enumerate(csv.reader(handle, delimiter="\t"), 1)
                     if row and not row[0].startswith("#") and any(f.strip() for f in row)]
         if not rows:

@@ -114,9 +114,20 @@ def load_model(run_or_file):
     if path.is_dir():
         path = RunDirectory(path).model
     if not path.exists():
+        hint = (" This run folder has no final model: if training was interrupted, continue it with "
+                "`scvae-hier train DATA --output RUN --resume`." if RunDirectory(path.parent).config.exists() else "")
         raise FileNotFoundError(f"No model at {path}: pass a run folder written by `scvae-hier train` "
-                                f"or its model.keras file.")
+                                f"or its model.keras file.{hint}")
     _check_model_file(path)
+    config = RunDirectory(path.parent).config
+    if path.name == "model.keras" and config.exists():  # a run folder: its config must describe this model
+        expected = json.loads(config.read_text()).get("options", {}).get("model")
+        inner = json.loads(zipfile.ZipFile(path).read("config.json"))
+        from .models import MODELS
+        found = next((n for n, (_, c) in MODELS.items() if c == inner.get("class_name")), None)
+        if expected and found and expected != found:
+            raise ModelFileError(f"{path} holds a {inner.get('class_name')} but the run's config.json says --model "
+                                 f"{expected}: the folder mixes two runs. Use the run's own model.keras.")
     try:
         register_all()
         return keras.saving.load_model(path)

@@ -78,6 +78,10 @@ class TrainingState(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
+        if not math.isfinite(logs.get("loss", 0.0)):
+            raise ValueError(f"Training diverged in epoch {epoch + 1} (loss {logs['loss']}); the run is not saved as "
+                             f"finished. Lower --learning-rate (now {float(self.model.optimizer.learning_rate.numpy()):g}) "
+                             f"or check the counts for outliers.")
         self.state["history"].append({"epoch": epoch, "kl_weight": float(self.model.kl_weight.numpy()), **logs})
         if epoch >= self.first_epoch:
             value = logs[self.monitor]
@@ -129,6 +133,9 @@ def default_run_path(options: TrainOptions) -> Path:
 
 def resolve_hierarchy(adata, options: TrainOptions):
     """The hierarchy to evaluate against: a file, per-level columns, the data's own, or a label column."""
+    if options.hierarchy and options.levels:
+        raise DataError("Give the hierarchy either as a file (--hierarchy) or as per-level obs columns (--levels), "
+                        "not both.")
     if options.hierarchy:
         hierarchy = Hierarchy.from_file(options.hierarchy)
     elif options.levels:
@@ -164,8 +171,13 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
     return arguments
 
 
-def _prepare_folder(run: RunDirectory, options: TrainOptions):
-    """Decide between a fresh run, a resumed one, or a clear refusal; returns saved state or None."""
+RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "outputs.h5ad", "metrics.json", "report.md",
+             "checkpoint", "evaluation", "figures", ".scvae-hier-run"}
+
+
+def _check_folder(run: RunDirectory, options: TrainOptions):
+    """Decide between a fresh run, a resumed one, or a clear refusal, before anything is read or
+    written; returns the saved config of a resumed run, or None. Nothing is deleted here."""
     if options.resume:
         if not run.config.exists():
             raise FileNotFoundError(f"Nothing to resume in {run.path}: no config.json. Start a new run instead.")
@@ -186,10 +198,22 @@ def _prepare_folder(run: RunDirectory, options: TrainOptions):
                 hint = "it holds a run that never finished an epoch"
             raise FileExistsError(f"Run folder {run.path} exists and {hint}, --overwrite to replace it, "
                                   f"or --output to choose another folder.")
+        foreign = sorted(p.name for p in run.path.iterdir() if p.name not in RUN_FILES and not p.name.startswith("tmp-"))
+        if foreign:
+            raise FileExistsError(f"Run folder {run.path} also holds files a run does not write ({', '.join(foreign[:5])}"
+                                  f"{' ...' if len(foreign) > 5 else ''}); --overwrite would delete them. Move them out "
+                                  f"first, or choose another --output.")
+    return None
+
+
+def _make_folder(run: RunDirectory, log=print) -> None:
+    """Create the run folder (replacing an old run of ours, checked by `_check_folder`), once the
+    input has passed every check, so a refused input leaves nothing behind."""
+    if run.path.exists() and any(run.path.iterdir()):
+        log(f"Replacing the run in {run.path} (--overwrite).")
         shutil.rmtree(run.path)
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run.marker.write_text("A scvae-hier run folder: `scvae-hier train --overwrite` may replace it.\n")
-    return None
 
 
 # Options that a resumed run may change: they extend or shorten training without changing what
@@ -433,7 +457,7 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
     With --resume, the saved run's options are kept; `given` names the options the user typed
     (see `resumed_options`)."""
     run = RunDirectory(options.output or default_run_path(options))
-    saved = _prepare_folder(run, options)
+    saved = _check_folder(run, options)
     if saved is not None:
         options = resumed_options(saved, TrainOptions.from_dict({**options.to_dict(), "output": str(run.path)}),
                                   given, log)
@@ -453,6 +477,9 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
     with in_scope(strategy):
         model, arguments = new_model(options, cells)
     check_enough_cells(model, split, options)
+    if options.warm_up >= options.epochs:
+        log(f"Note: --warm-up {options.warm_up} >= --epochs {options.epochs}: the KL weight never reaches 1, so "
+            f"training optimises a down-weighted KL (the reported ELBO is still the true bound).")
     config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
               "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
               "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
@@ -460,6 +487,11 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
               "preprocessing": prepared.uns.get("preprocessing", {}),
               "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
     if saved is None:
+        try:
+            _make_folder(run, log)
+        except OSError as error:
+            raise FileExistsError(f"Cannot write the run folder {run.path} ({error.strerror}); choose another "
+                                  f"--output.") from None
         write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
         write_json(run.config, config)
     elif options.to_dict() != saved["options"]:  # allowed changes, recorded

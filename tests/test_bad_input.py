@@ -209,3 +209,76 @@ def test_api_input_errors(pbmc_slice):
         sh.MixtureVAE(adata, n_genes=50, drop_empty_cells=True).train(max_epochs=0)
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):
         sh.MixtureVAE(adata, n_genes=50, drop_empty_cells=True).train(batch_size=0)
+
+
+# -- found by probing as a new user (issue 15's second round) ----------------------------------
+
+def test_overwrite_refuses_a_run_folder_holding_the_users_files(pbmc_slice, tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "my_notes.txt").write_text("precious")
+    assert train_cli(pbmc_slice, run, "--overwrite", *TINY_RUN) == 2
+    assert "my_notes.txt" in capsys.readouterr().err and (run / "my_notes.txt").read_text() == "precious"
+    (run / "my_notes.txt").unlink()
+    assert train_cli(pbmc_slice, run, "--overwrite", *TINY_RUN) == 0
+    assert f"Replacing the run in {run}" in capsys.readouterr().out
+
+
+def test_refused_input_leaves_no_folder_behind(pbmc_slice, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(pbmc_slice, out, "--exclude-labels", "no_such_population", *TINY_RUN) == 2
+    assert not out.exists()
+    assert train_cli(pbmc_slice, out, "--hierarchy", str(PBMC_HIERARCHY), "--levels", "level_1", "level_2",
+                     *TINY_RUN) == 2
+    assert "not both" in capsys.readouterr().err and not out.exists()
+
+
+def test_diverging_training_is_stopped_and_not_saved_as_finished(pbmc_slice, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(pbmc_slice, out, *TINY_RUN, "--learning-rate", "1e9", "--model", "mixture") == 2
+    assert re.search(r"Training diverged in epoch \d \(loss nan\).*Lower --learning-rate", capsys.readouterr().err)
+    assert not RunDirectory(out).is_finished()
+
+
+def test_evaluate_and_analyse_options_are_checked(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["evaluate", str(run), "--iwae-samples", "0"]) == 2
+    assert "--iwae-samples and --batch-size must be at least 1" in capsys.readouterr().err
+    assert main(["analyse", str(run), "--level", "level_9"]) == 2
+    assert "--level level_9 chooses the level of a comparison" in capsys.readouterr().err
+
+
+def test_run_folder_mixing_two_runs_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["options"]["model"] = "momix"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds a VAE but the run's config.json says --model momix"):
+        sh.load_model(run)
+
+
+def test_batch_key_of_real_numbers_is_refused(pbmc_slice, tmp_path, capsys):
+    adata = anndata.read_h5ad(pbmc_slice)
+    adata.obs["depth"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
+    path = write(adata, tmp_path / "depth.h5ad")
+    assert train_cli(path, tmp_path / "r", "--batch-key", "depth", *TINY_RUN) == 2
+    assert re.search(r"obs\['depth'\] holds real numbers .* not batch categories", capsys.readouterr().err)
+
+
+def test_sample_and_save_arguments_are_checked(tiny_run, tmp_path):
+    model = sh.load(tiny_run)
+    for bad in (2.5, -3):
+        with pytest.raises(ValueError, match="n must be a whole number of cells"):
+            model.sample(n=bad)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        model.sample(n=2, seed="abc")
+    with pytest.raises(ValueError, match="without a batch covariate"):
+        model.sample(n=2, batch="x")
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; save needs a folder"):
+        model.save(a_file)
+    with pytest.raises(TypeError, match="adata must be an AnnData"):
+        model.get_latent_representation(np.zeros((3, 3)))

@@ -131,6 +131,8 @@ def level_table(hierarchy, labels, clusters_by_level, flat: bool) -> pd.DataFram
 def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAMPLES, batch_size=256, seed=0,
                  drop_empty_cells=None, progress=None) -> Evaluation:
     """Bounds and per-level scores of a run on one set of cells (see the module docstring)."""
+    if int(iwae_samples) < 1 or int(batch_size) < 1:
+        raise ValueError(f"--iwae-samples and --batch-size must be at least 1; got {iwae_samples} and {batch_size}.")
     run = RunDirectory(run_path)
     config = run.read_config()
     prepared, hierarchy, subset, name = load_cells(run, data, subset, drop_empty_cells)

@@ -176,7 +176,10 @@ def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iw
 def analyse(runs, scvae=(), output=None, **kwargs) -> Path:
     """One run without scVAE runs: a run report; otherwise a comparison."""
     if len(runs) == 1 and not scvae and output is None:
-        kwargs.pop("level", None)
+        level = kwargs.pop("level", None)
+        if level is not None:
+            raise ValueError(f"--level {level} chooses the level of a comparison's Figure 1; one run's report "
+                             f"shows every level. Leave it out, or compare runs (--output DIR).")
         kwargs.pop("figures", None)
         return run_report(runs[0], **kwargs)
     return comparison_report(runs, scvae, output, **kwargs)
