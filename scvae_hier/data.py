@@ -94,6 +94,10 @@ def read_counts(path, layer=None):
         elif suffix == ".loom":
             adata = _read_loom(path)
         elif suffix == ".h5":
+            with h5py.File(path, "r") as f:
+                if "obs" in f and "var" in f:
+                    raise DataError(f"{str(path)!r} is an AnnData (.h5ad) file with an .h5 suffix (10x's format); "
+                                    f"rename it to .h5ad")
             import scanpy as sc
             adata = sc.read_10x_h5(path)
         else:

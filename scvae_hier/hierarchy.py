@@ -190,7 +190,9 @@ class Hierarchy:
         table = obs[list(dict.fromkeys([label_column] + columns))]
         if table.isna().any().any():
             bad = [c for c in table.columns if table[c].isna().any()]
-            raise HierarchyError(f"obs columns {bad} have missing values")
+            counts = {c: int(table[c].isna().sum()) for c in bad}
+            raise HierarchyError(f"obs columns {bad} have missing values ({counts} cells); fill them in, or drop "
+                                 f"those cells (every cell needs a label at every level for now)")
         table = table.astype(str).drop_duplicates()
         paths = {}
         conflicts = {}

@@ -78,6 +78,9 @@ def _check_model_file(path: Path):
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as error:
+        if path.suffix.lower() in (".h5ad", ".h5", ".loom", ".mtx", ".csv"):
+            raise ModelFileError(f"{path} is a data file, not a model: pass a run folder, a folder written by "
+                                 f"model.save(), or a .keras file.") from None
         raise ModelFileError(
             f"{path} is not a readable .keras model file ({error}). It may be truncated or corrupt: "
             f"retrain, or resume the run from its checkpoint with `scvae-hier train ... --resume`.") from None

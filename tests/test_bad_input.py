@@ -282,3 +282,12 @@ def test_sample_and_save_arguments_are_checked(tiny_run, tmp_path):
         model.save(a_file)
     with pytest.raises(TypeError, match="adata must be an AnnData"):
         model.get_latent_representation(np.zeros((3, 3)))
+
+
+def test_files_of_the_wrong_kind_are_named(pbmc_slice, tmp_path):
+    h5 = tmp_path / "cells.h5"
+    shutil.copy(pbmc_slice, h5)
+    with pytest.raises(DataError, match=r"AnnData \(.h5ad\) file with an .h5 suffix.*rename it to .h5ad"):
+        training.read_counts(h5)
+    with pytest.raises(ValueError, match="is a data file, not a model"):
+        sh.load(pbmc_slice)
