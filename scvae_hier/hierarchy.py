@@ -213,6 +213,8 @@ class Hierarchy:
     def from_file(cls, path):
         """Read a .tsv (header: label column, then level names), .json or .yaml/.yml file."""
         path = Path(path)
+        if path.is_dir():
+            raise HierarchyError(f"{str(path)!r} is a folder; the hierarchy must be a .tsv, .json or .yaml file")
         if not path.is_file():
             raise HierarchyError(f"hierarchy file {str(path)!r} does not exist")
         suffix = path.suffix.lower()

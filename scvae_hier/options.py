@@ -124,9 +124,11 @@ def check_ranges(options) -> None:
         if value is None:
             continue
         values = list(value) if isinstance(value, (tuple, list)) else [value]
-        bad = [v for v in values if not isinstance(v, (int, float)) or v < minimum]
+        flag = "--" + name.replace("_", "-")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"{flag} must be a number; got {value!r}.")
+        bad = [v for v in values if v < minimum]
         if bad:
-            flag = "--" + name.replace("_", "-")
             bound = f"at least {minimum}"
             raise ValueError(f"{flag} must be {bound}; got {value!r}.")
     if len(tuple(options.split)) != 3 or abs(sum(options.split) - 1.0) > 1e-6:

@@ -291,3 +291,10 @@ def test_files_of_the_wrong_kind_are_named(pbmc_slice, tmp_path):
         training.read_counts(h5)
     with pytest.raises(ValueError, match="is a data file, not a model"):
         sh.load(pbmc_slice)
+
+
+def test_option_types_and_hierarchy_folders_are_named(tmp_path):
+    with pytest.raises(ValueError, match="--latent-dim must be a number; got '3'"):
+        TrainOptions(latent_dim="3")
+    with pytest.raises(ValueError, match="is a folder; the hierarchy must be a .tsv"):
+        training.Hierarchy.from_file(tmp_path)
