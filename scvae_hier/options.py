@@ -3,6 +3,7 @@
 The command line is generated from this dataclass, and a run's config.json stores it, so an
 option documented here is an option the CLI has and a run remembers.
 """
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
@@ -125,7 +126,7 @@ def check_ranges(options) -> None:
             continue
         values = list(value) if isinstance(value, (tuple, list)) else [value]
         flag = "--" + name.replace("_", "-")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
             raise ValueError(f"{flag} must be a number; got {value!r}.")
         bad = [v for v in values if v < minimum]
         if bad:
