@@ -197,3 +197,13 @@ def test_restrict_and_levels_by_name_or_index(pbmc_h):
 def test_from_anndata_without_hierarchy_says_how_to_fix():
     with pytest.raises(HierarchyError, match="--hierarchy"):
         Hierarchy.from_anndata(anndata.AnnData(np.zeros((1, 1), dtype=np.float32)))
+
+
+def test_shipped_kang_data_carries_its_four_level_hierarchy():
+    """data/kang2018.h5ad (data/build_kang.py): the second study, usable with no file outside the repository."""
+    import anndata
+    adata = anndata.read_h5ad(DATA / "kang2018.h5ad", backed="r")
+    hierarchy = Hierarchy.from_anndata(adata)
+    assert hierarchy.label_column == "cluster_id" and hierarchy.sizes == [2, 4, 6, 8]
+    hierarchy.validate(adata.obs["cluster_id"].astype(str).to_numpy())
+    assert adata.shape == (12261, 1287) and set(adata.obs["sample_id"].astype(str)).__len__() == 8

@@ -3,7 +3,7 @@
     python analyses/tuning/tree/tune.py NAME DATASET key=value ...
 
 DATASET: pbmc (data/pbmc.h5ad, nine populations, the poster.yaml levers unless overridden) or
-kang (../shared/data/kang2018/kang2018_pbmc.h5ad, --levels level_1..level_4, batch sample_id).
+kang (data/kang2018.h5ad from data/build_kang.py, its uns['hierarchy'], batch sample_id).
 Runs go to /work/tree_runs/NAME; a finished run is only re-scored.
 """
 import os
@@ -30,8 +30,8 @@ BASE = {
     "pbmc": dict(data=str(ROOT / "data/pbmc.h5ad"), exclude_labels=("cd14_monocytes",), batch_key="source_dataset",
                  library_size="observed", dispersion="gene", n_genes=500, usage_level_weights=(0.1, 0.1, 1.0, 1.0)),
     "pbmc-plain": dict(data=str(ROOT / "data/pbmc.h5ad"), exclude_labels=("cd14_monocytes",)),
-    "kang": dict(data=str(ROOT.parent / "shared/data/kang2018/kang2018_pbmc.h5ad"),
-                 levels=("level_1", "level_2", "level_3", "level_4"), batch_key="sample_id", library_size="observed",
+    "kang": dict(data=str(ROOT / "data/kang2018.h5ad"),  # built by data/build_kang.py; hierarchy in uns
+                 batch_key="sample_id", library_size="observed",
                  dispersion="gene", n_genes=500, usage_level_weights=(0.1, 0.1, 1.0, 1.0)),
 }
 
