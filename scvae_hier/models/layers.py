@@ -171,8 +171,24 @@ def _inverse_softplus(y):
     return float(np.log(np.expm1(y)))
 
 
+class ComponentLaw:
+    """Scales, Student-t degrees of freedom and the TFP distribution from a component layer's raw
+    weights (`loc`, `raw_scale`, `raw_df`, `law`): shared by the flat and the tree-path layers."""
+
+    @property
+    def scale(self):
+        return tf.nn.softplus(self.raw_scale) + 1e-4
+
+    @property
+    def df(self):
+        return 1.0 + tf.nn.softplus(self.raw_df) if self.law == "student-t" else None
+
+    def distribution(self):
+        return component_law(self.law, self.loc, self.scale, self.df)
+
+
 @keras.saving.register_keras_serializable("scvae_hier")
-class PriorComponents(keras.layers.Layer):
+class PriorComponents(ComponentLaw, keras.layers.Layer):
     """Learnable components p(z | path) with batch shape `shape` (e.g. [K] or [K_1, ..., K_L]).
 
     Each call of `distribution()` builds a fresh TFP distribution from the current weights.
@@ -194,17 +210,6 @@ class PriorComponents(keras.layers.Layer):
             self.raw_df = self.add_weight(
                 shape=self.component_shape + (1,), initializer=keras.initializers.Constant(_inverse_softplus(4.0)),
                 name="raw_df")
-
-    @property
-    def scale(self):
-        return tf.nn.softplus(self.raw_scale) + 1e-4
-
-    @property
-    def df(self):
-        return 1.0 + tf.nn.softplus(self.raw_df) if self.law == "student-t" else None
-
-    def distribution(self):
-        return component_law(self.law, self.loc, self.scale, self.df)
 
     def set_moments(self, loc, scale):
         """Initialise locations and scales (e.g. from k-means on a PCA of the data)."""

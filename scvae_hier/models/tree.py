@@ -34,9 +34,9 @@ import tensorflow as tf
 from sklearn.cluster import KMeans
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
-from ..distributions import component_law, mixture_prior
+from ..distributions import mixture_prior
 from .hierarchical import HierarchicalVAE
-from .layers import TREE_SHRINK, DenseStack, GaussianHead, _inverse_softplus
+from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
 from .paths import perplexity
 
@@ -195,7 +195,7 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
 
 # ------------------------------------------------------------------------------ components
 @keras.saving.register_keras_serializable("scvae_hier")
-class TreePathComponents(keras.layers.Layer):
+class TreePathComponents(ComponentLaw, keras.layers.Layer):
     """M components p(z|c), each under one leaf, located at a sum of its ancestors' offsets:
     mu_c = sum_l TREE_SHRINK^(l-1) delta_l[ancestor_l(c)] (+ TREE_SHRINK^L delta_c when leaves
     hold several components); scale (and Student-t df) per component."""
@@ -227,17 +227,6 @@ class TreePathComponents(keras.layers.Layer):
         if self.own is not None:
             terms.append(TREE_SHRINK ** len(self.offsets) * self.own)
         return tf.add_n(terms)
-
-    @property
-    def scale(self):
-        return tf.nn.softplus(self.raw_scale) + 1e-4
-
-    @property
-    def df(self):
-        return 1.0 + tf.nn.softplus(self.raw_df) if self.law == "student-t" else None
-
-    def distribution(self):
-        return component_law(self.law, self.loc, self.scale, self.df)
 
     def set_from_points(self, latent, component, scales=None):
         """Set every offset so that each component sits at the mean of its points (a class's offset
