@@ -4,6 +4,7 @@ Likelihood log-densities are written out with lgamma so that they are cheap, XLA
 checked against scipy in the tests. Priors are TFP distributions rebuilt from Keras weights on
 every call (a TFP object kept as an attribute would hold stale copies and lose gradients).
 """
+from . import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 from dataclasses import dataclass
 from typing import Callable
 

@@ -8,6 +8,7 @@ learnable prior can satisfy by collapsing along with q).
 Reported ELBO: reconstruction - KL_z - sum_l KL_y_l, the true bound (beta = 1, no averaging,
 no penalty), comparable across models.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import tensorflow as tf
 

@@ -5,6 +5,7 @@ on a shared input trunk and a shared decoder. With a uniform choice of branch th
 branch ELBOs bounds log p(x) (log mean_b p_b(x) >= mean_b log p_b(x) >= mean_b ELBO_b).
 All sum_l K_l decoder passes run as one batched call. Level-l clusters come from branch l.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import numpy as np
 import tensorflow as tf

@@ -1,5 +1,6 @@
 """Network building blocks shared by every model: MLP stacks, Gaussian heads, the count decoder
 and the learnable prior components."""
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import numpy as np
 import tensorflow as tf

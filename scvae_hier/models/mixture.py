@@ -5,6 +5,7 @@ q(y|x) a categorical MLP, q(z|x,y) a Gaussian MLP on [x, onehot(y)].
 ELBO(x) = sum_k q(k|x) (E_q(z|x,k) log p(x|z) - KL(q(z|x,k) || p(z|k))) - KL(q(y|x) || p(y)),
 with the sum over k exact and the K decoder passes run as one batched call.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp

@@ -13,6 +13,7 @@ path exactly in the prior and categorical terms; they differ in q(z|x, path):
   (P Gaussian KLs of dimension D per cell: cheap). It is an exact ELBO of the same generative
   model with a smaller posterior family, so it is a true lower bound, never an estimate.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import numpy as np
 import tensorflow as tf

@@ -3,6 +3,7 @@
 Both MoMixVAE modes produce a joint log q(y_1..y_L | .) over every path; these helpers split
 its KL to the prior chain into one conditional KL per level and read off per-level marginals.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import numpy as np
 import tensorflow as tf
 

@@ -26,6 +26,7 @@ the latent (`assign_to_tree`), and each leaf split again into its components.
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import itertools
 
 import keras

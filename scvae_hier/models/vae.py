@@ -1,4 +1,5 @@
 """The plain VAE: q(z|x) Gaussian, p(z) = N(0, I). The simplest baseline."""
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
