@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from .choices import check_choice
 from .data import DataError, validate_counts
 from .hierarchy import Hierarchy
+from .labels import label_codes
 from .options import TrainOptions
 
 SETUP_KEY = "_scvae_hier"  # adata.uns entry written by setup_anndata
@@ -43,7 +44,7 @@ class SetupError(ValueError):
     """An AnnData was not set up for scvae-hier, or does not fit a trained model."""
 
 
-def _hierarchy_from(adata, hierarchy, levels, label_key):
+def _hierarchy_from(adata, hierarchy, levels, label_key, unlabelled_category=None):
     if hierarchy is not None and levels is not None:
         raise SetupError("Give either hierarchy= (a file, dict or Hierarchy) or levels= (obs columns), not both.")
     if isinstance(hierarchy, Hierarchy):
@@ -53,7 +54,8 @@ def _hierarchy_from(adata, hierarchy, levels, label_key):
     if hierarchy is not None:
         return Hierarchy.from_file(hierarchy)
     if levels is not None:
-        return Hierarchy.from_obs(adata.obs, list(levels), label_key)
+        return Hierarchy.from_obs(adata.obs, list(levels), label_key, partial=True,
+                                  unlabelled_category=unlabelled_category)
     if label_key is not None:
         return Hierarchy.from_obs(adata.obs, [label_key])
     if "hierarchy" in adata.uns:
@@ -68,24 +70,29 @@ class HierarchyModel:
 
     # ------------------------------------------------------------------------------ setup
     @classmethod
-    def setup_anndata(cls, adata, layer=None, levels=None, hierarchy=None, label_key=None, batch_key=None) -> None:
+    def setup_anndata(cls, adata, layer=None, levels=None, hierarchy=None, label_key=None, batch_key=None,
+                      unlabelled_category="Unknown") -> None:
         """Say where the counts, labels and batches are; checked now, stored in adata.uns.
 
         layer: the layer of raw counts (default X). levels: per-level obs columns, coarse to fine;
         or hierarchy: a TSV/JSON/YAML file, dict or Hierarchy mapping labels of obs[label_key] to
-        paths (default: adata.uns['hierarchy'] if present). batch_key: obs column of a batch."""
+        paths (default: adata.uns['hierarchy'] if present). batch_key: obs column of a batch.
+        Labels may have holes (NaN, empty or `unlabelled_category`) for a semi-supervised TreeVAE
+        (`semi_supervised=True`); names not in the hierarchy and a fine label under the wrong
+        coarse label are refused now, naming the cells."""
         if layer is not None and layer not in adata.layers:
             raise SetupError(f"adata has no layer {layer!r}; its layers are {list(adata.layers)} (layer=None uses X).")
         validate_counts(adata.layers[layer] if layer else adata.X, what=f"counts in {'layers[' + repr(layer) + ']' if layer else 'X'}")
-        tree = _hierarchy_from(adata, hierarchy, levels, label_key)
+        tree = _hierarchy_from(adata, hierarchy, levels, label_key, unlabelled_category)
         if tree is not None:
             if tree.label_column not in adata.obs:
                 raise SetupError(f"The hierarchy maps labels of obs column {tree.label_column!r}, which adata lacks; "
                                  f"obs has {list(adata.obs.columns)}. Pass label_key= or a matching hierarchy.")
-            tree.validate(adata.obs[tree.label_column].astype(str).to_numpy())
+            label_codes(adata.obs, tree, levels, unlabelled_category)  # refuses unknown or inconsistent labels
         if batch_key is not None and batch_key not in adata.obs:
             raise SetupError(f"batch_key {batch_key!r} is not an obs column; obs has {list(adata.obs.columns)}.")
-        adata.uns[SETUP_KEY] = {"layer": layer, "batch_key": batch_key,
+        adata.uns[SETUP_KEY] = {"layer": layer, "batch_key": batch_key, "levels": list(levels) if levels else None,
+                                "unlabelled_category": unlabelled_category,
                                 "hierarchy": tree.to_dict() if tree else None}
 
     @staticmethod
@@ -108,6 +115,8 @@ class HierarchyModel:
             raise TypeError(f"Unknown option(s) {unknown}; model options are {sorted(known)}.")
         setup = self._setup_of(adata)
         self.options = TrainOptions(model=self.model_name, layer=setup["layer"], batch_key=setup["batch_key"],
+                                    levels=tuple(setup["levels"]) if setup.get("levels") else None,
+                                    unlabelled_category=setup.get("unlabelled_category", "Unknown"),
                                     xla=options.pop("xla", True), **options)
         self.hierarchy = Hierarchy.from_dict(setup["hierarchy"]) if setup["hierarchy"] else None
         self.adata = adata
@@ -173,19 +182,28 @@ class HierarchyModel:
         return self
 
     # ---------------------------------------------------------------------------- outputs
-    def _model_cells(self, adata):
-        """(counts [n, genes] of the model's genes, covariates, row of each cell in adata)."""
+    def _model_cells(self, adata, batch=None):
+        """(counts [n, genes] of the model's genes, covariates, row of each cell in adata). `batch`:
+        treat every cell as from this training batch (for query data from a batch the model never saw)."""
         from .data import batch_covariates, prepare
 
         meta = self.module.metadata
         counts = self._counts_view(adata, meta.get("layer"))
+        if batch is not None:
+            known = list(meta.get("batch_counts", {}))
+            if not meta.get("batch_key"):
+                raise SetupError("batch= was given, but the model was trained without a batch covariate.")
+            if str(batch) not in known:
+                raise SetupError(f"batch={batch!r} is not one of the model's training batches {known}.")
+            counts.obs = counts.obs.copy()
+            counts.obs[meta["batch_key"]] = str(batch)
         prepared = prepare(counts, genes=meta["genes"], drop_empty_cells=meta.get("drop_empty_cells", False),
                            outlier_counts=meta.get("outlier_counts", "keep"))
         rows = adata.obs_names.get_indexer(prepared.obs_names)
         covariates, _ = batch_covariates(prepared.obs, meta.get("batch_key"), list(meta.get("batch_counts", {})))
         return prepared.X, covariates, rows
 
-    def _outputs(self, adata):
+    def _outputs(self, adata, batch=None):
         from .outputs import predict_outputs
 
         self._check_trained()
@@ -197,27 +215,55 @@ class HierarchyModel:
         if not adata.obs_names.is_unique:
             raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
                             "call adata.obs_names_make_unique() first.")
-        X, covariates, rows = self._model_cells(adata)
+        X, covariates, rows = self._model_cells(adata, batch)
         return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata
 
     def _check_trained(self):
         if not self.is_trained:
             raise RuntimeError("The model is not trained yet: call model.train() first.")
 
-    def get_latent_representation(self, adata=None) -> np.ndarray:
+    def get_latent_representation(self, adata=None, batch=None) -> np.ndarray:
         """Latent means E_q[z|x], [cells of adata, latent_dim] (NaN rows for cells left out)."""
-        out, rows, adata = self._outputs(adata)
+        out, rows, adata = self._outputs(adata, batch)
         latent = np.full((adata.n_obs, out["latent"].shape[1]), np.nan, dtype=np.float32)
         latent[rows] = out["latent"]
         return latent
 
-    def predict_levels(self, adata=None, prefix="scvae_") -> pd.DataFrame:
+    def predict_levels(self, adata=None, prefix="scvae_", unassigned_below=0.0, keep_labels=True,
+                       batch=None) -> pd.DataFrame:
         """Per level: the predicted class name (`scvae_<level>`), its cluster (`scvae_<level>_cluster`)
         and posterior probability (`scvae_<level>_probability`), indexed by adata.obs_names, ready for
-        `adata.obs = adata.obs.join(...)` (the prefix keeps them apart from the true level columns)."""
-        return self._predict_levels(adata).add_prefix(prefix)
+        `adata.obs = adata.obs.join(...)` (the prefix keeps them apart from the true level columns).
 
-    def _predict_levels(self, adata=None) -> pd.DataFrame:
+        unassigned_below: from the first level whose probability is below this, the name is
+        "unassigned" (0: never). keep_labels: the training cells of a semi-supervised model keep the
+        labels they were given. batch: a training batch to read query cells as (new batches are refused)."""
+        if not 0 <= unassigned_below <= 1:
+            raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
+        table = self._predict_levels(adata, batch)
+        levels = self.level_names or ["cluster"]
+        if unassigned_below > 0:
+            low = np.zeros(len(table), dtype=bool)
+            for level in levels:
+                low |= (table[level + "_probability"] < unassigned_below).to_numpy()
+                names = table[level].astype(object)
+                names[low & table[level + "_probability"].notna().to_numpy()] = "unassigned"
+                table[level] = names.astype("category")
+        if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
+            table = self._with_given_labels(table, levels)
+        return table.add_prefix(prefix)
+
+    def _with_given_labels(self, table, levels):
+        names = self.module.metadata.get("cluster_names", {})
+        rows = table.index.get_indexer(self.cells.adata.obs_names)
+        for i, level in enumerate(levels):
+            given = self.cells.labels[:, i]
+            values = table[level].astype(object).to_numpy()
+            values[rows[given >= 0]] = np.asarray(names[level], dtype=object)[given[given >= 0]]
+            table[level] = pd.Categorical(values)
+        return table
+
+    def _predict_levels(self, adata=None, batch=None) -> pd.DataFrame:
         """predict_levels without the prefix.
 
         Names come from the Hungarian matching of clusters to classes on the training cells;
@@ -226,7 +272,7 @@ class HierarchyModel:
         takes the ancestors of that name, so its predictions nest."""
         if self.module.clustering == "none":
             raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
-        out, rows, adata = self._outputs(adata)
+        out, rows, adata = self._outputs(adata, batch)
         names = self.module.metadata.get("cluster_names", {})
         levels = self.level_names or ["cluster"]
         if self.module.clustering == "flat":

@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     analyse.add_argument("--no-figures", dest="figures", action="store_false",
                          help="In a comparison, skip Figures 2-3 and the per-run figures.")
 
+    annotate = commands.add_parser(
+        "annotate", help="Name the cells of a new count file with a trained model (label transfer): per-level "
+                         "class names and probabilities, and the latent, in a new .h5ad.")
+    annotate.add_argument("run", help="Run folder (or saved model folder) of a trained model.")
+    annotate.add_argument("query", help="Count file to annotate (.h5ad, .loom, 10x .h5 or folder); genes are "
+                                        "matched to the model's by name.")
+    annotate.add_argument("--output", required=True, help="The annotated .h5ad to write.")
+    annotate.add_argument("--unassigned-below", type=float, default=0.0,
+                          help="Call a cell 'unassigned' from the first level whose posterior probability is below "
+                               "this (default: %(default)s, never).")
+    annotate.add_argument("--batch", help="Read every query cell as this training batch (a model trained with a batch "
+                                          "covariate refuses batches it never saw).")
+    annotate.add_argument("--drop-empty-cells", action="store_true",
+                          help="Leave out (NaN) cells with no counts on the model's genes instead of failing.")
+
     experiment = commands.add_parser(
         "experiment", help="Run (or continue) a cross-validated comparison described by a YAML file, "
                            "e.g. analyses/poster.yaml, and write its results folder.")
@@ -138,7 +153,20 @@ def run_experiment(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse, "experiment": run_experiment}
+def run_annotate(args) -> int:
+    from .annotation import annotate_file
+
+    adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells)
+    levels = [c for c in adata.obs.columns if c.startswith("scvae_") and not c.endswith(("_cluster", "_probability"))]
+    for column in levels:
+        counts = adata.obs[column].value_counts()
+        print(f"{column}: " + ", ".join(f"{name} {count}" for name, count in counts.head(12).items()))
+    print(f"Annotated {adata.n_obs} cells; written to {args.output}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse, "experiment": run_experiment,
+            "annotate": run_annotate}
 
 
 def typed_options(argv) -> set:

@@ -432,7 +432,7 @@ class CountBatches(keras.utils.PyDataset):
     `epoch` counts on_epoch_end calls; a resumed run sets `batches.epoch` to get the same order.
     """
 
-    def __init__(self, X, batch_size=128, shuffle=False, seed=0, covariates=None, **kwargs):
+    def __init__(self, X, batch_size=128, shuffle=False, seed=0, covariates=None, labels=None, **kwargs):
         super().__init__(**kwargs)
         self.X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) \
             else np.asarray(X, dtype=np.float32)
@@ -442,6 +442,11 @@ class CountBatches(keras.utils.PyDataset):
             if len(covariates) != self.n:
                 raise DataError(f"{len(covariates)} covariate rows for {self.n} cells")
         self.covariates = covariates
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int32)
+            if len(labels) != self.n:
+                raise DataError(f"{len(labels)} label rows for {self.n} cells")
+        self.labels = labels  # [n, L] class codes per level, -1 unlabelled (semi-supervised training)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = seed
@@ -468,6 +473,8 @@ class CountBatches(keras.utils.PyDataset):
         batch = {"counts": x.toarray() if sp.issparse(x) else x}
         if self.covariates is not None:
             batch["covariates"] = self.covariates[rows]
+        if self.labels is not None:
+            batch["labels"] = self.labels[rows]
         return batch
 
     def on_epoch_end(self):

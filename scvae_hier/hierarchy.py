@@ -179,8 +179,11 @@ class Hierarchy:
         return cls.from_dict(adata.uns["hierarchy"])
 
     @classmethod
-    def from_obs(cls, obs, columns, label_column=None):
-        """Read paths from per-level obs columns; the leaf label column defaults to the last."""
+    def from_obs(cls, obs, columns, label_column=None, partial=False, unlabelled_category=None):
+        """Read paths from per-level obs columns; the leaf label column defaults to the last.
+
+        partial: cells may lack labels (NaN, empty, or `unlabelled_category`) at some levels; the
+        paths come from the fully labelled cells (`labels.label_codes` then reads the rest)."""
         columns = list(columns)
         label_column = columns[-1] if label_column is None else label_column
         missing = [c for c in dict.fromkeys(columns + [label_column]) if c not in obs.columns]
@@ -188,6 +191,14 @@ class Hierarchy:
             raise HierarchyError(
                 f"obs has no column(s) {missing}; available columns: {list(obs.columns)}")
         table = obs[list(dict.fromkeys([label_column] + columns))]
+        if partial:
+            text = table.astype(object).where(table.notna(), "").astype(str)
+            missing = text.apply(lambda c: c.str.strip().str.lower().isin(("", "nan", "none"))
+                                 | (c == str(unlabelled_category)))
+            table = table[~missing.any(axis=1).to_numpy()]
+            if table.empty:
+                raise HierarchyError(f"no cell is labelled at every level {columns}; the hierarchy's paths come from "
+                                     f"fully labelled cells: give a hierarchy file (--hierarchy) instead.")
         if table.isna().any().any():
             bad = [c for c in table.columns if table[c].isna().any()]
             counts = {c: int(table[c].isna().sum()) for c in bad}

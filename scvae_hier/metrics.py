@@ -178,3 +178,21 @@ def write_scores(df, folder, name="metrics"):
     write_text(json_path, json.dumps(_plain(record), indent=2) + "\n")
     write_csv(df, csv_path, index_label=df.index.name or "level")
     return json_path, csv_path
+
+
+def hierarchical_f1(true_paths, predicted_paths) -> float:
+    """scHPL's hierarchical F1 of per-cell paths ([n, L] class names, coarse to fine, root left
+    out): precision and recall of each cell's set of predicted nodes against its true nodes,
+    summed over cells. A node is identified by its path prefix, so equal names under different
+    parents differ; an "unassigned" level adds no node (it is neither right nor wrong)."""
+    true_paths, predicted_paths = np.asarray(true_paths, dtype=object), np.asarray(predicted_paths, dtype=object)
+    overlap = n_predicted = n_true = 0
+    for truth, guess in zip(true_paths, predicted_paths):
+        true_nodes = {tuple(truth[:i + 1]) for i in range(len(truth))}
+        guessed = [tuple(guess[:i + 1]) for i in range(len(guess)) if guess[i] != "unassigned"]
+        overlap += len(true_nodes.intersection(guessed))
+        n_predicted += len(guessed)
+        n_true += len(true_nodes)
+    precision = overlap / n_predicted if n_predicted else 0.0
+    recall = overlap / n_true if n_true else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0

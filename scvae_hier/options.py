@@ -80,6 +80,20 @@ class TrainOptions:
                                   "leaves by the hierarchy's shape (more than one lets a split type be rejoined).")
     final_refit: int = option(10, "TreeVAE: after training, re-seed the components once more from the trained "
                               "encoder's latent and run this many EM steps on the prior terms (0 = off).")
+    # -- partial labels (semi-supervised TreeVAE)
+    semi_supervised: bool = option(False, "Train with the cells' labels where they have them (TreeVAE): a cell may be "
+                                   "labelled at any level or none (NaN, empty or --unlabelled-category); components "
+                                   "are the hierarchy's classes, in its order.")
+    labelled: tuple = option((), "Experiments: hide every label except a seeded share of cells per level, as "
+                             "LEVEL=FRACTION (level name or number; e.g. level_4=0.01 level_2=0.1), stratified by "
+                             "the finest class; implies --semi-supervised.", nargs="+")
+    hide_labels: tuple = option((), "Experiments: cells with these labels are never labelled and their classes are "
+                                "left out of the model's hierarchy (a type the reference lacks).", nargs="+")
+    unlabelled_category: str = option("Unknown", "Label value meaning 'not labelled' (besides NaN and empty).")
+    label_weight: float = option(50.0, "Semi-supervised: weight of the mean -log q(label|x) over labelled cells "
+                                 "against the mean ELBO per cell (scANVI's classification ratio is 50).")
+    novel_classes: int = option(0, "Semi-supervised TreeVAE: extra leaves, under an 'unassigned' class at every "
+                                "level, for cell types nobody labelled.")
     batch_size: int = option(128, "Minibatch size.")
     learning_rate: float = option(1e-3, "Adam learning rate.")
     epochs: int = option(100, "Maximum number of epochs.")
@@ -100,6 +114,8 @@ class TrainOptions:
 
     def __post_init__(self):
         check_ranges(self)
+        if self.labelled or self.hide_labels:  # experiments on partial labels train semi-supervised
+            self.semi_supervised = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +131,7 @@ class TrainOptions:
 MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
             "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
             "patience": 1, "devices": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,
-            "reseed_clusters": 1, "final_refit": 0, "reseed_epochs": 0}
+            "reseed_clusters": 1, "final_refit": 0, "reseed_epochs": 0, "label_weight": 0.0, "novel_classes": 0}
 
 
 def check_ranges(options) -> None:
@@ -134,6 +150,10 @@ def check_ranges(options) -> None:
             raise ValueError(f"{flag} must be {bound}; got {value!r}.")
     if len(tuple(options.split)) != 3 or abs(sum(options.split) - 1.0) > 1e-6:
         raise ValueError(f"--split needs three fractions (train, validation, test) that sum to 1; got {options.split!r}.")
+    if (options.semi_supervised or options.labelled or options.novel_classes or options.hide_labels) \
+            and options.model != "tree":
+        raise ValueError(f"Partial labels (--semi-supervised, --labelled, --hide-labels, --novel-classes) are "
+                         f"implemented for --model tree; got --model {options.model}.")
     if options.folds == 1:
         raise ValueError("--folds must be 0 (use --split) or at least 2.")
     if options.folds and not options.fold < options.folds:

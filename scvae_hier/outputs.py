@@ -7,6 +7,9 @@ Keys written by `scvae-hier train` into outputs.h5ad:
 - obsm["scvae_<level>_probabilities"] and obs["scvae_<level>_cluster"]: q(y_l|x) and its argmax for
   each hierarchy level (IndMoMVAE, MoMixVAE), e.g. obs["scvae_level_4_cluster"];
 - obsm["X_scvae_<level>"]: IndMoMVAE's per-branch latent means;
+- obs["scvae_<level>"]: the class name per level (semi-supervised TreeVAE, whose components are the
+  hierarchy's classes; "unassigned" for its extra components), a cell's given label kept where it
+  had one; obs["labelled"]: whether it had one;
 - obs["split"]: train / validation / test;
 - uns["scvae"]: the model name, its kind of clustering ("none", "flat" or "levels") and the
   first-look ARI per hierarchy level.
@@ -83,18 +86,42 @@ def level_names(hierarchy, outputs) -> list:
     return [f"level_{i}" for i in range(1, n_levels + 1)]
 
 
-def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None) -> dict:
-    """Write outputs.h5ad into the run folder and return first-look metrics."""
+def class_names(model, level_names, clusters_by_level, given=None) -> dict:
+    """{level: names} of the predicted clusters from the model's cluster names, where a cell's
+    given label (codes [n, L], -1 unlabelled) replaces the prediction."""
+    names = model.metadata.get("cluster_names", {})
+    out = {}
+    for i, (level, clusters) in enumerate(zip(level_names, clusters_by_level)):
+        table = np.array([n if n is not None else f"cluster {k}" for k, n in enumerate(names[level])], dtype=object)
+        values = table[clusters]
+        if given is not None:
+            known = given[:, i] >= 0
+            values[known] = table[given[known, i]]
+        out[level] = values
+    return out
+
+
+def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None, given=None) -> dict:
+    """Write outputs.h5ad into the run folder and return first-look metrics (ARI of the model's
+    own clusters on all, test and, with partial labels `given`, never-labelled cells)."""
     outputs = predict_outputs(model, prepared.X, batch_size, covariates)
     adata = prepared.copy()
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
-    clusters_by_level = annotate(adata, outputs, level_names(hierarchy, outputs), model)
+    names = level_names(hierarchy, outputs)
+    clusters_by_level = annotate(adata, outputs, names, model)
+    subsets = [("all", np.ones(len(split), bool)), ("test", split == "test")]
+    if given is not None:
+        labelled = (given >= 0).any(axis=1)
+        adata.obs["labelled"] = labelled
+        subsets.append(("unlabelled", ~labelled))
+        for level, values in class_names(model, names, clusters_by_level, given).items():
+            adata.obs[f"scvae_{level}"] = pd.Categorical(values)
     metrics = {"model": type(model).__name__}
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
-        metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])
-                          for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
-                          if mask.any()}
+        known = np.isin(labels, list(hierarchy.paths))  # cells without a true label are not scored
+        metrics["ari"] = {subset: level_ari(hierarchy, labels[mask & known], [c[mask & known] for c in clusters_by_level])
+                          for subset, mask in subsets if (mask & known).sum() > 1}
     adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                           "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     write_h5ad(adata, run.outputs)

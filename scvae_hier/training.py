@@ -19,6 +19,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
                    split_cells)
 from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
+from .labels import UNLABELLED, label_codes, parse_reveal, reveal
 from .initialisation import initialise_prior
 from .models import model_class
 from .options import TrainOptions
@@ -139,7 +140,8 @@ def resolve_hierarchy(adata, options: TrainOptions):
     if options.hierarchy:
         hierarchy = Hierarchy.from_file(options.hierarchy)
     elif options.levels:
-        hierarchy = Hierarchy.from_obs(adata.obs, list(options.levels), options.label_column)
+        hierarchy = Hierarchy.from_obs(adata.obs, list(options.levels), options.label_column,
+                                       partial=semi_supervised(options), unlabelled_category=options.unlabelled_category)
     elif "hierarchy" in adata.uns:
         hierarchy = Hierarchy.from_anndata(adata)
     elif options.label_column:
@@ -158,6 +160,10 @@ def resolve_hierarchy(adata, options: TrainOptions):
     return hierarchy
 
 
+def semi_supervised(options: TrainOptions) -> bool:
+    return bool(options.semi_supervised)
+
+
 def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=()) -> dict:
     arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
                      likelihood=options.likelihood, normalisation=options.normalisation,
@@ -171,7 +177,8 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
     return arguments
 
 
-RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "outputs.h5ad", "metrics.json", "report.md",
+RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "labels.csv", "outputs.h5ad", "metrics.json",
+             "report.md",
              "checkpoint", "evaluation", "figures", ".scvae-hier-run"}
 
 
@@ -263,11 +270,19 @@ def _shown(value) -> str:
 @dataclass
 class Cells:
     """The modelled cells: checked counts of the model's genes (CSR, in `adata.X`), their obs, the
-    hierarchy restricted to their labels, and one-hot batch covariates with their categories."""
+    hierarchy restricted to their labels, and one-hot batch covariates with their categories.
+    Semi-supervised: `labels` [n, L] (class codes of `model_hierarchy`, -1 unlabelled) and the
+    hierarchy the model is built on (without --hide-labels' classes; else `hierarchy`)."""
     adata: object
     hierarchy: object = None
     covariates: np.ndarray = None
     categories: list = field(default_factory=list)
+    labels: np.ndarray = None
+    model_hierarchy: object = None
+
+    def __post_init__(self):
+        if self.model_hierarchy is None:
+            self.model_hierarchy = self.hierarchy
 
 
 def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
@@ -277,12 +292,54 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
     prepared = prepare(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
                        exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells,
                        outlier_counts=options.outlier_counts)
+    covariates, categories = batch_covariates(prepared.obs, options.batch_key)
+    if hierarchy is not None and semi_supervised(options):
+        return _labelled_cells(prepared, options, hierarchy, covariates, categories)
     if hierarchy is not None:
         labels = prepared.obs[label_column].astype(str).to_numpy()
         hierarchy.validate(labels)
         hierarchy = hierarchy.restrict(labels)
-    covariates, categories = batch_covariates(prepared.obs, options.batch_key)
     return Cells(prepared, hierarchy, covariates, categories)
+
+
+def _labelled_cells(prepared, options: TrainOptions, hierarchy, covariates, categories) -> Cells:
+    """Cells with partial labels: the given labels (with holes), or for experiments the true labels
+    hidden as --labelled and --hide-labels say. The whole hierarchy is kept (a class without
+    labelled cells is still a class), less the hidden labels' classes for the model."""
+    obs = prepared.obs
+    column = hierarchy.label_column
+    truth = obs[column].astype(object).where(obs[column].notna(), "nan").astype(str).to_numpy()
+    present = truth[np.isin(truth, list(hierarchy.paths))]
+    if len(present):  # classes of none of these cells (e.g. all excluded) are not classes here
+        hierarchy = hierarchy.restrict(present)
+    hidden = [str(label) for label in options.hide_labels]
+    unknown = sorted(set(hidden) - set(hierarchy.paths))
+    if unknown:
+        raise DataError(f"--hide-labels {unknown} are not labels of the hierarchy's column {column!r}; its labels are "
+                        f"{list(hierarchy.paths)}.")
+    model_hierarchy = hierarchy
+    if hidden:
+        model_hierarchy = Hierarchy(column, hierarchy.levels, {k: v for k, v in hierarchy.paths.items()
+                                                              if k not in hidden})
+        obs = obs.copy()
+        for name in dict.fromkeys([column, *(options.levels or ())]):
+            obs[name] = obs[name].astype(object).where(~np.isin(truth, hidden), np.nan)
+    codes = label_codes(obs, model_hierarchy, list(options.levels) if options.levels else None,
+                        options.unlabelled_category)
+    if options.labelled:
+        codes = reveal(codes, parse_reveal(options.labelled, model_hierarchy), truth, options.seed)
+    if not (codes >= 0).any():
+        raise DataError("Semi-supervised training, but no cell has a label at any level; label some cells, or "
+                        "train without --semi-supervised.")
+    return Cells(prepared, hierarchy, covariates, categories, labels=codes, model_hierarchy=model_hierarchy)
+
+
+def labels_table(cells: Cells) -> pd.DataFrame:
+    """The labels the model was given, by name (empty: unlabelled), one column per level."""
+    tree = cells.model_hierarchy
+    return pd.DataFrame({level: np.where(cells.labels[:, i] >= 0,
+                                         np.array(tree.classes(i), dtype=object)[np.maximum(cells.labels[:, i], 0)], "")
+                         for i, level in enumerate(tree.levels)}, index=cells.adata.obs_names)
 
 
 def make_split(cells: Cells, options: TrainOptions) -> np.ndarray:
@@ -326,7 +383,7 @@ def model_metadata(cells: Cells, options: TrainOptions) -> dict:
     if cells.covariates is not None:
         batch_counts = dict(zip(cells.categories, cells.covariates.sum(axis=0).astype(int).tolist()))
     return {"genes": list(map(str, cells.adata.var_names)),
-            "hierarchy": cells.hierarchy.to_dict() if cells.hierarchy else None,
+            "hierarchy": cells.model_hierarchy.to_dict() if cells.model_hierarchy else None,
             "batch_key": options.batch_key, "batch_counts": batch_counts, "layer": options.layer,
             "outlier_counts": options.outlier_counts,
             "drop_empty_cells": bool(options.drop_empty_cells),
@@ -367,7 +424,7 @@ def new_model(options: TrainOptions, cells: Cells):
     Keras draws initializer seeds when layers are constructed, so the seed is set here (and again
     before the weights are built), making the CLI and the API build the same model."""
     keras.utils.set_random_seed(options.seed)
-    arguments = model_arguments(options, cells.adata.n_vars, cells.hierarchy, cells.categories)
+    arguments = model_arguments(options, cells.adata.n_vars, cells.model_hierarchy, cells.categories)
     model = model_class(options.model)(**arguments, metadata=model_metadata(cells, options))
     return model, arguments
 
@@ -392,8 +449,9 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
     X, covariates = cells.adata.X, cells.covariates
     initial_epoch = state["epoch"] + 1 if state else 0
     rows = lambda subset: None if covariates is None else covariates[split == subset]  # noqa: E731
+    labels = lambda subset: None if cells.labels is None else cells.labels[subset]  # noqa: E731
     train_batches = CountBatches(X[split == "train"], options.batch_size, shuffle=True, seed=options.seed,
-                                 covariates=rows("train"))
+                                 covariates=rows("train"), labels=labels(split == "train"))
     train_batches.epoch = initial_epoch
     has_validation = (split == "validation").any()
     # Validation decodes every cluster or path per cell, so it uses the training batch size:
@@ -404,7 +462,7 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
     if has_validation:
         order = np.random.default_rng(options.seed).permutation(np.flatnonzero(split == "validation"))
         validation = CountBatches(X[order], options.batch_size,
-                                  covariates=None if covariates is None else covariates[order])
+                                  covariates=None if covariates is None else covariates[order], labels=labels(order))
     monitor = "val_elbo" if has_validation else "elbo"
     tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
     if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
@@ -425,6 +483,12 @@ def name_clusters(model, cells: Cells, split) -> None:
     is matched at every level."""
     hierarchy = cells.hierarchy
     if hierarchy is None or model.clustering == "none":
+        return
+    if getattr(model, "semi_supervised", False):  # components are the classes, in the hierarchy's order
+        tree = cells.model_hierarchy
+        model.metadata["cluster_names"] = {
+            level: tree.classes(i) + ["unassigned"] * (model.level_sizes[i] - tree.sizes[i])
+            for i, level in enumerate(tree.levels)}
         return
     train = split == "train"
     covariates = None if cells.covariates is None else cells.covariates[train]
@@ -493,6 +557,8 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
             raise FileExistsError(f"Cannot write the run folder {run.path} ({error.strerror}); choose another "
                                   f"--output.") from None
         write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
+        if cells.labels is not None:
+            write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
         write_json(run.config, config)
     elif options.to_dict() != saved["options"]:  # allowed changes, recorded
         config = {**saved, "options": options.to_dict(),
@@ -518,7 +584,7 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
         raise TrainingInterrupted(run.path, options.data) from None
     name_clusters(model, cells, split)
     save_model_atomically(model, run.model)
-    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates)
+    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates, cells.labels)
     metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
                    seconds=round(time.time() - started, 1))
     write_json(run.metrics, metrics)

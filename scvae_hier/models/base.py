@@ -234,10 +234,17 @@ class BaseVAE(keras.Model):
                             "as scvae_hier.data.CountBatches gives them.")
         return data, self.check_covariates(None)
 
+    @staticmethod
+    def _labels(data) -> dict:
+        """{"labels": [B, L] class codes, -1 unlabelled} when a semi-supervised batch carries them."""
+        if isinstance(data, (tuple, list)) and len(data) == 1:
+            data = data[0]
+        return {"labels": data["labels"]} if isinstance(data, dict) and "labels" in data else {}
+
     def train_step(self, data):
         x, covariates = self._unpack(data)
         with tf.GradientTape() as tape:
-            terms = self.terms(x, training=True, covariates=covariates)
+            terms = self.terms(x, training=True, covariates=covariates, **self._labels(data))
             loss = self.global_mean(terms["loss"])
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
@@ -245,7 +252,7 @@ class BaseVAE(keras.Model):
 
     def test_step(self, data):
         x, covariates = self._unpack(data)
-        return self._record(self.terms(x, training=False, covariates=covariates))
+        return self._record(self.terms(x, training=False, covariates=covariates, **self._labels(data)))
 
     def predict_step(self, data):
         return self.outputs(*self._unpack(data))

@@ -36,6 +36,7 @@ from sklearn.cluster import KMeans
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
 from ..distributions import mixture_prior
+from ..labels import allowed_components
 from .hierarchical import HierarchicalVAE
 from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
@@ -99,14 +100,25 @@ def _tree_scores(centres, counts, ancestors, assignments):
     return score
 
 
-def match_to_tree(centres, counts, parents, seed=0, chunk=40320):
+def _label_penalty(penalty, assignments):
+    """[A] number of labelled cells each assignment puts under a leaf their labels exclude."""
+    if penalty is None:
+        return 0.0
+    return penalty[np.arange(penalty.shape[0]), assignments].sum(-1)
+
+
+def match_to_tree(centres, counts, parents, seed=0, chunk=40320, penalty=None):
     """Assign K clusters (centres [K, D], sizes [K]) one-to-one to the K leaves of the tree so that
     the classes of every coarser level are as compact as possible (least within-class sum of
     squares of the cells, summed over levels). Exhaustive up to EXHAUSTIVE_LEAVES leaves, pairwise
-    swaps from many starts beyond. Returns leaf_of_cluster [K]."""
+    swaps from many starts beyond. `penalty` [K, K] (labelled cells of cluster i whose labels
+    exclude leaf k) comes first: a labelled cell put under a wrong leaf outweighs any compactness.
+    Returns leaf_of_cluster [K]."""
     centres, counts = np.asarray(centres, float), np.asarray(counts, float)
     k = len(centres)
     ancestors = leaf_ancestors(parents, k)
+    weight = _penalty_weight(centres, counts)
+    scored = lambda a: _tree_scores(centres, counts, ancestors, a) - weight * _label_penalty(penalty, a)  # noqa: E731
     if k <= EXHAUSTIVE_LEAVES:
         best, best_score = None, -np.inf
         permutations = itertools.permutations(range(k))
@@ -114,21 +126,21 @@ def match_to_tree(centres, counts, parents, seed=0, chunk=40320):
             block = np.array(list(itertools.islice(permutations, chunk)), dtype=np.int16)
             if not len(block):
                 return np.asarray(best, dtype=int)
-            scores = _tree_scores(centres, counts, ancestors, block)
+            scores = scored(block)
             if scores.max() > best_score:
                 best_score, best = scores.max(), block[scores.argmax()]
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
     for _ in range(20):
         current = rng.permutation(k)
-        score = _tree_scores(centres, counts, ancestors, current[None])[0]
+        score = scored(current[None])[0]
         improved = True
         while improved:
             swaps = [(i, j) for i in range(k) for j in range(i + 1, k)]
             candidates = np.repeat(current[None], len(swaps), axis=0)
             for row, (i, j) in enumerate(swaps):
                 candidates[row, [i, j]] = candidates[row, [j, i]]
-            scores = _tree_scores(centres, counts, ancestors, candidates)
+            scores = scored(candidates)
             improved = scores.max() > score + 1e-9
             if improved:
                 current, score = candidates[scores.argmax()], scores.max()
@@ -137,20 +149,29 @@ def match_to_tree(centres, counts, parents, seed=0, chunk=40320):
     return np.asarray(best, dtype=int)
 
 
-def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30):
+def _penalty_weight(centres, counts):
+    """More than the largest possible gain in compactness: the total sum of squares of the centres."""
+    mean = (centres * counts[:, None]).sum(0) / max(counts.sum(), 1e-12)
+    return float((counts * ((centres - mean) ** 2).sum(-1)).sum()) * len(centres) + 1.0
+
+
+def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalty=None):
     """Assign K >= n_leaves clusters to leaves (every leaf at least one) so that the classes of every
     level, leaves included, are as compact as possible: local search (moves of one cluster to
-    another leaf, swaps of two) from `starts` random assignments. Returns leaf_of_cluster [K]."""
+    another leaf, swaps of two) from `starts` random assignments. `penalty` [K, n_leaves] as in
+    `match_to_tree`. Returns leaf_of_cluster [K]."""
     centres, counts = np.asarray(centres, float), np.asarray(counts, float)
     k = len(centres)
     if k == n_leaves and k <= EXHAUSTIVE_LEAVES:
-        return match_to_tree(centres, counts, parents, seed)
+        return match_to_tree(centres, counts, parents, seed, penalty=penalty)
     ancestors = leaf_ancestors(parents, n_leaves)
+    weight = _penalty_weight(centres, counts)
+    scored = lambda a: _tree_scores(centres, counts, ancestors, a) - weight * _label_penalty(penalty, a)  # noqa: E731
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
     for _ in range(starts):
         current = np.concatenate([rng.permutation(n_leaves), rng.integers(0, n_leaves, k - n_leaves)])[rng.permutation(k)]
-        score = _tree_scores(centres, counts, ancestors, current[None])[0]
+        score = scored(current[None])[0]
         while True:
             sizes = np.bincount(current, minlength=n_leaves)
             candidates = []
@@ -165,7 +186,7 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30):
                         candidates.append(current.copy())
                         candidates[-1][[i, j]] = current[[j, i]]
             candidates = np.array(candidates)
-            scores = _tree_scores(centres, counts, ancestors, candidates)
+            scores = scored(candidates)
             if scores.max() <= score + 1e-9:
                 break
             current, score = candidates[scores.argmax()], scores.max()
@@ -174,15 +195,26 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30):
     return np.asarray(best, dtype=int)
 
 
-def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10):
+def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
     the tree's shape decide), then each leaf split by k-means into `per_leaf` components. Returns
-    the component of every point [n] (component m belongs to leaf m // per_leaf)."""
+    the component of every point [n] (component m belongs to leaf m // per_leaf).
+
+    allowed [n, n_leaves] (partial labels): the assignment first keeps labelled points under
+    leaves their labels allow, and a labelled point still under a wrong leaf moves to the nearest
+    allowed leaf (by leaf mean)."""
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
-    leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed)[fit.labels_]
+    penalty = None
+    if allowed is not None:
+        labelled = ~np.asarray(allowed).all(axis=1)
+        onehot = np.eye(len(counts))[fit.labels_[labelled]]                    # [n_labelled, K]
+        penalty = onehot.T @ (~np.asarray(allowed)[labelled]).astype(float)     # [K, n_leaves]
+    leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, penalty=penalty)[fit.labels_]
+    if allowed is not None:
+        leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -192,6 +224,20 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             sub = KMeans(n_clusters=per_leaf, n_init=n_init, random_state=seed).fit(latent[members]).labels_
             component[members] += sub
     return component
+
+
+def _move_labelled(latent, leaf, allowed, n_leaves):
+    """Put each labelled point whose leaf its labels exclude under the nearest allowed leaf."""
+    wrong = ~allowed[np.arange(len(leaf)), leaf]
+    if not wrong.any():
+        return leaf
+    means = np.array([latent[leaf == k].mean(axis=0) if (leaf == k).any() else latent.mean(axis=0)
+                      for k in range(n_leaves)])
+    distance = ((latent[wrong][:, None, :] - means[None]) ** 2).sum(-1)
+    distance[~allowed[wrong]] = np.inf
+    leaf = leaf.copy()
+    leaf[wrong] = distance.argmin(axis=1)
+    return leaf
 
 
 # ------------------------------------------------------------------------------ components
@@ -290,13 +336,23 @@ class TreeVAE(HierarchicalVAE):
             raise ValueError(f"--model tree takes its level sizes from the hierarchy ({hierarchy.sizes}); leave out "
                              f"--level-sizes, or use --components-per-leaf for more components than leaves.")
         parents = [hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)]
-        return dict(super().arguments_from(options, hierarchy), parents=parents,
+        arguments = super().arguments_from(options, hierarchy)
+        novel = int(getattr(options, "novel_classes", 0) or 0)
+        if novel:  # an "unassigned" class at every level, holding `novel` leaves of its own
+            sizes = list(arguments["level_sizes"])
+            parents = [links + [sizes[level]] * (novel if level == len(parents) - 1 else 1)
+                       for level, links in enumerate(parents)]
+            arguments["level_sizes"] = [k + 1 for k in sizes[:-1]] + [sizes[-1] + novel]
+        return dict(arguments, parents=parents,
+                    semi_supervised=bool(getattr(options, "semi_supervised", False)),
+                    label_weight=float(getattr(options, "label_weight", 50.0)), novel_classes=novel,
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
-                 prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0, **kwargs):
+                 prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0,
+                 semi_supervised=False, label_weight=50.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -309,6 +365,10 @@ class TreeVAE(HierarchicalVAE):
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.reseed_clusters = int(reseed_clusters)
         self.final_refit = int(final_refit)
+        self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
+        self.novel_classes = int(novel_classes)
+        if self.semi_supervised:
+            self.term_names = (*self.term_names, "classification")
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -322,6 +382,11 @@ class TreeVAE(HierarchicalVAE):
                                              name="components")
         self.prior_logits = self.add_weight(shape=(self.n_components,), initializer="zeros",
                                             trainable=prior_probabilities == "learnable", name="prior_logits")
+        # Weight of -log q(labels|x) per labelled cell: label_weight x (cells / labelled cells), set
+        # by `fit` from the training labels, so label_weight weighs the mean over labelled cells
+        # against the mean ELBO whatever the share of labelled cells (scANVI's classification ratio).
+        self.classification_weight = self.add_weight(shape=(), initializer=keras.initializers.Constant(label_weight),
+                                                     trainable=False, name="classification_weight")
         self._init_trackers()
 
     # ---------------------------------------------------------------- prior and initialisation
@@ -343,13 +408,21 @@ class TreeVAE(HierarchicalVAE):
         self.components.set_from_points(centres, leaf * self.components_per_leaf,
                                         scales=np.asarray(scales)[np.argsort(leaf)][self.component_ancestors[-1]])
 
-    def reseed(self, latent, latent_scale=None):
+    def allowed(self, labels):
+        """[n, M] bool components each cell's labels allow (all for unlabelled cells), or None."""
+        if labels is None or not self.semi_supervised:
+            return None
+        return allowed_components(labels, self.component_ancestors)
+
+    def reseed(self, latent, latent_scale=None, labels=None):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]:
         each at its cells' mean, with variance the spread of their means plus their mean posterior
         variance (latent_scale [n, D], the M-step of EM; without it, the means' spread alone)."""
         latent = np.asarray(latent, "float64")
+        allowed = self.allowed(labels)
+        leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
         component = tree_clustering(latent, self.parents, self.level_sizes[-1],
-                                    self.components_per_leaf, self.seed, self.reseed_clusters)
+                                    self.components_per_leaf, self.seed, self.reseed_clusters, allowed=leaf_allowed)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -366,18 +439,23 @@ class TreeVAE(HierarchicalVAE):
             self.prior_logits.assign(np.log(share).astype("float32"))
         return component
 
-    def refit_prior(self, loc, scale, steps=10, reseed=True):
+    def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None):
         """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
         latent means, then EM steps that each raise the ELBO's prior terms sum over cells of
         log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
         mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
-        p(c) = mean q(c|x) when learnable). Returns the component of every cell (argmax q(c|x))."""
+        p(c) = mean q(c|x) when learnable; a labelled cell's q(c|x) restricted to the components its
+        labels allow). Returns the component of every cell (argmax q(c|x))."""
         loc, scale = np.asarray(loc, "float64"), np.asarray(scale, "float64")
+        allowed = self.allowed(labels)
         if reseed:
-            self.reseed(loc, scale)
+            self.reseed(loc, scale, labels)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
+            if allowed is not None:
+                q = q * allowed
+                q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
             weight = q.sum(axis=0) + 1e-8                                              # [M]
             means = (q.T @ loc) / weight[:, None]
             variances = (q.T @ (scale ** 2 + loc ** 2)) / weight[:, None] - means ** 2
@@ -404,7 +482,18 @@ class TreeVAE(HierarchicalVAE):
         """log q(y_l|x) for every level: the components under each class summed, [B, K_l] each."""
         return [tf.reduce_logsumexp(log_qc[:, :, None] + mask, axis=1) for mask in self.level_masks]
 
-    def terms(self, x, training=False, noise=None, covariates=None):
+    def label_mask(self, labels):
+        """[B, M] log-mask: 0 for the components a cell's labels ([B, L], -1 unlabelled) allow."""
+        labels = tf.cast(labels, tf.int32)[:, :, None]                                      # [B, L, 1]
+        ancestors = tf.constant(self.component_ancestors, tf.int32)[None]                   # [1, L, M]
+        ok = tf.reduce_all((labels < 0) | tf.equal(ancestors, labels), axis=1)
+        return tf.where(ok, 0.0, NEGLIGIBLE)
+
+    def terms(self, x, training=False, noise=None, covariates=None, labels=None):
+        """Per-cell ELBO terms. With labels (semi-supervised): a labelled cell's q(c|x) is
+        restricted to the components under its labels (the bound on log p(x, labels)), and
+        -log q(labels|x) from the unrestricted posterior is added to the loss (Kingma et al.'s M2),
+        so the encoder learns to place cells where their labels say."""
         covariates = self.check_covariates(covariates)
         h = self.encoder_input(x, covariates)
         loc, scale = self.z_head(self.z_stack(h, training=training))                    # [B, D]
@@ -412,6 +501,12 @@ class TreeVAE(HierarchicalVAE):
         # Decoded as [B, 1, D], the shape of the importance samples [B, S, D] (normalisation layers fix their rank).
         reconstruction = self.decoder.log_prob(x, self.decode(z[:, None], x, covariates, training))  # [B, 1]
         log_qc = self.component_log_posterior(loc, scale, z)
+        classification = None
+        if labels is not None and self.semi_supervised:
+            mask = self.label_mask(labels)
+            log_in = tf.reduce_logsumexp(log_qc + mask, axis=1)                              # log q(labels|x)
+            classification = -log_in
+            log_qc = log_qc + mask - log_in[:, None]
         log_pc = self.log_pc()
         pieces = mixture_terms(log_qc, loc[:, None], scale[:, None], z[:, None], reconstruction,
                                self.components.distribution(), log_pc)
@@ -422,8 +517,13 @@ class TreeVAE(HierarchicalVAE):
         prefix = [tf.reduce_sum(tf.exp(q) * (q - p), axis=-1) for q, p in zip(q_levels, p_levels)]
         level_kls = [prefix[0]] + [b - a for a, b in zip(prefix, prefix[1:])]
         level_kls[-1] += pieces["kl_y"] - prefix[-1]
-        return self.combine(pieces["reconstruction"], pieces["kl_z"], pieces["kl_y"], pieces["kl_y"], level_kls,
-                            q_levels, p_levels)
+        terms = self.combine(pieces["reconstruction"], pieces["kl_z"], pieces["kl_y"], pieces["kl_y"], level_kls,
+                             q_levels, p_levels)
+        if self.semi_supervised:
+            classification = tf.zeros_like(loc[:, 0]) if classification is None else classification
+            terms["classification"] = classification
+            terms["loss"] = terms["loss"] + self.classification_weight * classification
+        return terms
 
     def uniform_usage_targets(self):
         """The tree's 'uniform' usage target: every component equally used, so a class's target
@@ -459,14 +559,18 @@ class TreeVAE(HierarchicalVAE):
         are back, when the training data is a CountBatches (or an array) to read the cells from."""
         callbacks = list(callbacks or [])
         reseeding = next((c for c in callbacks if isinstance(c, TreeReseeding)), None)
-        cells = getattr(x, "X", x)
+        cells, labels = getattr(x, "X", x), getattr(x, "labels", None)
+        if self.semi_supervised and labels is not None:
+            labelled = int((np.asarray(labels) >= 0).any(axis=1).sum())
+            self.classification_weight.assign(self.label_weight * len(labels) / max(labelled, 1))
         if reseeding is None and (self.reseed_epochs or self.final_refit) and hasattr(cells, "shape"):
-            reseeding = TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epochs, log=print)
+            reseeding = TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epochs, log=print,
+                                      labels=labels)
             callbacks.insert(0, reseeding)
         history = super().fit(x, *args, callbacks=callbacks, **kwargs)
         if self.final_refit and reseeding is not None:  # after the best weights are restored
             reseeding.set_model(self)
-            self.refit_prior(*reseeding.latent(), steps=self.final_refit)
+            self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels)
             print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
                   f"{self.final_refit} EM steps.")
         return history
@@ -474,7 +578,9 @@ class TreeVAE(HierarchicalVAE):
     def get_config(self):
         return {**super().get_config(), "parents": self.parents, "components_per_leaf": self.components_per_leaf,
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
-                "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit}
+                "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
+                "semi_supervised": self.semi_supervised, "label_weight": self.label_weight,
+                "novel_classes": self.novel_classes}
 
 
 class TreeReseeding(keras.callbacks.Callback):
@@ -483,9 +589,9 @@ class TreeReseeding(keras.callbacks.Callback):
     the re-seeded weights from its checkpoint; one resumed at that epoch re-seeds as the
     uninterrupted run did (same weights, same seed, same k-means)."""
 
-    def __init__(self, cells, covariates=None, epochs=(5,), batch_size=1024, log=None):
+    def __init__(self, cells, covariates=None, epochs=(5,), batch_size=1024, log=None, labels=None):
         super().__init__()
-        self.cells, self.covariates = cells, covariates
+        self.cells, self.covariates, self.labels = cells, covariates, labels
         self.epochs = tuple(int(e) for e in (epochs if np.ndim(epochs) else [epochs]))
         self.batch_size, self.log = int(batch_size), log
         self.assignments = None
@@ -506,7 +612,7 @@ class TreeReseeding(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch not in self.epochs:
             return
-        self.assignments = self.model.reseed(*self.latent())
+        self.assignments = self.model.reseed(*self.latent(), labels=self.labels)
         if self.log:
             used = np.bincount(self.assignments, minlength=self.model.n_components)
             self.log(f"Re-seeded the tree's components from the latent at epoch {epoch + 1}: cells per component {used.tolist()}.")

@@ -1,0 +1,213 @@
+"""Partial labels experiment (issue 16): semi-supervised TreeVAE against a flat baseline.
+
+    python analyses/partial_labels/run.py [--seeds 0 1 2] [--only NAME ...]
+
+Every setting trains one run per seed (one thread each, run folders in runs/partial/, not
+committed) and appends one row per run to analyses/partial_labels/results.csv as it finishes; a
+rerun skips the rows already there, so the experiment is resumable.
+
+Scores are on cells whose labels the model never saw (no label at any level; for reference-to-
+query settings, the query cells): per-level ARI, accuracy and macro F1 of the model's named
+predictions against the true classes, scHPL's hierarchical F1 and the share of cells whose
+predicted path is a path of the annotated hierarchy. Baseline ("lr"): logistic regression on the
+latent of the same model trained without labels (one per seed), fitted on the same labelled cells
+at the finest revealed level and mapped up the hierarchy.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ[name] = "1"
+
+import anndata  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from scvae_hier.hierarchy import Hierarchy  # noqa: E402
+from scvae_hier.metrics import hierarchical_f1  # noqa: E402
+from scvae_hier.options import TrainOptions  # noqa: E402
+from scvae_hier.training import train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.csv"
+RUNS = ROOT / "runs" / "partial"
+PBMC = dict(data=str(ROOT / "data/pbmc.h5ad"), model="tree", exclude_labels=("cd14_monocytes",),
+            batch_key="source_dataset", library_size="observed", dispersion="gene", n_genes=500,
+            usage_level_weights=(0.1, 0.1, 1.0, 1.0), prior_probabilities="learnable", xla=False,
+            epochs=60, patience=10)
+if os.environ.get("PARTIAL_SMOKE"):  # a quick end-to-end check of this script: 3 epochs, results in /tmp
+    PBMC.update(epochs=3, patience=3)
+    RUNS, RESULTS = Path("/tmp/partial_smoke"), Path("/tmp/partial_smoke.csv")
+SETTINGS = {  # name: options on top of PBMC (labelled: LEVEL=FRACTION of cells revealed)
+    "fine_1pct": dict(labelled=("level_4=0.01",)),
+    "fine_5pct": dict(labelled=("level_4=0.05",)),
+    "fine_10pct": dict(labelled=("level_4=0.10",)),
+    "l1_1pct": dict(labelled=("level_1=0.01",)),
+    "l1_5pct": dict(labelled=("level_1=0.05",)),
+    "l1_10pct": dict(labelled=("level_1=0.10",)),
+    "l2_10pct_fine_1pct": dict(labelled=("level_2=0.10", "level_4=0.01")),
+    "unknown_cd14": dict(exclude_labels=(), hide_labels=("cd14_monocytes",), novel_classes=1,
+                         labelled=("level_4=0.05",)),
+    "l12_5pct": dict(labelled=("level_2=0.05",)),
+}
+QUERIES = {  # reference-to-query: labels on the reference cells, the query annotated by the trained model
+    "query_pbmc_mudan": dict(base=PBMC, column="source_dataset", query=("MUDAN",)),
+    "query_kang_2donors": dict(base=dict(PBMC, data=str(ROOT / "data/kang2018.h5ad"), exclude_labels=()),
+                               column="sample_id", query=None),  # the last two donors (sorted)
+}
+
+
+def truth_paths(adata, hierarchy):
+    return hierarchy.level_labels(adata.obs[hierarchy.label_column].astype(str).to_numpy())
+
+
+def scores(truth, predicted, levels, hierarchy):
+    """Per-level ARI / accuracy / macro F1, hierarchical F1 and consistency of named predictions."""
+    row = {}
+    for i, level in enumerate(levels):
+        t, p = truth[:, i], np.asarray(predicted[:, i], dtype=str)
+        row[f"ari_{i + 1}"] = adjusted_rand_score(t, p)
+        row[f"accuracy_{i + 1}"] = accuracy_score(t, p)
+        row[f"macro_f1_{i + 1}"] = f1_score(t, p, labels=sorted(set(t)), average="macro", zero_division=0)
+    row["hierarchical_f1"] = hierarchical_f1(truth, predicted)
+    paths = {tuple(p) for p in hierarchy.paths.values()}
+    row["consistency"] = float(np.mean([tuple(p) in paths or "unassigned" in p for p in predicted]))
+    return row
+
+
+def score_run(folder, hierarchy):
+    adata = anndata.read_h5ad(Path(folder) / "outputs.h5ad")
+    unlabelled = ~adata.obs["labelled"].to_numpy(bool)
+    known = np.isin(adata.obs[hierarchy.label_column].astype(str), list(hierarchy.paths))
+    cells = unlabelled & known
+    truth = truth_paths(adata[cells], hierarchy)
+    predicted = np.stack([adata.obs[f"scvae_{level}"].astype(str).to_numpy()[cells] for level in hierarchy.levels], 1)
+    row = scores(truth, predicted, hierarchy.levels, hierarchy)
+    row["n_scored"] = int(cells.sum())
+    row["n_labelled"] = int((~unlabelled).sum())
+    return row, adata
+
+
+def baseline_row(adata, latent, hierarchy, labels):
+    """Logistic regression on an unsupervised latent, fitted on the cells labelled at the finest
+    revealed level, mapped up; levels below that level are not scored (NaN)."""
+    finest = max(i for i in range(len(hierarchy.levels)) if (labels.iloc[:, i] != "").any())
+    train_rows = (labels.iloc[:, finest] != "").to_numpy()
+    unlabelled = (labels == "").all(axis=1).to_numpy()
+    classifier = LogisticRegression(max_iter=2000).fit(latent[train_rows], labels.iloc[:, finest][train_rows])
+    guess = classifier.predict(latent[unlabelled])
+    up = {path[finest]: path for path in hierarchy.paths.values()}
+    predicted = np.array([up[g][:finest + 1] for g in guess], dtype=object)
+    truth = truth_paths(adata[unlabelled], hierarchy)[:, :finest + 1]
+    row = scores(truth, predicted, hierarchy.levels[:finest + 1], hierarchy) if finest == len(hierarchy.levels) - 1 \
+        else {f"ari_{i + 1}": adjusted_rand_score(truth[:, i], predicted[:, i]) for i in range(finest + 1)}
+    return row
+
+
+def done_keys():
+    if not RESULTS.exists():
+        return set()
+    table = pd.read_csv(RESULTS)
+    return set(zip(table["setting"], table["method"], table["seed"]))
+
+
+def append(row):
+    new = not RESULTS.exists()
+    columns = ["setting", "method", "seed", "n_scored", "n_labelled"] + \
+        [f"{m}_{i}" for m in ("ari", "accuracy", "macro_f1") for i in range(1, 5)] + \
+        ["hierarchical_f1", "consistency", "novel_unassigned", "seconds"]
+    with open(RESULTS, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def trained(name, options):
+    folder = RUNS / name
+    if not (folder / "metrics.json").exists():
+        resume = (folder / "config.json").exists()
+        train(TrainOptions(**options, output=str(folder), resume=resume, overwrite=not resume))
+    return folder
+
+
+def run_setting(name, seed, done):
+    options = dict(PBMC, **SETTINGS[name], seed=seed)
+    folder = trained(f"{name}_s{seed}", options)
+    config = json.loads((folder / "config.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    adata_full = anndata.read_h5ad(options["data"], backed="r")
+    hierarchy = Hierarchy.from_anndata(adata_full)
+    row, adata = score_run(folder, hierarchy)
+    if name == "unknown_cd14":
+        novel = adata.obs[hierarchy.label_column].astype(str).to_numpy() == "cd14_monocytes"
+        row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
+    if (name, "treevae", seed) not in done:
+        append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
+    if name != "unknown_cd14" and (name, "lr", seed) not in done:
+        plain = {k: v for k, v in options.items() if k not in ("labelled", "hide_labels", "novel_classes")}
+        latent_run = trained(f"unsupervised_s{seed}", plain)
+        latent_adata = anndata.read_h5ad(latent_run / "outputs.h5ad")
+        labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False).loc[latent_adata.obs_names]
+        row = baseline_row(latent_adata, latent_adata.obsm["X_scvae"], hierarchy, labels)
+        append(dict(row, setting=name, method="lr", seed=seed, n_labelled=int((labels != "").any(axis=1).sum())))
+    del config
+
+
+def run_query(name, seed, done):
+    """Train on the reference cells with all their labels (API), annotate the query (no batch
+    covariate: the query's batches are new to the model)."""
+    import scvae_hier as sh
+
+    spec = QUERIES[name]
+    options = {k: v for k, v in spec["base"].items() if k not in ("data", "model", "batch_key", "xla", "epochs",
+                                                                   "patience", "exclude_labels")}
+    adata = anndata.read_h5ad(spec["base"]["data"])
+    if spec["base"].get("exclude_labels"):
+        adata = adata[~adata.obs["source_library"].isin(spec["base"]["exclude_labels"])].copy()
+    groups = sorted(adata.obs[spec["column"]].astype(str).unique())
+    query = list(spec["query"] or groups[-2:])
+    is_query = adata.obs[spec["column"]].astype(str).isin(query).to_numpy()
+    reference, target = adata[~is_query].copy(), adata[is_query].copy()
+    hierarchy = Hierarchy.from_anndata(adata)
+    sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy)
+    model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
+    model.train(max_epochs=spec["base"]["epochs"], patience=spec["base"]["patience"], progress_bar=False)
+    table = model.predict_levels(target, prefix="")
+    predicted = table[hierarchy.levels].astype(str).to_numpy()
+    truth = truth_paths(target, hierarchy)
+    row = scores(truth, predicted, hierarchy.levels, hierarchy)
+    append(dict(row, setting=f"{name} ({'+'.join(query)})", method="treevae", seed=seed, n_scored=int(is_query.sum()),
+                n_labelled=int((~is_query).sum())))
+    latent = model.get_latent_representation(reference)
+    classifier = LogisticRegression(max_iter=2000).fit(latent, truth_paths(reference, hierarchy)[:, -1])
+    guess = classifier.predict(model.get_latent_representation(target))
+    up = {path[-1]: path for path in hierarchy.paths.values()}
+    row = scores(truth, np.array([up[g] for g in guess], dtype=object), hierarchy.levels, hierarchy)
+    append(dict(row, setting=f"{name} ({'+'.join(query)})", method="lr_same_latent", seed=seed,
+                n_scored=int(is_query.sum()), n_labelled=int((~is_query).sum())))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--only", nargs="+", default=None)
+    args = parser.parse_args()
+    names = args.only or list(SETTINGS) + list(QUERIES)
+    for seed in args.seeds:
+        for name in names:
+            done = done_keys()
+            if name in QUERIES:
+                if not any(s.startswith(name) and sd == seed for s, _, sd in done):
+                    run_query(name, seed, done)
+            elif (name, "treevae", seed) not in done or (name != "unknown_cd14" and (name, "lr", seed) not in done):
+                run_setting(name, seed, done)

@@ -1,0 +1,35 @@
+"""Label transfer: a trained model names the cells of a new file (`scvae-hier annotate`).
+
+The query's genes are matched to the model's by name (missing genes are refused by name); a batch
+the model never saw is refused unless the user says which training batch to read it as. The
+output is the query AnnData as read, with per-level names, clusters and probabilities in obs and
+the latent in obsm["X_scvae"] (NaN rows for cells without counts on the model's genes).
+"""
+from pathlib import Path
+
+from .data import read_counts
+from .files import write_h5ad
+
+
+def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False):
+    """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad)."""
+    from .api import load
+
+    output = Path(output)
+    if output.suffix != ".h5ad":
+        raise ValueError(f"--output must be an .h5ad file, got {str(output)!r}.")
+    if output.resolve() == Path(query).resolve():
+        raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
+    model = load(run)
+    adata = read_counts(query, layer=model.module.metadata.get("layer"))
+    if drop_empty_cells:
+        model.module.metadata["drop_empty_cells"] = True
+    if model.module.clustering != "none":
+        table = model.predict_levels(adata, unassigned_below=unassigned_below, batch=batch)
+        for column in table.columns:
+            adata.obs[column] = table[column]
+    adata.obsm["X_scvae"] = model.get_latent_representation(adata, batch=batch)
+    adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
+                                     "batch": "" if batch is None else str(batch)}
+    write_h5ad(adata, output)
+    return adata
