@@ -240,7 +240,10 @@ class HierarchyModel:
         labels they were given. batch: a training batch to read query cells as (new batches are refused)."""
         if not 0 <= unassigned_below <= 1:
             raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
-        table = self._predict_levels(adata, batch)
+        given = None
+        if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
+            given = self.cells.labels
+        table = self._predict_levels(adata, batch, given)
         levels = self.level_names or ["cluster"]
         if unassigned_below > 0:
             low = np.zeros(len(table), dtype=bool)
@@ -249,21 +252,9 @@ class HierarchyModel:
                 names = table[level].astype(object)
                 names[low & table[level + "_probability"].notna().to_numpy()] = "unassigned"
                 table[level] = names.astype("category")
-        if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
-            table = self._with_given_labels(table, levels)
         return table.add_prefix(prefix)
 
-    def _with_given_labels(self, table, levels):
-        names = self.module.metadata.get("cluster_names", {})
-        rows = table.index.get_indexer(self.cells.adata.obs_names)
-        for i, level in enumerate(levels):
-            given = self.cells.labels[:, i]
-            values = table[level].astype(object).to_numpy()
-            values[rows[given >= 0]] = np.asarray(names[level], dtype=object)[given[given >= 0]]
-            table[level] = pd.Categorical(values)
-        return table
-
-    def _predict_levels(self, adata=None, batch=None) -> pd.DataFrame:
+    def _predict_levels(self, adata=None, batch=None, given=None) -> pd.DataFrame:
         """predict_levels without the prefix.
 
         Names come from the Hungarian matching of clusters to classes on the training cells;
@@ -281,7 +272,11 @@ class HierarchyModel:
             columns = self._flat_levels(flat, finest, levels)
         else:
             probabilities = [np.asarray(out[f"level_{i + 1}_probabilities"]) for i in range(len(levels))]
-            clusters = self.module.level_predictions(probabilities)
+            # A semi-supervised model's training cells: the most probable path through their labels.
+            if given is not None:  # aligned by cell name (cells the model left out have none)
+                position = self.cells.adata.obs_names.get_indexer(adata.obs_names[rows])
+                given = np.where(position[:, None] >= 0, given[np.maximum(position, 0)], -1)
+            clusters = self.module.level_predictions(probabilities, **({} if given is None else {"labels": given}))
             columns = []
             for level, p, cluster in zip(levels, probabilities, clusters):
                 level_names = names.get(level) or [None] * p.shape[1]

@@ -86,18 +86,16 @@ def level_names(hierarchy, outputs) -> list:
     return [f"level_{i}" for i in range(1, n_levels + 1)]
 
 
-def class_names(model, level_names, clusters_by_level, given=None) -> dict:
-    """{level: names} of the predicted clusters from the model's cluster names, where a cell's
-    given label (codes [n, L], -1 unlabelled) replaces the prediction."""
+def class_names(model, level_names, outputs, given=None) -> dict:
+    """{level: names} of the model's nested predictions, where a cell with labels (codes [n, L],
+    -1 unlabelled) takes the most probable path through them, so it keeps its given labels."""
     names = model.metadata.get("cluster_names", {})
+    probabilities = [np.asarray(outputs[f"level_{i + 1}_probabilities"]) for i in range(len(level_names))]
+    clusters_by_level = model.level_predictions(probabilities, labels=given)
     out = {}
-    for i, (level, clusters) in enumerate(zip(level_names, clusters_by_level)):
+    for level, clusters in zip(level_names, clusters_by_level):
         table = np.array([n if n is not None else f"cluster {k}" for k, n in enumerate(names[level])], dtype=object)
-        values = table[clusters]
-        if given is not None:
-            known = given[:, i] >= 0
-            values[known] = table[given[known, i]]
-        out[level] = values
+        out[level] = table[clusters]
     return out
 
 
@@ -114,7 +112,7 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
         labelled = (given >= 0).any(axis=1)
         adata.obs["labelled"] = labelled
         subsets.append(("unlabelled", ~labelled))
-        for level, values in class_names(model, names, clusters_by_level, given).items():
+        for level, values in class_names(model, names, outputs, given).items():
             adata.obs[f"scvae_{level}"] = pd.Categorical(values)
     metrics = {"model": type(model).__name__}
     if hierarchy is not None and clusters_by_level:

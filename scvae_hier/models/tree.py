@@ -531,8 +531,14 @@ class TreeVAE(HierarchicalVAE):
         uniform = tf.fill((1, self.n_components), -float(np.log(self.n_components)))
         return [m[0] for m in self.level_log_marginals(uniform)]
 
-    def level_predictions(self, level_probabilities):
-        """Nested by construction: every level's class is an ancestor of the most probable leaf."""
+    def level_predictions(self, level_probabilities, labels=None):
+        """Nested by construction: every level's class is an ancestor of the most probable leaf;
+        with labels ([n, L] codes, -1 unlabelled), the most probable leaf the labels allow, so a
+        labelled cell's path goes through its labels."""
+        if labels is not None:
+            leaf = np.asarray(level_probabilities[-1], dtype=float)
+            allowed = allowed_components(labels, leaf_ancestors(self.parents, leaf.shape[1]))
+            level_probabilities = [*level_probabilities[:-1], np.where(allowed, leaf, -1.0)]
         return path_predictions(level_probabilities, self.parents)
 
     def prior_components(self):

@@ -1,0 +1,244 @@
+"""Partial labels (issue 16): labels with holes completed up the hierarchy, inconsistent labels
+refused by cell, seeded stratified masks, the semi-supervised TreeVAE objective against a
+computation by hand, label-aware re-seeding, hierarchical F1 by hand, and the API / CLI end to
+end (given labels kept, names that nest, label transfer to a new file)."""
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import FAST
+from scipy.special import logsumexp
+from test_tree import SMALL_PARENTS, small_model
+
+from scvae_hier.hierarchy import Hierarchy, HierarchyError
+from scvae_hier.labels import allowed_components, complete, label_codes, parse_reveal, reveal
+from scvae_hier.metrics import hierarchical_f1
+from scvae_hier.models.tree import leaf_ancestors, tree_clustering
+
+TREE = Hierarchy("leaf", ["coarse", "mid", "fine"],
+                 {"a1": ("A", "Aa", "a1"), "a2": ("A", "Aa", "a2"), "b1": ("A", "Ab", "b1"),
+                  "c1": ("C", "Cc", "c1"), "c2": ("C", "Cc", "c2")})
+
+
+def test_label_codes_complete_coarse_levels_and_read_every_kind_of_hole():
+    obs = pd.DataFrame({"coarse": ["A", np.nan, "", "C", "Unknown", "A"],
+                        "mid": [np.nan, "Ab", "Cc", np.nan, np.nan, "Aa"],
+                        "fine": [np.nan, np.nan, "c2", np.nan, "a2", "Unknown"]},
+                       index=[f"cell{i}" for i in range(6)])
+    codes = label_codes(obs, TREE, ["coarse", "mid", "fine"])
+    # cell1: mid Ab -> coarse A; cell2: fine c2 -> Cc -> C; cell4: fine a2 under "Unknown" coarse.
+    np.testing.assert_array_equal(codes, [[0, -1, -1], [0, 1, -1], [1, 2, 4], [1, -1, -1], [0, 0, 1], [0, 0, -1]])
+    # A leaf label column: a missing label leaves every level unlabelled.
+    leaf = pd.DataFrame({"leaf": ["b1", None, "c1"]})
+    np.testing.assert_array_equal(label_codes(leaf, TREE), [[0, 1, 2], [-1, -1, -1], [1, 2, 3]])
+
+
+def test_inconsistent_unknown_and_clashing_labels_are_refused_by_name():
+    obs = pd.DataFrame({"coarse": ["A", "C", "C"], "mid": ["Aa", "Aa", "Cc"], "fine": ["a1", np.nan, "c9"]},
+                       index=["good", "bad_cell", "c"])
+    with pytest.raises(HierarchyError, match="not classes of level 'fine'.*'c9' \\(1 cells\\)"):
+        label_codes(obs, TREE, ["coarse", "mid", "fine"])
+    obs.loc["c", "fine"] = "c1"
+    with pytest.raises(HierarchyError, match="bad_cell: 'Aa' under 'C'.*'Aa' is under 'A'"):
+        label_codes(obs, TREE, ["coarse", "mid", "fine"])
+    with pytest.raises(HierarchyError, match="unlabelled category 'Cc' is also a class"):
+        label_codes(obs, TREE, ["coarse", "mid", "fine"], unlabelled_category="Cc")
+    with pytest.raises(HierarchyError, match="one column per level"):
+        label_codes(obs, TREE, ["coarse", "fine"])
+
+
+def test_complete_agrees_with_the_paths_for_every_single_label():
+    """Brute force: a cell labelled only at one level gets exactly the ancestors its path says."""
+    for level in range(3):
+        for k, name in enumerate(TREE.classes(level)):
+            codes = np.full((1, 3), -1)
+            codes[0, level] = k
+            done = complete(codes, TREE)[0]
+            path = next(p for p in TREE.paths.values() if p[level] == name)
+            for upper in range(level + 1):
+                assert TREE.classes(upper)[done[upper]] == path[upper]
+            assert (done[level + 1:] == -1).all()
+
+
+def test_reveal_keeps_a_seeded_stratified_share_at_the_asked_level():
+    truth = np.repeat(np.arange(5), [200, 100, 50, 400, 250])
+    codes = complete(np.stack([np.full(1000, -1), np.full(1000, -1), truth], 1), TREE)
+    plan = parse_reveal(["fine=0.1", "2=0.2"], TREE)
+    assert plan == [(2, 0.1), (1, 0.2)]
+    shown = reveal(codes, plan, truth, seed=3)
+    np.testing.assert_array_equal(shown, reveal(codes, plan, truth, seed=3))
+    assert not np.array_equal(shown, reveal(codes, plan, truth, seed=4))
+    fine = shown[:, 2] >= 0
+    for k, size in enumerate([200, 100, 50, 400, 250]):  # every class keeps round(10%) fine labels
+        assert fine[truth == k].sum() == round(0.1 * size)
+    revealed = shown >= 0
+    assert (shown[revealed] == codes[revealed]).all()            # never a wrong label
+    assert (revealed[:, 0] >= revealed[:, 1]).all() and (revealed[:, 1] >= revealed[:, 2]).all()  # ancestors too
+    for bad, message in (["level_9=0.1", "no level named"], ["4=0.1", "does not exist"], ["fine=2", "must be in"],
+                         ["fine", "LEVEL=FRACTION"]):
+        with pytest.raises(ValueError, match=message):
+            parse_reveal([bad], TREE)
+
+
+def test_allowed_components_match_a_brute_force_check():
+    ancestors = leaf_ancestors(SMALL_PARENTS, 5)
+    labels = np.array([[-1, -1, -1], [0, -1, -1], [1, 2, -1], [0, 0, 1], [1, -1, 4]])
+    allowed = allowed_components(labels, ancestors)
+    for i, row in enumerate(labels):
+        for m in range(5):
+            expected = all(row[l] < 0 or ancestors[l][m] == row[l] for l in range(3))
+            assert allowed[i, m] == expected
+
+
+def test_semi_supervised_terms_restrict_q_and_add_the_classification_loss():
+    """By hand: a labelled cell's classification term is -log of q(c|x) summed over its allowed
+    components, its ELBO is the bound with q restricted to them, and an unlabelled cell's terms
+    are the unsupervised ones."""
+    model = small_model(semi_supervised=True, label_weight=2.0)
+    plain = small_model()
+    model.build(), plain.build()
+    plain.set_weights(model.get_weights()[:len(plain.get_weights())])
+    rng = np.random.default_rng(1)
+    model.prior_logits.assign(rng.normal(size=5).astype("float32"))
+    plain.prior_logits.assign(model.prior_logits.numpy())
+    x = tf.constant(rng.poisson(3.0, size=(3, 7)).astype("float32"))
+    noise = tf.constant(rng.normal(size=(3, 2)).astype("float32"))
+    labels = tf.constant([[-1, -1, -1], [0, -1, -1], [1, 2, -1]])
+    terms = {k: v.numpy() for k, v in model.terms(x, noise=noise, labels=labels).items()}
+    free = {k: v.numpy() for k, v in plain.terms(x, noise=noise).items()}
+    log_qc, loc, scale = (t.numpy() for t in model.encode(x))
+    allowed = allowed_components(labels.numpy(), model.component_ancestors)
+    np.testing.assert_allclose(terms["classification"], -logsumexp(np.where(allowed, log_qc, -np.inf), axis=1),
+                               rtol=1e-5, atol=1e-6)
+    assert terms["classification"][0] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(terms["elbo"][0], free["elbo"][0], rtol=1e-5)          # unlabelled: unchanged
+    # Labelled: the bound is reconstruction + log sum_{c allowed} p(c) exp(-KL_c), the ELBO of the
+    # optimal q(c|x) ~ p(c) exp(-KL_c) restricted to the allowed components; against the full sum,
+    # it is lower by exactly -log q(allowed|x), the classification term.
+    np.testing.assert_allclose(terms["elbo"] - free["elbo"], -terms["classification"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(terms["loss"], free["loss"] - (terms["elbo"] - free["elbo"])
+                               + 2.0 * terms["classification"]
+                               + (terms["marginal_usage"] - free["marginal_usage"]), rtol=1e-4, atol=1e-3)
+
+
+def test_label_aware_reseeding_keeps_labelled_cells_under_their_leaves():
+    """Two leaves of one parent that k-means alone would swap: the labelled cells decide."""
+    ancestors = leaf_ancestors(SMALL_PARENTS, 5)
+    centres = np.stack([10.0 * ancestors[0], 5.0 * ancestors[1], 2.5 * ancestors[2]], axis=1)
+    truth = np.repeat(np.arange(5), 80)
+    latent = centres[truth] + 0.2 * np.random.default_rng(3).normal(size=(400, 3))
+    labels = np.full((400, 3), -1)
+    labels[::10, 2] = truth[::10]                           # 10% labelled at the leaves
+    labels = complete(labels, Hierarchy("l", ["a", "b", "c"], {str(m): tuple(f"{l}:{ancestors[l][m]}" for l in range(3))
+                                                               for m in range(5)}))
+    allowed = allowed_components(labels, ancestors)
+    component = tree_clustering(latent, SMALL_PARENTS, 5, allowed=allowed)
+    np.testing.assert_array_equal(component, truth)        # every cell, labelled or not, under its true leaf
+    # Wrong labels on a few points of a compact cluster: those points still go where labels say.
+    labels_wrong = labels.copy()
+    labels_wrong[0] = [1, 2, 4]
+    component = tree_clustering(latent, SMALL_PARENTS, 5, allowed=allowed_components(labels_wrong, ancestors))
+    assert component[0] == 4
+
+
+def test_hierarchical_f1_by_hand():
+    truth = np.array([["A", "Aa", "a1"], ["C", "Cc", "c1"]], dtype=object)
+    guess = np.array([["A", "Ab", "b1"], ["C", "unassigned", "unassigned"]], dtype=object)
+    # cell 1: 1 of 3 nodes right (A); cell 2: 1 predicted node, right. P = 2/4, R = 2/6.
+    p, r = 2 / 4, 2 / 6
+    assert hierarchical_f1(truth, guess) == pytest.approx(2 * p * r / (p + r))
+    assert hierarchical_f1(truth, truth) == 1.0
+    # A leaf name repeated under another parent is another node.
+    assert hierarchical_f1([["A", "x"]], [["B", "x"]]) == 0.0
+
+
+def test_novel_classes_add_an_unassigned_branch():
+    from types import SimpleNamespace
+
+    from scvae_hier.models.tree import TreeVAE
+    options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
+                              usage_target="uniform", usage_level_weights=None, components_per_leaf=1,
+                              prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0,
+                              semi_supervised=True, label_weight=50.0, novel_classes=2)
+    arguments = TreeVAE.arguments_from(options, TREE)
+    assert arguments["level_sizes"] == [3, 4, 7]
+    assert arguments["parents"] == [[0, 0, 1, 2], [0, 0, 1, 2, 2, 3, 3]]
+    model = TreeVAE(9, **{k: v for k, v in arguments.items()})
+    labelled = allowed_components(np.array([[0, -1, -1], [-1, -1, -1]]), model.component_ancestors)
+    assert not labelled[0, 5:].any() and labelled[1].all()   # a labelled cell is never novel
+
+
+def _partial_adata(pbmc_slice):
+    """The slice with each cell labelled down to a random depth (none for 30%, the finest level for
+    40%), and some fine labels without their coarse ones (completed from the hierarchy)."""
+    adata = anndata.read_h5ad(pbmc_slice)
+    rng = np.random.default_rng(0)
+    depth = rng.choice(5, size=adata.n_obs, p=[0.3, 0.1, 0.1, 0.1, 0.4])
+    for level in range(1, 5):
+        values = adata.obs[f"level_{level}"].astype(object)
+        values[depth < level] = np.nan
+        if level == 1:
+            values[np.flatnonzero(depth == 4)[:20]] = np.nan
+        adata.obs[f"level_{level}"] = values
+    return adata
+
+
+def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_slice, tmp_path, capsys):
+    import scvae_hier as sh
+
+    adata = _partial_adata(pbmc_slice)
+    levels = ["level_1", "level_2", "level_3", "level_4"]
+    sh.TreeVAE.setup_anndata(adata, levels=levels)
+    model = sh.TreeVAE(adata, semi_supervised=True, n_genes=80, latent_dim=4, hidden=(16, 16), xla=False)
+    assert model.module.semi_supervised and model.cells.labels.shape == (adata.n_obs, 4)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    assert "classification" in model.history.columns
+    table = model.predict_levels()
+    truth = anndata.read_h5ad(pbmc_slice).obs
+    paths = {tuple(p) for p in model.hierarchy.paths.values()}
+    predicted = table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy()
+    assert all(tuple(p) in paths for p in predicted)                         # names form a path for every cell
+    for level in levels:                                                     # given labels are kept
+        given = adata.obs[level].notna().to_numpy()
+        assert given.any()
+        np.testing.assert_array_equal(table[f"scvae_{level}"].astype(str)[given], truth[level].astype(str)[given])
+    # With a threshold of 1 every cell is unassigned from level 1 on (probabilities are below 1).
+    cautious = model.predict_levels(keep_labels=False, unassigned_below=1.0)
+    assert (cautious["scvae_level_4"].astype(str) == "unassigned").mean() > 0.9
+    # Label transfer through the CLI: the saved model annotates a query file with genes shuffled.
+    model.save(tmp_path / "model")
+    query = anndata.read_h5ad(pbmc_slice)[:50]
+    query = query[:, np.random.default_rng(1).permutation(query.n_vars)].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    from scvae_hier.cli import main
+    assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "query.h5ad"),
+                 "--output", str(tmp_path / "annotated.h5ad")]) == 0
+    annotated = anndata.read_h5ad(tmp_path / "annotated.h5ad")
+    expected = model.predict_levels(anndata.read_h5ad(pbmc_slice)[:50].copy())
+    np.testing.assert_array_equal(annotated.obs["scvae_level_4"].astype(str), expected["scvae_level_4"].astype(str))
+    assert annotated.obsm["X_scvae"].shape == (50, 4)
+    # A query without the model's genes is refused by name.
+    dropped = model.module.metadata["genes"][:3]
+    query[:, ~query.var_names.isin(dropped)].copy().write_h5ad(tmp_path / "missing.h5ad")
+    assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "missing.h5ad"),
+                 "--output", str(tmp_path / "x.h5ad")]) == 2
+    assert dropped[0] in capsys.readouterr().err
+
+
+def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys):
+    from scvae_hier.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", str(pbmc_slice), "--model", "tree", *FAST, "--epochs", "2", "--output", str(run)]
+    assert main([*common, "--labelled", "level_4=0.1", "--seed", "1"]) == 0
+    labels = pd.read_csv(run / "labels.csv", index_col="cell", keep_default_na=False)
+    assert ((labels["level_4"] != "").sum()) == 60                  # 10% of each of the ten populations of 60
+    assert ((labels["level_1"] != "") == (labels["level_4"] != "")).all()
+    outputs = anndata.read_h5ad(run / "outputs.h5ad")
+    assert outputs.obs["labelled"].sum() == 60 and "scvae_level_4" in outputs.obs
+    for flags, message in ((["--labelled", "level_7=0.1"], "no level named 'level_7'"),
+                           (["--labelled", "level_4=0.1", "--model", "mixture"], "implemented for --model tree"),
+                           (["--hide-labels", "not_a_label"], "--hide-labels \\['not_a_label'\\]")):
+        assert main([*common[:-1], str(tmp_path / "bad"), *flags]) == 2
+        assert any(part in capsys.readouterr().err for part in message.split("\\"))
