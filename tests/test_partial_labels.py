@@ -242,3 +242,24 @@ def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys
                            (["--hide-labels", "not_a_label"], "--hide-labels \\['not_a_label'\\]")):
         assert main([*common[:-1], str(tmp_path / "bad"), *flags]) == 2
         assert any(part in capsys.readouterr().err for part in message.split("\\"))
+
+
+def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():
+    """Five labelled types (10% labelled) and a sixth, never labelled, far from them: with one
+    novel leaf, the sixth type's clusters (no labelled cell where about 8 were expected) go under
+    it; without the rule they would take a named leaf that costs no label."""
+    ancestors = leaf_ancestors(SMALL_PARENTS, 5)
+    rng = np.random.default_rng(4)
+    centres = np.stack([10.0 * ancestors[0], 5.0 * ancestors[1], 2.5 * ancestors[2]], axis=1)
+    centres = np.vstack([centres, [[-12.0, -12.0, 0.0]]])                     # the sixth type
+    truth = np.repeat(np.arange(6), 200)
+    latent = centres[truth] + 0.3 * rng.normal(size=(1200, 3))
+    parents = [[0, 0, 1, 2], [0, 1, 1, 2, 2, 3]]                              # 3 / 4 / 6: leaf 5 is novel
+    novel_ancestors = leaf_ancestors(parents, 6)
+    labels = np.full((1200, 3), -1)
+    chosen = rng.random(1200) < 0.1
+    labels[chosen & (truth < 5)] = novel_ancestors[:, truth[chosen & (truth < 5)]].T
+    allowed = allowed_components(labels, novel_ancestors)
+    component = tree_clustering(latent, parents, 6, allowed=allowed, novel=1)
+    assert (component[truth == 5] == 5).all()
+    np.testing.assert_array_equal(component[truth < 5], truth[truth < 5])

@@ -38,7 +38,7 @@ def parse(value):
 
 if __name__ == "__main__":
     name, *pairs = sys.argv[1:]
-    settings = dict(PBMC, labelled=("level_4=0.05",), seed=100)
+    settings = dict(PBMC, labelled=("level_4=0.05",), seed=100)  # seed=101 etc. as a key=value to check a choice
     for pair in pairs:
         key, value = pair.split("=", 1)
         settings[key] = parse(value)
@@ -53,8 +53,12 @@ if __name__ == "__main__":
     tmp.mkdir(exist_ok=True)
     outputs.write_h5ad(tmp / "outputs.h5ad")
     row, _ = score_run(tmp, hierarchy)
+    if settings.get("hide_labels"):  # share of the hidden type's validation cells called unassigned
+        hidden = np.isin(outputs.obs[hierarchy.label_column].astype(str), settings["hide_labels"]) & validation
+        row["novel"] = float((outputs.obs["scvae_level_4"].astype(str)[hidden] == "unassigned").mean())
     line = (f"{name:28s} {' '.join(pairs):50s} ARI " + " / ".join(f"{row[f'ari_{i}']:.3f}" for i in range(1, 5))
-            + f"  L4 macro F1 {row['macro_f1_4']:.3f}  hF1 {row['hierarchical_f1']:.3f}  n={row['n_scored']}")
+            + f"  L4 macro F1 {row['macro_f1_4']:.3f}  hF1 {row['hierarchical_f1']:.3f}  n={row['n_scored']}"
+            + (f"  hidden type unassigned {row['novel']:.2f}" if "novel" in row else ""))
     print(line)
     with open(Path(__file__).resolve().parent / "tuning.txt", "a") as handle:
         handle.write(line + "\n")

@@ -44,6 +44,8 @@ from .paths import perplexity
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 NEGLIGIBLE = -1e9       # log-mask of components outside a class
+NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
+                        # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
 
 # ----------------------------------------------------------------------------- tree algebra
@@ -195,7 +197,8 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
     return np.asarray(best, dtype=int)
 
 
-def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None):
+def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
+                    novel=0):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -204,7 +207,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
 
     allowed [n, n_leaves] (partial labels): the assignment first keeps labelled points under
     leaves their labels allow, and a labelled point still under a wrong leaf moves to the nearest
-    allowed leaf (by leaf mean)."""
+    allowed leaf (by leaf mean). With `novel` leaves (the last ones, for types nobody labelled), a
+    cluster without a labelled point where at least NOVEL_EVIDENCE were expected (its size times
+    the labelled share) counts as that many misplaced labelled points under a named leaf."""
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
     penalty = None
@@ -212,6 +217,10 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
         labelled = ~np.asarray(allowed).all(axis=1)
         onehot = np.eye(len(counts))[fit.labels_[labelled]]                    # [n_labelled, K]
         penalty = onehot.T @ (~np.asarray(allowed)[labelled]).astype(float)     # [K, n_leaves]
+        if novel:
+            expected = counts * labelled.mean()
+            unexplained = (onehot.sum(axis=0) == 0) & (expected >= NOVEL_EVIDENCE)
+            penalty[unexplained, :n_leaves - novel] += expected[unexplained, None]
     leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, penalty=penalty)[fit.labels_]
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
@@ -422,7 +431,8 @@ class TreeVAE(HierarchicalVAE):
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
         component = tree_clustering(latent, self.parents, self.level_sizes[-1],
-                                    self.components_per_leaf, self.seed, self.reseed_clusters, allowed=leaf_allowed)
+                                    self.components_per_leaf, self.seed, self.reseed_clusters, allowed=leaf_allowed,
+                                    novel=self.novel_classes if allowed is not None else 0)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
