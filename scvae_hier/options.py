@@ -90,8 +90,9 @@ class TrainOptions:
     hide_labels: tuple = option((), "Experiments: cells with these labels are never labelled and their classes are "
                                 "left out of the model's hierarchy (a type the reference lacks).", nargs="+")
     unlabelled_category: str = option("Unknown", "Label value meaning 'not labelled' (besides NaN and empty).")
-    label_weight: float = option(50.0, "Semi-supervised: weight of the mean -log q(label|x) over labelled cells "
-                                 "against the mean ELBO per cell (scANVI's classification ratio is 50).")
+    label_weight: float = option(5.0, "Semi-supervised: weight of the mean -log q(label|x) over labelled cells "
+                                 "against the mean ELBO per cell (scANVI's classification ratio is 50; 1-20 scored "
+                                 "alike on validation cells here, 50 and 500 lower: analyses/partial_labels/NOTES.md).")
     novel_classes: int = option(0, "Semi-supervised TreeVAE: extra leaves, under an 'unassigned' class at every "
                                 "level, for cell types nobody labelled.")
     batch_size: int = option(128, "Minibatch size.")

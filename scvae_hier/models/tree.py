@@ -354,14 +354,14 @@ class TreeVAE(HierarchicalVAE):
             arguments["level_sizes"] = [k + 1 for k in sizes[:-1]] + [sizes[-1] + novel]
         return dict(arguments, parents=parents,
                     semi_supervised=bool(getattr(options, "semi_supervised", False)),
-                    label_weight=float(getattr(options, "label_weight", 50.0)), novel_classes=novel,
+                    label_weight=float(getattr(options, "label_weight", 5.0)), novel_classes=novel,
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0,
-                 semi_supervised=False, label_weight=50.0, novel_classes=0, **kwargs):
+                 semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
