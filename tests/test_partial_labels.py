@@ -263,3 +263,31 @@ def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():
     component = tree_clustering(latent, parents, 6, allowed=allowed, novel=1)
     assert (component[truth == 5] == 5).all()
     np.testing.assert_array_equal(component[truth < 5], truth[truth < 5])
+
+
+def test_no_labelled_cell_and_unknown_query_batch_are_refused(pbmc_slice):
+    import scvae_hier as sh
+    from scvae_hier.data import DataError
+
+    adata = anndata.read_h5ad(pbmc_slice)
+    for level in ("level_1", "level_2", "level_3", "level_4"):
+        adata.obs[level] = "Unknown"
+    adata.obs.loc[adata.obs_names[:300], ["level_1", "level_2", "level_3", "level_4"]] = \
+        anndata.read_h5ad(pbmc_slice).obs.loc[adata.obs_names[:300], ["level_1", "level_2", "level_3", "level_4"]].astype(str).values
+    sh.TreeVAE.setup_anndata(adata, levels=["level_1", "level_2", "level_3", "level_4"], batch_key="source_dataset")
+    unlabelled = adata.copy()
+    for level in ("level_1", "level_2", "level_3", "level_4"):
+        unlabelled.obs[level] = np.nan
+    unlabelled.uns = adata.uns
+    with pytest.raises(DataError, match="no cell has a label"):
+        sh.TreeVAE(unlabelled, semi_supervised=True, n_genes=80, latent_dim=4, hidden=(16, 16), xla=False)
+    model = sh.TreeVAE(adata, semi_supervised=True, n_genes=80, latent_dim=4, hidden=(16, 16), xla=False)
+    model.train(max_epochs=1, batch_size=64, progress_bar=False)
+    query = adata[:20].copy()
+    query.obs["source_dataset"] = "new_study"
+    with pytest.raises(DataError, match="new_study"):
+        model.predict_levels(query)
+    with pytest.raises(sh.api.SetupError, match="not one of the model's training batches"):
+        model.predict_levels(query, batch="nope")
+    named = model.predict_levels(query, batch="MUDAN")
+    assert named["scvae_level_4"].notna().all()
