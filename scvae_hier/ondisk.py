@@ -176,13 +176,13 @@ class DiskData:
     def var_names(self):
         return self.var.index
 
+    def to_anndata(self, keep) -> anndata.AnnData:
+        """The prepared cells selected by the mask `keep`, counts in memory (CSR)."""
+        return anndata.AnnData(X=self.X[keep].tocsr(), obs=self.obs[keep].copy(), var=self.var.copy(),
+                               uns=copy.deepcopy(self.uns))
+
     def _element(self, handle):
         return handle["X"] if self.layer is None else handle["layers"][self.layer]
-
-    def nonzeros(self) -> int:
-        with h5py.File(self.path, "r") as handle:
-            element = self._element(handle)
-            return int(element["data"].shape[0]) if isinstance(element, h5py.Group) else int(np.prod(element.shape))
 
     def row_chunks(self, rows, size=None):
         """CSR float32 chunks of the given (sorted) rows of the file, read a block of rows at a time
@@ -245,9 +245,12 @@ def use_out_of_core(path, setting: str, layer=None) -> bool:
     if not (path.is_file() and path.suffix.lower() == ".h5ad"):
         return False
     try:
-        return read(path, layer).nonzeros() > AUTO_NONZEROS
-    except DataError:
+        with h5py.File(path, "r") as handle:
+            element = handle["X"] if layer is None else handle["layers"][layer]
+            stored = element["data"].shape[0] if isinstance(element, h5py.Group) else np.prod(element.shape)
+    except Exception:
         return False  # the in-memory reader reports the problem
+    return int(stored) > AUTO_NONZEROS
 
 
 # -- preparation ---------------------------------------------------------------------------

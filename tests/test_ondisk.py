@@ -80,7 +80,7 @@ def test_outliers_found_and_clipped_as_in_memory(pbmc_slice, tmp_path, small_chu
     np.testing.assert_array_equal(disk.X.sum(axis=1), np.asarray(memory.X.sum(axis=1)))
 
 
-def test_refusals_name_the_fix(pbmc_slice, tmp_path):
+def test_refusals_name_the_fix(pbmc_slice, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="needs an .h5ad file"):
         ondisk.read(tmp_path / "counts.loom")
     adata = anndata.read_h5ad(pbmc_slice)
@@ -89,6 +89,8 @@ def test_refusals_name_the_fix(pbmc_slice, tmp_path):
     with pytest.raises(DataError, match="rewrite the file with CSR counts"):
         ondisk.prepare(ondisk.read(tmp_path / "csc.h5ad"), tmp_path / "store")
     assert not ondisk.use_out_of_core(pbmc_slice, "auto") and ondisk.use_out_of_core(pbmc_slice, "on")
+    monkeypatch.setattr(ondisk, "AUTO_NONZEROS", 1000)
+    assert ondisk.use_out_of_core(pbmc_slice, "auto") and not ondisk.use_out_of_core(pbmc_slice, "off")
 
 
 def test_training_out_of_core_equals_in_memory(pbmc_slice, tmp_path, small_chunks):
@@ -117,6 +119,11 @@ def test_training_out_of_core_equals_in_memory(pbmc_slice, tmp_path, small_chunk
     scores = {k: v.uns["scvae"]["metrics"]["ari"] for k, v in outputs.items()}
     for subset in scores["off"]:
         assert scores["on"][subset] == pytest.approx(scores["off"][subset])
+    from scvae_hier.analysis.evaluate import evaluate_run  # out of core too: the run's --out-of-core
+    evaluations = {k: evaluate_run(v, iwae_samples=3, batch_size=128) for k, v in runs.items()}
+    assert list(evaluations["on"].adata.obs_names) == list(evaluations["off"].adata.obs_names)
+    for column in ("scvae_elbo", "scvae_iwae"):
+        np.testing.assert_allclose(evaluations["on"].adata.obs[column], evaluations["off"].adata.obs[column], rtol=1e-5)
 
 
 def test_synthetic_counts_shape_seed_and_hierarchy(tmp_path):
