@@ -36,8 +36,11 @@ def time_training() -> dict:
     from scvae_hier import training
 
     times = {"steps": [], "epochs": []}
+    base = getattr(training.KLWarmUp, "untimed", training.KLWarmUp)  # a second call times afresh
 
-    class TimedWarmUp(training.KLWarmUp):
+    class TimedWarmUp(base):
+        untimed = base
+
         def on_epoch_begin(self, epoch, logs=None):
             super().on_epoch_begin(epoch, logs)
             times["epochs"].append([time.perf_counter(), None])
@@ -65,7 +68,13 @@ def child(path, model, output, n_genes, dispersion):
     keras.config.disable_interactive_logging()
     options = TrainOptions(data=str(path), model=model, output=str(output), n_genes=n_genes, epochs=1, warm_up=0,
                            dispersion=dispersion, out_of_core="on", overwrite=True, seed=0)
-    run = training.train(options, log=lambda message: print(message, flush=True))
+    peaks = []  # peak RSS so far at each message: the one before training is the preparation's
+
+    def log(message):
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(message, flush=True)
+
+    run = training.train(options, log=log)
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
     n_train = config["split_counts"]["train"]
@@ -78,6 +87,7 @@ def child(path, model, output, n_genes, dispersion):
               "dispersion": dispersion, "batch_size": batch, "stages": metrics["stage_seconds"],
               "seconds": metrics["seconds"], "steady_cells_per_s": steady_cells / steady_seconds,
               "steps": len(steps), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_rss_before_training_bytes": peaks[0],
               "store_bytes": sum(f.stat().st_size for f in (run / "counts").iterdir()),
               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -117,27 +117,27 @@ class _NpyFile:
 
 def write_store(folder, chunks, n_rows, n_genes, nnz):
     """Write CSR chunks (in row order, `nnz` entries in all) as a store folder; returns the row
-    totals. The arrays are preallocated .npy files filled chunk by chunk."""
+    totals. Each array is an .npy header for its known length followed by the chunks' bytes,
+    appended (a writable memory map would keep every written page in the process's memory)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = np.lib.format.open_memmap(folder / "data.npy", mode="w+", dtype=np.float32, shape=(nnz,))
-    indices = np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=np.int32, shape=(nnz,))
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     totals = np.zeros(n_rows, dtype=np.float64)
     row = 0
-    for chunk in chunks:
-        chunk = sp.csr_matrix(chunk)
-        start = indptr[row]
-        data[start:start + chunk.nnz] = chunk.data
-        indices[start:start + chunk.nnz] = chunk.indices
-        indptr[row + 1:row + 1 + chunk.shape[0]] = start + chunk.indptr[1:]
-        totals[row:row + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
-        row += chunk.shape[0]
+    with open(folder / "data.npy", "wb") as data, open(folder / "indices.npy", "wb") as indices:
+        for handle, dtype in ((data, np.float32), (indices, np.int32)):
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                          "fortran_order": False, "shape": (nnz,)})
+        for chunk in chunks:
+            chunk = sp.csr_matrix(chunk)
+            start = indptr[row]
+            data.write(chunk.data.astype(np.float32).tobytes())
+            indices.write(chunk.indices.astype(np.int32).tobytes())
+            indptr[row + 1:row + 1 + chunk.shape[0]] = start + chunk.indptr[1:]
+            totals[row:row + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
+            row += chunk.shape[0]
     if row != n_rows or indptr[-1] != nnz:
         raise RuntimeError(f"store {folder}: wrote {row} rows and {indptr[-1]} counts, expected {n_rows} and {nnz}")
-    data.flush()
-    indices.flush()
-    del data, indices
     np.save(folder / "indptr.npy", indptr)
     np.save(folder / "row_sums.npy", totals)
     (folder / "store.json").write_text(json.dumps({"n_rows": int(n_rows), "n_genes": int(n_genes), "nnz": int(nnz)}))
