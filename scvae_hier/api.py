@@ -34,7 +34,7 @@ SETUP_KEY = "_scvae_hier"  # adata.uns entry written by setup_anndata
 PREDICT_BATCH_SIZE = 1024
 # TrainOptions that are about files, runs or the command line, not the model or its training.
 NOT_MODEL_OPTIONS = {"data", "model", "output", "resume", "overwrite", "layer", "label_column", "hierarchy",
-                     "levels", "batch_key", "folds", "fold"}
+                     "levels", "batch_key", "folds", "fold", "out_of_core"}
 TRAIN_ARGUMENTS = {"max_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
                    "warm_up": "warm_up", "patience": "patience", "split": "split", "seed": "seed", "xla": "xla",
                    "init": "init"}

@@ -17,6 +17,7 @@ USAGE_TARGETS = ("uniform", "prior")
 COMPONENT_MEANS = ("tree", "path")
 INITIALISATIONS = ("random", "pca-kmeans")
 OUTLIER_HANDLING = ("keep", "clip")
+OUT_OF_CORE = ("auto", "on", "off")
 EVALUATION_SETS = ("test", "validation", "train", "all")
 DEFAULT_IWAE_SAMPLES = 100  # importance samples per cell of `evaluate` (the poster used 500)
 

@@ -291,12 +291,21 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
 
 def _handle_outliers(X, genes, outlier_counts, record):
     """Report (and with "clip", clip) outlier entries; the record keeps what was found."""
+    rows, columns, values, threshold = find_outliers(X)
+    if report_outliers(rows, columns, values, genes, outlier_counts, record):
+        X = X.tocsr(copy=True)
+        X[rows, columns] = threshold[columns]
+    return X
+
+
+def report_outliers(rows, columns, values, genes, outlier_counts, record) -> bool:
+    """Warn about outlier entries (found by `find_outliers`) and record them; True when they are to
+    be clipped (shared by the in-memory and the out-of-core path)."""
     import warnings
 
-    rows, columns, values, threshold = find_outliers(X)
     record["n_outlier_counts"] = int(len(values))
     if not len(values):
-        return X
+        return False
     worst = np.argsort(-values)[:5]
     named = sorted(set(genes[columns].tolist()))
     message = (f"{len(values)} count(s) lie far above their gene's range (more than 20x its 99th percentile "
@@ -304,17 +313,15 @@ def _handle_outliers(X, genes, outlier_counts, record):
                f"{' ...' if len(named) > 10 else ''}; largest: "
                + ", ".join(f"{values[i]:g} ({genes[columns[i]]}, cell {rows[i]})" for i in worst) + ". ")
     if outlier_counts == "clip":
-        X = X.tocsr(copy=True)
-        X[rows, columns] = threshold[columns]
         record["outlier_counts"] = "clipped"
         warnings.warn(message + "They were clipped to that range (--outlier-counts clip).", OutlierCountWarning,
-                      stacklevel=3)
-    else:
-        record["outlier_counts"] = "kept"
-        warnings.warn(message + "They are kept; they can dominate the training objective: check the data, or "
-                      "clip them with --outlier-counts clip (outlier_counts='clip').", OutlierCountWarning,
-                      stacklevel=3)
-    return X
+                      stacklevel=4)
+        return True
+    record["outlier_counts"] = "kept"
+    warnings.warn(message + "They are kept; they can dominate the training objective: check the data, or "
+                  "clip them with --outlier-counts clip (outlier_counts='clip').", OutlierCountWarning,
+                  stacklevel=4)
+    return False
 
 
 # -- splits and bookkeeping ----------------------------------------------------------------
@@ -434,8 +441,10 @@ class CountBatches(keras.utils.PyDataset):
 
     def __init__(self, X, batch_size=128, shuffle=False, seed=0, covariates=None, labels=None, **kwargs):
         super().__init__(**kwargs)
-        self.X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) \
-            else np.asarray(X, dtype=np.float32)
+        if getattr(X, "on_disk", False):  # rows read from disk per batch
+            self.X = X
+        else:
+            self.X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
         self.n = self.X.shape[0]
         if covariates is not None:
             covariates = np.asarray(covariates)
@@ -469,8 +478,8 @@ class CountBatches(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
         rows = self.order()[index * self.batch_size:(index + 1) * self.batch_size]
-        x = self.X[rows]
-        batch = {"counts": x.toarray() if sp.issparse(x) else x}
+        x = self.X[rows]  # a CSR, dense or on-disk (scvae_hier.ondisk) matrix
+        batch = {"counts": x.toarray() if hasattr(x, "toarray") else x}
         if self.covariates is not None:
             batch["covariates"] = self.covariates[rows]
         if self.labels is not None:

@@ -7,8 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
-                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES,
-                      TRANSITIONS, USAGE_TARGETS)
+                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
+                      PRIOR_PROBABILITIES, TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
 
 
@@ -110,6 +110,10 @@ class TrainOptions:
     devices: int = option(1, "Train on this many devices with tf.distribute.MirroredStrategy: GPUs when present, "
                           "else the CPU split into logical devices (for testing; no faster). Each device takes "
                           "--batch-size / devices cells of every batch.")
+    out_of_core: str = option("auto", "Read an .h5ad in chunks and train from an on-disk copy of the chosen genes "
+                              "(run folder's counts/), for data larger than memory: on, off, or auto (on above "
+                              "250 million stored counts). Same genes, batches and results as in memory.",
+                              list(OUT_OF_CORE))
     resume: bool = option(False, "Continue an interrupted run in --output from its last checkpoint.")
     overwrite: bool = option(False, "Replace an existing run folder.")
 

@@ -5,8 +5,10 @@ import contextlib
 import csv
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +17,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from . import ondisk
 from .data import (CountBatches, DataError, batch_covariates, file_checksum, fold_cells, prepare, read_counts,
                    split_cells)
 from .files import atomic_path, write_csv
@@ -177,9 +180,8 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
     return arguments
 
 
-RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "labels.csv", "outputs.h5ad", "metrics.json",
-             "report.md",
-             "checkpoint", "evaluation", "figures", ".scvae-hier-run"}
+RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "labels.csv", "outputs.h5ad", "metrics.json", "report.md",
+             "checkpoint", "evaluation", "figures", ".scvae-hier-run", "counts"}
 
 
 def _check_folder(run: RunDirectory, options: TrainOptions):
@@ -225,7 +227,7 @@ def _make_folder(run: RunDirectory, log=print) -> None:
 
 # Options that a resumed run may change: they extend or shorten training without changing what
 # was being trained. Anything else would make the resumed run a different run.
-RESUMABLE = ("epochs", "patience", "xla")
+RESUMABLE = ("epochs", "patience", "xla", "out_of_core")
 NOT_COMPARED = ("resume", "overwrite", "output", "data")
 
 
@@ -285,11 +287,15 @@ class Cells:
             self.model_hierarchy = self.hierarchy
 
 
-def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None) -> Cells:
+def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None, store=None) -> Cells:
     """Check and subset `adata` (counts in X) as the options say: the shared first step of the
-    command line and the Python API."""
+    command line and the Python API. An out-of-core file (`ondisk.read`) is prepared in chunks,
+    its chosen counts written to the folder `store`."""
     label_column = hierarchy.label_column if hierarchy else None
-    prepared = prepare(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
+    prepare_counts = prepare
+    if getattr(adata, "on_disk", False):
+        prepare_counts = lambda *args, **kwargs: ondisk.prepare(*args, store=store, **kwargs)  # noqa: E731
+    prepared = prepare_counts(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
                        exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells,
                        outlier_counts=options.outlier_counts)
     covariates, categories = batch_covariates(prepared.obs, options.batch_key)
@@ -526,46 +532,63 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
         options = resumed_options(saved, TrainOptions.from_dict({**options.to_dict(), "output": str(run.path)}),
                                   given, log)
     keras.utils.set_random_seed(options.seed)
-    started = time.time()
+    started = clock = time.time()
+    stages = {}
 
-    adata = read_counts(options.data, layer=options.layer)
+    on_disk = ondisk.use_out_of_core(options.data, options.out_of_core, options.layer)
+    adata = ondisk.read(options.data, options.layer) if on_disk else read_counts(options.data, layer=options.layer)
     checksum = file_checksum(options.data)
     if saved is not None and saved["data_checksum"] != checksum:
         raise DataError(f"{options.data} is not the file this run was trained on (checksum differs); "
                         f"resume with the original data or start a new run.")
-    cells = prepare_cells(adata, options, resolve_hierarchy(adata, options), genes=saved["genes"] if saved else None)
-    del adata
-    prepared, hierarchy = cells.adata, cells.hierarchy
-    split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
-    strategy = distribution_strategy(options.devices)
-    with in_scope(strategy):
-        model, arguments = new_model(options, cells)
-    check_enough_cells(model, split, options)
-    if options.warm_up >= options.epochs:
-        log(f"Note: --warm-up {options.warm_up} >= --epochs {options.epochs}: the KL weight never reaches 1, so "
-            f"training optimises a down-weighted KL (the reported ELBO is still the true bound).")
-    config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
-              "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
-              "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
-              "hierarchy": hierarchy.to_dict() if hierarchy else None,
-              "preprocessing": prepared.uns.get("preprocessing", {}),
-              "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
-    if saved is None:
-        try:
-            _make_folder(run, log)
-        except OSError as error:
-            raise FileExistsError(f"Cannot write the run folder {run.path} ({error.strerror}); choose another "
-                                  f"--output.") from None
-        write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
-        if cells.labels is not None:
-            write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
-        write_json(run.config, config)
-    elif options.to_dict() != saved["options"]:  # allowed changes, recorded
-        config = {**saved, "options": options.to_dict(),
-                  "resumed_with": saved.get("resumed_with", []) + [
-                      {k: v for k, v in options.to_dict().items()
-                       if saved["options"].get(k) != v and k not in NOT_COMPARED}]}
-        write_json(run.config, config)
+    stages["read"], clock = time.time() - clock, time.time()
+    store = None
+    if on_disk:  # beside the run folder until the inputs have passed every check
+        run.path.parent.mkdir(parents=True, exist_ok=True)
+        store = Path(tempfile.mkdtemp(prefix="tmp-counts-", dir=run.path.parent))
+    try:  # an out-of-core store is deleted unless it reaches the run folder
+        cells = prepare_cells(adata, options, resolve_hierarchy(adata, options),
+                              genes=saved["genes"] if saved else None, store=store)
+        del adata
+        stages["prepare"], clock = time.time() - clock, time.time()
+        stages.update(getattr(cells.adata, "seconds", {}))
+        prepared, hierarchy = cells.adata, cells.hierarchy
+        split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
+        strategy = distribution_strategy(options.devices)
+        with in_scope(strategy):
+            model, arguments = new_model(options, cells)
+        check_enough_cells(model, split, options)
+        if options.warm_up >= options.epochs:
+            log(f"Note: --warm-up {options.warm_up} >= --epochs {options.epochs}: the KL weight never reaches 1, so "
+                f"training optimises a down-weighted KL (the reported ELBO is still the true bound).")
+        config = {"options": options.to_dict(), "model_arguments": arguments, "data_checksum": checksum,
+                  "genes": list(prepared.var_names), "n_cells": int(prepared.n_obs),
+                  "split_counts": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
+                  "hierarchy": hierarchy.to_dict() if hierarchy else None,
+                  "preprocessing": prepared.uns.get("preprocessing", {}),
+                  "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
+        if saved is None:
+            try:
+                _make_folder(run, log)
+            except OSError as error:
+                raise FileExistsError(f"Cannot write the run folder {run.path} ({error.strerror}); choose another "
+                                      f"--output.") from None
+            write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
+            if cells.labels is not None:
+                write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
+            write_json(run.config, config)
+        elif options.to_dict() != saved["options"]:  # allowed changes, recorded
+            config = {**saved, "options": options.to_dict(),
+                      "resumed_with": saved.get("resumed_with", []) + [
+                          {k: v for k, v in options.to_dict().items()
+                           if saved["options"].get(k) != v and k not in NOT_COMPARED}]}
+            write_json(run.config, config)
+        if store is not None:
+            _keep_store(store, run, prepared)
+    except BaseException:
+        if store is not None and store.exists():
+            ondisk.remove_store(store)
+        raise
 
     state = None
     if saved is not None and run.has_checkpoint():
@@ -578,17 +601,35 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
             compile_model(model, options, prepared.X[split == "train"])
     log(f"Training {type(model).__name__} on {int((split == 'train').sum())} cells x {prepared.n_vars} genes "
         f"({_device(options.devices)}); run folder: {run.path}")
+    clock = time.time()
     try:
         tracker = fit(model, cells, split, options, run=run, state=state, log=log)
     except KeyboardInterrupt:
         raise TrainingInterrupted(run.path, options.data) from None
+    stages["train"], clock = time.time() - clock, time.time()
     name_clusters(model, cells, split)
     save_model_atomically(model, run.model)
-    metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates, cells.labels)
+    if on_disk:
+        metrics = ondisk.write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates)
+    else:
+        metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates,
+                                cells.labels)
+    stages["outputs"] = time.time() - clock
     metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
-                   seconds=round(time.time() - started, 1))
+                   seconds=round(time.time() - started, 1), out_of_core=on_disk,
+                   stage_seconds={k: round(v, 2) for k, v in stages.items()})
     write_json(run.metrics, metrics)
     return run.path
+
+
+def _keep_store(store: Path, run: RunDirectory, prepared) -> None:
+    """Move the out-of-core store into the run folder (counts/, replacing a resumed run's) and
+    point the prepared counts at it."""
+    kept = run.path / "counts"
+    if kept.exists():
+        ondisk.remove_store(kept)
+    os.replace(store, kept)
+    prepared.X = ondisk.DiskCounts(kept, rows=prepared.X.rows)
 
 
 def _read_split(run: RunDirectory, cells) -> np.ndarray:

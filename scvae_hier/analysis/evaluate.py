@@ -10,6 +10,7 @@ RUN/evaluation/<name>/:
   outputs.h5ad (see scvae_hier.outputs), per-cell obs["scvae_elbo"] and obs["scvae_iwae"], and
   uns["scvae_evaluation"] holding bounds and per-level scores.
 """
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import ondisk
 from ..bounds import check_genes, elbo_terms, iwae
 from ..choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, check_choice
 from ..data import DataError, batch_covariates, file_checksum, prepare, read_counts
@@ -69,13 +71,15 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
         subset = "test" if same_file or own_path else "all"
     check_choice("set", subset, SETS)
 
-    adata = read_counts(path, layer=options.get("layer"))
+    on_disk = ondisk.use_out_of_core(path, options.get("out_of_core", "auto"), options.get("layer"))
+    adata = ondisk.read(path, options.get("layer")) if on_disk else read_counts(path, layer=options.get("layer"))
     hierarchy = Hierarchy.from_dict(config["hierarchy"]) if config.get("hierarchy") else None
     has_labels = hierarchy is not None and hierarchy.label_column in adata.obs
-    prepared = prepare(adata, genes=config["genes"], label_column=hierarchy.label_column if has_labels else None,
-                       exclude_labels=list(options.get("exclude_labels") or ()) if has_labels else (),
-                       drop_empty_cells=options.get("drop_empty_cells", False) if drop_empty_cells is None
-                       else drop_empty_cells, outlier_counts=options.get("outlier_counts", "keep"))
+    settings = dict(genes=config["genes"], label_column=hierarchy.label_column if has_labels else None,
+                    exclude_labels=list(options.get("exclude_labels") or ()) if has_labels else (),
+                    drop_empty_cells=options.get("drop_empty_cells", False) if drop_empty_cells is None
+                    else drop_empty_cells, outlier_counts=options.get("outlier_counts", "keep"))
+    prepared = _prepare_on_disk(adata, settings, run, subset) if on_disk else prepare(adata, **settings)
     check_genes(config["genes"], prepared.var_names)
     split = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
     if same_file:
@@ -109,6 +113,16 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
         hierarchy = None
     name = subset if same_file or subset != "all" else f"{path.name.split('.')[0]}-{subset}"
     return prepared, hierarchy, subset, name
+
+
+def _prepare_on_disk(source, settings, run: RunDirectory, subset: str):
+    """Out of core (the run's --out-of-core): the file prepared in chunks into a temporary store,
+    then only the evaluated set's counts held in memory (the test set: a tenth of the cells)."""
+    split = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
+    with tempfile.TemporaryDirectory(prefix="tmp-counts-", dir=run.path) as store:
+        disk = ondisk.prepare(source, Path(store) / "counts", **settings)
+        keep = np.ones(disk.n_obs, bool) if subset == "all" else disk.obs_names.isin(split.index[split == subset])
+        return disk.to_anndata(keep)
 
 
 def _mean_and_error(values) -> dict:
