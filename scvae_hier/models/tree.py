@@ -296,7 +296,8 @@ class TreeVAE(HierarchicalVAE):
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
-                 prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0, **kwargs):
+                 prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=2, final_refit=10,
+                 **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
