@@ -36,8 +36,8 @@ def test_experiment_runs_every_fold_and_model_then_skips_finished_runs(pbmc_slic
         assert (results / name).is_file(), name
     legend = [t.get_text() for t in drawn_figures["figure1_level_4.png"].axes[1].get_legend().get_texts()]
     peers = ["Leiden on MixtureVAE Normal's latent", "Leiden on MoMixVAE log1p's latent", "scanpy PCA + Leiden"]
-    assert sorted(legend) == ["MixtureVAE Normal (n=2)", "MoMixVAE log1p (n=2)"] + sorted(
-        f"{group} (n=2), no IWAE" for group in peers + ["original scVAE"])
+    assert sorted(legend) == sorted(["MixtureVAE Normal (n=2)", "MoMixVAE log1p (n=2)"] + [
+        f"{group} (n=2), no IWAE" for group in peers + ["original scVAE"]])
     summary = pd.read_csv(results / "summary.csv")
     assert set(summary["group"]) == {"MixtureVAE Normal", "MoMixVAE log1p", "original scVAE", *peers}
     assert (summary["n_runs"] == 2).all()  # two folds each; scVAE and scanpy scored once per fold's cells
