@@ -23,7 +23,7 @@ def cell(values) -> str:
     if values.size > 1:
         from scipy import stats
         half = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
-        text += f" ± {half:.2f} ({values.min():.2f}-{values.max():.2f})"
+        text += f" ± {half:.2f} ({values.min():.2f} to {values.max():.2f})"
     return text
 
 
