@@ -61,7 +61,8 @@ def peer_rows(runs, groups, subset="test", seed=0) -> pd.DataFrame:
         directory = RunDirectory(run)
         latent = pd.read_csv(directory.evaluation(subset) / "latent_leiden.csv", index_col="level")
         cells = evaluated_cells(run, subset)
-        frames.append(_rows(latent, f"Leiden on {groups[str(run)]}'s latent", run, cells.n_obs))
+        frames.append(_rows(latent, f"Leiden on {groups[str(run)]}'s latent", f"{run} (Leiden on its latent)",
+                            cells.n_obs))
         if frozenset(cells.obs_names) in seen:
             continue
         seen.add(frozenset(cells.obs_names))
