@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from scvae_hier.analysis.leiden import LeidenCountError, _graph, leiden, leiden_at_k
+from scvae_hier.analysis.leiden import LeidenCountError, _graph, leiden, leiden_at_k, leiden_levels
 from scvae_hier.analysis.peers import leiden_table
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.metrics import nesting
@@ -69,3 +69,10 @@ def test_leiden_table_recovers_separated_classes_at_every_level():
     assert table["ari"].min() > 0.9
     assert table["n_clusters_used"].tolist() == [2, 4] and table.loc["l2", "nesting"] == 1.0
     assert table["hierarchy_consistency"].tolist() == [1.0, 1.0]
+
+
+def test_leiden_levels_warns_when_a_level_takes_the_nearest_count():
+    points = np.concatenate([np.random.default_rng(0).normal(centre, 0.1, (30, 2)) for centre in (0, 50, 100)])
+    with pytest.warns(UserWarning, match="could not make 2 clusters at level 1; .* nearest count, 3"):
+        fits = leiden_levels(points, [2, 3])
+    assert [fit.n_clusters for fit in fits] == [3, 3] and fits[1].exact

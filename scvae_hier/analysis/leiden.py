@@ -6,6 +6,7 @@ the resolution. `leiden_at_k` brackets K between a resolution giving fewer and o
 clusters and bisects the bracket. When no resolution tried gives K (K above the graph's vertex
 count, or a count the partitions jump over), it says so, with the nearest counts it found.
 """
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,4 +101,9 @@ def leiden_levels(representation, sizes, seed: int = 0, n_neighbors: int = 15) -
     """Leiden at each level's class count K_l on one neighbour graph of `representation`; a list
     of LeidenFit (the nearest count, `.exact` False, where K_l cannot be reached)."""
     graph = neighbour_graph(representation, n_neighbors, seed)
-    return [leiden_at_k(graph, k, seed=seed, strict=False) for k in sizes]
+    fits = [leiden_at_k(graph, k, seed=seed, strict=False) for k in sizes]
+    for level, fit in enumerate(fits, start=1):
+        if not fit.exact:
+            warnings.warn(f"Leiden could not make {fit.k} clusters at level {level}; scored with the nearest count, "
+                          f"{fit.n_clusters} (resolution {fit.resolution:.3g}).", stacklevel=2)
+    return fits
