@@ -68,7 +68,9 @@ def test_leiden_table_recovers_separated_classes_at_every_level():
     table = leiden_table(hierarchy, leaves, points)
     assert table["ari"].min() > 0.9
     assert table["n_clusters_used"].tolist() == [2, 4] and table.loc["l2", "nesting"] == 1.0
-    assert table["hierarchy_consistency"].tolist() == [1.0, 1.0]
+    assert table["hierarchy_consistency"].tolist() == [1.0, 1.0] and (table["n_cells"] == 160).all()
+    sample = leiden_table(hierarchy, leaves, points, max_cells=100)   # a seeded sample of the cells
+    assert (sample["n_cells"] == 100).all() and sample["ari"].min() > 0.9
 
 
 def test_leiden_levels_warns_when_a_level_takes_the_nearest_count():

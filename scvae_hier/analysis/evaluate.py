@@ -30,6 +30,9 @@ from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
 
 
+DIAGNOSTIC_CELLS = 20_000  # the latent-Leiden diagnostic scores a seeded sample of this many cells at most
+
+
 @dataclass
 class Evaluation:
     """What `evaluate_run` computed; `write` puts it on disk."""
@@ -170,7 +173,7 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
         levels = level_table(hierarchy, labels, clusters_by_level, flat=model.clustering == "flat",
                              parents=getattr(model, "parents", None))
         from .peers import leiden_table
-        latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"], seed=seed)
+        latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"], seed=seed, max_cells=DIAGNOSTIC_CELLS)
         levels["ari_latent_leiden"] = latent_leiden["ari"]
     adata.uns["scvae"] = {"model": type(model).__name__, "clustering": model.clustering}
     adata.uns["scvae_evaluation"] = {

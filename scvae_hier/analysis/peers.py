@@ -26,15 +26,22 @@ def scanpy_representation(counts, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
     return adata.obsm["X_pca"]
 
 
-def leiden_table(hierarchy, labels, representation, seed: int = 0) -> pd.DataFrame:
+def leiden_table(hierarchy, labels, representation, seed: int = 0, max_cells: int = None) -> pd.DataFrame:
     """Per-level scores (scvae_hier.metrics.level_scores) of Leiden at K_l on `representation`,
-    plus each level's `nesting` (majority parent) and the resolution it took."""
+    plus each level's `nesting` (majority parent), the resolution it took and the cells scored:
+    a seeded sample of `max_cells` of them when there are more (the bisection runs Leiden some
+    tens of times per level, minutes on 100,000 cells)."""
+    labels, representation = np.asarray(labels), np.asarray(representation)
+    if max_cells is not None and labels.size > max_cells:
+        chosen = np.sort(np.random.default_rng(seed).choice(labels.size, max_cells, replace=False))
+        labels, representation = labels[chosen], representation[chosen]
     fits = leiden_levels(representation, hierarchy.sizes, seed=seed)
     predictions = [fit.labels for fit in fits]
     table = level_scores(hierarchy, labels, predictions)
     table["nesting"] = nesting(predictions)
     table["resolution"] = [fit.resolution for fit in fits]
     table["hierarchy_consistency"] = table.attrs["hierarchy_consistency"]
+    table["n_cells"] = labels.size
     return table
 
 
@@ -43,7 +50,8 @@ def _rows(table, group, run, n_cells) -> pd.DataFrame:
     rows.insert(0, "run", str(run))
     rows.insert(0, "group", group)
     rows["iwae"] = rows["elbo"] = np.nan      # not generative models: no bound
-    rows["n_cells"] = n_cells
+    if "n_cells" not in rows:   # tables written before leiden_table recorded the cells it scored
+        rows["n_cells"] = n_cells
     return rows
 
 
