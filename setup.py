@@ -22,6 +22,7 @@ REQUIREMENTS = [
     "matplotlib>=3.8,<4",
     "pyyaml>=6,<7",
     "loompy>=3.0,<3.1",
+    "leidenalg>=0.10,<0.13",  # Leiden for the experiment's peers (scanpy's own Leiden backend)
 ]
 
 setup(

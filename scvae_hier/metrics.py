@@ -120,6 +120,27 @@ def hierarchy_consistency(hierarchy, predicted_by_level, true_by_level):
     return float(ok.mean())
 
 
+def nesting(predicted_by_level, parents=None):
+    """Per level, the share of cells whose cluster at that level lies under their cluster at the
+    level above (level 1: NaN, nothing above it). Unlike hierarchy consistency this needs no
+    labels: it asks whether the predictions form a tree at all.
+
+    parents: the model's own tree, one array per level after the first mapping each class index to
+    its parent's index (TreeVAE's `parents`; 1.0 by construction for its predictions). Without a
+    tree, a cluster's parent is the cluster above that holds most of its cells (majority parent)."""
+    levels = [np.asarray(p).ravel() for p in predicted_by_level]
+    shares = [np.nan]
+    for l in range(1, len(levels)):
+        child, above = levels[l], levels[l - 1]
+        if parents is not None:
+            parent_of = np.asarray(parents[l - 1])
+            shares.append(float(np.mean(parent_of[child.astype(int)] == above)))
+            continue
+        _, _, table, child_index, above_index = _contingency(child, above)  # [child clusters x clusters above]
+        shares.append(float(np.mean(table.argmax(axis=1)[child_index] == above_index)))
+    return shares
+
+
 def _per_level(predicted_by_level, n_levels):
     """A list of per-level predictions, or None when one flat array is given."""
     if isinstance(predicted_by_level, (list, tuple)):

@@ -50,7 +50,9 @@ class TrainOptions:
                        "log-normalised counts; it lowered clustering on synthetic data but raised level-4 ARI on "
                        "PBMC validation cells, see analyses/tuning/NOTES.md).", list(INITIALISATIONS))
     prior: str = option("normal", "Law of the prior components p(z|y).", list(PRIOR_LAWS))
-    prior_probabilities: str = option("uniform", "p(y): fixed uniform or learned.", list(PRIOR_PROBABILITIES))
+    prior_probabilities: str = option(None, "p(y): fixed uniform or learned (default: learnable for --model tree, "
+                                      "whose refit fits the classes' proportions, uniform for the others).",
+                                      list(PRIOR_PROBABILITIES))
     likelihood: str = option("negative_binomial", "Count likelihood p(x|z).", sorted(LIKELIHOOD_NAMES))
     latent_dim: int = option(20, "Dimension of the latent z.")
     hidden: tuple = option((100, 100), "Hidden layer sizes of encoders (decoder mirrors them).", nargs="+", type=int)
@@ -118,6 +120,8 @@ class TrainOptions:
     overwrite: bool = option(False, "Replace an existing run folder.")
 
     def __post_init__(self):
+        if self.prior_probabilities is None:  # each model's best setting (analyses/tuning/tree/NOTES.md)
+            self.prior_probabilities = "learnable" if self.model == "tree" else "uniform"
         check_ranges(self)
         if self.labelled or self.hide_labels:  # experiments on partial labels train semi-supervised
             self.semi_supervised = True

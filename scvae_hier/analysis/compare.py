@@ -22,7 +22,7 @@ from .scvae_runs import ScvaeRunError, read_scvae_run, scvae_level_scores  # noq
 
 SCORES = ["ari", "nmi", "ami", "f1_weighted", "f1_macro", "accuracy_hungarian", "accuracy_majority",
           "n_clusters_used"]
-MODEL_NAMES = {"mixture": "MixtureVAE", "indmom": "IndMoMVAE", "momix": "MoMixVAE", "vae": "VAE"}
+MODEL_NAMES = {"mixture": "MixtureVAE", "indmom": "IndMoMVAE", "momix": "MoMixVAE", "tree": "TreeVAE", "vae": "VAE"}
 SCVAE_GROUP = "original scVAE"
 MIN_SHARED = 0.99  # of our evaluated cells that an scVAE run must also hold
 
@@ -46,6 +46,7 @@ def run_rows(run_path, group, bounds, levels) -> pd.DataFrame:
     rows["n_cells"] = bounds["n_cells"]
     consistency = levels.attrs.get("hierarchy_consistency")
     rows["hierarchy_consistency"] = np.nan if consistency is None else float(consistency)
+    rows["nesting"] = levels["nesting"] if "nesting" in levels else np.nan
     return rows.reset_index()
 
 
@@ -75,7 +76,7 @@ def scvae_rows(scvae_path, cells_by_run, hierarchy_by_run) -> pd.DataFrame:
         rows["iwae"] = np.nan  # scVAE logs no importance-weighted bound at iw_1
         rows["elbo"] = float(scvae.metrics.get("ELBO", np.nan))  # its log, over every cell it saw
         rows["n_cells"] = levels.attrs["n_cells"]
-        rows["hierarchy_consistency"] = np.nan
+        rows["hierarchy_consistency"] = rows["nesting"] = np.nan  # one flat clustering
         frames.append(rows.reset_index())
     return pd.concat(frames, ignore_index=True)
 
@@ -94,7 +95,7 @@ def interval(values) -> tuple:
 
 def summarise(rows: pd.DataFrame, columns=("ari", "nmi", "f1_weighted", "f1_macro", "accuracy_hungarian",
                                             "accuracy_majority", "n_clusters_used", "hierarchy_consistency",
-                                            "iwae")) -> pd.DataFrame:
+                                            "nesting", "iwae")) -> pd.DataFrame:
     """Mean and 95% half-width per group and level: columns <score>_mean, <score>_ci, and n_runs
     (rows: runs of ours; for an scVAE run, the distinct cell sets it was scored on)."""
     records = []
@@ -121,11 +122,13 @@ def _cell(mean, half, digits=3):
     return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
 
 
-def markdown_table(summary: pd.DataFrame, columns=("ari", "nmi", "f1_weighted", "f1_macro", "iwae")) -> str:
+def markdown_table(summary: pd.DataFrame, columns=("ari", "nmi", "f1_weighted", "f1_macro", "nesting",
+                                                   "hierarchy_consistency", "iwae")) -> str:
     """Per level, one row per group: mean ± 95% half-width."""
     names = {"ari": "ARI", "nmi": "NMI", "f1_weighted": "F1 weighted", "f1_macro": "F1 macro",
              "accuracy_hungarian": "accuracy (Hungarian)", "accuracy_majority": "accuracy (majority)",
-             "hierarchy_consistency": "hierarchy consistency", "iwae": "IWAE", "n_clusters_used": "clusters"}
+             "hierarchy_consistency": "hierarchy consistency", "iwae": "IWAE", "n_clusters_used": "clusters",
+             "nesting": "nesting"}
     header = ["level", "model", "runs (scVAE: cell sets)"] + [names.get(c, c) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():

@@ -5,7 +5,11 @@ another count file with the model's genes) it computes the ELBO with each of its
 IWAE bound, and per-level clustering scores, and writes them with an AnnData of those cells into
 RUN/evaluation/<name>/:
 - bounds.json: mean ELBO terms and IWAE, their standard errors, cells, samples, data checksum;
-- level_metrics.json / level_metrics.csv: one row per hierarchy level (scvae_hier.metrics);
+- level_metrics.json / level_metrics.csv: one row per hierarchy level (scvae_hier.metrics), with
+  the nesting of the model's clusters and, as a diagnostic, the ARI of Leiden bisected to K_l on
+  the model's own latent (`ari_latent_leiden`: when it is well above `ari`, the model's clusters
+  lag its latent);
+- latent_leiden.csv: every per-level score of that Leiden clustering (scvae_hier.analysis.peers);
 - cells.h5ad: the evaluated cells (raw counts of the model's genes in X) with the keys of
   outputs.h5ad (see scvae_hier.outputs), per-cell obs["scvae_elbo"] and obs["scvae_iwae"], and
   uns["scvae_evaluation"] holding bounds and per-level scores.
@@ -28,6 +32,9 @@ from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
 
 
+DIAGNOSTIC_CELLS = 20_000  # the latent-Leiden diagnostic scores a seeded sample of this many cells at most
+
+
 @dataclass
 class Evaluation:
     """What `evaluate_run` computed; `write` puts it on disk."""
@@ -36,6 +43,7 @@ class Evaluation:
     adata: object  # AnnData of the evaluated cells, annotated
     bounds: dict
     levels: pd.DataFrame = None  # per-level scores; None without labels or clusters
+    latent_leiden: pd.DataFrame = None  # the same scores of Leiden at K_l on the model's latent
     files: list = field(default_factory=list)
 
     @property
@@ -131,11 +139,14 @@ def _mean_and_error(values) -> dict:
     return {"mean": float(values.mean()), "standard_error": float(error)}
 
 
-def level_table(hierarchy, labels, clusters_by_level, flat: bool) -> pd.DataFrame:
-    """Per-level scores, with each level's per-class F1 in attrs (level 1's stem class, say)."""
-    from ..metrics import hungarian_f1, level_scores
+def level_table(hierarchy, labels, clusters_by_level, flat: bool, parents=None) -> pd.DataFrame:
+    """Per-level scores, with each level's per-class F1 in attrs (level 1's stem class, say), and
+    `nesting` (metrics.nesting: in the model's own tree `parents` if it has one; NaN for a flat
+    model, whose one clustering is scored at every level)."""
+    from ..metrics import hungarian_f1, level_scores, nesting
 
     table = level_scores(hierarchy, labels, clusters_by_level[0] if flat else clusters_by_level)
+    table["nesting"] = np.nan if flat else nesting(clusters_by_level, parents)
     truth = hierarchy.level_labels(labels)
     table.attrs["per_class_f1"] = {level: hungarian_f1(truth[:, i], clusters_by_level[i])["per_class"]
                                    for i, level in enumerate(hierarchy.levels)}
@@ -170,10 +181,14 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
               "iwae": _mean_and_error(per_cell_iwae),
               "terms": {term: _mean_and_error(values) for term, values in terms.items()},
               "seconds": round(time.time() - started, 1)}
-    levels = None
+    levels = latent_leiden = None
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
-        levels = level_table(hierarchy, labels, clusters_by_level, flat=model.clustering == "flat")
+        levels = level_table(hierarchy, labels, clusters_by_level, flat=model.clustering == "flat",
+                             parents=getattr(model, "parents", None))
+        from .peers import leiden_table
+        latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"], seed=seed, max_cells=DIAGNOSTIC_CELLS)
+        levels["ari_latent_leiden"] = latent_leiden["ari"]
     adata.uns["scvae"] = {"model": type(model).__name__, "clustering": model.clustering}
     adata.uns["scvae_evaluation"] = {
         "bounds": {"iwae": bounds["iwae"]["mean"], "iwae_samples": bounds["iwae_samples"],
@@ -184,7 +199,7 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
                                                    for level, row in levels.to_dict(orient="index").items()}
         if levels.attrs.get("hierarchy_consistency") is not None:
             adata.uns["scvae_evaluation"]["hierarchy_consistency"] = levels.attrs["hierarchy_consistency"]
-    return Evaluation(run=run, name=name, adata=adata, bounds=bounds, levels=levels)
+    return Evaluation(run=run, name=name, adata=adata, bounds=bounds, levels=levels, latent_leiden=latent_leiden)
 
 
 def write_evaluation(evaluation: Evaluation) -> list:
@@ -197,6 +212,9 @@ def write_evaluation(evaluation: Evaluation) -> list:
     files = [folder / "bounds.json"]
     if evaluation.levels is not None:
         files.extend(write_scores(evaluation.levels, folder, "level_metrics"))
+    if evaluation.latent_leiden is not None:
+        evaluation.latent_leiden.to_csv(folder / "latent_leiden.csv", index_label="level")
+        files.append(folder / "latent_leiden.csv")
     write_h5ad(evaluation.adata, folder / "cells.h5ad")
     files.append(folder / "cells.h5ad")
     evaluation.files = files
@@ -219,7 +237,8 @@ def read_evaluation(run_path, name="test"):
 
 
 COLUMNS = {"n_classes": "classes", "n_clusters_used": "clusters", "ari": "ARI", "nmi": "NMI", "ami": "AMI",
-           "f1_weighted": "F1 w", "f1_macro": "F1 m", "accuracy_hungarian": "acc H", "accuracy_majority": "acc maj"}
+           "f1_weighted": "F1 w", "f1_macro": "F1 m", "accuracy_hungarian": "acc H", "accuracy_majority": "acc maj",
+           "nesting": "nested", "ari_latent_leiden": "ARI Leiden(z)"}
 
 
 def format_evaluation(evaluation: Evaluation) -> str:
@@ -236,10 +255,13 @@ def format_evaluation(evaluation: Evaluation) -> str:
     if evaluation.levels is None:
         lines.append("No per-level scores: the data has no labels of the run's hierarchy, or the model no clusters.")
     else:
-        table = evaluation.levels[list(COLUMNS)].rename(columns=COLUMNS)
+        table = evaluation.levels[[c for c in COLUMNS if c in evaluation.levels]].rename(columns=COLUMNS)
         lines.append("Per-level clustering (argmax q(y|x); Hungarian matching, unmatched clusters count as wrong):")
         lines.append(table.to_string(float_format=lambda v: f"{v:.3f}"))
         consistency = evaluation.levels.attrs.get("hierarchy_consistency")
         if consistency is not None:
             lines.append(f"Hierarchy consistency (cells whose mapped labels form a path): {consistency:.3f}")
+        lines.append("nested: share of cells whose cluster lies under their cluster at the level above (the model's "
+                     "tree, or the majority parent). ARI Leiden(z), a diagnostic: Leiden bisected to each level's "
+                     "class count on the model's latent of these cells; well above ARI, the clusters lag the latent.")
     return "\n".join(lines)

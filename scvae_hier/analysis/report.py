@@ -66,7 +66,7 @@ def _figure_lines(paths, relative_to):
 
 
 def _level_markdown(levels):
-    return [compare.markdown(levels[list(COLUMNS)].rename(columns=COLUMNS).reset_index())]
+    return [compare.markdown(levels[[c for c in COLUMNS if c in levels]].rename(columns=COLUMNS).reset_index())]
 
 
 def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding="umap", progress=print) -> Path:
@@ -113,10 +113,11 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
 
 
 def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES,
-                      embedding="umap", figures=True, names=None, progress=print) -> Path:
+                      embedding="umap", figures=True, names=None, peers=False, progress=print) -> Path:
     """Runs (and original-scVAE runs) compared per level in `output`: runs.csv, summary.csv,
     Figure 1, Figures 2-3 of the first run of each model, and report.md. `names` maps a run to
-    its group name when the default (model and prior) does not tell runs apart."""
+    its group name when the default (model and prior) does not tell runs apart; `peers` adds
+    Leiden at K_l on scanpy's PCA and on each run's latent, on the same cells (analysis.peers)."""
     if not runs:
         raise ValueError("Pass at least one scvae-hier run folder to compare.")
     output = Path(output or "runs/comparison")
@@ -137,6 +138,11 @@ def comparison_report(runs, scvae=(), output=None, level=None, subset="test", iw
     for folder in scvae:
         progress(f"Scoring the original-scVAE run {folder} on the same cells ...")
         frames.append(compare.scvae_rows(folder, cells_by_run, hierarchy_by_run))
+    if peers:
+        from .peers import peer_rows
+        progress("Scoring the peers (Leiden at K_l on scanpy's PCA and on each run's latent) on the same cells ...")
+        groups = {str(run): frame["group"].iloc[0] for run, frame in zip(runs, frames)}
+        frames.append(peer_rows(runs, groups, subset))
     rows = pd.concat(frames, ignore_index=True)
     level = level or rows["level"].iloc[-1]
     summary = compare.summarise(rows)

@@ -360,7 +360,7 @@ class TreeVAE(HierarchicalVAE):
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
-                 prior="normal", prior_probabilities="uniform", reseed_epochs=(), reseed_clusters=2, final_refit=0,
+                 prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=2, final_refit=10,
                  semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
