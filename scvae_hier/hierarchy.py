@@ -192,10 +192,9 @@ class Hierarchy:
                 f"obs has no column(s) {missing}; available columns: {list(obs.columns)}")
         table = obs[list(dict.fromkeys([label_column] + columns))]
         if partial:
-            text = table.astype(object).where(table.notna(), "").astype(str)
-            missing = text.apply(lambda c: c.str.strip().str.lower().isin(("", "nan", "none"))
-                                 | (c == str(unlabelled_category)))
-            table = table[~missing.any(axis=1).to_numpy()]
+            from .labels import missing_labels  # labels builds on this module
+            missing = np.column_stack([missing_labels(table[c], unlabelled_category) for c in table.columns])
+            table = table[~missing.any(axis=1)]
             if table.empty:
                 raise HierarchyError(f"no cell is labelled at every level {columns}; the hierarchy's paths come from "
                                      f"fully labelled cells: give a hierarchy file (--hierarchy) instead.")

@@ -15,7 +15,8 @@ UNLABELLED = -1
 MISSING_NAMES = ("", "nan", "none")  # read as unlabelled besides the user's unlabelled category
 
 
-def _missing(values: pd.Series, unlabelled_category) -> np.ndarray:
+def missing_labels(values: pd.Series, unlabelled_category=None) -> np.ndarray:
+    """[n] bool: cells without a label in this column (NaN, empty, "nan", "none" or the category)."""
     text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
     missing = text.str.lower().isin(MISSING_NAMES).to_numpy()
     if unlabelled_category is not None:
@@ -64,7 +65,7 @@ def _codes_of(obs, column, names, unlabelled_category, out, where):
     if column not in obs.columns:
         raise HierarchyError(f"obs has no label column {column!r}; available columns: {list(obs.columns)}")
     values = obs[column]
-    missing = _missing(values, unlabelled_category)
+    missing = missing_labels(values, unlabelled_category)
     text = values.astype(str).to_numpy()
     position = pd.Index(names).get_indexer(text)
     unknown = (~missing) & (position < 0)

@@ -143,7 +143,6 @@ def trained(name, options):
 def run_setting(name, seed, done):
     options = dict(PBMC, **SETTINGS[name], seed=seed)
     folder = trained(f"{name}_s{seed}", options)
-    config = json.loads((folder / "config.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
     adata_full = anndata.read_h5ad(options["data"], backed="r")
     hierarchy = Hierarchy.from_anndata(adata_full)
@@ -160,7 +159,6 @@ def run_setting(name, seed, done):
         labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False).loc[latent_adata.obs_names]
         row = baseline_row(latent_adata, latent_adata.obsm["X_scvae"], hierarchy, labels)
         append(dict(row, setting=name, method="lr", seed=seed, n_labelled=int((labels != "").any(axis=1).sum())))
-    del config
 
 
 def run_query(name, seed, done):
