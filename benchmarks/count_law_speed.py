@@ -1,12 +1,16 @@
 """Milliseconds per MixtureVAE training step with the NB lgamma terms dense vs at non-zero counts only.
 
-Both variants train side by side in one process on the same real batches of data/pbmc.h5ad (cells
-drawn at random, batch 128), their steps interleaved, so that other jobs on the machine slow both
+Three variants of distributions.lgamma_ratio_sum: dense (every entry, what the decoder computed
+first), per cell (each cell's non-zero genes gathered up to half the genes, the previous default)
+and per batch (the batch's non-zero entries packed flat up to a quarter of them, the default for a
+batch of known size).
+
+The variants train side by side in one process on the same real batches of data/pbmc.h5ad (cells
+drawn at random, batch 128), their steps interleaved, so that other jobs on the machine slow all
 alike: read the ratios and medians, not single times. Each (genes, XLA, dispersion) setting
-builds one model per variant from the same initial weights; the dense one has its decoder's
-lgamma_ratio_sum set to distributions.dense_lgamma_ratio_sum (what the decoder computed before).
-With --dispersion gene the sum is once per cell and dense in both (the sparse one lost there by
-3-12%), so those rows only show the two models are alike.
+builds one model per variant from the same initial weights, with its decoder's lgamma_ratio_sum
+set to the variant. With --dispersion gene the sum is once per cell and the decoder keeps it
+dense (a gather lost there by 3-12%), so those rows only show the models are alike.
 
     python benchmarks/count_law_speed.py                        # 500 and 2000 genes, XLA off and on, K=9
     python benchmarks/count_law_speed.py --genes 500 --xla on --dispersion cell gene --steps 60
@@ -48,10 +52,12 @@ def models(variants: dict, n_genes: int, components: int, dispersion: str, xla: 
         keras.utils.set_random_seed(0)
         model = MixtureVAE(n_genes, n_components=components, latent_dim=20, hidden=(100, 100), dispersion=dispersion)
         model.build()
-        model.decoder.lgamma_ratio_sum = lgamma_ratio_sum
+        model.decoder.lgamma_ratio_sum = lambda x, r, batch_cells, variant=lgamma_ratio_sum: variant(x, r)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
         model.optimizer.build(model.trainable_variables)
-        built[name] = tf.function(model.train_step, jit_compile=xla)
+        # As Keras traces it: the batch size unknown (its data adapter makes that axis None).
+        built[name] = tf.function(model.train_step, jit_compile=xla,
+                                  input_signature=[tf.TensorSpec([None, n_genes], tf.float32)])
     return built
 
 
@@ -86,12 +92,23 @@ def main():
 
     import tensorflow as tf
 
-    from scvae_hier.distributions import dense_lgamma_ratio_sum, lgamma_ratio_sum
+    from scvae_hier.distributions import (BATCH_SPARSE_SHARE, SPARSE_SHARE, batch_sparse_lgamma_ratio_sum,
+                                          dense_lgamma_ratio_sum, sparse_lgamma_ratio_sum)
 
-    variants = {"dense": dense_lgamma_ratio_sum, "sparse": lgamma_ratio_sum}
-    print("| genes | XLA | dispersion | non-zero share | dense ms/step | sparse ms/step | sparse / dense "
-          "| first step dense / sparse (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    def per_cell(x, r):
+        capacity = int(SPARSE_SHARE * x.shape[-1])
+        fits = tf.reduce_max(tf.math.count_nonzero(x, axis=-1)) <= capacity
+        return tf.cond(fits, lambda: sparse_lgamma_ratio_sum(x, r, capacity), lambda: dense_lgamma_ratio_sum(x, r))
+
+    def per_batch(x, r):   # what lgamma_ratio_sum does first, for batches of --batch-size cells
+        capacity = int(BATCH_SPARSE_SHARE * args.batch_size * x.shape[-1])
+        fits = tf.math.count_nonzero(x, dtype=tf.int32) <= capacity
+        return tf.cond(fits, lambda: batch_sparse_lgamma_ratio_sum(x, r, capacity), lambda: dense_lgamma_ratio_sum(x, r))
+
+    variants = {"dense": dense_lgamma_ratio_sum, "per cell": per_cell, "per batch": per_batch}
+    print("| genes | XLA | dispersion | non-zero share | dense ms/step | per cell ms/step | per batch ms/step "
+          "| per batch / dense | first step dense / per cell / per batch (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for genes in args.genes:
         batches = real_batches(args.data, genes, args.batch_size, 16)
         share = float(np.mean([np.mean(b > 0) for b in batches]))
@@ -99,9 +116,9 @@ def main():
         for xla, dispersion in itertools.product(args.xla, args.dispersion):
             result = time_steps(models(variants, genes, args.components, dispersion, xla == "on"), batches, args.steps)
             ms = {name: float(np.median(t)) for name, t in result["ms"].items()}
-            print(f"| {genes} | {xla} | {dispersion} | {share:.2f} | {ms['dense']:.1f} | {ms['sparse']:.1f} | "
-                  f"{ms['sparse'] / ms['dense']:.2f} | {result['first_s']['dense']:.1f} / "
-                  f"{result['first_s']['sparse']:.1f} |", flush=True)
+            first = " / ".join(f"{result['first_s'][name]:.1f}" for name in variants)
+            print(f"| {genes} | {xla} | {dispersion} | {share:.2f} | {ms['dense']:.1f} | {ms['per cell']:.1f} | "
+                  f"{ms['per batch']:.1f} | {ms['per batch'] / ms['dense']:.2f} | {first} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -471,6 +471,7 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
                                   covariates=None if covariates is None else covariates[order], labels=labels(order))
     monitor = "val_elbo" if has_validation else "elbo"
     tracker = TrainingState(run, monitor, options.patience, min(options.warm_up, options.epochs - 1), state, log)
+    model.decoder.sparse_batch_cells = options.batch_size   # sizes the count law's sparse path
     if initial_epoch < options.epochs and tracker.state["wait"] < options.patience:
         # shuffle=False: CountBatches shuffles itself from (seed, epoch), so a resumed run sees the same order.
         model.fit(train_batches, validation_data=validation, epochs=options.epochs, initial_epoch=initial_epoch,

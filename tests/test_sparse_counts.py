@@ -7,8 +7,8 @@ import tensorflow as tf
 from scipy import stats
 from scipy.special import expit
 
-from scvae_hier.distributions import (SPARSE_SHARE, dense_lgamma_ratio_sum, lgamma_ratio_sum,
-                                      sparse_lgamma_ratio_sum)
+from scvae_hier.distributions import (BATCH_SPARSE_SHARE, SPARSE_SHARE, batch_sparse_lgamma_ratio_sum,
+                                      dense_lgamma_ratio_sum, lgamma_ratio_sum, sparse_lgamma_ratio_sum)
 from scvae_hier.models.layers import CountDecoder
 
 B, G = 12, 40
@@ -22,8 +22,9 @@ def counts(density, seed=0, scale=3.0):
 
 
 def batches():
-    """Batches for both paths of lgamma_ratio_sum: all zeros, sparse ones, the dense fallback
-    (one cell with every gene non-zero among empty cells), large counts."""
+    """Batches for every path of lgamma_ratio_sum: all zeros, sparse ones, the dense fallbacks
+    (60%: too many non-zero entries for the batch path; one cell with every gene non-zero among
+    empty cells: too many for the per-cell path, not for the batch path), large counts."""
     one_dense_cell = np.zeros((B, G), "float32")
     one_dense_cell[3] = np.arange(1, G + 1)
     large = counts(0.1, seed=3)
@@ -45,9 +46,11 @@ def test_sparse_sum_equals_dense_values_and_gradients(name):
     x = batches()[name]
     r = tf.constant(np.exp(np.random.default_rng(4).normal(0.0, 2.0, (B, 3, G))).astype("float32"))
     dense, dense_grad = value_and_grad(dense_lgamma_ratio_sum, x, r)
-    capacity = int(SPARSE_SHARE * G)
-    sparse = [lgamma_ratio_sum] + [lambda x, r: sparse_lgamma_ratio_sum(x, r, capacity)] * bool(
-        (x > 0).sum(-1).max() <= capacity)                      # the sparse path itself, where it is exact
+    per_cell, per_batch = int(SPARSE_SHARE * G), int(BATCH_SPARSE_SHARE * B * G)
+    sparse = [lgamma_ratio_sum]                                  # each sparse path itself, where it is exact
+    sparse += [lambda x, r: sparse_lgamma_ratio_sum(x, r, per_cell)] * bool((x > 0).sum(-1).max() <= per_cell)
+    sparse += [lambda x, r: batch_sparse_lgamma_ratio_sum(x, r, per_batch)] * bool((x > 0).sum() <= per_batch)
+    assert len(sparse) == {"60% (dense path)": 1, "one dense cell (dense path)": 2}.get(name, 3)
     for fn in sparse:
         ours, grad = value_and_grad(fn, x, r)
         np.testing.assert_allclose(ours, dense, rtol=1e-6, atol=1e-3 if name == "large counts" else 1e-5)
@@ -96,7 +99,7 @@ def test_decoder_log_prob_sparse_equals_dense(likelihood, dispersion, extra_shap
     decoder, params = decoder_and_params(likelihood, dispersion, extra_shape)
     for name, x in batches().items():
         ours, grads = log_prob_and_grads(decoder, x, params)
-        decoder.lgamma_ratio_sum = dense_lgamma_ratio_sum
+        decoder.lgamma_ratio_sum = lambda x, r, batch_cells: dense_lgamma_ratio_sum(x, r)
         dense, dense_grads = log_prob_and_grads(decoder, x, params)
         del decoder.lgamma_ratio_sum
         assert ours.shape == (B, *extra_shape)
@@ -121,11 +124,13 @@ def test_decoder_log_prob_matches_scipy_on_sparse_counts(likelihood, dispersion)
     np.testing.assert_allclose(ours, nb.sum(-1), rtol=1e-5, atol=1e-3)
 
 
-def test_sparse_path_compiles_with_xla_for_any_batch_size():
-    """Keras retraces with an unknown batch size: the capacities must still be XLA constants."""
-    spec = [tf.TensorSpec([None, G], tf.float32), tf.TensorSpec([None, 2, G], tf.float32)]
+@pytest.mark.parametrize("cells", [None, B])
+def test_sparse_path_compiles_with_xla_for_any_batch_size(cells):
+    """Keras traces a static batch size first, then retraces with an unknown one: the capacities
+    must be XLA constants either way (per batch, then per cell)."""
+    spec = [tf.TensorSpec([cells, G], tf.float32), tf.TensorSpec([cells, 2, G], tf.float32)]
     compiled = tf.function(lgamma_ratio_sum, input_signature=spec, jit_compile=True)
-    for name in ("5%", "20%", "one dense cell (dense path)"):
-        x = batches()[name][: 5 if name == "5%" else B]
+    for name in ("5%", "20%", "60% (dense path)", "one dense cell (dense path)"):
+        x = batches()[name][: 5 if name == "5%" and cells is None else B]   # a smaller batch, as Keras's last
         r = tf.constant(np.exp(np.random.default_rng(8).normal(0.0, 1.0, (len(x), 2, G))).astype("float32"))
         np.testing.assert_allclose(compiled(x, r).numpy(), dense_lgamma_ratio_sum(x, r).numpy(), rtol=1e-5, atol=1e-4)

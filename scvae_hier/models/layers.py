@@ -126,8 +126,11 @@ class CountDecoder(keras.layers.Layer):
         return params
 
     # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only (per-cell
-    # dispersion); tests and benchmarks/count_law_speed.py set dense_lgamma_ratio_sum on an instance.
+    # dispersion); tests and benchmarks/count_law_speed.py set other sums on an instance.
     lgamma_ratio_sum = staticmethod(lgamma_ratio_sum)
+    # The batch size the packed non-zero entries are sized for (a static shape for XLA, while Keras
+    # traces with an unknown batch size); training.fit sets the training batch size.
+    sparse_batch_cells = 128
 
     def log_prob(self, x, params):
         """Sum over genes of log p(x|z); x of shape [B, G] broadcasts over extra axes of params
@@ -159,7 +162,8 @@ class CountDecoder(keras.layers.Layer):
             ratio = dense_lgamma_ratio_sum(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])   # [B, 1]
             return tf.reshape(ratio, [-1] + [1] * extra_axes)
         shape = tf.shape(r)
-        ratio = self.lgamma_ratio_sum(x, tf.reshape(r, tf.stack([shape[0], -1, shape[-1]])))  # [B, M]
+        r = tf.reshape(r, tf.stack([shape[0], -1, shape[-1]]))
+        ratio = self.lgamma_ratio_sum(x, r, self.sparse_batch_cells)                              # [B, M]
         return tf.reshape(ratio, shape[:-1])
 
     def get_config(self):
