@@ -25,7 +25,11 @@ from .files import write_h5ad
 def predict_outputs(model, X, batch_size: int, covariates=None) -> dict:
     """Model outputs for every row of X (with its covariate row, for a model trained with a batch
     covariate), in order, as numpy arrays."""
-    return model.predict(CountBatches(X, batch_size, covariates=covariates), verbose=0)
+    batches = CountBatches(X, batch_size, covariates=covariates)
+    try:
+        return model.predict(batches, verbose=0)
+    finally:
+        batches.release()
 
 
 def level_ari(hierarchy, labels, clusters_by_level) -> dict:

@@ -478,6 +478,9 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
                   shuffle=False,
                   callbacks=[KLWarmUp(options.warm_up), MarginalUsageSchedule(options.marginal_usage, options.epochs),
                              tracker], verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+        for batches in (train_batches, validation):
+            if batches is not None:
+                batches.release()
     else:
         tracker.restore_best()
     return tracker

@@ -153,3 +153,22 @@ def test_synthetic_counts_follow_their_negative_binomial():
     np.testing.assert_allclose(dense.mean(axis=0), mu, rtol=0.05, atol=0.02)
     big = mu > 5
     np.testing.assert_allclose(dense.var(axis=0)[big], (mu + mu ** 2 / 2.0)[big], rtol=0.1)
+
+
+def test_predictions_do_not_keep_the_cells_alive():
+    """Keras keeps every dataset `predict` has iterated (keras-team/keras#13118); write_outputs
+    predicts chunk after chunk of a large file, so each chunk must be freed once predicted, or
+    1M cells hold 2.4 GB more than one chunk. The counts must be collectable after the call."""
+    import gc
+    import weakref
+
+    from scvae_hier.models.vae import VAE
+    from scvae_hier.outputs import predict_outputs
+
+    model = VAE(n_genes=30, latent_dim=2, hidden=(8,))
+    counts = np.random.default_rng(0).poisson(2.0, size=(50, 30)).astype(np.float32)
+    alive = weakref.ref(counts)
+    assert predict_outputs(model, counts, 16)["latent"].shape == (50, 2)
+    del counts
+    gc.collect()
+    assert alive() is None, "the predicted counts are still referenced after predict_outputs"
