@@ -34,6 +34,6 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["scvae_hier", "scvae_hier.*"]),
     install_requires=REQUIREMENTS,
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
     entry_points={"console_scripts": ["scvae-hier=scvae_hier.cli:main"]},
 )
