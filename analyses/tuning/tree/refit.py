@@ -56,32 +56,33 @@ def evaluate(model, loc, scale, truth, parents):
     return aris, hungarian_f1(truth[:, -1], nested[-1])["weighted"]
 
 
-for path in sys.argv[1:]:
-    folder = Path(path)
-    config = json.loads((folder / "config.json").read_text())
-    hierarchy = Hierarchy.from_dict(config["hierarchy"])
-    model = keras.saving.load_model(folder / "model.keras")
-    cells = anndata.read_h5ad(folder / "outputs.h5ad")
-    covariates = None
-    if config["options"].get("batch_key"):
-        covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
-    split = cells.obs["split"].to_numpy()
-    truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
-    loc, scale = encode(model, cells.X, covariates)
-    train, validation = split == "train", split == "validation"
-    before = evaluate(model, loc[validation], scale[validation], truth[validation], model.parents)
-    results = {"as trained": before}
-    variants = [(10, True, 1, None), (10, True, 2, None), (10, True, 3, None), (10, False, 0, None),
-                (30, True, 2, "learnable"), (30, True, 3, "learnable"), (30, True, 4, "learnable")]
-    for steps, reseed, clusters, weights in variants:
-        fresh = keras.saving.load_model(folder / "model.keras")
-        fresh.reseed_clusters = clusters or fresh.reseed_clusters
-        fresh.prior_probabilities = weights or fresh.prior_probabilities  # learnable: EM also fits p(c)
-        fresh.refit_prior(loc[train], scale[train], steps=steps, reseed=reseed)
-        kl = fresh.kl_to_prior(tf.constant(loc[train][:, None]), tf.constant(scale[train][:, None]),
-                               tf.constant(loc[train][:, None]), fresh.components.distribution()).numpy()
-        objective = float(np.mean(np.logaddexp.reduce(fresh.log_pc().numpy() - kl, axis=1)))
-        aris, f1 = evaluate(fresh, loc[validation], scale[validation], truth[validation], model.parents)
-        results[f"reseed={reseed} k/leaf={clusters} em={steps} p(c)={weights or 'as run'} prior terms {objective:.3f}"] = (aris, f1)
-    for name, (aris, f1) in results.items():
-        print(f"{folder.name:<18} {name:<68} ARI {' / '.join(f'{a:.2f}' for a in aris)}  wF1 {f1:.2f}", flush=True)
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        folder = Path(path)
+        config = json.loads((folder / "config.json").read_text())
+        hierarchy = Hierarchy.from_dict(config["hierarchy"])
+        model = keras.saving.load_model(folder / "model.keras")
+        cells = anndata.read_h5ad(folder / "outputs.h5ad")
+        covariates = None
+        if config["options"].get("batch_key"):
+            covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
+        split = cells.obs["split"].to_numpy()
+        truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
+        loc, scale = encode(model, cells.X, covariates)
+        train, validation = split == "train", split == "validation"
+        before = evaluate(model, loc[validation], scale[validation], truth[validation], model.parents)
+        results = {"as trained": before}
+        variants = [(10, True, 1, None), (10, True, 2, None), (10, True, 3, None), (10, False, 0, None),
+                    (30, True, 2, "learnable"), (30, True, 3, "learnable"), (30, True, 4, "learnable")]
+        for steps, reseed, clusters, weights in variants:
+            fresh = keras.saving.load_model(folder / "model.keras")
+            fresh.reseed_clusters = clusters or fresh.reseed_clusters
+            fresh.prior_probabilities = weights or fresh.prior_probabilities  # learnable: EM also fits p(c)
+            fresh.refit_prior(loc[train], scale[train], steps=steps, reseed=reseed)
+            kl = fresh.kl_to_prior(tf.constant(loc[train][:, None]), tf.constant(scale[train][:, None]),
+                                   tf.constant(loc[train][:, None]), fresh.components.distribution()).numpy()
+            objective = float(np.mean(np.logaddexp.reduce(fresh.log_pc().numpy() - kl, axis=1)))
+            aris, f1 = evaluate(fresh, loc[validation], scale[validation], truth[validation], model.parents)
+            results[f"reseed={reseed} k/leaf={clusters} em={steps} p(c)={weights or 'as run'} prior terms {objective:.3f}"] = (aris, f1)
+        for name, (aris, f1) in results.items():
+            print(f"{folder.name:<18} {name:<68} ARI {' / '.join(f'{a:.2f}' for a in aris)}  wF1 {f1:.2f}", flush=True)

@@ -1,0 +1,120 @@
+"""Which clustering of the latent should seed TreeVAE's tree? Offline, on the restart runs (no training).
+
+    python analyses/tuning/tree/refit_rules.py [RUN ...]    # default: /work/tree_runs/restart_f*_w*
+
+The restarts (restarts.py, NOTES.md) land in modes where one leaf slot of the fixed tree is
+misused: k-means into 2 clusters per leaf splits the big classes and rarely isolates the 0.8%
+megakaryocytes, so the tree assignment (`assign_to_tree`, every leaf at least one cluster) gives
+their single-leaf level-2 node part of a big class. This script keeps each run's trained encoder
+and redoes only the final prior refit (`TreeVAE.refit_prior`: re-seed + 10 EM steps) with other
+first clusterings of the training cells' latent means, then scores validation and test cells:
+- kmeans2: today's rule (k-means, 2 clusters per leaf);
+- kmeans4: k-means, 4 clusters per leaf;
+- leidenK2: Leiden on the latent's 15-NN graph, resolution bisected to 2 clusters per leaf;
+- leiden1: Leiden at resolution 1 (scanpy's default), whatever count it gives (at least K_L).
+The rule is chosen on validation cells; test cells are reported beside. Lines go to
+refit_rules.jsonl (one per run and rule; a rerun skips what is there).
+"""
+import os
+import sys
+
+for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ[name] = "1"
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import anndata  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.cluster import KMeans  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+import scvae_hier.models.tree as tree  # noqa: E402
+from scvae_hier.analysis.leiden import leiden, leiden_at_k, neighbour_graph  # noqa: E402
+from scvae_hier.data import batch_covariates  # noqa: E402
+from scvae_hier.hierarchy import Hierarchy  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "refit_rules.jsonl"
+sys.path.insert(0, str(HERE))
+from refit import encode, evaluate  # noqa: E402
+
+
+def first_clusters(rule, latent, n_leaves, seed):
+    """Cluster labels [n] of the latent means by one rule."""
+    if rule.startswith("kmeans"):
+        k = int(rule[len("kmeans"):]) * n_leaves
+        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(latent).labels_
+    graph = neighbour_graph(latent, seed=seed)
+    if rule == "leiden1":
+        labels = leiden(graph, 1.0, seed)
+        return labels if labels.max() + 1 >= n_leaves else leiden_at_k(graph, 2 * n_leaves, seed, strict=False).labels
+    return leiden_at_k(graph, int(rule[len("leidenK"):]) * n_leaves, seed, strict=False).labels
+
+
+def clustering_by(rule):
+    """A drop-in for tree.tree_clustering (unlabelled, one component per leaf) using `rule`."""
+    def clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
+                   novel=0):
+        assert per_leaf == 1 and allowed is None
+        labels = first_clusters(rule, latent, n_leaves, seed)
+        k = labels.max() + 1
+        centres = np.array([latent[labels == j].mean(axis=0) for j in range(k)])
+        counts = np.bincount(labels, minlength=k)
+        return tree.assign_to_tree(centres, counts, parents, n_leaves, seed)[labels]
+    return clustering
+
+
+def main(folders):
+    done = set()
+    if OUT.exists():
+        done = {(r["run"], r["rule"]) for r in map(json.loads, OUT.read_text().splitlines())}
+    rules = ["kmeans2", "kmeans4", "leidenK2", "leiden1"]
+    for folder in folders:
+        if all((folder.name, rule) in done for rule in rules):
+            continue
+        config = json.loads((folder / "config.json").read_text())
+        hierarchy = Hierarchy.from_dict(config["hierarchy"])
+        model = keras.saving.load_model(folder / "model.keras")
+        cells = anndata.read_h5ad(folder / "outputs.h5ad")
+        covariates = None
+        if config["options"].get("batch_key"):
+            covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
+        split = cells.obs["split"].to_numpy()
+        truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
+        loc, scale = encode(model, cells.X, covariates)
+        train = split == "train"
+        for rule in rules:
+            if (folder.name, rule) in done:
+                continue
+            fresh = keras.saving.load_model(folder / "model.keras")
+            tree.tree_clustering = clustering_by(rule)
+            fresh.refit_prior(loc[train], scale[train], steps=fresh.final_refit or 10)
+            row = {"run": folder.name, "rule": rule}
+            for part in ("validation", "test"):
+                cells_in = split == part
+                aris, f1 = evaluate(fresh, loc[cells_in], scale[cells_in], truth[cells_in], fresh.parents)
+                row[part] = [round(float(a), 4) for a in aris] + [round(float(f1), 4)]
+            with open(OUT, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(row, flush=True)
+
+
+def report():
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()]
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        for part in ("validation", "test"):
+            table = np.array([r[part] for r in rows if r["rule"] == rule])
+            print(f"{rule:<9} {part:<10} n={len(table):>2}  ARI L1-L4 / wF1 mean "
+                  + " / ".join(f"{m:.2f}" for m in table.mean(0)) + "   min " + " / ".join(f"{m:.2f}" for m in table.min(0)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["report"]:
+        report()
+    else:
+        main([Path(p) for p in sys.argv[1:]] or sorted(Path("/work/tree_runs").glob("restart_f*_w*")))
