@@ -78,3 +78,19 @@ def test_leiden_levels_warns_when_a_level_takes_the_nearest_count():
     with pytest.warns(UserWarning, match="could not make 2 clusters at level 1; .* nearest count, 3"):
         fits = leiden_levels(points, [2, 3])
     assert [fit.n_clusters for fit in fits] == [3, 3] and fits[1].exact
+
+
+def test_neighbour_graph_of_more_than_8192_cells_is_the_exact_knn_graph():
+    """From 8,192 cells scanpy's default kNN (pynndescent) returned a csr_array that scanpy 1.11 cannot
+    read under scipy 1.17 ('getnnz'); the graph must still build, with each cell's neighbours
+    those of an exact search (sklearn, brute force)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from scvae_hier.analysis.leiden import neighbour_graph
+
+    points = np.random.default_rng(0).normal(size=(8300, 5)).astype(np.float32)
+    graph = sparse.csr_matrix(neighbour_graph(points, n_neighbors=15))
+    assert graph.shape == (8300, 8300)
+    _, exact = NearestNeighbors(n_neighbors=15).fit(points).kneighbors(points[:50])
+    for cell in range(50):   # the graph is symmetrised, so a cell's edges include its 14 nearest others
+        assert set(exact[cell, 1:]) <= set(graph[cell].indices)

@@ -88,12 +88,15 @@ def leiden_at_k(connectivities, k: int, seed: int = 0, steps: int = 40, strict: 
 
 
 def neighbour_graph(representation, n_neighbors: int = 15, seed: int = 0):
-    """scanpy's k-nearest-neighbour connectivities (UMAP weights) of a cells x dimensions array."""
+    """scanpy's k-nearest-neighbour connectivities (UMAP weights) of a cells x dimensions array.
+    Exact sklearn kNN: from 8,192 cells scanpy's default (pynndescent) fails with scipy 1.17
+    (the neighbours trap in analysis/figures.py)."""
     import anndata
     import scanpy as sc
 
     adata = anndata.AnnData(np.asarray(representation, dtype=np.float32))
-    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X", random_state=seed)
+    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X", transformer="sklearn",
+                    random_state=seed)
     return adata.obsp["connectivities"]
 
 
