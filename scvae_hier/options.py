@@ -82,6 +82,8 @@ class TrainOptions:
                                   "leaves by the hierarchy's shape (more than one lets a split type be rejoined).")
     final_refit: int = option(10, "TreeVAE: after training, re-seed the components once more from the trained "
                               "encoder's latent and run this many EM steps on the prior terms (0 = off).")
+    final_refit_clusters: int = option(4, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
+                                       "(finer than --reseed-clusters: the trained latent separates small types).")
     # -- partial labels (semi-supervised TreeVAE)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (TreeVAE): a cell may be "
                                    "labelled at any level or none (NaN, empty or --unlabelled-category); components "
@@ -140,7 +142,7 @@ class TrainOptions:
 MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
             "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
             "patience": 1, "devices": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,
-            "reseed_clusters": 1, "final_refit": 0, "reseed_epochs": 0, "label_weight": 0.0, "novel_classes": 0}
+            "reseed_clusters": 1, "final_refit": 0, "final_refit_clusters": 1, "reseed_epochs": 0, "label_weight": 0.0, "novel_classes": 0}
 
 
 def check_ranges(options) -> None:

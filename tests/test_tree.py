@@ -214,7 +214,8 @@ def test_arguments_from_hierarchy_and_bad_trees():
     hierarchy = Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
     options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
                               usage_target="uniform", usage_level_weights=None, components_per_leaf=2,
-                              prior_probabilities="uniform", reseed_epochs=(3,), reseed_clusters=2, final_refit=10)
+                              prior_probabilities="uniform", reseed_epochs=(3,), reseed_clusters=2, final_refit=10,
+                              final_refit_clusters=4)
     arguments = TreeVAE.arguments_from(options, hierarchy)
     assert arguments["parents"] == [[0, 0, 1]] and arguments["level_sizes"] == [2, 3]
     assert model_class("tree") is TreeVAE
@@ -245,6 +246,25 @@ def test_refit_em_steps_raise_the_prior_terms_of_the_elbo():
         values.append(prior_terms())
     assert all(b >= a - 1e-2 for a, b in zip(values, values[1:])), values
     assert values[-1] > values[0]
+
+
+def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
+    """Re-seeding during training uses reseed_clusters per leaf, the final refit final_refit_clusters."""
+    import scvae_hier.models.tree as tree_module
+
+    asked = []
+    clustering = tree_module.tree_clustering
+    monkeypatch.setattr(tree_module, "tree_clustering", lambda *args, **kwargs: (
+        asked.append(args[5]), clustering(*args, **kwargs))[1])
+    model = small_model(reseed_clusters=2, final_refit_clusters=3)
+    model.build()
+    rng = np.random.default_rng(2)
+    loc = (rng.normal(size=(300, 2)) + 4 * rng.integers(0, 3, size=(300, 1))).astype("float32")
+    scale = np.full_like(loc, 0.5)
+    model.reseed(loc, scale)
+    model.refit_prior(loc, scale, steps=1)
+    assert asked == [2, 3]
+    assert TreeVAE.from_config(model.get_config()).final_refit_clusters == 3
 
 
 def test_reseeding_callback_sets_components_at_the_given_epoch():

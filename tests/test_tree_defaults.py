@@ -1,5 +1,6 @@
 """TreeVAE's defaults are the configuration chosen on validation cells (analyses/tuning/tree/NOTES.md,
-`k2l`): learnable p(c), re-seeding at epoch 5 with 2 clusters per leaf, a 10-step final refit, in
+`k2l`): learnable p(c), re-seeding at epoch 5 with 2 clusters per leaf, a 10-step final refit
+re-seeded with 4 clusters per leaf (refit_rules.py), in
 the constructor and on the command line alike; the other models keep a uniform p(y)."""
 import pytest
 
@@ -10,8 +11,8 @@ from scvae_hier.options import TrainOptions
 
 def test_constructor_defaults_are_the_tuned_configuration():
     model = TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]])
-    assert (model.prior_probabilities, model.reseed_epochs, model.reseed_clusters, model.final_refit) == (
-        "learnable", (5,), 2, 10)
+    assert (model.prior_probabilities, model.reseed_epochs, model.reseed_clusters, model.final_refit,
+            model.final_refit_clusters) == ("learnable", (5,), 2, 10, 4)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -24,4 +25,5 @@ def test_command_line_prior_probabilities_follow_the_model(argv, expected):
     arguments = vars(build_parser().parse_args(["train", "data.h5ad", *argv]))
     options = TrainOptions.from_dict(arguments)
     assert options.prior_probabilities == expected
-    assert (options.reseed_epochs, options.reseed_clusters, options.final_refit) == ((5,), 2, 10)
+    assert (options.reseed_epochs, options.reseed_clusters, options.final_refit, options.final_refit_clusters) == (
+        (5,), 2, 10, 4)

@@ -22,7 +22,9 @@ ELBO = E_q log p(x|z) - sum_c q(c|x) KL(q(z|x) || p(z|c)) - KL(q(c|x) || p(c)), 
 Re-seeding: at the start of each epoch in `reseed_epochs` (once the latent has formed), the components are set from a clustering of the
 training cells' latent means: k-means into `reseed_clusters` clusters per leaf, the clusters
 assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
-the latent (`assign_to_tree`), and each leaf split again into its components.
+the latent (`assign_to_tree`), and each leaf split again into its components. The final refit
+after training does the same with `final_refit_clusters` per leaf (4: finer pieces let a small,
+separate type such as 0.8% megakaryocytes get its own piece instead of a half of a big class).
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
@@ -357,11 +359,12 @@ class TreeVAE(HierarchicalVAE):
                     label_weight=float(getattr(options, "label_weight", 5.0)), novel_classes=novel,
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
-                    reseed_clusters=options.reseed_clusters, final_refit=options.final_refit)
+                    reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,
+                    final_refit_clusters=int(getattr(options, "final_refit_clusters", 4)))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=2, final_refit=10,
-                 semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
+                 final_refit_clusters=4, semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -374,6 +377,7 @@ class TreeVAE(HierarchicalVAE):
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.reseed_clusters = int(reseed_clusters)
         self.final_refit = int(final_refit)
+        self.final_refit_clusters = int(final_refit_clusters)
         self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
         self.novel_classes = int(novel_classes)
         if self.semi_supervised:
@@ -423,15 +427,17 @@ class TreeVAE(HierarchicalVAE):
             return None
         return allowed_components(labels, self.component_ancestors)
 
-    def reseed(self, latent, latent_scale=None, labels=None):
-        """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]:
-        each at its cells' mean, with variance the spread of their means plus their mean posterior
-        variance (latent_scale [n, D], the M-step of EM; without it, the means' spread alone)."""
+    def reseed(self, latent, latent_scale=None, labels=None, clusters=None):
+        """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
+        (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
+        with variance the spread of their means plus their mean posterior variance (latent_scale
+        [n, D], the M-step of EM; without it, the means' spread alone)."""
         latent = np.asarray(latent, "float64")
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
         component = tree_clustering(latent, self.parents, self.level_sizes[-1],
-                                    self.components_per_leaf, self.seed, self.reseed_clusters, allowed=leaf_allowed,
+                                    self.components_per_leaf, self.seed, clusters or self.reseed_clusters,
+                                    allowed=leaf_allowed,
                                     novel=self.novel_classes if allowed is not None else 0)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
@@ -451,7 +457,7 @@ class TreeVAE(HierarchicalVAE):
 
     def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None):
         """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
-        latent means, then EM steps that each raise the ELBO's prior terms sum over cells of
+        latent means (`final_refit_clusters` per leaf), then EM steps that each raise the ELBO's prior terms sum over cells of
         log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
         mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
         p(c) = mean q(c|x) when learnable; a labelled cell's q(c|x) restricted to the components its
@@ -459,7 +465,7 @@ class TreeVAE(HierarchicalVAE):
         loc, scale = np.asarray(loc, "float64"), np.asarray(scale, "float64")
         allowed = self.allowed(labels)
         if reseed:
-            self.reseed(loc, scale, labels)
+            self.reseed(loc, scale, labels, clusters=self.final_refit_clusters)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
@@ -595,6 +601,7 @@ class TreeVAE(HierarchicalVAE):
         return {**super().get_config(), "parents": self.parents, "components_per_leaf": self.components_per_leaf,
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
+                "final_refit_clusters": self.final_refit_clusters,
                 "semi_supervised": self.semi_supervised, "label_weight": self.label_weight,
                 "novel_classes": self.novel_classes}
 

@@ -1,6 +1,7 @@
 """Which clustering of the latent should seed TreeVAE's tree? Offline, on the restart runs (no training).
 
-    python analyses/tuning/tree/refit_rules.py [RUN ...]    # default: /work/tree_runs/restart_f*_w*
+    python analyses/tuning/tree/refit_rules.py [--rules kmeans2,kmeans4,...] [RUN ...]   # default: restart_f*_w*
+    python analyses/tuning/tree/refit_rules.py report
 
 The restarts (restarts.py, NOTES.md) land in modes where one leaf slot of the fixed tree is
 misused: k-means into 2 clusters per leaf splits the big classes and rarely isolates the 0.8%
@@ -56,24 +57,51 @@ def first_clusters(rule, latent, n_leaves, seed):
     return leiden_at_k(graph, int(rule[len("leidenK"):]) * n_leaves, seed, strict=False).labels
 
 
+def graph_scores(edges):
+    """A stand-in for tree._tree_scores: the summed modularity, over the levels, of the classes an
+    assignment makes, on the clusters' kNN edge weights `edges` [K, K] (within-class edges minus
+    what random wiring of the same degrees gives). Separated groups count, whatever their size."""
+    total = edges.sum()
+    degree = edges.sum(axis=1)
+
+    def scores(centres, counts, ancestors, assignments):
+        score = np.zeros(len(assignments))
+        for row in ancestors:
+            nodes = row[assignments]                                           # [A, K]
+            onehot = (nodes[:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
+            inside = np.einsum("aij,ik,akj->aj", onehot, edges, onehot)
+            degrees = np.einsum("akj,k->aj", onehot, degree)
+            score += (inside / total - (degrees / total) ** 2).sum(-1)
+        return score
+    return scores
+
+
 def clustering_by(rule):
-    """A drop-in for tree.tree_clustering (unlabelled, one component per leaf) using `rule`."""
+    """A drop-in for tree.tree_clustering (unlabelled, one component per leaf) using `rule`;
+    a rule ending in 'graph' groups the clusters into the tree by kNN-graph modularity instead of
+    compactness (sum of squares)."""
     def clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
                    novel=0):
         assert per_leaf == 1 and allowed is None
-        labels = first_clusters(rule, latent, n_leaves, seed)
+        labels = first_clusters(rule.removesuffix("graph"), latent, n_leaves, seed)
         k = labels.max() + 1
         centres = np.array([latent[labels == j].mean(axis=0) for j in range(k)])
         counts = np.bincount(labels, minlength=k)
-        return tree.assign_to_tree(centres, counts, parents, n_leaves, seed)[labels]
+        compactness = tree._tree_scores
+        if rule.endswith("graph"):
+            onehot = np.eye(k)[labels]
+            tree._tree_scores = graph_scores(onehot.T @ neighbour_graph(latent, seed=seed) @ onehot)
+        try:
+            return tree.assign_to_tree(centres, counts, parents, n_leaves, seed)[labels]
+        finally:
+            tree._tree_scores = compactness
     return clustering
 
 
-def main(folders):
+def main(folders, rules=("kmeans2", "kmeans4", "leidenK2", "leiden1")):
     done = set()
     if OUT.exists():
         done = {(r["run"], r["rule"]) for r in map(json.loads, OUT.read_text().splitlines())}
-    rules = ["kmeans2", "kmeans4", "leidenK2", "leiden1"]
     for folder in folders:
         if all((folder.name, rule) in done for rule in rules):
             continue
@@ -117,4 +145,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["report"]:
         report()
     else:
-        main([Path(p) for p in sys.argv[1:]] or sorted(Path("/work/tree_runs").glob("restart_f*_w*")))
+        arguments = sys.argv[1:]
+        rules = ("kmeans2", "kmeans4", "leidenK2", "leiden1")
+        if arguments[:1] == ["--rules"]:
+            rules, arguments = tuple(arguments[1].split(",")), arguments[2:]
+        main([Path(p) for p in arguments] or sorted(Path("/work/tree_runs").glob("restart_f*_w*")), rules)
