@@ -56,19 +56,24 @@ def evaluate(model, loc, scale, truth, parents):
     return aris, hungarian_f1(truth[:, -1], nested[-1])["weighted"]
 
 
+def load_run(folder):
+    """A finished run's model, q(z|x) means and scales of all its cells, their split and level codes."""
+    config = json.loads((folder / "config.json").read_text())
+    hierarchy = Hierarchy.from_dict(config["hierarchy"])
+    model = keras.saving.load_model(folder / "model.keras")
+    cells = anndata.read_h5ad(folder / "outputs.h5ad")
+    covariates = None
+    if config["options"].get("batch_key"):
+        covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
+    truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
+    loc, scale = encode(model, cells.X, covariates)
+    return model, loc, scale, cells.obs["split"].to_numpy(), truth
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         folder = Path(path)
-        config = json.loads((folder / "config.json").read_text())
-        hierarchy = Hierarchy.from_dict(config["hierarchy"])
-        model = keras.saving.load_model(folder / "model.keras")
-        cells = anndata.read_h5ad(folder / "outputs.h5ad")
-        covariates = None
-        if config["options"].get("batch_key"):
-            covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
-        split = cells.obs["split"].to_numpy()
-        truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
-        loc, scale = encode(model, cells.X, covariates)
+        model, loc, scale, split, truth = load_run(folder)
         train, validation = split == "train", split == "validation"
         before = evaluate(model, loc[validation], scale[validation], truth[validation], model.parents)
         results = {"as trained": before}

@@ -28,21 +28,17 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import anndata  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
-from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 import scvae_hier.models.tree as tree  # noqa: E402
 from scvae_hier.analysis.leiden import leiden, leiden_at_k, neighbour_graph  # noqa: E402
-from scvae_hier.data import batch_covariates  # noqa: E402
-from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "refit_rules.jsonl"
 sys.path.insert(0, str(HERE))
-from refit import encode, evaluate  # noqa: E402
+from refit import evaluate, load_run  # noqa: E402
 
 
 def first_clusters(rule, latent, n_leaves, seed):
@@ -105,16 +101,7 @@ def main(folders, rules=("kmeans2", "kmeans4", "leidenK2", "leiden1")):
     for folder in folders:
         if all((folder.name, rule) in done for rule in rules):
             continue
-        config = json.loads((folder / "config.json").read_text())
-        hierarchy = Hierarchy.from_dict(config["hierarchy"])
-        model = keras.saving.load_model(folder / "model.keras")
-        cells = anndata.read_h5ad(folder / "outputs.h5ad")
-        covariates = None
-        if config["options"].get("batch_key"):
-            covariates, _ = batch_covariates(cells.obs, config["options"]["batch_key"], model.covariates)
-        split = cells.obs["split"].to_numpy()
-        truth = hierarchy.level_codes(cells.obs[hierarchy.label_column].astype(str).to_numpy())
-        loc, scale = encode(model, cells.X, covariates)
+        _, loc, scale, split, truth = load_run(folder)
         train = split == "train"
         for rule in rules:
             if (folder.name, rule) in done:
@@ -134,10 +121,11 @@ def main(folders, rules=("kmeans2", "kmeans4", "leidenK2", "leiden1")):
 
 def report():
     rows = [json.loads(line) for line in OUT.read_text().splitlines()]
-    for rule in dict.fromkeys(r["rule"] for r in rows):
+    datasets = {"restart": "Kang", "pbmc": "PBMC"}
+    for (prefix, rule) in dict.fromkeys((r["run"].split("_")[0], r["rule"]) for r in rows):
         for part in ("validation", "test"):
-            table = np.array([r[part] for r in rows if r["rule"] == rule])
-            print(f"{rule:<9} {part:<10} n={len(table):>2}  ARI L1-L4 / wF1 mean "
+            table = np.array([r[part] for r in rows if r["rule"] == rule and r["run"].split("_")[0] == prefix])
+            print(f"{datasets.get(prefix, prefix):<5} {rule:<13} {part:<10} n={len(table):>2}  ARI L1-L4 / wF1 mean "
                   + " / ".join(f"{m:.2f}" for m in table.mean(0)) + "   min " + " / ".join(f"{m:.2f}" for m in table.min(0)))
 
 
