@@ -82,8 +82,9 @@ class TrainOptions:
                                   "leaves by the hierarchy's shape (more than one lets a split type be rejoined).")
     final_refit: int = option(10, "TreeVAE: after training, re-seed the components once more from the trained "
                               "encoder's latent and run this many EM steps on the prior terms (0 = off).")
-    final_refit_clusters: int = option(4, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
-                                       "(finer than --reseed-clusters: the trained latent separates small types).")
+    final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
+                                       "(default 4 without labels: the trained latent separates small types; "
+                                       "--reseed-clusters when trained with labels).")
     # -- partial labels (semi-supervised TreeVAE)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (TreeVAE): a cell may be "
                                    "labelled at any level or none (NaN, empty or --unlabelled-category); components "

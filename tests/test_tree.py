@@ -215,7 +215,7 @@ def test_arguments_from_hierarchy_and_bad_trees():
     options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
                               usage_target="uniform", usage_level_weights=None, components_per_leaf=2,
                               prior_probabilities="uniform", reseed_epochs=(3,), reseed_clusters=2, final_refit=10,
-                              final_refit_clusters=4)
+                              final_refit_clusters=None)
     arguments = TreeVAE.arguments_from(options, hierarchy)
     assert arguments["parents"] == [[0, 0, 1]] and arguments["level_sizes"] == [2, 3]
     assert model_class("tree") is TreeVAE

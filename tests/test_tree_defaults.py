@@ -13,6 +13,9 @@ def test_constructor_defaults_are_the_tuned_configuration():
     model = TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]])
     assert (model.prior_probabilities, model.reseed_epochs, model.reseed_clusters, model.final_refit,
             model.final_refit_clusters) == ("learnable", (5,), 2, 10, 4)
+    # With labels the final refit keeps the re-seed's count (the partial-label results' setting).
+    assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], semi_supervised=True).final_refit_clusters == 2
+    assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], final_refit_clusters=3).final_refit_clusters == 3
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -26,4 +29,16 @@ def test_command_line_prior_probabilities_follow_the_model(argv, expected):
     options = TrainOptions.from_dict(arguments)
     assert options.prior_probabilities == expected
     assert (options.reseed_epochs, options.reseed_clusters, options.final_refit, options.final_refit_clusters) == (
-        (5,), 2, 10, 4)
+        (5,), 2, 10, None)   # None: 4 without labels, --reseed-clusters with them (the model decides)
+
+
+def test_final_refit_clusters_from_the_command_line_reach_the_model():
+    arguments = vars(build_parser().parse_args(["train", "data.h5ad", "--model", "tree", "--final-refit-clusters", "3"]))
+    options = TrainOptions.from_dict(arguments)
+    assert options.final_refit_clusters == 3
+    assert TreeVAE.arguments_from(options, _tree())["final_refit_clusters"] == 3
+
+
+def _tree():
+    from scvae_hier.hierarchy import Hierarchy
+    return Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})

@@ -23,8 +23,10 @@ Re-seeding: at the start of each epoch in `reseed_epochs` (once the latent has f
 training cells' latent means: k-means into `reseed_clusters` clusters per leaf, the clusters
 assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
 the latent (`assign_to_tree`), and each leaf split again into its components. The final refit
-after training does the same with `final_refit_clusters` per leaf (4: finer pieces let a small,
-separate type such as 0.8% megakaryocytes get its own piece instead of a half of a big class).
+after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
+finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
+a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
+measured with).
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
@@ -360,11 +362,11 @@ class TreeVAE(HierarchicalVAE):
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,
-                    final_refit_clusters=int(getattr(options, "final_refit_clusters", 4)))
+                    final_refit_clusters=getattr(options, "final_refit_clusters", None))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=2, final_refit=10,
-                 final_refit_clusters=4, semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
+                 final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -377,6 +379,9 @@ class TreeVAE(HierarchicalVAE):
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.reseed_clusters = int(reseed_clusters)
         self.final_refit = int(final_refit)
+        self.semi_supervised = bool(semi_supervised)
+        if final_refit_clusters is None:   # chosen on validation cells without labels (refit_rules.py)
+            final_refit_clusters = self.reseed_clusters if self.semi_supervised else 4
         self.final_refit_clusters = int(final_refit_clusters)
         self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
         self.novel_classes = int(novel_classes)
