@@ -137,4 +137,4 @@ if __name__ == "__main__":
         rules = ("kmeans2", "kmeans4", "leidenK2", "leiden1")
         if arguments[:1] == ["--rules"]:
             rules, arguments = tuple(arguments[1].split(",")), arguments[2:]
-        main([Path(p) for p in arguments] or sorted(Path("/work/tree_runs").glob("restart_f*_w*")), rules)
+        main([Path(p) for p in arguments] or sorted(Path("/work/tree_runs").glob("restart_f?_w?")), rules)

@@ -2,6 +2,7 @@
 
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED   # one run (one thread, resumable)
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED pbmc   # the same on tree.yaml's PBMC cells
+    python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_clusters=4   # an option changed
     python analyses/tuning/tree/restarts.py report                   # score every finished run
 
 Kang 2018 with the experiment's own settings (analyses/kang.yaml: TreeVAE, learnable p(c), the
@@ -42,7 +43,7 @@ SETTINGS = dict(data=str(ROOT / "data/kang2018.h5ad"), model="tree", prior="norm
 PBMC = dict(SETTINGS, data=str(ROOT / "data/pbmc.h5ad"), batch_key="source_dataset", exclude_labels=["cd14_monocytes"])
 
 
-def train_one(fold, weight_seed, dataset="kang"):
+def train_one(fold, weight_seed, dataset="kang", *changes):
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -51,8 +52,11 @@ def train_one(fold, weight_seed, dataset="kang"):
 
     split_of = training.make_split
     training.make_split = lambda cells, options: split_of(cells, dataclasses.replace(options, seed=0))
-    folder = RUNS / (f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}")
-    options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder))
+    name = f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}"
+    changed = dict(change.split("=") for change in changes)
+    folder = RUNS / "_".join([name, *(f"{key}{value}" for key, value in changed.items())])
+    options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
+                   **{key: int(value) for key, value in changed.items()})
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
@@ -84,7 +88,7 @@ def report():
     from sklearn.metrics import adjusted_rand_score
 
     folds = {}
-    for folder in sorted(RUNS.glob("restart_f*_w*")):
+    for folder in sorted(RUNS.glob("restart_f?_w?")):
         if (folder / "metrics.json").exists():
             fold, seed = (int(part[1:]) for part in folder.name.split("_")[1:])
             folds.setdefault(fold, {})[seed] = run_predictions(folder)
@@ -150,6 +154,6 @@ def report():
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        train_one(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
+        train_one(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
     else:
         report()
