@@ -379,11 +379,10 @@ class TreeVAE(HierarchicalVAE):
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.reseed_clusters = int(reseed_clusters)
         self.final_refit = int(final_refit)
-        self.semi_supervised = bool(semi_supervised)
+        self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
         if final_refit_clusters is None:   # chosen on validation cells without labels (refit_rules.py)
             final_refit_clusters = self.reseed_clusters if self.semi_supervised else 4
         self.final_refit_clusters = int(final_refit_clusters)
-        self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
         self.novel_classes = int(novel_classes)
         if self.semi_supervised:
             self.term_names = (*self.term_names, "classification")
