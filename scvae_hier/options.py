@@ -78,13 +78,14 @@ class TrainOptions:
                                   "set the components from a clustering of the training cells' latent means, "
                                   "grouped into the hierarchy's leaves so that its classes are compact.",
                                   nargs="*", type=int)
-    reseed_clusters: int = option(2, "TreeVAE: k-means clusters per leaf when re-seeding; they are grouped into "
-                                  "leaves by the hierarchy's shape (more than one lets a split type be rejoined).")
+    reseed_clusters: int = option(None, "TreeVAE: k-means clusters per leaf when re-seeding; they are grouped into "
+                                  "leaves by the hierarchy's shape (more than one lets a split type be rejoined; "
+                                  "default 4 without labels, 2 with them).")
     final_refit: int = option(10, "TreeVAE: after training, re-seed the components once more from the trained "
                               "encoder's latent and run this many EM steps on the prior terms (0 = off).")
     final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
                                        "(default 4 without labels: the trained latent separates small types; "
-                                       "--reseed-clusters when trained with labels).")
+                                       "the re-seed's count when trained with labels).")
     # -- partial labels (semi-supervised TreeVAE)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (TreeVAE): a cell may be "
                                    "labelled at any level or none (NaN, empty or --unlabelled-category); components "

@@ -1,6 +1,6 @@
 """TreeVAE's defaults are the configuration chosen on validation cells (analyses/tuning/tree/NOTES.md,
-`k2l`): learnable p(c), re-seeding at epoch 5 with 2 clusters per leaf, a 10-step final refit
-re-seeded with 4 clusters per leaf (refit_rules.py), in
+`k2l`): learnable p(c), re-seeding at epoch 5 and a 10-step final refit, both with 4 clusters per
+leaf without labels (NOTES.md, refit_rules.py) and 2 with them (the partial-label results' setting), in
 the constructor and on the command line alike; the other models keep a uniform p(y)."""
 import pytest
 
@@ -12,9 +12,14 @@ from scvae_hier.options import TrainOptions
 def test_constructor_defaults_are_the_tuned_configuration():
     model = TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]])
     assert (model.prior_probabilities, model.reseed_epochs, model.reseed_clusters, model.final_refit,
-            model.final_refit_clusters) == ("learnable", (5,), 2, 10, 4)
-    # With labels the final refit keeps the re-seed's count (the partial-label results' setting).
-    assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], semi_supervised=True).final_refit_clusters == 2
+            model.final_refit_clusters) == ("learnable", (5,), 4, 10, 4)
+    # With labels both re-seeds use 2 pieces (the partial-label results' setting) ...
+    labelled = TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], semi_supervised=True)
+    assert (labelled.reseed_clusters, labelled.final_refit_clusters) == (2, 2)
+    # ... and the final refit follows an explicit re-seed count there.
+    assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], semi_supervised=True,
+                   reseed_clusters=3).final_refit_clusters == 3
+    assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], reseed_clusters=3).final_refit_clusters == 4
     assert TreeVAE(7, level_sizes=(2, 3), parents=[[0, 0, 1]], final_refit_clusters=3).final_refit_clusters == 3
 
 
@@ -29,7 +34,7 @@ def test_command_line_prior_probabilities_follow_the_model(argv, expected):
     options = TrainOptions.from_dict(arguments)
     assert options.prior_probabilities == expected
     assert (options.reseed_epochs, options.reseed_clusters, options.final_refit, options.final_refit_clusters) == (
-        (5,), 2, 10, None)   # None: 4 without labels, --reseed-clusters with them (the model decides)
+        (5,), None, 10, None)   # None: the model decides (4 without labels, 2 with them)
 
 
 def test_final_refit_clusters_from_the_command_line_reach_the_model():
