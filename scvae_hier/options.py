@@ -124,6 +124,10 @@ class TrainOptions:
     overwrite: bool = option(False, "Replace an existing run folder.")
 
     def __post_init__(self):
+        for f in fields(self):   # a single value where a list is meant (Python API): a list of one,
+            value = getattr(self, f.name)   # not a string read as its characters
+            if f.type is tuple and isinstance(value, (str, numbers.Number)):
+                setattr(self, f.name, (value,))
         if self.prior_probabilities is None:  # each model's best setting (analyses/tuning/tree/NOTES.md)
             self.prior_probabilities = "learnable" if self.model == "tree" else "uniform"
         check_ranges(self)

@@ -47,3 +47,13 @@ def test_final_refit_clusters_from_the_command_line_reach_the_model():
 def _tree():
     from scvae_hier.hierarchy import Hierarchy
     return Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
+
+
+def test_a_single_value_for_a_list_option_is_a_list_of_one():
+    """Python API: `reseed_epochs=10` or `exclude_labels="cd14_monocytes"` mean a list of one, not a
+    crash deep in the model or a string read as its characters."""
+    options = TrainOptions(data="x.h5ad", model="tree", reseed_epochs=10, exclude_labels="cd14_monocytes", hidden=64)
+    assert (options.reseed_epochs, options.exclude_labels, options.hidden) == ((10,), ("cd14_monocytes",), (64,))
+    assert TreeVAE.arguments_from(options, _tree())["reseed_epochs"] == [10]
+    with pytest.raises(ValueError, match="three fractions"):
+        TrainOptions(data="x.h5ad", split=0.8)

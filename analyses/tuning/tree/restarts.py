@@ -3,6 +3,7 @@
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED   # one run (one thread, resumable)
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED pbmc   # the same on tree.yaml's PBMC cells
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_clusters=4   # an option changed
+    python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_epochs=5,20   # a list option (10, for one)
     python analyses/tuning/tree/restarts.py report                   # score every finished run
 
 Kang 2018 with the experiment's own settings (analyses/kang.yaml: TreeVAE, learnable p(c), the
@@ -54,9 +55,10 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     training.make_split = lambda cells, options: split_of(cells, dataclasses.replace(options, seed=0))
     name = f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}"
     changed = dict(change.split("=") for change in changes)
-    folder = RUNS / "_".join([name, *(f"{key}{value}" for key, value in changed.items())])
+    folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items())])
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
-                   **{key: int(value) for key, value in changed.items()})
+                   **{key: tuple(int(v) for v in value.split(",") if v) if "," in value else int(value)
+                      for key, value in changed.items()})
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
