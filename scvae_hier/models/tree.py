@@ -380,13 +380,12 @@ class TreeVAE(HierarchicalVAE):
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.final_refit = int(final_refit)
         self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
-        # Without labels 4 pieces per leaf at both re-seeds (chosen on validation cells, NOTES.md);
-        # with labels 2 and the re-seed's count, the setting the partial-label results were measured with.
-        if reseed_clusters is None:
-            reseed_clusters = 2 if self.semi_supervised else 4
-        self.reseed_clusters = int(reseed_clusters)
+        # k-means pieces per leaf: without labels 4 at both re-seeds (chosen on validation cells,
+        # NOTES.md); with labels 2, and the final refit follows the re-seed (the partial-label setting).
+        pieces = 2 if self.semi_supervised else 4
+        self.reseed_clusters = int(pieces if reseed_clusters is None else reseed_clusters)
         if final_refit_clusters is None:
-            final_refit_clusters = self.reseed_clusters if self.semi_supervised else 4
+            final_refit_clusters = self.reseed_clusters if self.semi_supervised else pieces
         self.final_refit_clusters = int(final_refit_clusters)
         self.novel_classes = int(novel_classes)
         if self.semi_supervised:

@@ -18,10 +18,12 @@ def scores(folder):
     """{'validation': [ARI per level], 'test': [...]} of the run's own nested clusters."""
     run = run_predictions(folder)
     truth = run["hierarchy"].level_labels(run["labels"])
-    return {part: [float(adjusted_rand_score(truth[run["split"] == part, level],
-                                             run["nested"][level][run["split"] == part]))
-                   for level in range(truth.shape[1])]
-            for part in ("validation", "test")}
+    result = {}
+    for part in ("validation", "test"):
+        cells = run["split"] == part
+        result[part] = [float(adjusted_rand_score(truth[cells, level], run["nested"][level][cells]))
+                        for level in range(truth.shape[1])]
+    return result
 
 
 def show(values):
