@@ -489,6 +489,66 @@ class CountBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.epoch += 1
 
+    @property
+    def in_memory(self) -> bool:
+        return not getattr(self.X, "on_disk", False)
+
+    def as_dataset(self, first_epoch=0):
+        """The same batches as a native tf.data pipeline, for a matrix held in memory.
+
+        Why: Keras reads a PyDataset through a Python generator, one call per batch, and on two
+        cores that measured as much time again as the training step itself (benchmarks/feed_speed.py).
+        Here Python only draws each epoch's permutation (exactly `order()`'s); TensorFlow gathers
+        the rows. Shuffled: one epoch after another without end, the first with epoch counter
+        `first_epoch`, for fit(..., steps_per_epoch=len(self)). Unshuffled: one pass in order."""
+        import tensorflow as tf
+
+        if not self.in_memory:
+            raise ValueError("as_dataset needs the counts in memory; an on-disk matrix is read batch by batch by "
+                             "iterating the CountBatches itself.")
+        gather = self._row_gather()
+        if self.shuffle:
+            def permutation(epoch):
+                return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n).astype(np.int64)
+
+            orders = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).map(
+                lambda epoch: tf.ensure_shape(tf.numpy_function(permutation, [epoch], tf.int64), [self.n]))
+            rows = orders.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size))
+        else:
+            rows = tf.data.Dataset.range(self.n).batch(self.batch_size)
+        return rows.map(gather).prefetch(2)
+
+    def _row_gather(self):
+        """A TensorFlow function from row indices to the batch dict of __getitem__ (CSR rows
+        scattered into a dense block, as toarray() does, duplicates summed)."""
+        import tensorflow as tf
+
+        n_genes = self.X.shape[1]
+        if sp.issparse(self.X):
+            splits = tf.constant(self.X.indptr.astype(np.int64))
+            genes = tf.RaggedTensor.from_row_splits(tf.constant(self.X.indices.astype(np.int32)), splits)
+            values = tf.RaggedTensor.from_row_splits(tf.constant(self.X.data), splits)
+
+            def counts(rows):
+                row_genes, row_values = tf.gather(genes, rows), tf.gather(values, rows)
+                at = tf.stack([row_genes.value_rowids(), tf.cast(row_genes.flat_values, tf.int64)], axis=1)
+                return tf.scatter_nd(at, row_values.flat_values, tf.stack([tf.size(rows, out_type=tf.int64), n_genes]))
+        else:
+            dense = tf.constant(self.X)
+            counts = lambda rows: tf.gather(dense, rows)  # noqa: E731
+        covariates = None if self.covariates is None else tf.constant(self.covariates)
+        labels = None if self.labels is None else tf.constant(self.labels)
+
+        def batch(rows):
+            result = {"counts": counts(rows)}
+            if covariates is not None:
+                result["covariates"] = tf.gather(covariates, rows)
+            if labels is not None:
+                result["labels"] = tf.gather(labels, rows)
+            return result
+
+        return batch
+
     def release(self):
         """Drop the references to the cells' data. Keras keeps every PyDataset that `predict` or
         `fit` has iterated alive for the rest of the process (tf.data's generator registry;

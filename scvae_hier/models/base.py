@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from .. import __version__
+from ..data import CountBatches
 from ..choices import INPUT_TRANSFORMS, LIBRARY_SIZES, NORMALISATIONS, check_choice
 from .layers import CountDecoder
 
@@ -240,6 +241,26 @@ class BaseVAE(keras.Model):
         if isinstance(data, (tuple, list)) and len(data) == 1:
             data = data[0]
         return {"labels": data["labels"]} if isinstance(data, dict) and "labels" in data else {}
+
+    def fit(self, x=None, *args, validation_data=None, **kwargs):
+        """Keras's fit; CountBatches held in memory go in as native tf.data pipelines
+        (CountBatches.as_dataset: the same batches, without Keras's Python generator per batch).
+        Keras calls a PyDataset's on_epoch_end once before its first epoch, so epoch e of a fit
+        (with shuffle=False, as training.fit passes) read the order of epoch counter x.epoch + 1 + e:
+        the pipeline starts there, so a run trained (or resumed) either way sees the same batches."""
+        if isinstance(x, CountBatches) and x.in_memory:
+            kwargs.setdefault("steps_per_epoch", len(x))
+            kwargs["shuffle"] = False   # the CountBatches shuffles its cells itself, every epoch
+            x = x.as_dataset(first_epoch=x.epoch + 1) if x.shuffle else x.as_dataset().repeat()
+        if isinstance(validation_data, CountBatches) and validation_data.in_memory:
+            validation_data = validation_data.as_dataset()
+        return super().fit(x, *args, validation_data=validation_data, **kwargs)
+
+    def compile(self, *args, **kwargs):
+        """Keras's compile; the count law's lgamma terms then take the form that is fastest under
+        the chosen compilation (gather-free and fused with XLA, sparse without; both exact)."""
+        super().compile(*args, **kwargs)
+        self.decoder.fused_lgamma = bool(self.jit_compile)
 
     def train_step(self, data):
         x, covariates = self._unpack(data)

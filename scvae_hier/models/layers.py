@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..distributions import (LOG_R_RANGE, component_law, dense_lgamma_ratio_sum, get_likelihood, lgamma_ratio_sum,
-                             nested_mixture_prior)
+                             nested_mixture_prior, rising_lgamma_ratio_sum)
 
 NORMALISATIONS = ("batch", "layer", "none")
 DISPERSIONS = ("cell", "gene")
@@ -128,6 +128,9 @@ class CountDecoder(keras.layers.Layer):
     # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only (per-cell
     # dispersion); tests and benchmarks/count_law_speed.py set other sums on an instance.
     lgamma_ratio_sum = staticmethod(lgamma_ratio_sum)
+    # True when the model's steps are XLA-compiled (BaseVAE.compile sets it): the lgamma terms then
+    # use the gather-free rising-factorial form, which XLA fuses and which is fastest there.
+    fused_lgamma = False
     # The batch size the packed non-zero entries are sized for (a static shape for XLA, while Keras
     # traces with an unknown batch size); training.fit sets the training batch size.
     sparse_batch_cells = 128
@@ -159,11 +162,13 @@ class CountDecoder(keras.layers.Layer):
         gather of the sparse path then costs more than it saves, so that sum stays dense."""
         if self.dispersion == "gene":
             r_gene = tf.exp(tf.clip_by_value(self.gene_log_r, *LOG_R_RANGE))
-            ratio = dense_lgamma_ratio_sum(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])   # [B, 1]
+            dense = rising_lgamma_ratio_sum if self.fused_lgamma else dense_lgamma_ratio_sum
+            ratio = dense(x, tf.broadcast_to(r_gene, tf.shape(x))[:, None, :])                     # [B, 1]
             return tf.reshape(ratio, [-1] + [1] * extra_axes)
         shape = tf.shape(r)
         r = tf.reshape(r, tf.stack([shape[0], -1, shape[-1]]))
-        ratio = self.lgamma_ratio_sum(x, r, self.sparse_batch_cells)                              # [B, M]
+        ratio_sum = rising_lgamma_ratio_sum if self.fused_lgamma else self.lgamma_ratio_sum
+        ratio = ratio_sum(x, r, self.sparse_batch_cells)                                           # [B, M]
         return tf.reshape(ratio, shape[:-1])
 
     def get_config(self):
