@@ -256,11 +256,18 @@ class BaseVAE(keras.Model):
             validation_data = validation_data.as_dataset()
         return super().fit(x, *args, validation_data=validation_data, **kwargs)
 
-    def compile(self, *args, **kwargs):
-        """Keras's compile; the count law's lgamma terms then take the form that is fastest under
-        the chosen compilation (gather-free and fused with XLA, sparse without; both exact)."""
-        super().compile(*args, **kwargs)
-        self.decoder.fused_lgamma = bool(self.jit_compile)
+    @property
+    def jit_compile(self):
+        return keras.Model.jit_compile.fget(self)
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        """Keras's setter (compile, and loading a compiled model, go through it); the count law's
+        lgamma terms then take the form that is fastest under that compilation (gather-free and
+        fused with XLA, sparse without; both exact). Not an override of compile(): Keras would
+        then skip compiling a loaded model (no optimizer state to resume with)."""
+        keras.Model.jit_compile.fset(self, value)
+        self.decoder.fused_lgamma = bool(self._jit_compile)
 
     def train_step(self, data):
         x, covariates = self._unpack(data)
