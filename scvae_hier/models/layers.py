@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..distributions import (LOG_R_RANGE, component_law, dense_lgamma_ratio_sum, get_likelihood, lgamma_ratio_sum,
-                             nested_mixture_prior, rising_lgamma_ratio_sum)
+                             nested_mixture_prior, rising_lgamma_ratio, rising_lgamma_ratio_sum)
 
 NORMALISATIONS = ("batch", "layer", "none")
 DISPERSIONS = ("cell", "gene")
@@ -141,7 +141,9 @@ class CountDecoder(keras.layers.Layer):
 
         For the negative-binomial laws the costly lgamma(x + r) - lgamma(r) is 0 where x = 0, so it
         is summed apart (see _lgamma_ratio) and added to the cheap rest of the density."""
-        per_cell = -tf.reduce_sum(tf.math.lgamma(x + 1.0), axis=-1)
+        # log x! = lgamma(x + 1) - lgamma(1), the rising factorial of 1 (the fused form under XLA)
+        log_factorial = rising_lgamma_ratio(x, tf.ones_like(x)) if self.fused_lgamma else tf.math.lgamma(x + 1.0)
+        per_cell = -tf.reduce_sum(log_factorial, axis=-1)
         extra_axes = len(params[self.likelihood.params[0]].shape) - len(x.shape)
         x_wide = x
         for _ in range(extra_axes):
