@@ -151,10 +151,10 @@ def rising_lgamma_ratio(x, r):
     return tf.math.log(product) + tail
 
 
-def rising_lgamma_ratio_sum(x, r, batch_cells=None):
+def rising_lgamma_ratio_sum(x, r):
     """dense_lgamma_ratio_sum by rising_lgamma_ratio: x [B, G], r [B, M, G] -> [B, M]. No gather,
     so under XLA it costs little more than no lgamma terms at all; without XLA the sparse sums of
-    lgamma_ratio_sum are faster. (`batch_cells` is ignored: it has no capacities to size.)"""
+    lgamma_ratio_sum are faster."""
     return tf.reduce_sum(rising_lgamma_ratio(x[:, None, :], r), axis=-1)
 
 

@@ -169,8 +169,10 @@ class CountDecoder(keras.layers.Layer):
             return tf.reshape(ratio, [-1] + [1] * extra_axes)
         shape = tf.shape(r)
         r = tf.reshape(r, tf.stack([shape[0], -1, shape[-1]]))
-        ratio_sum = rising_lgamma_ratio_sum if self.fused_lgamma else self.lgamma_ratio_sum
-        ratio = ratio_sum(x, r, self.sparse_batch_cells)                                           # [B, M]
+        if self.fused_lgamma:
+            ratio = rising_lgamma_ratio_sum(x, r)                                                 # [B, M]
+        else:
+            ratio = self.lgamma_ratio_sum(x, r, self.sparse_batch_cells)
         return tf.reshape(ratio, shape[:-1])
 
     def get_config(self):
