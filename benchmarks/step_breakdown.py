@@ -1,5 +1,7 @@
 """Where a MixtureVAE training step's time goes: one compiled step, its forward pass alone, and
-the step with the count law's lgamma terms left out (a lower bound for any faster lgamma form).
+the step with the count law's lgamma terms left out (a lower bound for any faster lgamma form), and
+the step with its reparameterisation noise drawn by TensorFlow's default "auto_select" generator
+rather than by Philox (models.base.NOISE_ALGORITHM; under XLA on CPU the default is slower).
 
 scVAE's settings (benchmarks/scvae_speed.py): its pbmc9.loom, 8,391 cells x 500 genes, K=9,
 latent 20, hidden 100 100, batch 128, per-cell dispersion. Each variant is `model.train_step`
@@ -29,7 +31,7 @@ def main():
     import tensorflow as tf
 
     from scvae_hier.data import CountBatches, prepare, read_counts
-    from scvae_hier.models import MixtureVAE
+    from scvae_hier.models import MixtureVAE, base
 
     prepared = prepare(read_counts(args.loom), n_genes=0)
     batches = CountBatches(prepared.X, 128, shuffle=True, seed=0)
@@ -47,16 +49,20 @@ def main():
             model.decoder.lgamma_ratio_sum = lambda x, r, batch_cells: tf.zeros(tf.shape(r)[:2])
         return model
 
-    model, bare = new_model(), new_model(without_lgamma=True)
+    model, bare, auto = new_model(), new_model(without_lgamma=True), new_model()
     spec = [tf.TensorSpec([None, prepared.n_vars], tf.float32)]
     variants = {
         "training step (as fit runs it)": model.train_step,
         "forward pass only (loss)": lambda x: tf.reduce_mean(model.terms(x, training=True)["loss"]),
         "training step without the lgamma terms": bare.train_step,
+        "training step, noise by 'auto_select'": auto.train_step,
     }
     compiled = {name: tf.function(fn, jit_compile=xla, input_signature=spec) for name, fn in variants.items()}
-    for fn in compiled.values():
+    philox = base.NOISE_ALGORITHM
+    for name, fn in compiled.items():  # the generator is read when the step is traced
+        base.NOISE_ALGORITHM = "auto_select" if "auto_select" in name else philox
         tf.nest.map_structure(lambda v: v.numpy(), fn(xs[0]))
+    base.NOISE_ALGORITHM = philox
     times = {name: [] for name in compiled}
     for step in range(args.steps):
         order = list(compiled) if step % 2 == 0 else list(compiled)[::-1]

@@ -166,3 +166,17 @@ def test_bad_model_settings_are_clear_errors():
         MixtureVAE(G, prior="cauchy")
     with pytest.raises(ValueError, match="Unknown normalisation"):
         VAE(G, normalisation="group")
+
+
+def test_training_noise_is_the_default_generator_stream_without_xla():
+    """The noise is drawn by Philox by name (fast under XLA); without XLA that is the very
+    stream TensorFlow's default "auto_select" gives, so runs trained before the change (all
+    without XLA) keep their noise, and successive draws move on along the stream."""
+    model = MixtureVAE(G, n_components=K, latent_dim=D, hidden=(6,), seed=7)
+    model.build()
+    start = int(model.noise_draws.numpy())
+    first, second = model.sample_noise(tf.constant([B, K, D])), model.sample_noise(tf.constant([B, K, D]))
+    for draw, noise in enumerate([first, second], start):
+        expected = tf.random.stateless_normal([B, K, D], seed=tf.constant([7, draw], tf.int32))  # auto_select
+        np.testing.assert_array_equal(noise.numpy(), expected.numpy())
+    assert not np.array_equal(first.numpy(), second.numpy())

@@ -19,6 +19,7 @@ tfd = tfp.distributions
 
 FORMAT_VERSION = 1  # bump when saved models stop loading into the new code
 NORMALISED_TOTAL = 1e4  # normalised_log1p: counts scaled to this total before log1p (Seurat's scale)
+NOISE_ALGORITHM = "philox"  # reparameterisation noise: see BaseVAE.sample_noise
 
 
 class BaseVAE(keras.Model):
@@ -124,15 +125,20 @@ class BaseVAE(keras.Model):
 
         Under a tf.distribute strategy every replica draws the noise of the whole global batch and
         keeps its own rows, so replicas draw different noise and a run on N devices draws exactly
-        what one device would for the same global batch (reproducible, and tested)."""
+        what one device would for the same global batch (reproducible, and tested).
+
+        Philox by name: it is what "auto_select" gives without XLA on CPU and GPU, so no result
+        changes there, while under XLA on CPU "auto_select" compiles to a generator that cost
+        1-2 ms of a 23 ms MixtureVAE step (benchmarks/step_breakdown.py)."""
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
         self.noise_draws.assign_add(1)
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
-            return tf.random.stateless_normal(shape, seed=seed)
+            return tf.random.stateless_normal(shape, seed=seed, alg=NOISE_ALGORITHM)
         sizes = context.all_gather(tf.reshape(shape[0], [1]), axis=0)              # cells per replica
         offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
-        noise = tf.random.stateless_normal(tf.concat([[tf.reduce_sum(sizes)], shape[1:]], 0), seed=seed)
+        noise = tf.random.stateless_normal(tf.concat([[tf.reduce_sum(sizes)], shape[1:]], 0), seed=seed,
+                                         alg=NOISE_ALGORITHM)
         return noise[offset:offset + shape[0]]
 
     @staticmethod
