@@ -127,9 +127,10 @@ class BaseVAE(keras.Model):
         keeps its own rows, so replicas draw different noise and a run on N devices draws exactly
         what one device would for the same global batch (reproducible, and tested).
 
-        Philox by name: it is what "auto_select" gives without XLA on CPU and GPU, so no result
-        changes there, while under XLA on CPU "auto_select" compiles to a generator that cost
-        1-2 ms of a 23 ms MixtureVAE step (benchmarks/step_breakdown.py)."""
+        Philox by name: without XLA it is the stream the default "auto_select" draws on CPU
+        (tested; TensorFlow documents the default's output as the same on GPU), so no result
+        changes there, while under XLA on CPU "auto_select" compiles to a slower generator: about
+        3 ms of a 23-26 ms MixtureVAE step (benchmarks/step_breakdown.py)."""
         seed = tf.stack([tf.constant(self.seed, tf.int32), tf.convert_to_tensor(self.noise_draws)])
         self.noise_draws.assign_add(1)
         context = tf.distribute.get_replica_context()
