@@ -49,7 +49,7 @@ def main():
         fit(model, batches, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[stamp])
         return [end - start for start, end in zip(times[::2], times[1::2])][1:]
 
-    def python_loop(model, batches, epochs, **_):
+    def python_loop(model, batches, epochs):
         step = tf.function(model.train_step, jit_compile=model.jit_compile,
                            input_signature=[{"counts": tf.TensorSpec([None, prepared.n_vars], tf.float32)}])
         times = []

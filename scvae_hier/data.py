@@ -470,9 +470,12 @@ class CountBatches(keras.utils.PyDataset):
         if not self.shuffle:
             return np.arange(self.n)
         if self._order[0] != self.epoch:
-            self._order = (self.epoch,
-                           np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+            self._order = (self.epoch, self.shuffled_order(self.epoch))
         return self._order[1]
+
+    def shuffled_order(self, epoch):
+        """The seeded row permutation of epoch counter `epoch` (order() and as_dataset() both use it)."""
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n)
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
@@ -498,8 +501,8 @@ class CountBatches(keras.utils.PyDataset):
 
         Why: Keras reads a PyDataset through a Python generator, one call per batch, and on two
         cores that measured as much time again as the training step itself (benchmarks/feed_speed.py).
-        Here Python only draws each epoch's permutation (exactly `order()`'s); TensorFlow gathers
-        the rows. Shuffled: one epoch after another without end, the first with epoch counter
+        Here Python only draws each epoch's permutation (`shuffled_order`, as `order()` does);
+        TensorFlow gathers the rows. Shuffled: one epoch after another without end, the first with epoch counter
         `first_epoch`, for fit(..., steps_per_epoch=len(self)). Unshuffled: one pass in order."""
         import tensorflow as tf
 
@@ -509,7 +512,7 @@ class CountBatches(keras.utils.PyDataset):
         gather = self._row_gather()
         if self.shuffle:
             def permutation(epoch):
-                return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n).astype(np.int64)
+                return self.shuffled_order(epoch).astype(np.int64)
 
             orders = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).map(
                 lambda epoch: tf.ensure_shape(tf.numpy_function(permutation, [epoch], tf.int64), [self.n]))

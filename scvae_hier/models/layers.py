@@ -128,7 +128,7 @@ class CountDecoder(keras.layers.Layer):
     # distributions.lgamma_ratio_sum evaluates the lgamma terms at non-zero counts only (per-cell
     # dispersion); tests and benchmarks/count_law_speed.py set other sums on an instance.
     lgamma_ratio_sum = staticmethod(lgamma_ratio_sum)
-    # True when the model's steps are XLA-compiled (BaseVAE.compile sets it): the lgamma terms then
+    # True when the model's steps are XLA-compiled (BaseVAE's jit_compile setter sets it): the lgamma terms then
     # use the gather-free rising-factorial form, which XLA fuses and which is fastest there.
     fused_lgamma = False
     # The batch size the packed non-zero entries are sized for (a static shape for XLA, while Keras
