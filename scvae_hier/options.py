@@ -86,10 +86,10 @@ class TrainOptions:
     final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
                                        "(default 4 without labels: the trained latent separates small types; "
                                        "the re-seed's count when trained with labels).")
-    # -- partial labels (semi-supervised TreeVAE)
-    semi_supervised: bool = option(False, "Train with the cells' labels where they have them (TreeVAE): a cell may be "
-                                   "labelled at any level or none (NaN, empty or --unlabelled-category); components "
-                                   "are the hierarchy's classes, in its order.")
+    # -- partial labels (semi-supervised models)
+    semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
+                                   "momix): a cell may be labelled at any level or none (NaN, empty or "
+                                   "--unlabelled-category); components are the hierarchy's classes, in its order.")
     labelled: tuple = option((), "Experiments: hide every label except a seeded share of cells per level, as "
                              "LEVEL=FRACTION (level name or number; e.g. level_4=0.01 level_2=0.1), stratified by "
                              "the finest class; implies --semi-supervised.", nargs="+")
@@ -167,10 +167,13 @@ def check_ranges(options) -> None:
             raise ValueError(f"{flag} must be {bound}; got {value!r}.")
     if len(tuple(options.split)) != 3 or abs(sum(options.split) - 1.0) > 1e-6:
         raise ValueError(f"--split needs three fractions (train, validation, test) that sum to 1; got {options.split!r}.")
-    if (options.semi_supervised or options.labelled or options.novel_classes or options.hide_labels) \
-            and options.model != "tree":
-        raise ValueError(f"Partial labels (--semi-supervised, --labelled, --hide-labels, --novel-classes) are "
-                         f"implemented for --model tree; got --model {options.model}.")
+    if (options.semi_supervised or options.labelled or options.hide_labels) and options.model == "vae":
+        raise ValueError("Partial labels (--semi-supervised, --labelled, --hide-labels) need a model with clusters "
+                         "to name: --model tree, mixture, indmom or momix; the plain vae has none.")
+    if options.novel_classes and options.model != "tree":
+        raise ValueError(f"--novel-classes is a TreeVAE option (an 'unassigned' branch of the tree); with "
+                         f"--model mixture use --n-components above the number of finest classes; got --model "
+                         f"{options.model}.")
     if options.folds == 1:
         raise ValueError("--folds must be 0 (use --split) or at least 2.")
     if options.folds and not options.fold < options.folds:

@@ -238,7 +238,7 @@ def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys
     outputs = anndata.read_h5ad(run / "outputs.h5ad")
     assert outputs.obs["labelled"].sum() == 60 and "scvae_level_4" in outputs.obs
     for flags, message in ((["--labelled", "level_7=0.1"], "no level named 'level_7'"),
-                           (["--labelled", "level_4=0.1", "--model", "mixture"], "implemented for --model tree"),
+                           (["--labelled", "level_4=0.1", "--model", "vae"], "plain vae has none"),
                            (["--hide-labels", "not_a_label"], "--hide-labels \\['not_a_label'\\]")):
         assert main([*common[:-1], str(tmp_path / "bad"), *flags]) == 2
         assert any(part in capsys.readouterr().err for part in message.split("\\"))

@@ -22,6 +22,15 @@ NORMALISED_TOTAL = 1e4  # normalised_log1p: counts scaled to this total before l
 NOISE_ALGORITHM = "philox"  # reparameterisation noise: see BaseVAE.sample_noise
 
 
+def classification_weight_for(label_weight, labels):
+    """label_weight x (cells / labelled cells): the weight of -log q(labels|x) per labelled cell
+    that makes label_weight weigh the mean over labelled cells against the mean ELBO, whatever the
+    share of labelled cells (scANVI's classification ratio). labels: [n, L] codes, -1 unlabelled."""
+    labels = np.asarray(labels)
+    labelled = int((labels >= 0).any(axis=1).sum())
+    return float(label_weight) * len(labels) / max(labelled, 1)
+
+
 class BaseVAE(keras.Model):
     """Shared machinery and the contract every model fulfils.
 
@@ -73,6 +82,27 @@ class BaseVAE(keras.Model):
                                            aggregation="only_first_replica", name="noise_draws")
 
     # ------------------------------------------------------------------ pieces for subclasses
+    semi_supervised = False
+
+    def _init_supervision(self, semi_supervised=False, label_weight=5.0, weight=False):
+        """Partial labels (models.supervision): a `classification` term and its weight per labelled
+        cell (set by `fit` from the training labels). Call before `_init_trackers`. `weight`: create
+        that weight without labels too (TreeVAE's saved files always held it)."""
+        self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
+        if self.semi_supervised:
+            self.term_names = (*self.term_names, "classification")
+        if self.semi_supervised or weight:
+            self.classification_weight = self.add_weight(shape=(), initializer=keras.initializers.Constant(label_weight),
+                                                         trainable=False, name="classification_weight")
+
+    def add_classification(self, terms, classification, like):
+        """Add the classification term (zeros for a batch without labels) to a semi-supervised
+        model's terms and loss; `like` is any [B] tensor of the batch."""
+        if self.semi_supervised:
+            terms["classification"] = tf.zeros_like(like) if classification is None else classification
+            terms["loss"] = terms["loss"] + self.classification_weight * terms["classification"]
+        return terms
+
     def _init_trackers(self):
         """Call at the end of a subclass __init__, once `term_names` is known."""
         self.trackers = {name: keras.metrics.Mean(name=name) for name in self.term_names}
@@ -189,10 +219,11 @@ class BaseVAE(keras.Model):
         variable summed out of both, so that log-mean-exp over S bounds log p(x) (the IWAE)."""
         raise NotImplementedError
 
-    def level_predictions(self, level_probabilities) -> list:
+    def level_predictions(self, level_probabilities, labels=None) -> list:
         """Each level's cluster per cell from its posterior q(y_l|x) ([n, K_l] numpy arrays, coarse
         to fine): the argmax of each level on its own. A model whose predictions must nest
-        (TreeVAE) overrides this."""
+        (TreeVAE, the semi-supervised models) overrides this, and then takes labels ([n, L]
+        codes, -1 unlabelled) to keep a labelled cell's path through its labels."""
         return [np.asarray(p).argmax(axis=1) for p in level_probabilities]
 
     def prior_components(self):
@@ -255,6 +286,8 @@ class BaseVAE(keras.Model):
         Keras calls a PyDataset's on_epoch_end once before its first epoch, so epoch e of a fit
         (with shuffle=False, as training.fit passes) read the order of epoch counter x.epoch + 1 + e:
         the pipeline starts there, so a run trained (or resumed) either way sees the same batches."""
+        if self.semi_supervised and getattr(x, "labels", None) is not None:
+            self.classification_weight.assign(classification_weight_for(self.label_weight, x.labels))
         if isinstance(x, CountBatches) and x.in_memory:
             kwargs.setdefault("steps_per_epoch", len(x))
             kwargs["shuffle"] = False   # the CountBatches shuffles its cells itself, every epoch

@@ -7,6 +7,10 @@ with target_l uniform by default or the model's own marginal p(y_l) (the poster'
 learnable prior can satisfy by collapsing along with q).
 Reported ELBO: reconstruction - KL_z - sum_l KL_y_l, the true bound (beta = 1, no averaging,
 no penalty), comparable across models.
+
+Partial labels (`semi_supervised`, models.supervision): level l's classes are the hierarchy's,
+in its order; a labelled cell's q(y_l|x) is restricted to the classes its labels allow, and the
+predictions are the tree path with the most posterior mass, so they nest.
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
@@ -15,6 +19,7 @@ import tensorflow as tf
 from ..choices import USAGE_TARGETS, check_choice
 from .base import BaseVAE
 from .paths import perplexity, usage_kl
+from .supervision import check_parents, default_parents, level_masks, most_probable_path
 
 
 
@@ -33,8 +38,18 @@ class HierarchicalVAE(BaseVAE):
             raise ValueError(f"--level-sizes gives {len(sizes)} levels but the hierarchy has {hierarchy.n_levels} "
                              f"({', '.join(hierarchy.levels)}); give one size per level.")
         weights = list(options.usage_level_weights) if options.usage_level_weights else None
-        return dict(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
-                    usage_target=options.usage_target, usage_level_weights=weights)
+        arguments = dict(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
+                         usage_target=options.usage_target, usage_level_weights=weights)
+        if getattr(options, "semi_supervised", False):
+            if hierarchy is None:
+                raise ValueError("Partial labels need a hierarchy (--hierarchy or --levels).")
+            if sizes != list(hierarchy.sizes):
+                raise ValueError(f"With labels, --model {options.model}'s classes are the hierarchy's ({hierarchy.sizes} "
+                                 f"per level); leave out --level-sizes (--model tree --novel-classes adds classes "
+                                 f"for types nobody labelled).")
+            arguments.update(parents=[hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)],
+                             semi_supervised=True, label_weight=float(options.label_weight))
+        return arguments
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, usage_target="uniform",
                  usage_level_weights=None, **kwargs):
@@ -66,6 +81,25 @@ class HierarchicalVAE(BaseVAE):
         self.term_names = ("loss", "elbo", "reconstruction", "kl_z", "kl_y", "marginal_usage",
                            *(f"kl_y_{l}" for l in levels), *(f"components_used_{l}" for l in levels))
 
+    def _init_level_supervision(self, parents=None, semi_supervised=False, label_weight=5.0):
+        """The tree of the classes (parents[l - 1]: the parent of each class of level l; default
+        an even split) and, with labels, the classification term. Call before `_init_trackers`."""
+        self.parents = [[int(p) for p in links] for links in (parents or default_parents(self.level_sizes))]
+        check_parents(self.parents, self.level_sizes)
+        self._init_supervision(semi_supervised, label_weight)
+
+    def label_level_masks(self, labels):
+        """Per level, the [B, K_l] log-mask of the classes a cell's labels allow (all if unlabelled)."""
+        return level_masks(labels, self.parents, self.level_sizes)
+
+    def level_predictions(self, level_probabilities, labels=None):
+        """Without labels the poster's rule, each level's argmax on its own; a semi-supervised
+        model's classes are the hierarchy's, so it predicts the tree path with the largest
+        sum of log q(y_l|x), among those a labelled cell's labels allow: nested for every cell."""
+        if not self.semi_supervised:
+            return super().level_predictions(level_probabilities)
+        return most_probable_path(level_probabilities, self.parents, labels)
+
     def combine(self, reconstruction, kl_z, kl_y, kl_y_objective, level_kls, log_q_marginals,
                 log_p_marginals) -> dict:
         """Per-cell loss and reported terms from per-level pieces. `kl_y` enters the reported
@@ -89,4 +123,5 @@ class HierarchicalVAE(BaseVAE):
     def get_config(self):
         return {**super().get_config(), "level_sizes": list(self.level_sizes), "prior": self.prior_law,
                 "marginal_usage": self.marginal_usage, "usage_target": self.usage_target,
-                "usage_level_weights": list(self.usage_level_weights)}
+                "usage_level_weights": list(self.usage_level_weights), "parents": self.parents,
+                "semi_supervised": self.semi_supervised, "label_weight": self.label_weight}

@@ -4,6 +4,8 @@ Branch l is a mixture with K_l components: its own q(y_l|x), q(z|x,y_l), p(z|y_l
 on a shared input trunk and a shared decoder. With a uniform choice of branch the mean of the
 branch ELBOs bounds log p(x) (log mean_b p_b(x) >= mean_b log p_b(x) >= mean_b ELBO_b).
 All sum_l K_l decoder passes run as one batched call. Level-l clusters come from branch l.
+With partial labels each branch's q(y_l|x) of a labelled cell is restricted to the classes its
+labels allow, and -log q_l(allowed|x) summed over the branches is the classification term.
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
@@ -15,6 +17,7 @@ from ..distributions import component_law, mixture_prior
 from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .mixture import mixture_log_weights, mixture_terms
+from .supervision import restrict
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
@@ -23,7 +26,8 @@ class IndMoMVAE(HierarchicalVAE):
     def arguments_from(cls, options, hierarchy) -> dict:
         return dict(super().arguments_from(options, hierarchy), prior_probabilities=options.prior_probabilities)
 
-    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", prior_probabilities="uniform", **kwargs):
+    def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", prior_probabilities="uniform", parents=None,
+                 semi_supervised=False, label_weight=5.0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -40,6 +44,7 @@ class IndMoMVAE(HierarchicalVAE):
             self.prior_logits.append(self.add_weight(shape=(k,), initializer="zeros",
                                                      trainable=prior_probabilities == "learnable",
                                                      name=f"prior_{level}_logits"))
+        self._init_level_supervision(parents, semi_supervised, label_weight)
         self._init_trackers()
 
     def prior_sizes(self):
@@ -74,9 +79,14 @@ class IndMoMVAE(HierarchicalVAE):
             branches.append((log_qy, loc, scale))
         return branches
 
-    def terms(self, x, training=False, noise=None, covariates=None):
+    def terms(self, x, training=False, noise=None, covariates=None, labels=None):
         covariates = self.check_covariates(covariates)
         branches = self.encode(x, training, covariates)
+        classification = None
+        if labels is not None and self.semi_supervised:
+            restricted = [restrict(log_qy, mask) for (log_qy, _, _), mask in zip(branches, self.label_level_masks(labels))]
+            classification = tf.add_n([minus_log_in for _, minus_log_in in restricted])
+            branches = [(log_qy, loc, scale) for (log_qy, _), (_, loc, scale) in zip(restricted, branches)]
         locs = tf.concat([loc for _, loc, _ in branches], axis=1)     # [B, sum K_l, D]
         scales = tf.concat([scale for _, _, scale in branches], axis=1)
         z = self.reparameterise(locs, scales, noise)
@@ -91,8 +101,9 @@ class IndMoMVAE(HierarchicalVAE):
         mean = lambda key: tf.add_n([b[key] for b in per_branch]) / self.n_levels  # noqa: E731
         kl_y = mean("kl_y")
         log_p_marginals = [tf.nn.log_softmax(logits) for logits in self.prior_logits]
-        return self.combine(mean("reconstruction"), mean("kl_z"), kl_y, kl_y, [b["kl_y"] for b in per_branch],
-                            [log_qy for log_qy, _, _ in branches], log_p_marginals)
+        terms = self.combine(mean("reconstruction"), mean("kl_z"), kl_y, kl_y, [b["kl_y"] for b in per_branch],
+                             [log_qy for log_qy, _, _ in branches], log_p_marginals)
+        return self.add_classification(terms, classification, kl_y)
 
     def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """[S, B] log-weights whose log-mean-exp over S is log mean_b (IWAE bound of branch b).

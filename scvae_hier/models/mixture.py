@@ -4,9 +4,16 @@ p(y) = Cat(pi), p(z|y=k) = Law(mu_k, sigma_k), p(x|z) a count law;
 q(y|x) a categorical MLP, q(z|x,y) a Gaussian MLP on [x, onehot(y)].
 ELBO(x) = sum_k q(k|x) (E_q(z|x,k) log p(x|z) - KL(q(z|x,k) || p(z|k))) - KL(q(y|x) || p(y)),
 with the sum over k exact and the K decoder passes run as one batched call.
+
+With partial labels (`semi_supervised`) the first K_L components are the hierarchy's finest
+classes, in its order (any more are unnamed, for types nobody labelled: "unassigned" at every
+level), a labelled cell's q(y|x) is restricted to the components its labels allow, and the model
+is read like TreeVAE: q(y_l|x) is the sum of its leaves' posteriors and the predictions are the
+most probable leaf and its ancestors, a path of the hierarchy (`clustering` "levels").
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -15,6 +22,7 @@ from ..distributions import mixture_prior
 from .base import BaseVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .paths import perplexity
+from .supervision import NEGLIGIBLE, label_log_mask, leaf_ancestors, path_predictions, restrict
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
@@ -28,9 +36,16 @@ class MixtureVAE(BaseVAE):
         if not n_components:
             raise ValueError("The mixture needs a number of components: pass --n-components, or a hierarchy "
                              "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
-        return dict(n_components=n_components, prior=options.prior, prior_probabilities=options.prior_probabilities)
+        arguments = dict(n_components=n_components, prior=options.prior, prior_probabilities=options.prior_probabilities)
+        if getattr(options, "semi_supervised", False):
+            if hierarchy is None:
+                raise ValueError("Partial labels need a hierarchy (--hierarchy or --levels).")
+            arguments.update(semi_supervised=True, label_weight=float(options.label_weight), class_sizes=list(hierarchy.sizes),
+                             parents=[hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)])
+        return arguments
 
-    def __init__(self, n_genes, n_components=10, prior="normal", prior_probabilities="uniform", **kwargs):
+    def __init__(self, n_genes, n_components=10, prior="normal", prior_probabilities="uniform", semi_supervised=False,
+                 label_weight=5.0, class_sizes=None, parents=None, **kwargs):
         super().__init__(n_genes, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -46,7 +61,31 @@ class MixtureVAE(BaseVAE):
         self.prior_components = PriorComponents((self.n_components,), self.latent_dim, prior, name="prior")
         self.prior_logits = self.add_weight(shape=(self.n_components,), initializer="zeros",
                                             trainable=prior_probabilities == "learnable", name="prior_logits")
+        self.class_sizes = None if class_sizes is None else [int(k) for k in class_sizes]
+        self.parents = None if parents is None else [[int(p) for p in links] for links in parents]
+        if semi_supervised:
+            self._name_components()
+        self._init_supervision(semi_supervised, label_weight)
         self._init_trackers()
+
+    def _name_components(self):
+        """Components as the hierarchy's leaves (class_sizes, parents), and the extra ones under an
+        "unassigned" class at every level: `tree_parents`, `level_sizes`, `component_ancestors`
+        [L, K] and the log-masks [K, K_l] that sum leaves into classes."""
+        if not self.class_sizes or len(self.parents or []) != len(self.class_sizes) - 1:
+            raise ValueError("A semi-supervised MixtureVAE needs the hierarchy's class_sizes and parents.")
+        sizes, extra = self.class_sizes, self.n_components - self.class_sizes[-1]
+        if extra < 0:
+            raise ValueError(f"With labels the mixture's components are the {sizes[-1]} finest classes; "
+                             f"--n-components must be at least {sizes[-1]}, got {self.n_components}.")
+        self.tree_parents = [links + ([sizes[level]] * (extra if level == len(self.parents) - 1 else 1) if extra else [])
+                             for level, links in enumerate(self.parents)]
+        self.level_sizes = tuple(k + (1 if extra else 0) for k in sizes[:-1]) + (self.n_components,)
+        # No label names an "unassigned" class or an extra leaf, so a labelled cell never uses them.
+        self.component_ancestors = leaf_ancestors(self.tree_parents, self.n_components)
+        self.level_masks = [np.where(row[:, None] == np.arange(k), 0.0, NEGLIGIBLE).astype("float32")
+                            for row, k in zip(self.component_ancestors, self.level_sizes)]
+        self.clustering = "levels"
 
     def prior_sizes(self):
         return [self.n_components]
@@ -72,21 +111,34 @@ class MixtureVAE(BaseVAE):
         loc, scale = self.z_head(self.z_stack(h, training=training))
         return log_qy, loc, scale
 
-    def terms(self, x, training=False, noise=None, covariates=None):
+    def terms(self, x, training=False, noise=None, covariates=None, labels=None):
         covariates = self.check_covariates(covariates)
         log_qy, loc, scale = self.encode(x, training, covariates)
+        classification = None
+        if labels is not None and self.semi_supervised:
+            log_qy, classification = restrict(log_qy, label_log_mask(labels, self.component_ancestors))
         z = self.reparameterise(loc, scale, noise)                                     # [B, K, D]
         reconstruction = self.decoder.log_prob(x, self.decode(z, x, covariates, training))  # [B, K]
         terms = mixture_terms(log_qy, loc, scale, z, reconstruction, self.prior_components.distribution(),
                               self.log_py())
         terms["loss"] = -(terms["reconstruction"] - self.kl_weight * (terms["kl_z"] + terms["kl_y"]))
         terms["components_used"] = perplexity(log_qy)
-        return terms
+        return self.add_classification(terms, classification, terms["kl_y"])
 
     def outputs(self, x, covariates=None):
         log_qy, loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
         qy = tf.exp(log_qy)
-        return {"latent": tf.reduce_sum(qy[..., None] * loc, axis=1), "cluster_probabilities": qy}
+        latent = tf.reduce_sum(qy[..., None] * loc, axis=1)
+        if not self.semi_supervised:
+            return {"latent": latent, "cluster_probabilities": qy}
+        return {"latent": latent, **{f"level_{l + 1}_probabilities": tf.exp(tf.reduce_logsumexp(
+            log_qy[:, :, None] + mask, axis=1)) for l, mask in enumerate(self.level_masks)}}
+
+    def level_predictions(self, level_probabilities, labels=None):
+        """With labels: the most probable leaf (among those the labels allow) and its ancestors."""
+        if not self.semi_supervised:
+            return super().level_predictions(level_probabilities)
+        return path_predictions(level_probabilities, self.tree_parents, labels)
 
     def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """log p(x, z) - log q(z|x), [S, B], for z ~ q(z|x) = sum_y q(y|x) q(z|x,y) (stateless draws)."""
@@ -96,7 +148,8 @@ class MixtureVAE(BaseVAE):
 
     def get_config(self):
         return {**super().get_config(), "n_components": self.n_components, "prior": self.prior_law,
-                "prior_probabilities": self.prior_probabilities}
+                "prior_probabilities": self.prior_probabilities, "semi_supervised": self.semi_supervised,
+                "label_weight": self.label_weight, "class_sizes": self.class_sizes, "parents": self.parents}
 
 
 def mixture_terms(log_qy, loc, scale, z, reconstruction, components, log_py) -> dict:

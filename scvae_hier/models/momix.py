@@ -12,6 +12,9 @@ path exactly in the prior and categorical terms; they differ in q(z|x, path):
   each path's q(z|x, y_L) to its own component p(z|y_1..y_L) is still taken over all paths
   (P Gaussian KLs of dimension D per cell: cheap). It is an exact ELBO of the same generative
   model with a smaller posterior family, so it is a true lower bound, never an estimate.
+With partial labels a labelled cell's q(path|x) is restricted to the paths its labels allow (at
+each level the labelled class, and below a coarse label only its subtree), and -log q(allowed
+paths|x) is the classification term.
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
@@ -23,6 +26,7 @@ from .hierarchical import HierarchicalVAE
 from .layers import DenseStack, GaussianHead, NestedPrior
 from .mixture import mixture_log_weights
 from .paths import chain, level_kls, level_marginals, n_paths
+from .supervision import restrict
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
@@ -33,7 +37,8 @@ class MoMixVAE(HierarchicalVAE):
                     transitions=options.transitions, component_means=options.component_means)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", inference="scalable",
-                 transitions="learnable", component_means="tree", **kwargs):
+                 transitions="learnable", component_means="tree", parents=None, semi_supervised=False,
+                 label_weight=5.0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("inference mode", inference, INFERENCE_MODES)
@@ -57,6 +62,7 @@ class MoMixVAE(HierarchicalVAE):
         z_categories = self.n_paths if inference == "exact" else self.level_sizes[-1]
         self.z_stack = DenseStack(self.hidden, self.normalisation, n_categories=z_categories, name="z_encoder")
         self.z_head = GaussianHead(self.latent_dim, name="z_head")
+        self._init_level_supervision(parents, semi_supervised, label_weight)
         self._init_trackers()
 
     def prior_sizes(self):
@@ -123,12 +129,25 @@ class MoMixVAE(HierarchicalVAE):
         full = tf.broadcast_to(expanded, tf.concat([leading, tf.shape(t)[2:]], axis=0))
         return tf.reshape(full, tf.concat([[batch, self.n_paths], tf.shape(t)[2:]], axis=0))
 
-    def terms(self, x, training=False, noise=None, covariates=None):
+    def path_label_mask(self, labels):
+        """[B, K_1, ..., K_L] log-mask of the paths a cell's labels allow: the sum of the levels' masks."""
+        mask = 0.0
+        for level, level_mask in enumerate(self.label_level_masks(labels)):
+            shape = [-1] + [1] * level + [self.level_sizes[level]] + [1] * (self.n_levels - level - 1)
+            mask = mask + tf.reshape(level_mask, shape)
+        return mask
+
+    def terms(self, x, training=False, noise=None, covariates=None, labels=None):
         covariates = self.check_covariates(covariates)
         h = self.encoder_input(x, covariates)
         batch = tf.shape(x)[0]
         log_p = self.log_prior_paths()
         log_q = self.log_q_paths(h, training)                                   # [B, K_1..K_L]
+        classification = None
+        if labels is not None and self.semi_supervised:
+            flat, classification = restrict(tf.reshape(log_q, [batch, -1]),
+                                            tf.reshape(self.path_label_mask(labels), [batch, -1]))
+            log_q = tf.reshape(flat, tf.shape(log_q))
         q_flat = tf.exp(tf.reshape(log_q, [batch, -1]))                         # [B, P]
         loc, scale = self.z_head(self.z_stack(h, training=training))            # [B, P or K_L, D]
         z = self.reparameterise(loc, scale, noise)
@@ -139,9 +158,10 @@ class MoMixVAE(HierarchicalVAE):
         kl_z = tf.reduce_sum(q_flat * kl_z, axis=-1)
         kls = level_kls(log_q, log_p, self.n_levels)
         kl_y = tf.add_n(kls)
-        return self.combine(reconstruction, kl_z, kl_y, kl_y / self.n_levels, kls,
-                            level_marginals(log_q, self.n_levels),
-                            level_marginals(tf.expand_dims(log_p, 0), self.n_levels))
+        terms = self.combine(reconstruction, kl_z, kl_y, kl_y / self.n_levels, kls,
+                             level_marginals(log_q, self.n_levels),
+                             level_marginals(tf.expand_dims(log_p, 0), self.n_levels))
+        return self.add_classification(terms, classification, kl_y)
 
     def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """[S, B] log p(x, z) - log q(z|x) with every path summed out of p(z) and of

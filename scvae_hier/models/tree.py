@@ -40,58 +40,22 @@ import tensorflow as tf
 from sklearn.cluster import KMeans
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
-from ..distributions import mixture_prior
 from ..labels import allowed_components
+from ..distributions import mixture_prior
 from .hierarchical import HierarchicalVAE
 from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
 from .paths import perplexity
+from .supervision import (check_parents, default_parents, label_log_mask, leaf_ancestors,  # noqa: F401 (re-exported)
+                          path_predictions, restrict)
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
-NEGLIGIBLE = -1e9       # log-mask of components outside a class
+NEGLIGIBLE = -1e9       # log-mask of components outside a class (as supervision.NEGLIGIBLE)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
 
 # ----------------------------------------------------------------------------- tree algebra
-def default_parents(level_sizes):
-    """A tree for bare level sizes (no hierarchy): children split evenly over parents, in order."""
-    return [[c * k_parent // k for c in range(k)] for k_parent, k in zip(level_sizes, level_sizes[1:])]
-
-
-def check_parents(parents, level_sizes):
-    """Every class of level l > 1 has one parent of level l - 1, and every class has a child."""
-    if len(parents) != len(level_sizes) - 1:
-        raise ValueError(f"parents gives {len(parents)} levels of parent links; a {len(level_sizes)}-level tree "
-                         f"needs {len(level_sizes) - 1}.")
-    for level, (links, k_parent, k) in enumerate(zip(parents, level_sizes, level_sizes[1:]), start=2):
-        links = np.asarray(links, dtype=int)
-        if links.shape != (k,) or links.min() < 0 or links.max() >= k_parent:
-            raise ValueError(f"Level {level}: parents must give each of its {k} classes a parent in 0..{k_parent - 1}, "
-                             f"got {list(links)}.")
-        childless = sorted(set(range(k_parent)) - set(links.tolist()))
-        if childless:
-            raise ValueError(f"Level {level - 1} class(es) {childless} have no child at level {level}; every class "
-                             f"of a tree needs at least one leaf below it.")
-
-
-def leaf_ancestors(parents, n_leaves):
-    """[L, K_L] array: the class at each level (coarse to fine) of every leaf."""
-    rows = [np.arange(n_leaves)]
-    for links in reversed(parents):
-        rows.insert(0, np.asarray(links, dtype=int)[rows[0]])
-    return np.stack(rows)
-
-
-def path_predictions(level_probabilities, parents):
-    """The nested prediction rule: every level's class is an ancestor of the most probable leaf.
-
-    level_probabilities: list of [n, K_l] arrays (only the last, the leaf marginals, is read);
-    returns a list of [n] class indices per level that form a path of the tree for every cell."""
-    leaf = np.asarray(level_probabilities[-1]).argmax(axis=1)
-    return [row[leaf] for row in leaf_ancestors(parents, np.asarray(level_probabilities[-1]).shape[1])]
-
-
 def _tree_scores(centres, counts, ancestors, assignments):
     """Between-class sum of squares, summed over the levels, of each assignment of clusters to
     leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the total sum of
@@ -379,17 +343,14 @@ class TreeVAE(HierarchicalVAE):
         self.prior_probabilities = prior_probabilities
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
         self.final_refit = int(final_refit)
-        self.semi_supervised, self.label_weight = bool(semi_supervised), float(label_weight)
         # k-means pieces per leaf: without labels 4 at both re-seeds (chosen on validation cells,
         # NOTES.md); with labels 2, and the final refit follows the re-seed (the partial-label setting).
-        pieces = 2 if self.semi_supervised else 4
+        pieces = 2 if semi_supervised else 4
         self.reseed_clusters = int(pieces if reseed_clusters is None else reseed_clusters)
         if final_refit_clusters is None:
-            final_refit_clusters = self.reseed_clusters if self.semi_supervised else pieces
+            final_refit_clusters = self.reseed_clusters if semi_supervised else pieces
         self.final_refit_clusters = int(final_refit_clusters)
         self.novel_classes = int(novel_classes)
-        if self.semi_supervised:
-            self.term_names = (*self.term_names, "classification")
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -403,11 +364,7 @@ class TreeVAE(HierarchicalVAE):
                                              name="components")
         self.prior_logits = self.add_weight(shape=(self.n_components,), initializer="zeros",
                                             trainable=prior_probabilities == "learnable", name="prior_logits")
-        # Weight of -log q(labels|x) per labelled cell: label_weight x (cells / labelled cells), set
-        # by `fit` from the training labels, so label_weight weighs the mean over labelled cells
-        # against the mean ELBO whatever the share of labelled cells (scANVI's classification ratio).
-        self.classification_weight = self.add_weight(shape=(), initializer=keras.initializers.Constant(label_weight),
-                                                     trainable=False, name="classification_weight")
+        self._init_supervision(semi_supervised, label_weight, weight=True)
         self._init_trackers()
 
     # ---------------------------------------------------------------- prior and initialisation
@@ -506,13 +463,6 @@ class TreeVAE(HierarchicalVAE):
         """log q(y_l|x) for every level: the components under each class summed, [B, K_l] each."""
         return [tf.reduce_logsumexp(log_qc[:, :, None] + mask, axis=1) for mask in self.level_masks]
 
-    def label_mask(self, labels):
-        """[B, M] log-mask: 0 for the components a cell's labels ([B, L], -1 unlabelled) allow."""
-        labels = tf.cast(labels, tf.int32)[:, :, None]                                      # [B, L, 1]
-        ancestors = tf.constant(self.component_ancestors, tf.int32)[None]                   # [1, L, M]
-        ok = tf.reduce_all((labels < 0) | tf.equal(ancestors, labels), axis=1)
-        return tf.where(ok, 0.0, NEGLIGIBLE)
-
     def terms(self, x, training=False, noise=None, covariates=None, labels=None):
         """Per-cell ELBO terms. With labels (semi-supervised): a labelled cell's q(c|x) is
         restricted to the components under its labels (the bound on log p(x, labels)), and
@@ -527,10 +477,7 @@ class TreeVAE(HierarchicalVAE):
         log_qc = self.component_log_posterior(loc, scale, z)
         classification = None
         if labels is not None and self.semi_supervised:
-            mask = self.label_mask(labels)
-            log_in = tf.reduce_logsumexp(log_qc + mask, axis=1)                              # log q(labels|x)
-            classification = -log_in
-            log_qc = log_qc + mask - log_in[:, None]
+            log_qc, classification = restrict(log_qc, label_log_mask(labels, self.component_ancestors))
         log_pc = self.log_pc()
         pieces = mixture_terms(log_qc, loc[:, None], scale[:, None], z[:, None], reconstruction,
                                self.components.distribution(), log_pc)
@@ -543,11 +490,7 @@ class TreeVAE(HierarchicalVAE):
         level_kls[-1] += pieces["kl_y"] - prefix[-1]
         terms = self.combine(pieces["reconstruction"], pieces["kl_z"], pieces["kl_y"], pieces["kl_y"], level_kls,
                              q_levels, p_levels)
-        if self.semi_supervised:
-            classification = tf.zeros_like(loc[:, 0]) if classification is None else classification
-            terms["classification"] = classification
-            terms["loss"] = terms["loss"] + self.classification_weight * classification
-        return terms
+        return self.add_classification(terms, classification, loc[:, 0])
 
     def uniform_usage_targets(self):
         """The tree's 'uniform' usage target: every component equally used, so a class's target
@@ -556,14 +499,9 @@ class TreeVAE(HierarchicalVAE):
         return [m[0] for m in self.level_log_marginals(uniform)]
 
     def level_predictions(self, level_probabilities, labels=None):
-        """Nested by construction: every level's class is an ancestor of the most probable leaf;
-        with labels ([n, L] codes, -1 unlabelled), the most probable leaf the labels allow, so a
-        labelled cell's path goes through its labels."""
-        if labels is not None:
-            leaf = np.asarray(level_probabilities[-1], dtype=float)
-            allowed = allowed_components(labels, leaf_ancestors(self.parents, leaf.shape[1]))
-            level_probabilities = [*level_probabilities[:-1], np.where(allowed, leaf, -1.0)]
-        return path_predictions(level_probabilities, self.parents)
+        """Nested by construction: every level's class is an ancestor of the most probable leaf
+        (among those a labelled cell's labels allow, so its path goes through its labels)."""
+        return path_predictions(level_probabilities, self.parents, labels)
 
     def prior_components(self):
         return self.log_pc(), self.components.distribution(), np.asarray(self.component_ancestors)
@@ -590,9 +528,6 @@ class TreeVAE(HierarchicalVAE):
         callbacks = list(callbacks or [])
         reseeding = next((c for c in callbacks if isinstance(c, TreeReseeding)), None)
         cells, labels = getattr(x, "X", x), getattr(x, "labels", None)
-        if self.semi_supervised and labels is not None:
-            labelled = int((np.asarray(labels) >= 0).any(axis=1).sum())
-            self.classification_weight.assign(self.label_weight * len(labels) / max(labelled, 1))
         if reseeding is None and (self.reseed_epochs or self.final_refit) and hasattr(cells, "shape"):
             reseeding = TreeReseeding(cells, getattr(x, "covariates", None), self.reseed_epochs, log=print,
                                       labels=labels)
@@ -606,12 +541,10 @@ class TreeVAE(HierarchicalVAE):
         return history
 
     def get_config(self):
-        return {**super().get_config(), "parents": self.parents, "components_per_leaf": self.components_per_leaf,
+        return {**super().get_config(), "components_per_leaf": self.components_per_leaf,
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
-                "final_refit_clusters": self.final_refit_clusters,
-                "semi_supervised": self.semi_supervised, "label_weight": self.label_weight,
-                "novel_classes": self.novel_classes}
+                "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes}
 
 
 class TreeReseeding(keras.callbacks.Callback):

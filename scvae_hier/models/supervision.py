@@ -1,0 +1,108 @@
+"""Partial labels on a model's discrete posterior: which components a cell's labels allow, the
+posterior restricted to them, and the named predictions that form a path of the hierarchy.
+
+Labels are codes [B, L] (the class index at each level, -1 unlabelled; coarse levels completed
+from fine ones by `labels.complete`). Every component of a model's posterior (a leaf of TreeVAE,
+a cluster of MixtureVAE, a class of one branch of IndMoMVAE, a path of MoMixVAE) has a class at
+the levels it spans (`ancestors` [L', M], a value no label takes where it has none), and a
+labelled cell may use only the components whose class at each labelled level is its label.
+
+Semi-supervised objective (Kingma et al. 2014's M2; scANVI's choice): the ELBO with q restricted
+to the allowed components, renormalised (the bound on log p(x, labels), summed over the paths
+that agree with the labels), plus `classification_weight` x -log q(allowed | x) from the
+unrestricted posterior, which teaches the encoder where each class lies so that it also helps the
+cells nobody labelled.
+"""
+from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
+import numpy as np
+import tensorflow as tf
+
+from ..labels import allowed_components
+
+NEGLIGIBLE = -1e9   # log-mask of components a cell's labels exclude
+
+
+def label_log_mask(labels, ancestors):
+    """[B, M] log-mask, 0 on the components the labels allow and NEGLIGIBLE elsewhere.
+
+    labels [B, L'] codes of the levels `ancestors` [L', M] covers (the first L' levels)."""
+    labels = tf.cast(labels, tf.int32)[:, :, None]                                   # [B, L', 1]
+    ancestors = tf.constant(np.asarray(ancestors), tf.int32)[None]                    # [1, L', M]
+    ok = tf.reduce_all((labels < 0) | tf.equal(ancestors, labels), axis=1)
+    return tf.where(ok, 0.0, NEGLIGIBLE)
+
+
+def restrict(log_q, log_mask):
+    """(log q restricted to the allowed components and renormalised, -log q(allowed)), for
+    log_q [B, M] and a log-mask of the same shape. An unlabelled cell gets (log_q, 0)."""
+    log_in = tf.reduce_logsumexp(log_q + log_mask, axis=-1)
+    return log_q + log_mask - log_in[:, None], -log_in
+
+
+def default_parents(level_sizes):
+    """A tree for bare level sizes (no hierarchy): children split evenly over parents, in order."""
+    return [[c * k_parent // k for c in range(k)] for k_parent, k in zip(level_sizes, level_sizes[1:])]
+
+
+def check_parents(parents, level_sizes):
+    """Every class of level l > 1 has one parent of level l - 1, and every class has a child."""
+    if len(parents) != len(level_sizes) - 1:
+        raise ValueError(f"parents gives {len(parents)} levels of parent links; a {len(level_sizes)}-level tree "
+                         f"needs {len(level_sizes) - 1}.")
+    for level, (links, k_parent, k) in enumerate(zip(parents, level_sizes, level_sizes[1:]), start=2):
+        links = np.asarray(links, dtype=int)
+        if links.shape != (k,) or links.min() < 0 or links.max() >= k_parent:
+            raise ValueError(f"Level {level}: parents must give each of its {k} classes a parent in 0..{k_parent - 1}, "
+                             f"got {list(links)}.")
+        childless = sorted(set(range(k_parent)) - set(links.tolist()))
+        if childless:
+            raise ValueError(f"Level {level - 1} class(es) {childless} have no child at level {level}; every class "
+                             f"of a tree needs at least one leaf below it.")
+
+
+def leaf_ancestors(parents, n_leaves):
+    """[L, K_L] array: the class at each level (coarse to fine) of every leaf. parents[l - 1]
+    gives the parent (at level l - 1) of every class of level l."""
+    rows = [np.arange(n_leaves)]
+    for links in reversed(parents):
+        rows.insert(0, np.asarray(links, dtype=int)[rows[0]])
+    return np.stack(rows)
+
+
+def path_predictions(level_probabilities, parents, labels=None):
+    """The nested prediction rule of a mixture over leaves (TreeVAE, semi-supervised MixtureVAE):
+    every level's class is an ancestor of the most probable leaf, among the leaves the labels
+    ([n, L] codes, -1 unlabelled) allow. level_probabilities: [n, K_l] per level (only the last,
+    the leaf marginals, is read); returns [n] class indices per level, a path for every cell."""
+    leaf = np.asarray(level_probabilities[-1], dtype=float)
+    ancestors = leaf_ancestors(parents, leaf.shape[1])
+    if labels is not None:
+        leaf = np.where(allowed_components(labels, ancestors), leaf, -1.0)
+    return [row[leaf.argmax(axis=1)] for row in ancestors]
+
+
+def class_ancestors(parents, level_sizes):
+    """Per level l (0-based): [l + 1, K_l], the class at levels 0..l of every class of level l."""
+    return [leaf_ancestors(parents[:level], k) for level, k in enumerate(level_sizes)]
+
+
+def level_masks(labels, parents, level_sizes):
+    """Per level, the [B, K_l] log-mask of its classes: a class is allowed when it is the label of
+    its level (if any) and under the labels of every coarser level (a coarse label restricts the
+    finer levels to its subtree)."""
+    return [label_log_mask(labels[:, :level + 1], ancestors)
+            for level, ancestors in enumerate(class_ancestors(parents, level_sizes))]
+
+
+def most_probable_path(level_probabilities, parents, labels=None):
+    """The tree path (leaf and its ancestors) with the largest sum over levels of log q(y_l|x),
+    among the paths the labels allow: the nested prediction of models whose levels have their own
+    posteriors (IndMoMVAE's branches, MoMixVAE's marginals). level_probabilities: [n, K_l] per level."""
+    probabilities = [np.asarray(p, dtype=float) for p in level_probabilities]
+    ancestors = leaf_ancestors(parents, probabilities[-1].shape[1])                      # [L, K_L]
+    score = sum(np.log(np.maximum(p[:, row], 1e-300)) for p, row in zip(probabilities, ancestors))
+    if labels is not None:
+        score = np.where(allowed_components(labels, ancestors), score, -np.inf)
+    leaf = score.argmax(axis=1)
+    return [row[leaf] for row in ancestors]
+
