@@ -385,7 +385,7 @@ class HierarchyModel:
         if node is None:
             prior = self.module.prior()
         else:
-            log_weights, components, _ = self.module.prior_components()
+            log_weights, components, _ = self.module.prior_mixture()
             keep = self._components_under(node, level)
             log_weights = tf.where(tf.constant(keep), log_weights, -np.inf)
             prior = tfp.distributions.MixtureSameFamily(tfp.distributions.Categorical(logits=log_weights), components)
@@ -433,7 +433,7 @@ class HierarchyModel:
             raise SetupError(f"{node!r} is not a class of the hierarchy; classes per level: "
                              + "; ".join(f"{lv}: {self.hierarchy.classes(i)}" for i, lv in enumerate(levels)))
         names = self.module.metadata.get("cluster_names", {})
-        _, _, component_levels = self.module.prior_components()
+        _, _, component_levels = self.module.prior_mixture()
         # A name repeated at several levels (a class that does not split) means the same cells:
         # use the finest of those levels at which some cluster was matched to it.
         for index in reversed(where):

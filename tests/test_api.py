@@ -130,6 +130,11 @@ def test_flat_mixture_names_nest_in_the_hierarchy(cells):
         assert tuple(row[f"scvae_{lv}"] for lv in model.hierarchy.levels) in paths
     # Coarser probabilities sum the clusters under the name, so they never fall below the finest one.
     assert (named["scvae_level_1_probability"] >= named["scvae_level_4_probability"] - 1e-6).all()
+    # Its prior samples cells of a node (the components named under it; the prior layer's
+    # attribute once hid the method this needs).
+    node = str(named["scvae_level_2"].iloc[0])
+    sample = model.sample(n=20, node=node, seed=0)
+    assert sample.n_obs == 20 and (sample.obs["node"] == node).all() and sample.X.sum() > 0
 
 
 def test_command_line_trains_the_same_model(momix, cells, tmp_path):

@@ -1,6 +1,6 @@
 """Partial labels experiment (issue 16): semi-supervised TreeVAE against a flat baseline.
 
-    python analyses/partial_labels/run.py [--seeds 0 1 2] [--only NAME ...]
+    python analyses/partial_labels/run.py [--seeds 0 1 2] [--only NAME ...] [--models tree mixture indmom momix]
 
 Every setting trains one run per seed (one thread each, run folders in runs/partial/, not
 committed) and appends one row per run to analyses/partial_labels/results.csv as it finishes; a
@@ -140,6 +140,22 @@ def trained(name, options):
     return folder
 
 
+# The other semi-supervised models on the same settings (method name in results.csv), with XLA:
+# they decode every cluster per cell, where XLA halves the time of a step (README, Benchmark).
+OTHER_MODELS = {"mixture": "mixturevae", "indmom": "indmomvae", "momix": "momixvae"}
+
+
+def run_other_model(name, seed, model, done):
+    """One semi-supervised MixtureVAE / IndMoMVAE / MoMixVAE run on a setting; no LR row (the
+    setting's TreeVAE run has it, on the same labelled cells)."""
+    options = dict(PBMC, **SETTINGS[name], seed=seed, model=model, xla=True)
+    folder = trained(f"{name}_{model}_s{seed}", options)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
+    row, _ = score_run(folder, hierarchy)
+    append(dict(row, setting=name, method=OTHER_MODELS[model], seed=seed, seconds=metrics["seconds"]))
+
+
 def run_setting(name, seed, done):
     options = dict(PBMC, **SETTINGS[name], seed=seed)
     folder = trained(f"{name}_s{seed}", options)
@@ -199,11 +215,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", *OTHER_MODELS])
     args = parser.parse_args()
     names = args.only or list(SETTINGS) + list(QUERIES)
     for seed in args.seeds:
         for name in names:
             done = done_keys()
+            for model in (m for m in args.models if m != "tree"):
+                if name in SETTINGS and name != "unknown_cd14" and (name, OTHER_MODELS[model], seed) not in done:
+                    run_other_model(name, seed, model, done)
+            if "tree" not in args.models:
+                continue
             if name in QUERIES:
                 if not any(s.startswith(name) and sd == seed for s, _, sd in done):
                     run_query(name, seed, done)

@@ -226,7 +226,7 @@ class BaseVAE(keras.Model):
         codes, -1 unlabelled) to keep a labelled cell's path through its labels."""
         return [np.asarray(p).argmax(axis=1) for p in level_probabilities]
 
-    def prior_components(self):
+    def prior_mixture(self):
         """The prior p(z) as one mixture: (log weights [M], component distribution with batch [M],
         class index of each component at every level [L, M] (-1: none), or None for a flat model).
         Sampling from a hierarchy node keeps the components under it."""

@@ -82,10 +82,13 @@ class HierarchicalVAE(BaseVAE):
                            *(f"kl_y_{l}" for l in levels), *(f"components_used_{l}" for l in levels))
 
     def _init_level_supervision(self, parents=None, semi_supervised=False, label_weight=5.0):
-        """The tree of the classes (parents[l - 1]: the parent of each class of level l; default
-        an even split) and, with labels, the classification term. Call before `_init_trackers`."""
-        self.parents = [[int(p) for p in links] for links in (parents or default_parents(self.level_sizes))]
-        check_parents(self.parents, self.level_sizes)
+        """With labels, the tree of the classes (parents[l - 1]: the parent of each class of level
+        l; default an even split) and the classification term. Without labels the levels need not
+        form a tree (any --level-sizes). Call before `_init_trackers`."""
+        self.parents = None
+        if parents is not None or semi_supervised:
+            self.parents = [[int(p) for p in links] for links in (parents or default_parents(self.level_sizes))]
+            check_parents(self.parents, self.level_sizes)
         self._init_supervision(semi_supervised, label_weight)
 
     def label_level_masks(self, labels):

@@ -55,7 +55,7 @@ class IndMoMVAE(HierarchicalVAE):
             centres, scales, _ = moments[k]
             prior.set_moments(centres, scales)
 
-    def prior_components(self):
+    def prior_mixture(self):
         """p(z) = (1/L) sum over branches of branch l's mixture: one mixture of sum_l K_l components;
         a component of branch l has a class at level l only."""
         log_weights = tf.concat([tf.nn.log_softmax(logits) for logits in self.prior_logits], 0) - np.log(self.n_levels)

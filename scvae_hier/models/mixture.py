@@ -101,7 +101,7 @@ class MixtureVAE(BaseVAE):
         """The marginal prior p(z) = sum_k pi_k p(z|k) as a TFP MixtureSameFamily."""
         return mixture_prior(self.prior_logits, self.prior_components.distribution())
 
-    def prior_components(self):
+    def prior_mixture(self):
         return self.log_py(), self.prior_components.distribution(), None
 
     def encode(self, x, training=False, covariates=None):

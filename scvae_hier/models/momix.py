@@ -101,7 +101,7 @@ class MoMixVAE(HierarchicalVAE):
         """The marginal prior p(z): TFP MixtureSameFamily nested once per level."""
         return self.prior_layer.distribution()
 
-    def prior_components(self):
+    def prior_mixture(self):
         paths = np.array(np.unravel_index(np.arange(self.n_paths), self.level_sizes))   # [L, P]
         return tf.reshape(self.log_prior_paths(), [-1]), self.prior_layer.flat_components(), paths
 

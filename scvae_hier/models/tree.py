@@ -503,7 +503,7 @@ class TreeVAE(HierarchicalVAE):
         (among those a labelled cell's labels allow, so its path goes through its labels)."""
         return path_predictions(level_probabilities, self.parents, labels)
 
-    def prior_components(self):
+    def prior_mixture(self):
         return self.log_pc(), self.components.distribution(), np.asarray(self.component_ancestors)
 
     def outputs(self, x, covariates=None):
