@@ -256,7 +256,8 @@ def format_evaluation(evaluation: Evaluation) -> str:
         lines.append("No per-level scores: the data has no labels of the run's hierarchy, or the model no clusters.")
     else:
         table = evaluation.levels[[c for c in COLUMNS if c in evaluation.levels]].rename(columns=COLUMNS)
-        lines.append("Per-level clustering (argmax q(y|x); Hungarian matching, unmatched clusters count as wrong):")
+        lines.append("Per-level clustering (the model's own: argmax q(y_l|x), or its nested path rule for TreeVAE and "
+                     "semi-supervised models; Hungarian matching, unmatched clusters count as wrong):")
         lines.append(table.to_string(float_format=lambda v: f"{v:.3f}"))
         consistency = evaluation.levels.attrs.get("hierarchy_consistency")
         if consistency is not None:
