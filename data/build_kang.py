@@ -1,6 +1,6 @@
 """Build data/kang2018.h5ad: Kang et al. 2018's control PBMCs with the hierarchy in uns.
 
-    python data/build_kang.py [--source PATH] [--output data/kang2018.h5ad]
+    python data/build_kang.py --source PATH [--output data/kang2018.h5ad]
 
 Keeps every cell and gene with its raw integer counts (CSR int32), obs 'cluster_id' (the
 authors' 8 types), 'sample_id' (8 donors, the batch) and level_1..level_4, and stores the
@@ -25,7 +25,8 @@ LEVELS = ["level_1", "level_2", "level_3", "level_4"]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=str(REPO.parent / "shared/data/kang2018/kang2018_pbmc.h5ad"))
+    parser.add_argument("--source", required=True,
+                        help="kang2018_pbmc.h5ad, the muscat subset of GSE96583 (data/README.md says where it comes from)")
     parser.add_argument("--output", default=str(REPO / "data" / "kang2018.h5ad"))
     args = parser.parse_args()
     adata = anndata.read_h5ad(args.source)

@@ -1,6 +1,6 @@
 """Build data/pbmc.h5ad: the shipped PBMC counts with hierarchy levels derived from the labels.
 
-    python data/build_pbmc.py [--source PATH] [--hierarchy TSV] [--output data/pbmc.h5ad]
+    python data/build_pbmc.py --source PATH [--hierarchy TSV] [--output data/pbmc.h5ad]
 
 Keeps all cells, the raw integer counts (CSR int32) and every original obs/var column; adds
 obs level_1..level_4 from obs['source_library'] via the hierarchy table, the hierarchy itself
@@ -22,7 +22,6 @@ import scipy.sparse as sp  # noqa: E402
 from scvae_hier.data import file_checksum, validate_counts  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "zheng2017_purified_pbmc_merged3sources.h5ad"
 
 
 def build(source, hierarchy_file, output):
@@ -61,8 +60,8 @@ def build(source, hierarchy_file, output):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=str(DEFAULT_SOURCE),
-                        help="zheng2017_purified_pbmc_merged3sources.h5ad")
+    parser.add_argument("--source", required=True,
+                        help="zheng2017_purified_pbmc_merged3sources.h5ad (data/README.md says where it comes from)")
     parser.add_argument("--hierarchy", default=str(REPO / "data" / "pbmc_hierarchy.tsv"))
     parser.add_argument("--output", default=str(REPO / "data" / "pbmc.h5ad"))
     args = parser.parse_args(argv)

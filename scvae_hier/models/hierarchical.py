@@ -19,7 +19,7 @@ import tensorflow as tf
 from ..choices import USAGE_TARGETS, check_choice
 from .base import BaseVAE
 from .paths import perplexity, usage_kl
-from .supervision import check_parents, default_parents, level_masks, most_probable_path
+from .supervision import check_parents, default_parents, level_masks, most_probable_path, supervision_arguments
 
 
 
@@ -40,16 +40,12 @@ class HierarchicalVAE(BaseVAE):
         weights = list(options.usage_level_weights) if options.usage_level_weights else None
         arguments = dict(level_sizes=sizes, prior=options.prior, marginal_usage=options.marginal_usage,
                          usage_target=options.usage_target, usage_level_weights=weights)
-        if getattr(options, "semi_supervised", False):
-            if hierarchy is None:
-                raise ValueError("Partial labels need a hierarchy (--hierarchy or --levels).")
-            if sizes != list(hierarchy.sizes):
-                raise ValueError(f"With labels, --model {options.model}'s classes are the hierarchy's ({hierarchy.sizes} "
-                                 f"per level); leave out --level-sizes (--model tree --novel-classes adds classes "
-                                 f"for types nobody labelled).")
-            arguments.update(parents=[hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)],
-                             semi_supervised=True, label_weight=float(options.label_weight))
-        return arguments
+        supervised = supervision_arguments(options, hierarchy)
+        if supervised and sizes != list(hierarchy.sizes):
+            raise ValueError(f"With labels, --model {options.model}'s classes are the hierarchy's ({hierarchy.sizes} "
+                             f"per level); leave out --level-sizes (--model tree --novel-classes adds classes "
+                             f"for types nobody labelled).")
+        return dict(arguments, **supervised)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), prior="normal", marginal_usage=1.0, usage_target="uniform",
                  usage_level_weights=None, **kwargs):

@@ -13,7 +13,6 @@ most probable leaf and its ancestors, a path of the hierarchy (`clustering` "lev
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -22,7 +21,8 @@ from ..distributions import mixture_prior
 from .base import BaseVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .paths import perplexity
-from .supervision import NEGLIGIBLE, label_log_mask, leaf_ancestors, path_predictions, restrict
+from .supervision import (class_log_marginals, component_level_masks, label_log_mask, leaf_ancestors,
+                          path_predictions, restrict, supervision_arguments)
 
 
 @keras.saving.register_keras_serializable("scvae_hier")
@@ -37,11 +37,9 @@ class MixtureVAE(BaseVAE):
             raise ValueError("The mixture needs a number of components: pass --n-components, or a hierarchy "
                              "(--hierarchy / --levels / --label-column) to use its number of finest classes.")
         arguments = dict(n_components=n_components, prior=options.prior, prior_probabilities=options.prior_probabilities)
-        if getattr(options, "semi_supervised", False):
-            if hierarchy is None:
-                raise ValueError("Partial labels need a hierarchy (--hierarchy or --levels).")
-            arguments.update(semi_supervised=True, label_weight=float(options.label_weight), class_sizes=list(hierarchy.sizes),
-                             parents=[hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)])
+        supervised = supervision_arguments(options, hierarchy)
+        if supervised:
+            arguments.update(supervised, class_sizes=list(hierarchy.sizes))
         return arguments
 
     def __init__(self, n_genes, n_components=10, prior="normal", prior_probabilities="uniform", semi_supervised=False,
@@ -83,8 +81,7 @@ class MixtureVAE(BaseVAE):
         self.level_sizes = tuple(k + (1 if extra else 0) for k in sizes[:-1]) + (self.n_components,)
         # No label names an "unassigned" class or an extra leaf, so a labelled cell never uses them.
         self.component_ancestors = leaf_ancestors(self.tree_parents, self.n_components)
-        self.level_masks = [np.where(row[:, None] == np.arange(k), 0.0, NEGLIGIBLE).astype("float32")
-                            for row, k in zip(self.component_ancestors, self.level_sizes)]
+        self.level_masks = component_level_masks(self.component_ancestors, self.level_sizes)
         self.clustering = "levels"
 
     def prior_sizes(self):
@@ -131,8 +128,8 @@ class MixtureVAE(BaseVAE):
         latent = tf.reduce_sum(qy[..., None] * loc, axis=1)
         if not self.semi_supervised:
             return {"latent": latent, "cluster_probabilities": qy}
-        return {"latent": latent, **{f"level_{l + 1}_probabilities": tf.exp(tf.reduce_logsumexp(
-            log_qy[:, :, None] + mask, axis=1)) for l, mask in enumerate(self.level_masks)}}
+        return {"latent": latent, **{f"level_{l + 1}_probabilities": tf.exp(m)
+                                     for l, m in enumerate(class_log_marginals(log_qy, self.level_masks))}}
 
     def level_predictions(self, level_probabilities, labels=None):
         """With labels: the most probable leaf (among those the labels allow) and its ancestors."""

@@ -106,3 +106,27 @@ def most_probable_path(level_probabilities, parents, labels=None):
     leaf = score.argmax(axis=1)
     return [row[leaf] for row in ancestors]
 
+
+def hierarchy_parents(hierarchy):
+    """parents[l - 1]: the parent index of every class of level l, from a Hierarchy."""
+    return [hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)]
+
+
+def supervision_arguments(options, hierarchy) -> dict:
+    """The constructor arguments of a model trained on partial labels ({} without them)."""
+    if not getattr(options, "semi_supervised", False):
+        return {}
+    if hierarchy is None:
+        raise ValueError("Partial labels need a hierarchy (--hierarchy or --levels).")
+    return dict(parents=hierarchy_parents(hierarchy), semi_supervised=True, label_weight=float(options.label_weight))
+
+
+def component_level_masks(component_ancestors, level_sizes):
+    """Per level, the [M, K_l] log-mask that sums components into the classes above them."""
+    return [np.where(row[:, None] == np.arange(k), 0.0, NEGLIGIBLE).astype("float32")
+            for row, k in zip(np.asarray(component_ancestors), level_sizes)]
+
+
+def class_log_marginals(log_q, masks):
+    """log q(y_l|x) [B, K_l] per level from component log-posteriors log_q [B, M] (their sum)."""
+    return [tf.reduce_logsumexp(log_q[:, :, None] + mask, axis=1) for mask in masks]

@@ -40,17 +40,16 @@ import tensorflow as tf
 from sklearn.cluster import KMeans
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
-from ..labels import allowed_components
 from ..distributions import mixture_prior
+from ..labels import allowed_components
 from .hierarchical import HierarchicalVAE
 from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
 from .paths import perplexity
-from .supervision import (check_parents, default_parents, label_log_mask, leaf_ancestors,  # noqa: F401 (re-exported)
-                          path_predictions, restrict)
+from .supervision import (check_parents, class_log_marginals, component_level_masks, default_parents,
+                          hierarchy_parents, label_log_mask, leaf_ancestors, path_predictions, restrict)
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
-NEGLIGIBLE = -1e9       # log-mask of components outside a class (as supervision.NEGLIGIBLE)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
@@ -313,7 +312,7 @@ class TreeVAE(HierarchicalVAE):
         if options.level_sizes and list(options.level_sizes) != list(hierarchy.sizes):
             raise ValueError(f"--model tree takes its level sizes from the hierarchy ({hierarchy.sizes}); leave out "
                              f"--level-sizes, or use --components-per-leaf for more components than leaves.")
-        parents = [hierarchy.parent_index(level).tolist() for level in range(1, hierarchy.n_levels)]
+        parents = hierarchy_parents(hierarchy)
         arguments = super().arguments_from(options, hierarchy)
         novel = int(getattr(options, "novel_classes", 0) or 0)
         if novel:  # an "unassigned" class at every level, holding `novel` leaves of its own
@@ -356,8 +355,7 @@ class TreeVAE(HierarchicalVAE):
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
         # [L, M]: the class of every component at every level; the last row is its leaf.
         self.component_ancestors = leaf_ancestors(self.parents, n_leaves)[:, leaf_of_component]
-        self.level_masks = [np.where(row[:, None] == np.arange(k), 0.0, NEGLIGIBLE).astype("float32")
-                            for row, k in zip(self.component_ancestors, self.level_sizes)]   # [M, K_l] each
+        self.level_masks = component_level_masks(self.component_ancestors, self.level_sizes)   # [M, K_l] each
         self.z_stack = DenseStack(self.hidden, self.normalisation, name="z_encoder")
         self.z_head = GaussianHead(self.latent_dim, name="z_head")
         self.components = TreePathComponents(self.component_ancestors.tolist(), self.latent_dim, prior,
@@ -461,7 +459,7 @@ class TreeVAE(HierarchicalVAE):
 
     def level_log_marginals(self, log_qc):
         """log q(y_l|x) for every level: the components under each class summed, [B, K_l] each."""
-        return [tf.reduce_logsumexp(log_qc[:, :, None] + mask, axis=1) for mask in self.level_masks]
+        return class_log_marginals(log_qc, self.level_masks)
 
     def terms(self, x, training=False, noise=None, covariates=None, labels=None):
         """Per-cell ELBO terms. With labels (semi-supervised): a labelled cell's q(c|x) is
