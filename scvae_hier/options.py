@@ -6,7 +6,7 @@ option documented here is an option the CLI has and a run remembers.
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from .choices import (CLASSIFICATIONS, COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
+from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
                       LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
                       PRIOR_PROBABILITIES, TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
@@ -99,10 +99,6 @@ class TrainOptions:
     label_weight: float = option(5.0, "Semi-supervised: weight of the mean -log q(label|x) over labelled cells "
                                  "against the mean ELBO per cell (scANVI's classification ratio is 50; 1-20 scored "
                                  "alike on validation cells here, 50 and 500 lower: analyses/partial_labels/NOTES.md).")
-    classification: str = option("path", "Semi-supervised TreeVAE: the classification term, -log q(labels|x) of the "
-                                 "cell's labelled path once ('path'), or summed over its labelled levels "
-                                 "('levels', as IndMoMVAE's branches do), which weighs a coarse error more.",
-                                 list(CLASSIFICATIONS))
     novel_classes: int = option(0, "Semi-supervised TreeVAE: extra leaves, under an 'unassigned' class at every "
                                 "level, for cell types nobody labelled.")
     batch_size: int = option(128, "Minibatch size.")

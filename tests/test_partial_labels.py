@@ -14,7 +14,7 @@ from test_tree import SMALL_PARENTS, small_model
 from scvae_hier.hierarchy import Hierarchy, HierarchyError
 from scvae_hier.labels import allowed_components, complete, label_codes, parse_reveal, reveal
 from scvae_hier.metrics import hierarchical_f1
-from scvae_hier.models.tree import TreeVAE, leaf_ancestors, tree_clustering
+from scvae_hier.models.tree import leaf_ancestors, tree_clustering
 
 TREE = Hierarchy("leaf", ["coarse", "mid", "fine"],
                  {"a1": ("A", "Aa", "a1"), "a2": ("A", "Aa", "a2"), "b1": ("A", "Ab", "b1"),
@@ -120,34 +120,6 @@ def test_semi_supervised_terms_restrict_q_and_add_the_classification_loss():
     np.testing.assert_allclose(terms["loss"], free["loss"] - (terms["elbo"] - free["elbo"])
                                + 2.0 * terms["classification"]
                                + (terms["marginal_usage"] - free["marginal_usage"]), rtol=1e-4, atol=1e-3)
-
-
-def test_levels_classification_sums_minus_log_q_over_the_labelled_levels():
-    """classification='levels' by hand: for each level the cell is labelled at, -log of q(c|x)
-    summed over the components under its labels down to that level; the ELBO is the 'path'
-    model's (the same restriction), only the classification term differs."""
-    levels = small_model(semi_supervised=True, classification="levels")
-    path = small_model(semi_supervised=True)
-    levels.build(), path.build()
-    path.set_weights(levels.get_weights())
-    rng = np.random.default_rng(2)
-    x = tf.constant(rng.poisson(3.0, size=(4, 7)).astype("float32"))
-    noise = tf.constant(rng.normal(size=(4, 2)).astype("float32"))
-    labels = np.array([[-1, -1, -1], [0, -1, -1], [1, 2, -1], [0, 1, 1]])
-    terms = {k: v.numpy() for k, v in levels.terms(x, noise=noise, labels=tf.constant(labels)).items()}
-    by_path = {k: v.numpy() for k, v in path.terms(x, noise=noise, labels=tf.constant(labels)).items()}
-    log_qc = levels.encode(x)[0].numpy()
-    ancestors = levels.component_ancestors
-    expected = np.zeros(4)
-    for i, row in enumerate(labels):
-        for level in np.flatnonzero(row >= 0):
-            under = [m for m in range(5) if all(ancestors[l][m] == row[l] for l in range(level + 1))]
-            expected[i] -= logsumexp(log_qc[i, under])
-    np.testing.assert_allclose(terms["classification"], expected, rtol=1e-5, atol=1e-5)
-    assert terms["classification"][3] > by_path["classification"][3] + 1e-3    # three levels, not one
-    np.testing.assert_allclose(terms["classification"][:2], by_path["classification"][:2], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(terms["elbo"], by_path["elbo"], rtol=1e-5)
-    assert TreeVAE.from_config(levels.get_config()).classification == "levels"
 
 
 def test_label_aware_reseeding_keeps_labelled_cells_under_their_leaves():

@@ -39,17 +39,6 @@ def restrict(log_q, log_mask):
     return log_q + log_mask - log_in[:, None], -log_in
 
 
-def level_classification(log_q, labels, ancestors):
-    """sum over a cell's labelled levels l of -log q(y_1..y_l = its labels | x), for log_q [B, M] and
-    ancestors [L, M]: a wrong coarse class costs at every level below it, a wrong sibling once."""
-    labels = tf.cast(labels, tf.int32)
-    total = 0.0
-    for level in range(labels.shape[1]):
-        log_in = tf.reduce_logsumexp(log_q + label_log_mask(labels[:, :level + 1], ancestors[:level + 1]), axis=-1)
-        total = total - tf.where(labels[:, level] >= 0, log_in, 0.0)
-    return total
-
-
 def default_parents(level_sizes):
     """A tree for bare level sizes (no hierarchy): children split evenly over parents, in order."""
     return [[c * k_parent // k for c in range(k)] for k_parent, k in zip(level_sizes, level_sizes[1:])]

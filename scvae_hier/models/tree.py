@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.cluster import KMeans
 
-from ..choices import CLASSIFICATIONS, PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from .hierarchical import HierarchicalVAE
@@ -47,8 +47,7 @@ from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _invers
 from .mixture import mixture_log_weights, mixture_terms
 from .paths import perplexity
 from .supervision import (check_parents, class_log_marginals, component_level_masks, default_parents,
-                          hierarchy_parents, label_log_mask, leaf_ancestors, level_classification, path_predictions,
-                          restrict)
+                          hierarchy_parents, label_log_mask, leaf_ancestors, path_predictions, restrict)
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
@@ -324,7 +323,6 @@ class TreeVAE(HierarchicalVAE):
         return dict(arguments, parents=parents,
                     semi_supervised=bool(getattr(options, "semi_supervised", False)),
                     label_weight=float(getattr(options, "label_weight", 5.0)), novel_classes=novel,
-                    classification=getattr(options, "classification", "path"),
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,
@@ -332,13 +330,10 @@ class TreeVAE(HierarchicalVAE):
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
-                 final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
-                 classification="path", **kwargs):
+                 final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
-        check_choice("classification", classification, CLASSIFICATIONS)
-        self.classification = classification
         self.parents = [[int(p) for p in links] for links in (parents or default_parents(self.level_sizes))]
         check_parents(self.parents, self.level_sizes)
         if int(components_per_leaf) < 1:
@@ -480,10 +475,7 @@ class TreeVAE(HierarchicalVAE):
         log_qc = self.component_log_posterior(loc, scale, z)
         classification = None
         if labels is not None and self.semi_supervised:
-            if self.classification == "levels":
-                classification = level_classification(log_qc, labels, self.component_ancestors)
-            log_qc, path_term = restrict(log_qc, label_log_mask(labels, self.component_ancestors))
-            classification = path_term if classification is None else classification
+            log_qc, classification = restrict(log_qc, label_log_mask(labels, self.component_ancestors))
         log_pc = self.log_pc()
         pieces = mixture_terms(log_qc, loc[:, None], scale[:, None], z[:, None], reconstruction,
                                self.components.distribution(), log_pc)
@@ -550,8 +542,7 @@ class TreeVAE(HierarchicalVAE):
         return {**super().get_config(), "components_per_leaf": self.components_per_leaf,
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
-                "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
-                "classification": self.classification}
+                "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes}
 
 
 class TreeReseeding(keras.callbacks.Callback):
