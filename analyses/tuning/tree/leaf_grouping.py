@@ -1,0 +1,81 @@
+"""Is PBMC's level 3 lost in the leaves or in their grouping? (issue 12)
+
+    python analyses/tuning/tree/leaf_grouping.py pbmc_f0_w0 [pbmc_f1_w0 ...] [--no-ribosomal]
+
+For a finished PBMC run of `restarts.py train F S pbmc` (the run's own leaves fixed), scores every
+way of putting two of the six T-cell leaves under the two-leaf CD8 T class (the other four under
+CD4 T) by label-free criteria, and prints the four best of each beside the level-3 ARI that
+grouping would give: between-class sum of squares (compactness, the rule `assign_to_tree` uses)
+in the model's latent, in log-normalised and in scaled expression of the run's genes and in
+their 50-component PCA; and the sum over genes of how far the class's lowest leaf mean lies above
+its sibling leaves' highest ("up": genes on in the class and off in its siblings; "up+down": also
+the reverse), with the genes that score most. --no-ribosomal drops RPS/RPL/MT- genes first.
+"""
+import itertools
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from restarts import ROOT, RUNS, run_predictions  # noqa: E402
+
+
+def expression(folder, drop_ribosomal):
+    """Log-normalised and scaled expression of the run's cells on its genes (as scanpy would)."""
+    cells = anndata.read_h5ad(folder / "outputs.h5ad", backed="r")
+    data = anndata.read_h5ad(ROOT / "data/pbmc.h5ad")[cells.obs_names, cells.var_names].copy()
+    if drop_ribosomal:
+        data = data[:, ~data.var_names.str.match(r"^(RP[SL]|MT-)")].copy()
+    sc.pp.normalize_total(data)
+    sc.pp.log1p(data)
+    lognorm = data.X.toarray() if hasattr(data.X, "toarray") else np.asarray(data.X)
+    scaled = np.clip((lognorm - lognorm.mean(0)) / np.maximum(lognorm.std(0), 1e-6), -10, 10)
+    u, s, _ = np.linalg.svd(scaled - scaled.mean(0), full_matrices=False)
+    return lognorm, scaled, u[:, :50] * s[:50], np.asarray(data.var_names)
+
+
+def main(names, drop_ribosomal=False):
+    for name in names:
+        run = run_predictions(RUNS / name)
+        truth = run["hierarchy"].level_labels(run["labels"])[:, 2]
+        leaf = np.asarray(run["nested"][3])
+        parents = np.asarray(run["hierarchy"].parent_index(3))             # level-3 class of each leaf
+        t_leaves = [k for k in range(len(parents)) if parents[k] in (3, 4)]  # CD4 T (3) and CD8 T (4)
+        lognorm, scaled, pca, genes = expression(RUNS / name, drop_ribosomal)
+        candidates = list(itertools.combinations(t_leaves, 2))
+
+        def grouping(cd8):
+            return np.where(np.isin(leaf, cd8), 4, np.where(np.isin(leaf, t_leaves), 3, parents[leaf]))
+
+        ari = {cd8: adjusted_rand_score(truth, grouping(cd8)) for cd8 in candidates}
+        print(f"{name}: model's level-3 ARI {adjusted_rand_score(truth, run['nested'][2]):.2f}; "
+              f"best grouping of its leaves {max(ari.values()):.2f} {max(ari, key=ari.get)}")
+        for space, points in dict(latent=run["latent"], lognorm=lognorm, scaled=scaled, pca50=pca).items():
+            centre = points.mean(0)
+            score = {cd8: sum((g == k).sum() * ((points[g == k].mean(0) - centre) ** 2).sum() for k in np.unique(g))
+                     for cd8, g in ((cd8, grouping(cd8)) for cd8 in candidates)}
+            best = sorted(candidates, key=score.get, reverse=True)[:4]
+            print(f"  compactness, {space:8s}", "  ".join(f"{c} {ari[c]:.2f}" for c in best))
+        for space, points in dict(lognorm=lognorm, scaled=scaled).items():
+            means = {k: points[leaf == k].mean(0) for k in t_leaves}
+            for both in (False, True):
+                score, top = {}, {}
+                for cd8 in candidates:
+                    inside = np.stack([means[k] for k in cd8])
+                    outside = np.stack([means[k] for k in t_leaves if k not in cd8])
+                    gap = np.maximum(0, inside.min(0) - outside.max(0))
+                    if both:
+                        gap = gap + np.maximum(0, outside.min(0) - inside.max(0))
+                    score[cd8], top[cd8] = gap.sum(), genes[np.argsort(-gap)[:3]]
+                best = sorted(candidates, key=score.get, reverse=True)[:3]
+                print(f"  genes {'up+down' if both else 'up':7s} {space:8s}",
+                      "  ".join(f"{c} {ari[c]:.2f} [{', '.join(top[c])}]" for c in best))
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    main([a for a in arguments if not a.startswith("--")], "--no-ribosomal" in arguments)
