@@ -1,6 +1,12 @@
 """Is PBMC's level 3 lost in the leaves or in their grouping? (issue 12)
 
     python analyses/tuning/tree/leaf_grouping.py pbmc_f0_w0 [pbmc_f1_w0 ...] [--no-ribosomal]
+    python analyses/tuning/tree/leaf_grouping.py --oracle restart_f3_w0 pbmc_f0_w0 ...   # any run, Kang too
+
+--oracle: for each run, the per-level ARI (all cells) of the model's own nested clusters beside
+that of the best placement of its own leaves into the tree's leaf slots (brute force over every
+permutation, scored by the mean ARI over levels): an upper bound on what any grouping rule could
+give with these leaves, so a gap says the grouping loses it, no gap says the leaves do.
 
 For a finished PBMC run of `restarts.py train F S pbmc` (the run's own leaves fixed), scores every
 way of putting two of the six T-cell leaves under the two-leaf CD8 T class (the other four under
@@ -76,6 +82,62 @@ def main(names, drop_ribosomal=False):
                       "  ".join(f"{c} {ari[c]:.2f} [{', '.join(top[c])}]" for c in best))
 
 
+def pair_counts(table):
+    """sum over cells pairs counted by a contingency table's cells, rows and columns (for ARI)."""
+    comb = lambda n: n * (n - 1) / 2  # noqa: E731
+    return comb(table).sum(axis=(-2, -1)), comb(table.sum(-1)).sum(-1), comb(table.sum(-2)).sum(-1)
+
+
+def ari_from_tables(tables, n):
+    """Adjusted Rand index of a stack of contingency tables [..., K, J] (Hubert and Arabie)."""
+    index, rows, columns = pair_counts(tables)
+    expected = rows * columns / (n * (n - 1) / 2)
+    return (index - expected) / (0.5 * (rows + columns) - expected)
+
+
+def oracle(names, chunk=20000):
+    for name in names:
+        run = run_predictions(RUNS / name)
+        hierarchy = run["hierarchy"]
+        truth = hierarchy.level_labels(run["labels"])
+        leaf = np.asarray(run["nested"][-1])
+        n_leaves, n = len(hierarchy.classes(hierarchy.n_levels - 1)), len(leaf)
+        slots = leaf_slots(hierarchy)                                       # [L, n_leaves] class of each slot
+        truth_codes = [np.unique(truth[:, level], return_inverse=True)[1] for level in range(truth.shape[1])]
+        counts = [np.zeros((n_leaves, codes.max() + 1)) for codes in truth_codes]
+        for table, codes in zip(counts, truth_codes):
+            np.add.at(table, (leaf, codes), 1)                              # model leaf x true class
+        best, best_score = None, -np.inf
+        permutations = itertools.permutations(range(n_leaves))
+        while True:
+            block = np.array(list(itertools.islice(permutations, chunk)))  # [A, K]: slot of model leaf k
+            if not len(block):
+                break
+            score = 0.0
+            for level, table in enumerate(counts):
+                classes = slots[level][block]                               # [A, K] class of each leaf
+                onehot = classes[:, :, None] == np.arange(slots[level].max() + 1)   # [A, K, C]
+                score = score + ari_from_tables(np.einsum("akc,kj->acj", onehot, table), n)
+            if score.max() > best_score:
+                best_score, best = score.max(), block[score.argmax()]
+        own = [adjusted_rand_score(truth[:, level], run["nested"][level]) for level in range(truth.shape[1])]
+        placed = [adjusted_rand_score(truth[:, level], slots[level][best][leaf]) for level in range(truth.shape[1])]
+        print(f"{name:32s} own clusters {' / '.join(f'{v:.2f}' for v in own)}   "
+              f"its leaves, best placement {' / '.join(f'{v:.2f}' for v in placed)}")
+
+
+def leaf_slots(hierarchy):
+    """[L, n_leaves]: the class index at every level of each leaf of the hierarchy."""
+    rows = [np.arange(len(hierarchy.classes(hierarchy.n_levels - 1)))]
+    for level in range(hierarchy.n_levels - 1, 0, -1):
+        rows.insert(0, hierarchy.parent_index(level)[rows[0]])
+    return np.stack(rows)
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    main([a for a in arguments if not a.startswith("--")], "--no-ribosomal" in arguments)
+    names = [a for a in arguments if not a.startswith("--")]
+    if "--oracle" in arguments:
+        oracle(names)
+    else:
+        main(names, "--no-ribosomal" in arguments)
