@@ -320,9 +320,8 @@ class TreeVAE(HierarchicalVAE):
             parents = [links + [sizes[level]] * (novel if level == len(parents) - 1 else 1)
                        for level, links in enumerate(parents)]
             arguments["level_sizes"] = [k + 1 for k in sizes[:-1]] + [sizes[-1] + novel]
-        return dict(arguments, parents=parents,
-                    semi_supervised=bool(getattr(options, "semi_supervised", False)),
-                    label_weight=float(getattr(options, "label_weight", 5.0)), novel_classes=novel,
+        # semi_supervised and label_weight come with `arguments` (supervision_arguments) when labelled.
+        return dict(arguments, parents=parents, novel_classes=novel,
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,

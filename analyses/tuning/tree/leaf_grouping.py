@@ -29,6 +29,8 @@ from sklearn.metrics import adjusted_rand_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from restarts import ROOT, RUNS, run_predictions  # noqa: E402
 
+from scvae_hier.models.supervision import hierarchy_parents, leaf_ancestors  # noqa: E402
+
 
 def expression(folder, drop_ribosomal):
     """Log-normalised and scaled expression of the run's cells on its genes (as scanpy would)."""
@@ -102,7 +104,7 @@ def oracle(names, chunk=20000):
         truth = hierarchy.level_labels(run["labels"])
         leaf = np.asarray(run["nested"][-1])
         n_leaves, n = len(hierarchy.classes(hierarchy.n_levels - 1)), len(leaf)
-        slots = leaf_slots(hierarchy)                                       # [L, n_leaves] class of each slot
+        slots = leaf_ancestors(hierarchy_parents(hierarchy), n_leaves)     # [L, n_leaves] class of each slot
         truth_codes = [np.unique(truth[:, level], return_inverse=True)[1] for level in range(truth.shape[1])]
         counts = [np.zeros((n_leaves, codes.max() + 1)) for codes in truth_codes]
         for table, codes in zip(counts, truth_codes):
@@ -124,14 +126,6 @@ def oracle(names, chunk=20000):
         placed = [adjusted_rand_score(truth[:, level], slots[level][best][leaf]) for level in range(truth.shape[1])]
         print(f"{name:32s} own clusters {' / '.join(f'{v:.2f}' for v in own)}   "
               f"its leaves, best placement {' / '.join(f'{v:.2f}' for v in placed)}")
-
-
-def leaf_slots(hierarchy):
-    """[L, n_leaves]: the class index at every level of each leaf of the hierarchy."""
-    rows = [np.arange(len(hierarchy.classes(hierarchy.n_levels - 1)))]
-    for level in range(hierarchy.n_levels - 1, 0, -1):
-        rows.insert(0, hierarchy.parent_index(level)[rows[0]])
-    return np.stack(rows)
 
 
 if __name__ == "__main__":
