@@ -7,7 +7,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
-                      LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
+                      LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
                       PRIOR_PROBABILITIES, TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
 
@@ -86,6 +86,10 @@ class TrainOptions:
     final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
                                        "(default 4 without labels: the trained latent separates small types; "
                                        "the re-seed's count when trained with labels).")
+    leaf_placement: str = option("graph", "TreeVAE without labels: how the re-seeds' leaves are placed in the tree: "
+                                 "'graph', so that every coarse class is a well-connected region of the latent's "
+                                 "15-nearest-neighbour graph; 'compact', so that it is compact (least sum of "
+                                 "squares; the rule before 2026-12-02).", list(LEAF_PLACEMENTS))
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "

@@ -16,8 +16,8 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, assign_to_tree, leaf_ancestors, match_to_tree,
-                                    path_predictions, tree_clustering)
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, assign_to_tree, leaf_ancestors, leaf_links,
+                                    match_to_tree, path_predictions, place_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -208,6 +208,69 @@ def test_tree_clustering_gives_components_in_the_trees_shape():
     assert component.max() == 9
     for level in range(3):
         assert adjusted_rand_score(ancestors[level][truth], ancestors[level][component // 2]) == 1.0
+
+
+TWO_BY_TWO = [[0, 0, 1, 1]]   # two classes of two leaves each
+
+
+def two_lines(n_per_leaf=100, gap=3.0, seed=0):
+    """Two parallel lines of cells (spacing 0.05, `gap` apart), each cut into two leaves: the true
+    classes are the lines, but the leaves at the same end of both lines are closer to each other
+    than to the other half of their own line (the naive CD4 / naive CD8 T situation)."""
+    rng = np.random.default_rng(seed)
+    along = np.tile(np.linspace(0.0, 10.0, 2 * n_per_leaf), 2)
+    line = np.repeat([0, 1], 2 * n_per_leaf)
+    latent = np.stack([along, gap * line], axis=1) + 0.01 * rng.normal(size=(4 * n_per_leaf, 2))
+    half = (along >= 5.0).astype(int)
+    return latent, np.array([[0, 2], [1, 3]])[line, half], line   # leaves 0, 1 on line 0, mixed order
+
+
+def test_leaf_links_and_graph_scores_match_a_cell_level_count():
+    """Links between leaves and each assignment's normalised association, against brute force on the
+    cells: the k nearest neighbours from the full distance matrix, the graph symmetrised, every
+    class's inside and outgoing links summed cell by cell."""
+    rng = np.random.default_rng(7)
+    latent, leaf = rng.normal(size=(120, 3)), rng.integers(0, 9, 120)
+    links = leaf_links(latent, leaf, 9, neighbours=5)
+    distance = ((latent[:, None] - latent[None]) ** 2).sum(-1)
+    np.fill_diagonal(distance, np.inf)
+    adjacency = np.zeros((120, 120))
+    adjacency[np.repeat(np.arange(120), 5), np.argsort(distance, axis=1)[:, :5].ravel()] = 1.0
+    adjacency = adjacency + adjacency.T
+    ancestors = leaf_ancestors(PBMC_PARENTS, 9)
+    assignments = np.array([rng.permutation(9) for _ in range(4)])
+    scores = _graph_scores(links, ancestors, assignments)
+    for assignment, score in zip(assignments, scores):
+        expected = 0.0
+        for level in range(3):
+            cls = ancestors[level][assignment[leaf]]
+            for k in np.unique(cls):
+                inside = adjacency[np.ix_(cls == k, cls == k)].sum()
+                expected += 0.5 ** level * inside / adjacency[cls == k].sum()
+        assert score == pytest.approx(expected, rel=1e-9)
+
+
+def test_place_leaves_follows_the_graph_where_compactness_groups_wrong():
+    latent, leaf, line = two_lines()
+    centres = np.array([latent[leaf == k].mean(0) for k in range(4)])
+    compact = match_to_tree(centres, np.bincount(leaf).astype(float), TWO_BY_TWO)[leaf]
+    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[compact]) < 0.5     # the ends grouped together
+    placed = place_leaves(latent, compact, TWO_BY_TWO, 4)
+    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[placed]) == 1.0
+    assert adjusted_rand_score(leaf, placed) == 1.0                               # the leaves themselves kept
+    graph = tree_clustering(latent, TWO_BY_TWO, 4, clusters_per_leaf=1, placement="graph")
+    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[graph]) == 1.0
+    with pytest.raises(ValueError, match="leaf placement 'nearest'"):
+        tree_clustering(latent, TWO_BY_TWO, 4, placement="nearest")
+
+
+def test_labelled_clustering_keeps_labels_over_the_graph():
+    """With labels the leaves are anchored by them; the graph does not move them."""
+    latent, leaf, line = two_lines()
+    allowed = np.ones((len(leaf), 4), bool)
+    allowed[::10] = np.eye(4, dtype=bool)[leaf[::10]]       # every tenth cell labelled with its leaf
+    found = tree_clustering(latent, TWO_BY_TWO, 4, clusters_per_leaf=1, allowed=allowed, placement="graph")
+    assert (found[::10] == leaf[::10]).all()
 
 
 def test_arguments_from_hierarchy_and_bad_trees():

@@ -23,7 +23,11 @@ Re-seeding: at the start of each epoch in `reseed_epochs` (once the latent has f
 training cells' latent means: k-means into `reseed_clusters` clusters per leaf (by default 4
 without labels, 2 with them), the clusters
 assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
-the latent (`assign_to_tree`), and each leaf split again into its components. The final refit
+the latent (`assign_to_tree`), and each leaf split again into its components. Without labels the
+leaves are then re-placed in the tree so that every coarse class is a well-connected region of
+the latent's nearest-neighbour graph (`place_leaves`, `leaf_placement="graph"`): compactness alone
+put naive CD4 and naive CD8 T cells under one class on PBMC, and a lymphoid type under the
+myeloid class on Kang (analyses/tuning/tree/NOTES.md). The final refit
 after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
 finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
 a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
@@ -38,8 +42,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 from sklearn.cluster import KMeans
+from sklearn.neighbors import NearestNeighbors
 
-from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..choices import LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from .hierarchical import HierarchicalVAE
@@ -50,6 +55,8 @@ from .supervision import (check_parents, class_log_marginals, component_level_ma
                           hierarchy_parents, label_log_mask, leaf_ancestors, path_predictions, restrict)
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
+GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (scanpy's default)
+GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
@@ -77,18 +84,9 @@ def _label_penalty(penalty, assignments):
     return penalty[np.arange(penalty.shape[0]), assignments].sum(-1)
 
 
-def match_to_tree(centres, counts, parents, seed=0, chunk=40320, penalty=None):
-    """Assign K clusters (centres [K, D], sizes [K]) one-to-one to the K leaves of the tree so that
-    the classes of every coarser level are as compact as possible (least within-class sum of
-    squares of the cells, summed over levels). Exhaustive up to EXHAUSTIVE_LEAVES leaves, pairwise
-    swaps from many starts beyond. `penalty` [K, K] (labelled cells of cluster i whose labels
-    exclude leaf k) comes first: a labelled cell put under a wrong leaf outweighs any compactness.
-    Returns leaf_of_cluster [K]."""
-    centres, counts = np.asarray(centres, float), np.asarray(counts, float)
-    k = len(centres)
-    ancestors = leaf_ancestors(parents, k)
-    weight = _penalty_weight(centres, counts)
-    scored = lambda a: _tree_scores(centres, counts, ancestors, a) - weight * _label_penalty(penalty, a)  # noqa: E731
+def _best_permutation(k, scored, seed=0, chunk=40320):
+    """The permutation a [K] (item i to slot a[i]) with the largest `scored` (a function of [A, K]
+    stacks): exhaustive up to EXHAUSTIVE_LEAVES items, pairwise swaps from 20 random starts beyond."""
     if k <= EXHAUSTIVE_LEAVES:
         best, best_score = None, -np.inf
         permutations = itertools.permutations(range(k))
@@ -117,6 +115,58 @@ def match_to_tree(centres, counts, parents, seed=0, chunk=40320, penalty=None):
         if score > best_score:
             best, best_score = current, score
     return np.asarray(best, dtype=int)
+
+
+def match_to_tree(centres, counts, parents, seed=0, penalty=None):
+    """Assign K clusters (centres [K, D], sizes [K]) one-to-one to the K leaves of the tree so that
+    the classes of every coarser level are as compact as possible (least within-class sum of
+    squares of the cells, summed over levels). `penalty` [K, K] (labelled cells of cluster i whose
+    labels exclude leaf k) comes first: a labelled cell put under a wrong leaf outweighs any
+    compactness. Returns leaf_of_cluster [K]."""
+    centres, counts = np.asarray(centres, float), np.asarray(counts, float)
+    ancestors = leaf_ancestors(parents, len(centres))
+    weight = _penalty_weight(centres, counts)
+    return _best_permutation(len(centres), lambda a: _tree_scores(centres, counts, ancestors, a)
+                             - weight * _label_penalty(penalty, a), seed)
+
+
+def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GRAPH_CELLS, seed=0):
+    """[n_leaves, n_leaves] symmetric count of k-nearest-neighbour links (Euclidean, in the latent)
+    between the cells of every two leaves, on at most `max_cells` cells (a seeded subsample)."""
+    latent, leaf = np.asarray(latent), np.asarray(leaf)
+    if len(leaf) > max_cells:
+        keep = np.random.default_rng(seed).choice(len(leaf), max_cells, replace=False)
+        latent, leaf = latent[keep], leaf[keep]
+    neighbours = min(neighbours, len(leaf) - 1)
+    index = NearestNeighbors(n_neighbors=neighbours + 1).fit(latent).kneighbors(latent, return_distance=False)[:, 1:]
+    links = np.zeros((n_leaves, n_leaves))
+    np.add.at(links, (np.repeat(leaf, neighbours), leaf[index].ravel()), 1.0)
+    return links + links.T
+
+
+def _graph_scores(links, ancestors, assignments):
+    """Normalised association of the coarse classes of each assignment of leaves to slots ([A, K]:
+    leaf i goes to slot assignments[a, i]): per level, sum over classes of (links inside the
+    class) / (links from the class), weighted TREE_SHRINK^(l-1) like the levels' mean offsets.
+    Larger is better (Shi and Malik's normalised cut is the number of classes minus it)."""
+    score = np.zeros(len(assignments))
+    for level, row in enumerate(ancestors[:-1]):                              # the leaf level is fixed
+        onehot = (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
+        inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
+        volume = np.einsum("akj,kl->aj", onehot, links)
+        score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).sum(-1)
+    return score
+
+
+def place_leaves(latent, leaf, parents, n_leaves, seed=0):
+    """Re-place a clustering's leaves [n] in the tree's leaf slots so that every coarse class is
+    a well-connected region of the cells' k-nearest-neighbour graph (`_graph_scores`). Leaves that
+    are compact together are not always linked: on PBMC, naive CD4 and naive CD8 T lie close but
+    link mostly within CD4 T and CD8 T (NOTES.md). Returns the new leaf of every point."""
+    links = leaf_links(latent, leaf, n_leaves, seed=seed)
+    ancestors = leaf_ancestors(parents, n_leaves)
+    slot = _best_permutation(n_leaves, lambda a: _graph_scores(links, ancestors, a), seed)
+    return slot[np.asarray(leaf)]
 
 
 def _penalty_weight(centres, counts):
@@ -166,7 +216,7 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
-                    novel=0):
+                    novel=0, placement="compact"):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -177,7 +227,12 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     leaves their labels allow, and a labelled point still under a wrong leaf moves to the nearest
     allowed leaf (by leaf mean). With `novel` leaves (the last ones, for types nobody labelled), a
     cluster without a labelled point where at least NOVEL_EVIDENCE were expected (its size times
-    the labelled share) counts as that many misplaced labelled points under a named leaf."""
+    the labelled share) counts as that many misplaced labelled points under a named leaf.
+
+    placement "graph" (without labels only: labels already anchor the leaves): the leaves, once
+    formed, are re-placed in the tree by the connectivity of the latent's neighbour graph
+    (`place_leaves`) instead of staying where compactness put them."""
+    check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
     penalty = None
@@ -192,6 +247,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, penalty=penalty)[fit.labels_]
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
+    elif placement == "graph":
+        leaf = place_leaves(latent, leaf, parents, n_leaves, seed)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -325,11 +382,13 @@ class TreeVAE(HierarchicalVAE):
                     components_per_leaf=options.components_per_leaf,
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,
-                    final_refit_clusters=getattr(options, "final_refit_clusters", None))
+                    final_refit_clusters=getattr(options, "final_refit_clusters", None),
+                    leaf_placement=getattr(options, "leaf_placement", "graph"))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
-                 final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0, **kwargs):
+                 final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
+                 leaf_placement="graph", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -349,6 +408,7 @@ class TreeVAE(HierarchicalVAE):
             final_refit_clusters = self.reseed_clusters if semi_supervised else pieces
         self.final_refit_clusters = int(final_refit_clusters)
         self.novel_classes = int(novel_classes)
+        self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -400,7 +460,8 @@ class TreeVAE(HierarchicalVAE):
         component = tree_clustering(latent, self.parents, self.level_sizes[-1],
                                     self.components_per_leaf, self.seed, clusters or self.reseed_clusters,
                                     allowed=leaf_allowed,
-                                    novel=self.novel_classes if allowed is not None else 0)
+                                    novel=self.novel_classes if allowed is not None else 0,
+                                    placement=self.leaf_placement)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -541,7 +602,8 @@ class TreeVAE(HierarchicalVAE):
         return {**super().get_config(), "components_per_leaf": self.components_per_leaf,
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
-                "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes}
+                "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
+                "leaf_placement": self.leaf_placement}
 
 
 class TreeReseeding(keras.callbacks.Callback):

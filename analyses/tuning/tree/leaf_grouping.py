@@ -3,10 +3,12 @@
     python analyses/tuning/tree/leaf_grouping.py pbmc_f0_w0 [pbmc_f1_w0 ...] [--no-ribosomal]
     python analyses/tuning/tree/leaf_grouping.py --oracle restart_f3_w0 pbmc_f0_w0 ...   # any run, Kang too
 
---oracle: for each run, the per-level ARI (all cells) of the model's own nested clusters beside
-that of the best placement of its own leaves into the tree's leaf slots (brute force over every
-permutation, scored by the mean ARI over levels): an upper bound on what any grouping rule could
-give with these leaves, so a gap says the grouping loses it, no gap says the leaves do.
+--oracle: for each run, the per-level ARI (all cells, then validation cells) of the model's own
+nested clusters beside that of the best placement of its own leaves into the tree's leaf slots
+(brute force over every permutation, scored by the mean ARI over levels on all cells): an upper
+bound on what any grouping rule could give with these leaves, so a gap says the grouping loses
+it, no gap says the leaves do; and beside them the label-free placement of the same leaves by the
+latent's neighbour graph (`place_leaves`, TreeVAE's default since 2026-12-02).
 
 For a finished PBMC run of `restarts.py train F S pbmc` (the run's own leaves fixed), scores every
 way of putting two of the six T-cell leaves under the two-leaf CD8 T class (the other four under
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from restarts import ROOT, RUNS, run_predictions  # noqa: E402
 
 from scvae_hier.models.supervision import hierarchy_parents, leaf_ancestors  # noqa: E402
+from scvae_hier.models.tree import place_leaves  # noqa: E402
 
 
 def expression(folder, drop_ribosomal):
@@ -122,10 +125,13 @@ def oracle(names, chunk=20000):
                 score = score + ari_from_tables(np.einsum("akc,kj->acj", onehot, table), n)
             if score.max() > best_score:
                 best_score, best = score.max(), block[score.argmax()]
-        own = [adjusted_rand_score(truth[:, level], run["nested"][level]) for level in range(truth.shape[1])]
-        placed = [adjusted_rand_score(truth[:, level], slots[level][best][leaf]) for level in range(truth.shape[1])]
-        print(f"{name:32s} own clusters {' / '.join(f'{v:.2f}' for v in own)}   "
-              f"its leaves, best placement {' / '.join(f'{v:.2f}' for v in placed)}")
+        graph = place_leaves(run["latent"], leaf, hierarchy_parents(hierarchy), n_leaves)
+        for cells, where in ((slice(None), "all cells"), (run["split"] == "validation", "validation cells")):
+            ari = lambda predicted: " / ".join(f"{adjusted_rand_score(truth[cells, level], predicted[level][cells]):.2f}"  # noqa: E731
+                                               for level in range(truth.shape[1]))
+            print(f"{name:24s} {where:17s} own clusters {ari(run['nested'])}   "
+                  f"its leaves, best placement {ari([row[best][leaf] for row in slots])}   "
+                  f"graph placement {ari([row[graph] for row in slots])}")
 
 
 if __name__ == "__main__":
