@@ -145,16 +145,17 @@ def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GR
 
 
 def _graph_scores(links, ancestors, assignments):
-    """Normalised association of the coarse classes of each assignment of leaves to slots ([A, K]:
-    leaf i goes to slot assignments[a, i]): per level, sum over classes of (links inside the
-    class) / (links from the class), weighted TREE_SHRINK^(l-1) like the levels' mean offsets.
-    Larger is better (Shi and Malik's normalised cut is the number of classes minus it)."""
+    """How well the coarse classes of each assignment of leaves to slots ([A, K]: leaf i goes to
+    slot assignments[a, i]) hold their links: per level, the share of a class's links that stay
+    inside it, averaged over the level's classes (its normalised association over its number of
+    classes, so every level counts in [0, 1]), summed over the levels with weight
+    TREE_SHRINK^(l-1) like the levels' mean offsets. Larger is better."""
     score = np.zeros(len(assignments))
     for level, row in enumerate(ancestors[:-1]):                              # the leaf level is fixed
         onehot = (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
         inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
         volume = np.einsum("akj,kl->aj", onehot, links)
-        score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).sum(-1)
+        score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
     return score
 
 
