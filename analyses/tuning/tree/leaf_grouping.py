@@ -1,14 +1,16 @@
 """Is PBMC's level 3 lost in the leaves or in their grouping? (issue 12)
 
     python analyses/tuning/tree/leaf_grouping.py pbmc_f0_w0 [pbmc_f1_w0 ...] [--no-ribosomal]
-    python analyses/tuning/tree/leaf_grouping.py --oracle restart_f3_w0 pbmc_f0_w0 ...   # any run, Kang too
+    python analyses/tuning/tree/leaf_grouping.py --oracle [--refit] restart_f3_w0 pbmc_f0_w0 ...   # any run, Kang too
 
 --oracle: for each run, the per-level ARI (all cells, then validation cells) of the model's own
 nested clusters beside that of the best placement of its own leaves into the tree's leaf slots
 (brute force over every permutation, scored by the mean ARI over levels on all cells): an upper
 bound on what any grouping rule could give with these leaves, so a gap says the grouping loses
 it, no gap says the leaves do; and beside them the label-free placement of the same leaves by the
-latent's neighbour graph (`place_leaves`, TreeVAE's default since 2026-12-02).
+latent's neighbour graph (`place_leaves`, TreeVAE's default since 2026-12-02). With --refit, also
+the final refit's re-seed (4 k-means pieces per leaf of the training and validation cells' latent,
+grouped into leaves) redone with each placement, scored on validation cells.
 
 For a finished PBMC run of `restarts.py train F S pbmc` (the run's own leaves fixed), scores every
 way of putting two of the six T-cell leaves under the two-leaf CD8 T class (the other four under
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from restarts import ROOT, RUNS, run_predictions  # noqa: E402
 
 from scvae_hier.models.supervision import hierarchy_parents, leaf_ancestors  # noqa: E402
-from scvae_hier.models.tree import place_leaves  # noqa: E402
+from scvae_hier.models.tree import place_leaves, tree_clustering  # noqa: E402
 
 
 def expression(folder, drop_ribosomal):
@@ -100,7 +102,7 @@ def ari_from_tables(tables, n):
     return (index - expected) / (0.5 * (rows + columns) - expected)
 
 
-def oracle(names, chunk=20000):
+def oracle(names, chunk=20000, refit=False):
     for name in names:
         run = run_predictions(RUNS / name)
         hierarchy = run["hierarchy"]
@@ -126,6 +128,16 @@ def oracle(names, chunk=20000):
             if score.max() > best_score:
                 best_score, best = score.max(), block[score.argmax()]
         graph = place_leaves(run["latent"], leaf, hierarchy_parents(hierarchy), n_leaves)
+        if refit:  # the final refit's re-seed redone on the trained latent with each placement
+            cells = np.isin(run["split"], ["train", "validation"])
+            for placement in ("compact", "graph"):
+                found = np.zeros(n, int)
+                found[cells] = tree_clustering(run["latent"][cells], hierarchy_parents(hierarchy), n_leaves,
+                                               clusters_per_leaf=4, placement=placement)
+                validation = run["split"] == "validation"
+                print(f"{name:24s} refit re-seed, {placement:7s} placement, validation cells: " + " / ".join(
+                    f"{adjusted_rand_score(truth[validation, level], slots[level][found][validation]):.2f}"
+                    for level in range(truth.shape[1])))
         for cells, where in ((slice(None), "all cells"), (run["split"] == "validation", "validation cells")):
             ari = lambda predicted: " / ".join(f"{adjusted_rand_score(truth[cells, level], predicted[level][cells]):.2f}"  # noqa: E731
                                                for level in range(truth.shape[1]))
@@ -138,6 +150,6 @@ if __name__ == "__main__":
     arguments = sys.argv[1:]
     names = [a for a in arguments if not a.startswith("--")]
     if "--oracle" in arguments:
-        oracle(names)
+        oracle(names, refit="--refit" in arguments)
     else:
         main(names, "--no-ribosomal" in arguments)
