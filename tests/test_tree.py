@@ -239,29 +239,51 @@ def test_leaf_links_and_graph_scores_match_a_cell_level_count():
     adjacency = adjacency + adjacency.T
     ancestors = leaf_ancestors(PBMC_PARENTS, 9)
     assignments = np.array([rng.permutation(9) for _ in range(4)])
-    scores = _graph_scores(links, ancestors, assignments)
-    for assignment, score in zip(assignments, scores):
-        expected = 0.0
-        for level in range(3):
-            cls = ancestors[level][assignment[leaf]]
-            for k in range(ancestors[level].max() + 1):
-                inside = adjacency[np.ix_(cls == k, cls == k)].sum()
-                expected += 0.5 ** level * inside / adjacency[cls == k].sum() / (ancestors[level].max() + 1)
-        assert score == pytest.approx(expected, rel=1e-9)
+    for first in (0, 1):
+        scores = _graph_scores(links, ancestors, assignments, first=first)
+        for assignment, score in zip(assignments, scores):
+            expected = 0.0
+            for level in range(first, 3):
+                cls = ancestors[level][assignment[leaf]]
+                for k in range(ancestors[level].max() + 1):
+                    inside = adjacency[np.ix_(cls == k, cls == k)].sum()
+                    expected += 0.5 ** level * inside / adjacency[cls == k].sum() / (ancestors[level].max() + 1)
+            assert score == pytest.approx(expected, rel=1e-9)
 
 
-def test_place_leaves_follows_the_graph_where_compactness_groups_wrong():
-    latent, leaf, line = two_lines()
-    centres = np.array([latent[leaf == k].mean(0) for k in range(4)])
-    compact = match_to_tree(centres, np.bincount(leaf).astype(float), TWO_BY_TWO)[leaf]
-    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[compact]) < 0.5     # the ends grouped together
-    placed = place_leaves(latent, compact, TWO_BY_TWO, 4)
-    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[placed]) == 1.0
-    assert adjusted_rand_score(leaf, placed) == 1.0                               # the leaves themselves kept
-    graph = tree_clustering(latent, TWO_BY_TWO, 4, clusters_per_leaf=1, placement="graph")
-    assert adjusted_rand_score(line, np.array(TWO_BY_TWO[0])[graph]) == 1.0
+# Lymphoid (two lines of T-like cells and a B-like blob) against far myeloid blobs: 2/4/7.
+LINEAGE_PARENTS = [[0, 0, 0, 1], [0, 0, 1, 1, 2, 3, 3]]
+
+
+def lineages(n_per_leaf=100, seed=0):
+    """`two_lines` (leaves 0-3; classes 0 and 1 are the lines) plus a B-like blob near them (leaf 4)
+    and two myeloid blobs far away (leaves 5, 6): no link joins the blobs to anything, so only
+    distances say that the B blob is lymphoid."""
+    rng = np.random.default_rng(seed)
+    lines, leaf, _ = two_lines(n_per_leaf, seed=seed)
+    leaf = np.array([0, 2, 1, 3])[leaf]                   # leaves 0, 1 on line 0 and 2, 3 on line 1
+    blobs = np.repeat(np.array([[5.0, 8.0], [5.0, 60.0], [9.0, 60.0]]), n_per_leaf, axis=0)
+    latent = np.concatenate([lines, blobs + 0.2 * rng.normal(size=blobs.shape)])
+    return latent, np.concatenate([leaf, np.repeat([4, 5, 6], n_per_leaf)])
+
+
+def test_place_leaves_top_level_by_distance_and_lineages_by_links():
+    latent, truth = lineages()
+    ancestors = leaf_ancestors(LINEAGE_PARENTS, 7)
+    counts = np.bincount(truth).astype(float)
+    centres = np.array([latent[truth == k].mean(0) for k in range(7)])
+    compact = match_to_tree(centres, counts, LINEAGE_PARENTS)[truth]
+    assert adjusted_rand_score(ancestors[1][truth], ancestors[1][compact]) < 0.9   # the lines' ends grouped
+    for seed in range(4):                                  # whatever order the leaves come in
+        shuffled = np.random.default_rng(seed).permutation(7)[truth]
+        placed = place_leaves(latent, shuffled, LINEAGE_PARENTS, 7)
+        assert adjusted_rand_score(truth, placed) == 1.0                            # the leaves kept
+        for level in range(2):
+            assert adjusted_rand_score(ancestors[level][truth], ancestors[level][placed]) == 1.0, (seed, level)
+    graph = tree_clustering(latent, LINEAGE_PARENTS, 7, clusters_per_leaf=1, placement="graph")
+    assert adjusted_rand_score(ancestors[1][truth], ancestors[1][graph]) == 1.0
     with pytest.raises(ValueError, match="leaf placement 'nearest'"):
-        tree_clustering(latent, TWO_BY_TWO, 4, placement="nearest")
+        tree_clustering(latent, LINEAGE_PARENTS, 7, placement="nearest")
 
 
 def test_labelled_clustering_keeps_labels_over_the_graph():

@@ -57,6 +57,7 @@ from .supervision import (check_parents, class_log_marginals, component_level_ma
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (scanpy's default)
 GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
+TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
@@ -130,46 +131,6 @@ def match_to_tree(centres, counts, parents, seed=0, penalty=None):
                              - weight * _label_penalty(penalty, a), seed)
 
 
-def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GRAPH_CELLS, seed=0):
-    """[n_leaves, n_leaves] symmetric count of k-nearest-neighbour links (Euclidean, in the latent)
-    between the cells of every two leaves, on at most `max_cells` cells (a seeded subsample)."""
-    latent, leaf = np.asarray(latent), np.asarray(leaf)
-    if len(leaf) > max_cells:
-        keep = np.random.default_rng(seed).choice(len(leaf), max_cells, replace=False)
-        latent, leaf = latent[keep], leaf[keep]
-    neighbours = min(neighbours, len(leaf) - 1)
-    index = NearestNeighbors(n_neighbors=neighbours + 1).fit(latent).kneighbors(latent, return_distance=False)[:, 1:]
-    links = np.zeros((n_leaves, n_leaves))
-    np.add.at(links, (np.repeat(leaf, neighbours), leaf[index].ravel()), 1.0)
-    return links + links.T
-
-
-def _graph_scores(links, ancestors, assignments):
-    """How well the coarse classes of each assignment of leaves to slots ([A, K]: leaf i goes to
-    slot assignments[a, i]) hold their links: per level, the share of a class's links that stay
-    inside it, averaged over the level's classes (its normalised association over its number of
-    classes, so every level counts in [0, 1]), summed over the levels with weight
-    TREE_SHRINK^(l-1) like the levels' mean offsets. Larger is better."""
-    score = np.zeros(len(assignments))
-    for level, row in enumerate(ancestors[:-1]):                              # the leaf level is fixed
-        onehot = (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
-        inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
-        volume = np.einsum("akj,kl->aj", onehot, links)
-        score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
-    return score
-
-
-def place_leaves(latent, leaf, parents, n_leaves, seed=0):
-    """Re-place a clustering's leaves [n] in the tree's leaf slots so that every coarse class is
-    a well-connected region of the cells' k-nearest-neighbour graph (`_graph_scores`). Leaves that
-    are compact together are not always linked: on PBMC, naive CD4 and naive CD8 T lie close but
-    link mostly within CD4 T and CD8 T (NOTES.md). Returns the new leaf of every point."""
-    links = leaf_links(latent, leaf, n_leaves, seed=seed)
-    ancestors = leaf_ancestors(parents, n_leaves)
-    slot = _best_permutation(n_leaves, lambda a: _graph_scores(links, ancestors, a), seed)
-    return slot[np.asarray(leaf)]
-
-
 def _penalty_weight(centres, counts):
     """More than the largest possible gain in compactness: the total sum of squares of the centres."""
     mean = (centres * counts[:, None]).sum(0) / max(counts.sum(), 1e-12)
@@ -214,6 +175,57 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
         if score > best_score:
             best, best_score = current, score
     return np.asarray(best, dtype=int)
+
+
+def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GRAPH_CELLS, seed=0):
+    """[n_leaves, n_leaves] symmetric count of k-nearest-neighbour links (Euclidean, in the latent)
+    between the cells of every two leaves, on at most `max_cells` cells (a seeded subsample)."""
+    latent, leaf = np.asarray(latent), np.asarray(leaf)
+    if len(leaf) > max_cells:
+        keep = np.random.default_rng(seed).choice(len(leaf), max_cells, replace=False)
+        latent, leaf = latent[keep], leaf[keep]
+    neighbours = min(neighbours, len(leaf) - 1)
+    index = NearestNeighbors(n_neighbors=neighbours + 1).fit(latent).kneighbors(latent, return_distance=False)[:, 1:]
+    links = np.zeros((n_leaves, n_leaves))
+    np.add.at(links, (np.repeat(leaf, neighbours), leaf[index].ravel()), 1.0)
+    return links + links.T
+
+
+def _graph_scores(links, ancestors, assignments, first=1):
+    """How well the classes of levels `first`..L-1 (0-based) of each assignment of leaves to slots
+    ([A, K]: leaf i goes to slot assignments[a, i]) hold their links: per level, the share of a
+    class's links that stay inside it, averaged over the level's classes (its normalised
+    association over its number of classes, so every level counts in [0, 1]), summed over the
+    levels with weight TREE_SHRINK^(l-1) like the levels' mean offsets. Larger is better."""
+    score = np.zeros(len(assignments))
+    for level in range(first, len(ancestors) - 1):                            # the leaf level is fixed
+        row = ancestors[level]
+        onehot = (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
+        inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
+        volume = np.einsum("akj,kl->aj", onehot, links)
+        score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
+    return score
+
+
+def place_leaves(latent, leaf, parents, n_leaves, seed=0):
+    """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
+    compact as possible (least within-class sum of squares, as `match_to_tree`), and among the
+    placements with that top level, every class below it a well-connected region of the cells'
+    k-nearest-neighbour graph (`_graph_scores`). Distances decide the top split because its
+    classes are separate regions with almost no links between them, so links cannot tell which
+    belong together; links decide below, where classes touch and distances mislead: on PBMC naive
+    CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+    Returns the new leaf of every point."""
+    latent, leaf = np.asarray(latent, float), np.asarray(leaf)
+    ancestors = leaf_ancestors(parents, n_leaves)
+    links = leaf_links(latent, leaf, n_leaves, seed=seed)
+    counts = np.bincount(leaf, minlength=n_leaves).astype(float)
+    centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
+    identity = np.arange(n_leaves)[None]
+    scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], identity)[0], 1e-12)
+    slot = _best_permutation(n_leaves, lambda a: scale * _tree_scores(centres, counts, ancestors[:1], a)
+                             + _graph_scores(links, ancestors, a), seed)
+    return slot[leaf]
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
