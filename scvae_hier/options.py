@@ -86,10 +86,11 @@ class TrainOptions:
     final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
                                        "(default 4 without labels: the trained latent separates small types; "
                                        "the re-seed's count when trained with labels).")
-    leaf_placement: str = option("graph", "TreeVAE without labels: how the re-seeds' leaves are placed in the tree: "
-                                 "'graph', so that every coarse class is a well-connected region of the latent's "
-                                 "15-nearest-neighbour graph; 'compact', so that it is compact (least sum of "
-                                 "squares; the rule before 2026-12-02).", list(LEAF_PLACEMENTS))
+    leaf_placement: str = option("graph", "TreeVAE without labels: how the re-seeds place the leaves in the tree: "
+                                 "'graph', the top level's classes compact and every class below it a "
+                                 "well-connected region of the latent's 15-nearest-neighbour graph; 'compact', "
+                                 "every level compact (least sum of squares; the rule before 2026-12-02).",
+                                 list(LEAF_PLACEMENTS))
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "

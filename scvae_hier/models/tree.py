@@ -24,10 +24,11 @@ training cells' latent means: k-means into `reseed_clusters` clusters per leaf (
 without labels, 2 with them), the clusters
 assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
 the latent (`assign_to_tree`), and each leaf split again into its components. Without labels the
-leaves are then re-placed in the tree so that every coarse class is a well-connected region of
-the latent's nearest-neighbour graph (`place_leaves`, `leaf_placement="graph"`): compactness alone
-put naive CD4 and naive CD8 T cells under one class on PBMC, and a lymphoid type under the
-myeloid class on Kang (analyses/tuning/tree/NOTES.md). The final refit
+leaves are then re-placed in the tree (`place_leaves`, `leaf_placement="graph"`): the top level
+still by compactness, every level below so that its classes are well-connected regions of the
+latent's nearest-neighbour graph. Compactness alone put naive CD4 and naive CD8 T cells under one
+class on PBMC, and a lymphoid type under the mononuclear phagocytes on Kang; the graph alone
+cannot place a type that links to nothing (analyses/tuning/tree/NOTES.md). The final refit
 after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
 finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
 a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
