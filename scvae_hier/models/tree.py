@@ -27,7 +27,7 @@ the latent (`assign_to_tree`), and each leaf split again into its components. Wi
 leaves are then re-placed in the tree (`place_leaves`, `leaf_placement="graph"`): the top level
 still by compactness, every level below so that its classes are well-connected regions of the
 latent's nearest-neighbour graph. Compactness alone put naive CD4 and naive CD8 T cells under one
-class on PBMC, and a lymphoid type under the mononuclear phagocytes on Kang; the graph alone
+class on PBMC, and split a level-2 lineage on Kang (fold 3); the graph alone
 cannot place a type that links to nothing (analyses/tuning/tree/NOTES.md). The final refit
 after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
 finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
