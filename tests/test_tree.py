@@ -239,16 +239,15 @@ def test_leaf_links_and_graph_scores_match_a_cell_level_count():
     adjacency = adjacency + adjacency.T
     ancestors = leaf_ancestors(PBMC_PARENTS, 9)
     assignments = np.array([rng.permutation(9) for _ in range(4)])
-    for first in (0, 1):
-        scores = _graph_scores(links, ancestors, assignments, first=first)
-        for assignment, score in zip(assignments, scores):
-            expected = 0.0
-            for level in range(first, 3):
-                cls = ancestors[level][assignment[leaf]]
-                for k in range(ancestors[level].max() + 1):
-                    inside = adjacency[np.ix_(cls == k, cls == k)].sum()
-                    expected += 0.5 ** level * inside / adjacency[cls == k].sum() / (ancestors[level].max() + 1)
-            assert score == pytest.approx(expected, rel=1e-9)
+    scores = _graph_scores(links, ancestors, assignments)
+    for assignment, score in zip(assignments, scores):
+        expected = 0.0
+        for level in (1, 2):                               # below the top level, above the leaves
+            cls = ancestors[level][assignment[leaf]]
+            for k in range(ancestors[level].max() + 1):
+                inside = adjacency[np.ix_(cls == k, cls == k)].sum()
+                expected += 0.5 ** level * inside / adjacency[cls == k].sum() / (ancestors[level].max() + 1)
+        assert score == pytest.approx(expected, rel=1e-9)
 
 
 # Lymphoid (two lines of T-like cells and a B-like blob) against far myeloid blobs: 2/4/7.

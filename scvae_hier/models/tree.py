@@ -64,6 +64,12 @@ NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled 
 
 
 # ----------------------------------------------------------------------------- tree algebra
+def _class_onehot(row, assignments):
+    """[A, K, J] float: whether item k's slot under assignment a lies under class j of the level whose
+    class of each slot is `row` [K]."""
+    return (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)
+
+
 def _tree_scores(centres, counts, ancestors, assignments):
     """Between-class sum of squares, summed over the levels, of each assignment of clusters to
     leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the total sum of
@@ -71,8 +77,7 @@ def _tree_scores(centres, counts, ancestors, assignments):
     weighted = centres * counts[:, None]
     score = np.zeros(len(assignments))
     for row in ancestors:
-        nodes = row[assignments]                                              # [A, K]
-        onehot = nodes[:, :, None] == np.arange(row.max() + 1)                # [A, K, J]
+        onehot = _class_onehot(row, assignments)
         sums = np.einsum("akj,kd->ajd", onehot, weighted)
         sizes = np.einsum("akj,k->aj", onehot, counts)
         score += ((sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)).sum(-1)
@@ -192,16 +197,16 @@ def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GR
     return links + links.T
 
 
-def _graph_scores(links, ancestors, assignments, first=1):
-    """How well the classes of levels `first`..L-1 (0-based) of each assignment of leaves to slots
-    ([A, K]: leaf i goes to slot assignments[a, i]) hold their links: per level, the share of a
-    class's links that stay inside it, averaged over the level's classes (its normalised
-    association over its number of classes, so every level counts in [0, 1]), summed over the
-    levels with weight TREE_SHRINK^(l-1) like the levels' mean offsets. Larger is better."""
+def _graph_scores(links, ancestors, assignments):
+    """How well the classes below the top level of each assignment of leaves to slots ([A, K]: leaf
+    i goes to slot assignments[a, i]) hold their links: per level, the share of a class's links
+    that stay inside it, averaged over the level's classes (its normalised association over its
+    number of classes, so every level counts in [0, 1]), summed over levels 2..L-1 with weight
+    TREE_SHRINK^(l-1) like the levels' mean offsets. Larger is better. The top level is left to
+    compactness (`place_leaves`) and the leaf level is fixed."""
     score = np.zeros(len(assignments))
-    for level in range(first, len(ancestors) - 1):                            # the leaf level is fixed
-        row = ancestors[level]
-        onehot = (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)   # [A, K, J]
+    for level in range(1, len(ancestors) - 1):
+        onehot = _class_onehot(ancestors[level], assignments)                 # [A, K, J]
         inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
         volume = np.einsum("akj,kl->aj", onehot, links)
         score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
@@ -222,8 +227,8 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0):
     links = leaf_links(latent, leaf, n_leaves, seed=seed)
     counts = np.bincount(leaf, minlength=n_leaves).astype(float)
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
-    identity = np.arange(n_leaves)[None]
-    scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], identity)[0], 1e-12)
+    # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
+    scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
     slot = _best_permutation(n_leaves, lambda a: scale * _tree_scores(centres, counts, ancestors[:1], a)
                              + _graph_scores(links, ancestors, a), seed)
     return slot[leaf]
