@@ -20,6 +20,7 @@ INITIALISATIONS = ("random", "pca-kmeans")
 OUTLIER_HANDLING = ("keep", "clip")
 OUT_OF_CORE = ("auto", "on", "off")
 EVALUATION_SETS = ("test", "validation", "train", "all")
+DEFAULT_GROUPING_DECAY = 0.85  # TreeVAE's final refit: a level's compactness weight over its parent's (NOTES.md)
 DEFAULT_IWAE_SAMPLES = 100  # importance samples per cell of `evaluate` (the poster used 500)
 
 

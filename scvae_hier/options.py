@@ -6,7 +6,7 @@ option documented here is an option the CLI has and a run remembers.
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from .choices import (COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
+from .choices import (DEFAULT_GROUPING_DECAY, COMPONENT_MEANS, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
                       LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
                       PRIOR_PROBABILITIES, TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
@@ -91,6 +91,10 @@ class TrainOptions:
                                  "well-connected region of the latent's 15-nearest-neighbour graph; 'compact', "
                                  "every level compact (least sum of squares; the rule before 2026-12-02).",
                                  list(LEAF_PLACEMENTS))
+    grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE without labels: when the final refit groups k-means clusters into "
+                                   "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "
+                                   "come first, kept if the leaves stay within 1.2x as compact as with every level "
+                                   "alike (1 = every level alike, the rule before 2026-12-02).")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "

@@ -16,8 +16,9 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, assign_to_tree, leaf_ancestors, leaf_links,
-                                    match_to_tree, path_predictions, place_leaves, tree_clustering)
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
+                                    coarse_first_weights, leaf_ancestors, leaf_links, match_to_tree, path_predictions,
+                                    place_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -294,6 +295,102 @@ def test_labelled_clustering_keeps_labels_over_the_graph():
     assert (found[::10] == leaf[::10]).all()
 
 
+def test_weighted_tree_scores_match_a_cell_level_sum_of_squares():
+    """The grouping score with level weights is minus the weighted within-class sum of squares of
+    the cells (plus a constant), computed here cell by cell for random assignments."""
+    rng = np.random.default_rng(7)
+    parents = [[0, 0, 1], [0, 1, 1, 2, 2]]                       # 2 / 3 / 5 leaves
+    ancestors = leaf_ancestors(parents, 5)
+    cells = rng.normal(size=(300, 3)) + 3 * rng.integers(0, 4, size=(300, 1))
+    cluster = rng.integers(0, 8, size=300)                       # eight clusters, some leaves get two
+    centres = np.array([cells[cluster == k].mean(0) for k in range(8)])
+    counts = np.bincount(cluster, minlength=8).astype(float)
+    weights = coarse_first_weights(3, 0.5)
+    assert np.allclose(weights, [1, 0.5, 0.25])
+    assignments = np.array([rng.permutation(np.r_[np.arange(5), rng.integers(0, 5, 3)]) for _ in range(6)])
+    within = []
+    for assignment in assignments:
+        total = 0.0
+        for weight, row in zip(weights, ancestors):
+            node = row[assignment][cluster]
+            total += weight * sum(((cells[node == j] - cells[node == j].mean(0)) ** 2).sum() for j in np.unique(node))
+        within.append(total)
+    scores = _tree_scores(centres, counts, ancestors, assignments, weights)
+    # score + weighted within-class SS = weighted sum over levels of n |grand mean|^2 ... a constant
+    assert np.allclose(scores + np.array(within), scores[0] + within[0])
+    assert not np.allclose(scores, scores[0])
+
+
+# A Kang-shaped tree: Lymphoid (B; T/NK: CD4, CD8, NK) and Myeloid (phagocytes: CD14, FCGR3A, DC;
+# megakaryocytes), eight leaves. Its clusters: CD4 T cells in three spread pieces, CD8 T + NK in
+# one, B cells apart from both lineages, and myeloid pieces (CD14 in two) but none for the
+# megakaryocytes' leaf.
+KANG_PARENTS = [[0, 0, 1, 1], [0, 1, 1, 1, 2, 2, 2, 3]]
+KANG_PIECES = np.array([[-3, 0], [0, 3], [0, -3], [2.5, 0], [5, 6], [12, 1], [12, -1], [14, 0], [12, 3]], float)
+KANG_COUNTS = np.array([1500, 1500, 1500, 1800, 1300, 1350, 1350, 700, 200], float)
+KANG_LINEAGE = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_coarse_levels_first_keep_the_lineages_when_a_big_type_is_split():
+    """Every level alike, splitting the CD4 pieces over three leaves gains more at the leaf level
+    than it costs to put the B cells under the myeloid node (Kang, NOTES.md); with the coarse
+    levels weighted first (decay 0.5) every piece stays in its lineage, and the megakaryocytes'
+    leaf gets a myeloid piece. Several searches and jittered pieces, so it is not one tie."""
+    ancestors = leaf_ancestors(KANG_PARENTS, 8)
+    lineage = {}
+    for decay in (1.0, 0.5):
+        lineage[decay] = []
+        for seed in range(4):
+            pieces = KANG_PIECES + 0.1 * np.random.default_rng(seed).normal(size=KANG_PIECES.shape)
+            leaf = assign_to_tree(pieces, KANG_COUNTS, KANG_PARENTS, 8, seed=seed,
+                                  level_weights=coarse_first_weights(3, decay))
+            lineage[decay].append(adjusted_rand_score(KANG_LINEAGE, ancestors[0][leaf]))
+    assert min(lineage[1.0]) < 1.0          # the failure the weights are for
+    assert lineage[0.5] == [1.0] * 4
+
+
+@pytest.mark.parametrize("tolerance, kept", [(1.3, True), (1.1, False)])
+def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypatch, tolerance, kept):
+    """Without labels tree_clustering groups the clusters twice, levels alike and coarse levels
+    first, and keeps the second only if its within-leaf sum of squares (computed here cell by cell)
+    is at most LEAF_TOLERANCE times the first's; with labels it groups once, levels alike. The
+    coarse-first grouping is stood in for by one that merges two overlapping blobs, which costs
+    about a fifth more within-leaf sum of squares."""
+    from scvae_hier.models import tree
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [0, 1], [20, 0], [20, 20], [40, 0]], float)
+    latent = np.concatenate([c + rng.normal(scale=0.5, size=(40, 2)) for c in centres])
+    blob = np.repeat(np.arange(5), 40)
+    merged = np.where(blob == 1, 0, blob)
+    calls = []
+
+    class Blobs:  # k-means stand-in: the blobs themselves
+        def __init__(self, *args, **kwargs):
+            self.labels_, self.cluster_centers_ = blob, np.array([latent[blob == k].mean(0) for k in range(5)])
+
+        def fit(self, points):
+            return self
+
+    def grouping(centres_, counts, parents, n_leaves, seed=0, penalty=None, level_weights=None):
+        calls.append(level_weights)
+        return np.arange(5) if level_weights is None else np.array([0, 0, 2, 3, 4])
+
+    monkeypatch.setattr(tree, "KMeans", Blobs)
+    monkeypatch.setattr(tree, "assign_to_tree", grouping)
+    monkeypatch.setattr(tree, "LEAF_TOLERANCE", tolerance)
+    within = {name: sum(((latent[leaf == k] - latent[leaf == k].mean(0)) ** 2).sum() for k in np.unique(leaf))
+              for name, leaf in dict(alike=blob, merged=merged).items()}
+    assert 1.1 < within["merged"] / within["alike"] < 1.3       # the two tolerances fall on either side
+    leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5)
+    assert calls[0] is None and np.allclose(calls[1], [1, 0.5, 0.25])
+    assert (leaf == (merged if kept else blob)).all()
+    calls.clear()
+    tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5, allowed=np.ones((200, 5), bool))
+    assert calls == [None]
+    with pytest.raises(ValueError, match="grouping_decay must be in"):
+        small_model(grouping_decay=0)
+
+
 def test_arguments_from_hierarchy_and_bad_trees():
     hierarchy = Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
     options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
@@ -339,16 +436,17 @@ def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
     asked = []
     clustering = tree_module.tree_clustering
     monkeypatch.setattr(tree_module, "tree_clustering", lambda *args, **kwargs: (
-        asked.append(args[5]), clustering(*args, **kwargs))[1])
-    model = small_model(reseed_clusters=2, final_refit_clusters=3)
+        asked.append((args[5], kwargs["grouping_decay"])), clustering(*args, **kwargs))[1])
+    model = small_model(reseed_clusters=2, final_refit_clusters=3, grouping_decay=0.7)
     model.build()
     rng = np.random.default_rng(2)
     loc = (rng.normal(size=(300, 2)) + 4 * rng.integers(0, 3, size=(300, 1))).astype("float32")
     scale = np.full_like(loc, 0.5)
     model.reseed(loc, scale)
     model.refit_prior(loc, scale, steps=1)
-    assert asked == [2, 3]
-    assert TreeVAE.from_config(model.get_config()).final_refit_clusters == 3
+    assert asked == [(2, 1.0), (3, 0.7)]          # coarse levels first at the final refit only
+    config = TreeVAE.from_config(model.get_config())
+    assert config.final_refit_clusters == 3 and config.grouping_decay == 0.7
 
 
 def test_reseeding_callback_sets_components_at_the_given_epoch():

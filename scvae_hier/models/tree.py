@@ -32,7 +32,9 @@ cannot place a type that links to nothing (analyses/tuning/tree/NOTES.md). The f
 after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
 finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
 a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
-measured with).
+measured with), and without labels it groups the clusters into leaves with the coarse levels
+counting more (`grouping_decay`), as long as the leaves stay nearly as compact: equal weights let a
+big type split over several leaves push a small one into the wrong lineage (Kang).
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
@@ -45,7 +47,7 @@ import tensorflow as tf
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
-from ..choices import LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
+from ..choices import DEFAULT_GROUPING_DECAY, LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from .hierarchical import HierarchicalVAE
@@ -58,6 +60,7 @@ from .supervision import (check_parents, class_log_marginals, component_level_ma
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (scanpy's default)
 GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
+LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -70,18 +73,26 @@ def _class_onehot(row, assignments):
     return (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)
 
 
-def _tree_scores(centres, counts, ancestors, assignments):
-    """Between-class sum of squares, summed over the levels, of each assignment of clusters to
-    leaves ([A, K]: cluster i goes to leaf assignments[a, i]). Larger is better: the total sum of
-    squares is fixed, so this is minus the within-class sum of squares."""
+def _tree_scores(centres, counts, ancestors, assignments, level_weights=None):
+    """Between-class sum of squares, summed over the levels (each times its weight in
+    `level_weights`, default 1), of each assignment of clusters to leaves ([A, K]: cluster i goes
+    to leaf assignments[a, i]). Larger is better: the total sum of squares is fixed, so this is
+    minus the within-class sum of squares."""
     weighted = centres * counts[:, None]
     score = np.zeros(len(assignments))
-    for row in ancestors:
+    for level, row in enumerate(ancestors):
         onehot = _class_onehot(row, assignments)
         sums = np.einsum("akj,kd->ajd", onehot, weighted)
         sizes = np.einsum("akj,k->aj", onehot, counts)
-        score += ((sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)).sum(-1)
+        weight = 1.0 if level_weights is None else level_weights[level]
+        score += weight * ((sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)).sum(-1)
     return score
+
+
+def coarse_first_weights(n_levels, decay):
+    """Weights of the levels' compactness when clusters are grouped into the tree: decay^(l-1) for
+    level l (1 = the top), so with decay < 1 a coarse level counts more than the ones below it."""
+    return float(decay) ** np.arange(n_levels)
 
 
 def _label_penalty(penalty, assignments):
@@ -124,16 +135,17 @@ def _best_permutation(k, scored, seed=0, chunk=40320):
     return np.asarray(best, dtype=int)
 
 
-def match_to_tree(centres, counts, parents, seed=0, penalty=None):
+def match_to_tree(centres, counts, parents, seed=0, penalty=None, level_weights=None):
     """Assign K clusters (centres [K, D], sizes [K]) one-to-one to the K leaves of the tree so that
     the classes of every coarser level are as compact as possible (least within-class sum of
     squares of the cells, summed over levels). `penalty` [K, K] (labelled cells of cluster i whose
     labels exclude leaf k) comes first: a labelled cell put under a wrong leaf outweighs any
-    compactness. Returns leaf_of_cluster [K]."""
+    compactness. `level_weights` [L] weigh the levels' compactness (default: all 1; at most 1
+    each, so the penalty still comes first). Returns leaf_of_cluster [K]."""
     centres, counts = np.asarray(centres, float), np.asarray(counts, float)
     ancestors = leaf_ancestors(parents, len(centres))
     weight = _penalty_weight(centres, counts)
-    return _best_permutation(len(centres), lambda a: _tree_scores(centres, counts, ancestors, a)
+    return _best_permutation(len(centres), lambda a: _tree_scores(centres, counts, ancestors, a, level_weights)
                              - weight * _label_penalty(penalty, a), seed)
 
 
@@ -143,18 +155,19 @@ def _penalty_weight(centres, counts):
     return float((counts * ((centres - mean) ** 2).sum(-1)).sum()) * len(centres) + 1.0
 
 
-def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalty=None):
+def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalty=None, level_weights=None):
     """Assign K >= n_leaves clusters to leaves (every leaf at least one) so that the classes of every
     level, leaves included, are as compact as possible: local search (moves of one cluster to
-    another leaf, swaps of two) from `starts` random assignments. `penalty` [K, n_leaves] as in
-    `match_to_tree`. Returns leaf_of_cluster [K]."""
+    another leaf, swaps of two) from `starts` random assignments. `penalty` [K, n_leaves] and
+    `level_weights` [L] as in `match_to_tree`. Returns leaf_of_cluster [K]."""
     centres, counts = np.asarray(centres, float), np.asarray(counts, float)
     k = len(centres)
     if k == n_leaves and k <= EXHAUSTIVE_LEAVES:
-        return match_to_tree(centres, counts, parents, seed, penalty=penalty)
+        return match_to_tree(centres, counts, parents, seed, penalty=penalty, level_weights=level_weights)
     ancestors = leaf_ancestors(parents, n_leaves)
     weight = _penalty_weight(centres, counts)
-    scored = lambda a: _tree_scores(centres, counts, ancestors, a) - weight * _label_penalty(penalty, a)  # noqa: E731
+    scored = lambda a: (_tree_scores(centres, counts, ancestors, a, level_weights)  # noqa: E731
+                        - weight * _label_penalty(penalty, a))
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
     for _ in range(starts):
@@ -235,7 +248,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0):
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
-                    novel=0, placement="compact"):
+                    novel=0, placement="compact", grouping_decay=1.0):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -250,7 +263,15 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
 
     placement "graph" (without labels only: labels already anchor the leaves): the leaves, once
     formed, are re-placed in the tree by the connectivity of the latent's neighbour graph
-    (`place_leaves`) instead of staying where compactness put them."""
+    (`place_leaves`) instead of staying where compactness put them.
+
+    grouping_decay < 1 (without labels only): the clusters are also grouped with level l's
+    compactness counting decay^(l-1) (`coarse_first_weights`), and that grouping is kept if its
+    leaves stay nearly as compact (within-leaf sum of squares at most LEAF_TOLERANCE times the
+    equal-weight grouping's). With equal weights the leaf level, where splitting a big type gains
+    most, can outweigh a wrong lineage above it: on Kang, CD4 T cells split over three leaves put B
+    cells under the Myeloid node. With the coarse levels first and no limit, the top level can
+    win at the leaves' cost: on PBMC every T cell went into the one-leaf Stem class (NOTES.md)."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
@@ -264,6 +285,11 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             unexplained = (onehot.sum(axis=0) == 0) & (expected >= NOVEL_EVIDENCE)
             penalty[unexplained, :n_leaves - novel] += expected[unexplained, None]
     leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, penalty=penalty)[fit.labels_]
+    if allowed is None and grouping_decay < 1:
+        weights = coarse_first_weights(len(parents) + 1, grouping_decay)
+        coarse = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, level_weights=weights)[fit.labels_]
+        if _within_leaves(latent, coarse) <= LEAF_TOLERANCE * _within_leaves(latent, leaf):
+            leaf = coarse
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
     elif placement == "graph":
@@ -277,6 +303,11 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             sub = KMeans(n_clusters=per_leaf, n_init=n_init, random_state=seed).fit(latent[members]).labels_
             component[members] += sub
     return component
+
+
+def _within_leaves(latent, leaf):
+    """Within-leaf sum of squares of points [n, D] in leaves [n]."""
+    return sum(((latent[leaf == k] - latent[leaf == k].mean(axis=0)) ** 2).sum() for k in np.unique(leaf))
 
 
 def _move_labelled(latent, leaf, allowed, n_leaves):
@@ -402,12 +433,13 @@ class TreeVAE(HierarchicalVAE):
                     prior_probabilities=options.prior_probabilities, reseed_epochs=list(options.reseed_epochs or ()),
                     reseed_clusters=options.reseed_clusters, final_refit=options.final_refit,
                     final_refit_clusters=getattr(options, "final_refit_clusters", None),
-                    leaf_placement=getattr(options, "leaf_placement", "graph"))
+                    leaf_placement=getattr(options, "leaf_placement", "graph"),
+                    grouping_decay=getattr(options, "grouping_decay", DEFAULT_GROUPING_DECAY))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
-                 leaf_placement="graph", **kwargs):
+                 leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -428,6 +460,9 @@ class TreeVAE(HierarchicalVAE):
         self.final_refit_clusters = int(final_refit_clusters)
         self.novel_classes = int(novel_classes)
         self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
+        if not 0 < float(grouping_decay) <= 1:
+            raise ValueError(f"grouping_decay must be in (0, 1] (1 = every level alike), got {grouping_decay}.")
+        self.grouping_decay = float(grouping_decay)
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -468,11 +503,12 @@ class TreeVAE(HierarchicalVAE):
             return None
         return allowed_components(labels, self.component_ancestors)
 
-    def reseed(self, latent, latent_scale=None, labels=None, clusters=None):
+    def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
         (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
         with variance the spread of their means plus their mean posterior variance (latent_scale
-        [n, D], the M-step of EM; without it, the means' spread alone)."""
+        [n, D], the M-step of EM; without it, the means' spread alone). `grouping_decay` as in
+        `tree_clustering` (the final refit passes the model's; the epoch re-seeds group levels alike)."""
         latent = np.asarray(latent, "float64")
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
@@ -480,7 +516,7 @@ class TreeVAE(HierarchicalVAE):
                                     self.components_per_leaf, self.seed, clusters or self.reseed_clusters,
                                     allowed=leaf_allowed,
                                     novel=self.novel_classes if allowed is not None else 0,
-                                    placement=self.leaf_placement)
+                                    placement=self.leaf_placement, grouping_decay=grouping_decay)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -499,7 +535,7 @@ class TreeVAE(HierarchicalVAE):
 
     def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None):
         """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
-        latent means (`final_refit_clusters` per leaf), then EM steps that each raise the ELBO's prior terms sum over cells of
+        latent means (`final_refit_clusters` per leaf, coarse levels first by `grouping_decay`), then EM steps that each raise the ELBO's prior terms sum over cells of
         log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
         mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
         p(c) = mean q(c|x) when learnable; a labelled cell's q(c|x) restricted to the components its
@@ -507,7 +543,7 @@ class TreeVAE(HierarchicalVAE):
         loc, scale = np.asarray(loc, "float64"), np.asarray(scale, "float64")
         allowed = self.allowed(labels)
         if reseed:
-            self.reseed(loc, scale, labels, clusters=self.final_refit_clusters)
+            self.reseed(loc, scale, labels, clusters=self.final_refit_clusters, grouping_decay=self.grouping_decay)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
@@ -622,7 +658,7 @@ class TreeVAE(HierarchicalVAE):
                 "prior_probabilities": self.prior_probabilities, "reseed_epochs": list(self.reseed_epochs),
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
                 "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
-                "leaf_placement": self.leaf_placement}
+                "leaf_placement": self.leaf_placement, "grouping_decay": self.grouping_decay}
 
 
 class TreeReseeding(keras.callbacks.Callback):
