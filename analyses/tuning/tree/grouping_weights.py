@@ -1,0 +1,127 @@
+"""How much should each level count when the final refit groups k-means clusters into leaves? (issue 12)
+
+    python analyses/tuning/tree/grouping_weights.py RULE[,RULE...] RUN_FOLDER...
+    python analyses/tuning/tree/grouping_weights.py report
+    python analyses/tuning/tree/grouping_weights.py ratios DECAY RUN_FOLDER...
+
+Offline, like refit_rules.py: each run's trained encoder is kept and only the final refit (re-seed
++ EM steps) is redone, so a rule's effect on a finished run is exactly what the final refit would
+give with it. Rules:
+- equal: every level's compactness alike (the rule before 2026-12-02);
+- d<X>: level l's compactness times X^(l-1) (coarse levels first), e.g. d0.85;
+- l<X>: the leaf level's compactness times X, the others 1;
+- guard<X>: the model's own rule with grouping_decay X (d<X>, kept only if its within-leaf sum of
+  squares is at most LEAF_TOLERANCE times that of `equal`).
+Scores (ARI L1-L4, level-4 weighted F1) on validation and test cells go to grouping_weights.jsonl,
+one line per run and rule; a rerun skips what is there. The rule is chosen on validation cells.
+`ratios` prints, per run, each level's within-class sum of squares of the coarse-first grouping
+(decay DECAY) over that of the levels-alike one, at the final refit's re-seed: what the guard
+(LEAF_TOLERANCE) reads at the leaf level.
+"""
+import os
+import sys
+
+for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ[name] = "1"
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import scvae_hier.models.tree as tree  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "grouping_weights.jsonl"
+sys.path.insert(0, str(HERE))
+from refit import evaluate, load_run  # noqa: E402
+
+ORIGINAL = tree._tree_scores
+
+
+def weighted_scores(weights):
+    """tree._tree_scores with fixed level weights when it scores every level (the grouping)."""
+    def scores(centres, counts, ancestors, assignments, level_weights=None):
+        if len(ancestors) != len(weights):          # the top level alone (place_leaves)
+            return ORIGINAL(centres, counts, ancestors, assignments, level_weights)
+        return ORIGINAL(centres, counts, ancestors, assignments, weights)
+    return scores
+
+
+def refit(folder, rule, loc, scale, train):
+    model = keras.saving.load_model(folder / "model.keras")
+    n_levels = len(model.parents) + 1
+    model.grouping_decay = float(rule[len("guard"):]) if rule.startswith("guard") else 1.0
+    if rule.startswith("d"):
+        tree._tree_scores = weighted_scores(float(rule[1:]) ** np.arange(n_levels))
+    elif rule.startswith("l"):
+        tree._tree_scores = weighted_scores(np.r_[np.ones(n_levels - 1), float(rule[1:])])
+    try:
+        model.refit_prior(loc[train], scale[train], steps=model.final_refit or 10)
+    finally:
+        tree._tree_scores = ORIGINAL
+    return model
+
+
+def main(rules, folders):
+    done = {(r["run"], r["rule"]) for r in map(json.loads, OUT.read_text().splitlines())} if OUT.exists() else set()
+    for folder in folders:
+        name = f"{folder.parent.name}/{folder.name}"
+        if all((name, rule) in done for rule in rules):
+            continue
+        _, loc, scale, split, truth = load_run(folder)
+        for rule in rules:
+            if (name, rule) in done:
+                continue
+            model = refit(folder, rule, loc, scale, split == "train")
+            row = {"run": name, "rule": rule}
+            for part in ("validation", "test"):
+                cells = split == part
+                aris, f1 = evaluate(model, loc[cells], scale[cells], truth[cells], model.parents)
+                row[part] = [round(float(a), 3) for a in aris] + [round(float(f1), 3)]
+            with open(OUT, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(row, flush=True)
+
+
+def ratios(decay, folders):
+    from sklearn.cluster import KMeans
+    for folder in folders:
+        model = keras.saving.load_model(folder / "model.keras")
+        _, loc, _, split, _ = load_run(folder)
+        latent = loc[split == "train"].astype("float64")
+        n_leaves, ancestors = model.level_sizes[-1], tree.leaf_ancestors(model.parents, model.level_sizes[-1])
+        fit = KMeans(n_clusters=model.final_refit_clusters * n_leaves, n_init=10, random_state=model.seed).fit(latent)
+        counts = np.bincount(fit.labels_, minlength=len(fit.cluster_centers_))
+        within = []
+        for weights in (None, tree.coarse_first_weights(len(ancestors), decay)):
+            leaf = tree.assign_to_tree(fit.cluster_centers_, counts, model.parents, n_leaves, model.seed,
+                                       level_weights=weights)[fit.labels_]
+            within.append([tree._within_leaves(latent, row[leaf]) for row in ancestors])
+        print(f"{folder.parent.name}/{folder.name}: within-class SS, coarse-first / levels alike, L1..L{len(ancestors)}:",
+              " / ".join(f"{b / a:.3f}" for a, b in zip(*within)), flush=True)
+
+
+def report():
+    """Mean (and minimum level-4 ARI) per rule and dataset over the runs every listed rule has."""
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()]
+    runs = {}
+    for row in rows:
+        runs.setdefault(row["run"], {})[row["rule"]] = row
+    rules = list(dict.fromkeys(row["rule"] for row in rows))
+    for dataset, is_it in (("Kang", lambda n: "kang" in n or "restart" in n), ("PBMC", lambda n: "tree/" in n or "pbmc" in n)):
+        for rule in rules:
+            for part in ("validation", "test"):
+                table = np.array([r[rule][part] for n, r in runs.items() if is_it(n) and rule in r])
+                if len(table):
+                    print(f"{dataset:<5} {rule:<9} {part:<10} n={len(table):>2}  ARI L1-L4 / wF1 "
+                          + " / ".join(f"{m:.3f}" for m in table.mean(0)) + f"   min L4 {table[:, 3].min():.2f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["report"]:
+        report()
+    elif sys.argv[1:2] == ["ratios"]:
+        ratios(float(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    else:
+        main(sys.argv[1].split(","), [Path(p) for p in sys.argv[2:]])
