@@ -34,7 +34,7 @@ import scvae_hier.models.tree as tree  # noqa: E402
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grouping_weights.jsonl"
 sys.path.insert(0, str(HERE))
-from refit import evaluate, load_run  # noqa: E402
+from refit import load_run, scores_by_part  # noqa: E402
 
 ORIGINAL = tree._tree_scores
 
@@ -74,11 +74,7 @@ def main(rules, folders):
             if (name, rule) in done:
                 continue
             model = refit(folder, rule, loc, scale, split == "train")
-            row = {"run": name, "rule": rule}
-            for part in ("validation", "test"):
-                cells = split == part
-                aris, f1 = evaluate(model, loc[cells], scale[cells], truth[cells], model.parents)
-                row[part] = [round(float(a), 3) for a in aris] + [round(float(f1), 3)]
+            row = {"run": name, "rule": rule, **scores_by_part(model, loc, scale, split, truth)}
             with open(OUT, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(row, flush=True)

@@ -56,6 +56,16 @@ def evaluate(model, loc, scale, truth, parents):
     return aris, hungarian_f1(truth[:, -1], nested[-1])["weighted"]
 
 
+def scores_by_part(model, loc, scale, split, truth, digits=3):
+    """{"validation": [...], "test": [...]}: ARI per level and level-4 weighted F1, rounded."""
+    row = {}
+    for part in ("validation", "test"):
+        cells = split == part
+        aris, f1 = evaluate(model, loc[cells], scale[cells], truth[cells], model.parents)
+        row[part] = [round(float(a), digits) for a in aris] + [round(float(f1), digits)]
+    return row
+
+
 def load_run(folder):
     """A finished run's model, q(z|x) means and scales of all its cells, their split and level codes."""
     config = json.loads((folder / "config.json").read_text())

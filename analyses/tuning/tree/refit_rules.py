@@ -38,7 +38,7 @@ from scvae_hier.analysis.leiden import leiden, leiden_at_k, neighbour_graph  # n
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "refit_rules.jsonl"
 sys.path.insert(0, str(HERE))
-from refit import evaluate, load_run  # noqa: E402
+from refit import load_run, scores_by_part  # noqa: E402
 
 
 def first_clusters(rule, latent, n_leaves, seed):
@@ -109,11 +109,7 @@ def main(folders, rules=("kmeans2", "kmeans4", "leidenK2", "leiden1")):
             fresh = keras.saving.load_model(folder / "model.keras")
             tree.tree_clustering = clustering_by(rule)
             fresh.refit_prior(loc[train], scale[train], steps=fresh.final_refit or 10)
-            row = {"run": folder.name, "rule": rule}
-            for part in ("validation", "test"):
-                cells_in = split == part
-                aris, f1 = evaluate(fresh, loc[cells_in], scale[cells_in], truth[cells_in], fresh.parents)
-                row[part] = [round(float(a), 4) for a in aris] + [round(float(f1), 4)]
+            row = {"run": folder.name, "rule": rule, **scores_by_part(fresh, loc, scale, split, truth, digits=4)}
             with open(OUT, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(row, flush=True)
