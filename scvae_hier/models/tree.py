@@ -535,7 +535,8 @@ class TreeVAE(HierarchicalVAE):
 
     def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None):
         """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
-        latent means (`final_refit_clusters` per leaf, coarse levels first by `grouping_decay`), then EM steps that each raise the ELBO's prior terms sum over cells of
+        latent means (`final_refit_clusters` per leaf, coarse levels first by `grouping_decay`),
+        then EM steps that each raise the ELBO's prior terms sum over cells of
         log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
         mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
         p(c) = mean q(c|x) when learnable; a labelled cell's q(c|x) restricted to the components its
