@@ -140,8 +140,8 @@ def match_to_tree(centres, counts, parents, seed=0, penalty=None, level_weights=
     the classes of every coarser level are as compact as possible (least within-class sum of
     squares of the cells, summed over levels). `penalty` [K, K] (labelled cells of cluster i whose
     labels exclude leaf k) comes first: a labelled cell put under a wrong leaf outweighs any
-    compactness. `level_weights` [L] weigh the levels' compactness (default: all 1; at most 1
-    each, so the penalty still comes first). Returns leaf_of_cluster [K]."""
+    compactness. `level_weights` [L] weigh the levels' compactness (default: all 1). Returns
+    leaf_of_cluster [K]."""
     centres, counts = np.asarray(centres, float), np.asarray(counts, float)
     ancestors = leaf_ancestors(parents, len(centres))
     weight = _penalty_weight(centres, counts)
