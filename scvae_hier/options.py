@@ -6,8 +6,8 @@ option documented here is an option the CLI has and a run remembers.
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS,
-                      INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
+from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DISPERSIONS, INFERENCE_MODES,
+                      INITIALISATIONS, INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES, NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS,
                       PRIOR_PROBABILITIES, TRANSITIONS, USAGE_TARGETS)
 from .models import MODELS
 
@@ -95,6 +95,10 @@ class TrainOptions:
                                    "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "
                                    "come first, kept if the leaves stay within 1.2x as compact as with every level "
                                    "alike (1 = every level alike, the rule before 2026-12-02).")
+    top_level_decay: float = option(DEFAULT_TOP_LEVEL_DECAY, "TreeVAE without labels: in that coarse-first grouping, "
+                                    "each k-means cluster's top-level class is fixed first by a grouping where level "
+                                    "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
+                                    "classes (1 = no such first step, the rule before 2026-12-02 afternoon).")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "

@@ -17,7 +17,7 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
-                                    coarse_first_weights, leaf_ancestors, leaf_links, match_to_tree, path_predictions,
+                                    coarse_first_grouping, coarse_first_weights, leaf_ancestors, leaf_links, match_to_tree, path_predictions,
                                     place_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
@@ -347,6 +347,43 @@ def test_coarse_levels_first_keep_the_lineages_when_a_big_type_is_split():
             lineage[decay].append(adjusted_rand_score(KANG_LINEAGE, ancestors[0][leaf]))
     assert min(lineage[1.0]) < 1.0          # the failure the weights are for
     assert lineage[0.5] == [1.0] * 4
+    for seed in range(4):                   # the top level fixed first, the levels below alike
+        pieces = KANG_PIECES + 0.1 * np.random.default_rng(seed).normal(size=KANG_PIECES.shape)
+        leaf = coarse_first_grouping(pieces, KANG_COUNTS, KANG_PARENTS, 8, seed=seed, top_level_decay=0.5)
+        assert adjusted_rand_score(KANG_LINEAGE, ancestors[0][leaf]) == 1.0
+
+
+def test_top_level_fixed_first_then_the_levels_below_grouped_inside_it():
+    """coarse_first_grouping against brute force over all 8! matchings of eight Kang-shaped pieces
+    to the eight leaves: its top-level classes are those of the best matching with decay 0.5, and
+    below them it is the best matching with every level alike among those that keep those classes.
+    (Where the first step changes the lineages is the nine-piece test above.)"""
+    pieces, counts = KANG_PIECES[:8], KANG_COUNTS[:8]              # one piece per leaf: no megakaryocytes
+    ancestors = leaf_ancestors(KANG_PARENTS, 8)
+    permutations = np.array(list(itertools.permutations(range(8))))
+
+    def within(weights):                                         # [A] weighted within-class SS, piece by piece
+        total = np.zeros(len(permutations))
+        for weight, row in zip(weights, ancestors):
+            node = row[permutations]                             # [A, K]: each piece's class
+            for j in np.unique(row):
+                mass = (node == j) * counts                      # [A, K]
+                size = np.maximum(mass.sum(1, keepdims=True), 1e-12)
+                mean = mass @ pieces / size                      # [A, D]
+                total += weight * (mass * ((pieces[None] - mean[:, None]) ** 2).sum(-1)).sum(1)
+        return total
+
+    top_first = permutations[within([1, 0.5, 0.25]).argmin()]
+    same_top = (ancestors[0][permutations] == ancestors[0][top_first]).all(1)
+    alike = within([1, 1, 1])
+    best_below = alike[same_top].min()
+    leaf = coarse_first_grouping(pieces, counts, KANG_PARENTS, 8, grouping_decay=1.0, top_level_decay=0.5)
+    chosen = (permutations == leaf).all(1)
+    assert (ancestors[0][leaf] == ancestors[0][top_first]).all()
+    assert np.isclose(alike[chosen][0], best_below)
+    # with no first step it is the plain coarse-first matching
+    plain = coarse_first_grouping(pieces, counts, KANG_PARENTS, 8, grouping_decay=0.5)
+    assert (permutations[within([1, 0.5, 0.25]).argmin()] == plain).all()
 
 
 @pytest.mark.parametrize("tolerance, kept", [(1.3, True), (1.1, False)])
@@ -389,6 +426,8 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
     assert calls == [None]
     with pytest.raises(ValueError, match="grouping_decay must be in"):
         small_model(grouping_decay=0)
+    with pytest.raises(ValueError, match="top_level_decay must be in"):
+        small_model(top_level_decay=1.5)
 
 
 def test_arguments_from_hierarchy_and_bad_trees():
@@ -436,17 +475,17 @@ def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
     asked = []
     clustering = tree_module.tree_clustering
     monkeypatch.setattr(tree_module, "tree_clustering", lambda *args, **kwargs: (
-        asked.append((args[5], kwargs["grouping_decay"])), clustering(*args, **kwargs))[1])
-    model = small_model(reseed_clusters=2, final_refit_clusters=3, grouping_decay=0.7)
+        asked.append((args[5], kwargs["grouping_decay"], kwargs["top_level_decay"])), clustering(*args, **kwargs))[1])
+    model = small_model(reseed_clusters=2, final_refit_clusters=3, grouping_decay=0.7, top_level_decay=0.4)
     model.build()
     rng = np.random.default_rng(2)
     loc = (rng.normal(size=(300, 2)) + 4 * rng.integers(0, 3, size=(300, 1))).astype("float32")
     scale = np.full_like(loc, 0.5)
     model.reseed(loc, scale)
     model.refit_prior(loc, scale, steps=1)
-    assert asked == [(2, 1.0), (3, 0.7)]          # coarse levels first at the final refit only
+    assert asked == [(2, 1.0, 1.0), (3, 0.7, 0.4)]          # coarse levels first at the final refit only
     config = TreeVAE.from_config(model.get_config())
-    assert config.final_refit_clusters == 3 and config.grouping_decay == 0.7
+    assert config.final_refit_clusters == 3 and config.grouping_decay == 0.7 and config.top_level_decay == 0.4
 
 
 def test_reseeding_callback_sets_components_at_the_given_epoch():

@@ -1,7 +1,7 @@
 """How much should each level count when the final refit groups k-means clusters into leaves? (issue 12)
 
     python analyses/tuning/tree/grouping_weights.py RULE[,RULE...] RUN_FOLDER...
-    python analyses/tuning/tree/grouping_weights.py report
+    python analyses/tuning/tree/grouping_weights.py report [RULE,RULE...]   # matched: runs with every RULE
     python analyses/tuning/tree/grouping_weights.py ratios DECAY RUN_FOLDER...
 
 Offline, like refit_rules.py: each run's trained encoder is kept and only the final refit (re-seed
@@ -12,6 +12,9 @@ give with it. Rules:
 - l<X>: the leaf level's compactness times X, the others 1;
 - guard<X>: the model's own rule with grouping_decay X (d<X>, kept only if its within-leaf sum of
   squares is at most LEAF_TOLERANCE times that of `equal`).
+- anchor<X>: the model's rule with top_level_decay X and grouping_decay 1: a coarse-first grouping
+  (decay X) fixes each cluster's top-level class, the levels below are grouped with every level
+  alike inside those classes; anchor<X>-<Y>: below with decay Y (top_level_decay X, grouping_decay Y).
 Scores (ARI L1-L4, level-4 weighted F1) on validation and test cells go to grouping_weights.jsonl,
 one line per run and rule; a rerun skips what is there. The rule is chosen on validation cells.
 `ratios` prints, per run, each level's within-class sum of squares of the coarse-first grouping
@@ -51,7 +54,11 @@ def weighted_scores(weights):
 def refit(folder, rule, loc, scale, train):
     model = keras.saving.load_model(folder / "model.keras")
     n_levels = len(model.parents) + 1
-    model.grouping_decay = float(rule[len("guard"):]) if rule.startswith("guard") else 1.0
+    decays = [float(decay) for decay in rule.lstrip("guardncho").split("-")] if rule[0] in "ga" else [1.0]
+    if rule.startswith("anchor"):      # the model's two-step rule: top level at X, below at Y (default 1)
+        model.top_level_decay, model.grouping_decay = decays[0], (decays + [1.0])[1]
+    else:
+        model.top_level_decay, model.grouping_decay = 1.0, decays[0]
     if rule.startswith("d"):
         tree._tree_scores = weighted_scores(float(rule[1:]) ** np.arange(n_levels))
     elif rule.startswith("l"):
@@ -98,13 +105,16 @@ def ratios(decay, folders):
               " / ".join(f"{b / a:.3f}" for a, b in zip(*within)), flush=True)
 
 
-def report():
-    """Mean (and minimum level-4 ARI) per rule and dataset over the runs every listed rule has."""
+def report(rules=None):
+    """Mean (and minimum level-4 ARI) per rule and dataset; with `rules`, those rules only, over
+    the runs that have every one of them (a matched comparison)."""
     rows = [json.loads(line) for line in OUT.read_text().splitlines()]
     runs = {}
     for row in rows:
         runs.setdefault(row["run"], {})[row["rule"]] = row
-    rules = list(dict.fromkeys(row["rule"] for row in rows))
+    if rules:
+        runs = {name: scored for name, scored in runs.items() if all(rule in scored for rule in rules)}
+    rules = rules or list(dict.fromkeys(row["rule"] for row in rows))
     for dataset, is_it in (("Kang", lambda n: "kang" in n or "restart" in n), ("PBMC", lambda n: "tree/" in n or "pbmc" in n)):
         for rule in rules:
             for part in ("validation", "test"):
@@ -115,8 +125,8 @@ def report():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["report"]:
-        report()
+    if sys.argv[1:2] == ["report"]:
+        report(sys.argv[2].split(",") if len(sys.argv) > 2 else None)
     elif sys.argv[1:2] == ["ratios"]:
         ratios(float(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     else:

@@ -55,10 +55,15 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     training.make_split = lambda cells, options: split_of(cells, dataclasses.replace(options, seed=0))
     name = f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}"
     changed = dict(change.split("=") for change in changes)
+    if "reseed_decay" in changed:  # tuning only: the epoch re-seeds group pieces coarse levels first too
+        from scvae_hier.models.tree import TreeVAE
+        decay, reseed = float(changed["reseed_decay"]), TreeVAE.reseed
+        TreeVAE.reseed = lambda self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0: \
+            reseed(self, latent, latent_scale, labels, clusters, decay if clusters is None else grouping_decay)
     folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items())])
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
                    **{key: tuple(int(v) for v in value.split(",") if v) if "," in value
-                      else int(value) if value.lstrip("-").isdigit() else value for key, value in changed.items()})
+                      else int(value) if value.lstrip("-").isdigit() else value for key, value in changed.items() if key != "reseed_decay"})
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
