@@ -34,7 +34,9 @@ finer pieces let a small, separate type such as 0.8% megakaryocytes get its own 
 a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
 measured with), and without labels it groups the clusters into leaves with the coarse levels
 counting more (`grouping_decay`), as long as the leaves stay nearly as compact: equal weights let a
-big type split over several leaves push a small one into the wrong lineage (Kang).
+big type split over several leaves push a small one into the wrong lineage (Kang). The top level's
+classes are fixed first, with a stronger decay (`top_level_decay`): the lineages need it, the
+finer levels lose by it.
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
