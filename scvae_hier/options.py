@@ -98,7 +98,7 @@ class TrainOptions:
     top_level_decay: float = option(DEFAULT_TOP_LEVEL_DECAY, "TreeVAE without labels: in that coarse-first grouping, "
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
-                                    "classes (1 = no such first step, the rule before 2026-12-02 afternoon).")
+                                    "classes (1 = no such first step, the rule of the second change of 2026-12-02).")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "

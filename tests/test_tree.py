@@ -17,8 +17,8 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
-                                    coarse_first_grouping, coarse_first_weights, leaf_ancestors, leaf_links, match_to_tree, path_predictions,
-                                    place_leaves, tree_clustering)
+                                    coarse_first_grouping, coarse_first_weights, leaf_ancestors, leaf_links,
+                                    match_to_tree, path_predictions, place_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)

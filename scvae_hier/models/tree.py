@@ -487,7 +487,7 @@ class TreeVAE(HierarchicalVAE):
         self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
         for name, decay in (("grouping_decay", grouping_decay), ("top_level_decay", top_level_decay)):
             if not 0 < float(decay) <= 1:
-                raise ValueError(f"{name} must be in (0, 1] (1 = every level alike), got {decay}.")
+                raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
         self.grouping_decay, self.top_level_decay = float(grouping_decay), float(top_level_decay)
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf

@@ -63,7 +63,8 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items())])
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
                    **{key: tuple(int(v) for v in value.split(",") if v) if "," in value
-                      else int(value) if value.lstrip("-").isdigit() else value for key, value in changed.items() if key != "reseed_decay"})
+                      else int(value) if value.lstrip("-").isdigit() else value
+                      for key, value in changed.items() if key != "reseed_decay"})
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
