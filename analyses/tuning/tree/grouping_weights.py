@@ -51,14 +51,21 @@ def weighted_scores(weights):
     return scores
 
 
+def model_decays(rule):
+    """(top_level_decay, grouping_decay) the model runs with under `rule`; d<X> and l<X> patch the
+    scores instead and run the levels-alike path (both 1)."""
+    if rule.startswith("anchor"):                  # anchor<X>[-<Y>]: top level at X, below at Y (default 1)
+        top, _, below = rule.removeprefix("anchor").partition("-")
+        return float(top), float(below or 1.0)
+    if rule.startswith("guard"):
+        return 1.0, float(rule.removeprefix("guard"))
+    return 1.0, 1.0
+
+
 def refit(folder, rule, loc, scale, train):
     model = keras.saving.load_model(folder / "model.keras")
     n_levels = len(model.parents) + 1
-    decays = [float(decay) for decay in rule.lstrip("guardncho").split("-")] if rule[0] in "ga" else [1.0]
-    if rule.startswith("anchor"):      # the model's two-step rule: top level at X, below at Y (default 1)
-        model.top_level_decay, model.grouping_decay = decays[0], (decays + [1.0])[1]
-    else:
-        model.top_level_decay, model.grouping_decay = 1.0, decays[0]
+    model.top_level_decay, model.grouping_decay = model_decays(rule)
     if rule.startswith("d"):
         tree._tree_scores = weighted_scores(float(rule[1:]) ** np.arange(n_levels))
     elif rule.startswith("l"):
