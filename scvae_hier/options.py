@@ -100,6 +100,10 @@ class TrainOptions:
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
                                     "classes (1 = no such first step, the rule of the second change of 2026-12-02).")
+    empty_leaves: tuple = option((), "TreeVAE without labels: leaves of the hierarchy (finest class names) that the "
+                                 "final clustering leaves empty: types absent from the data, or too rare to find "
+                                 "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "
+                                 "a piece of some other type.", nargs="+")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "
@@ -188,6 +192,9 @@ def check_ranges(options) -> None:
         raise ValueError(f"--novel-classes is a TreeVAE option (an 'unassigned' branch of the tree); with "
                          f"--model mixture use --n-components above the number of finest classes; got --model "
                          f"{options.model}.")
+    if options.empty_leaves and options.model != "tree":
+        raise ValueError(f"--empty-leaves is a TreeVAE option (leaves of its tree left without cells); got --model "
+                         f"{options.model}. Use --model tree, or --exclude-labels to drop cells of a type.")
     if options.folds == 1:
         raise ValueError("--folds must be 0 (use --split) or at least 2.")
     if options.folds and not options.fold < options.folds:

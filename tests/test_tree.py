@@ -18,7 +18,7 @@ from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
                                     coarse_first_grouping, coarse_first_weights, leaf_ancestors, leaf_links,
-                                    match_to_tree, path_predictions, place_leaves, tree_clustering)
+                                    match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -429,6 +429,62 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
         small_model(top_level_decay=1.5)
 
 
+def test_prune_leaves_keeps_every_kept_pair_of_leaves_together_or_apart_as_before():
+    """Checked pair by pair against the original tree: two kept leaves share a class at a level in
+    the pruned tree exactly when they did before, and classes keep their order."""
+    for empty in ([0], [5, 6], [1, 7, 8]):
+        pruned, kept = prune_leaves(PBMC_PARENTS, 9, empty)
+        assert kept.tolist() == [k for k in range(9) if k not in empty]
+        before, after = leaf_ancestors(PBMC_PARENTS, 9)[:, kept], leaf_ancestors(pruned, len(kept))
+        for level in range(4):
+            same_before = before[level][:, None] == before[level][None]
+            assert (same_before == (after[level][:, None] == after[level][None])).all()
+            assert (np.diff(after[level][np.argsort(before[level], kind="stable")]) >= 0).all()
+    pruned, _ = prune_leaves(PBMC_PARENTS, 9, [0])          # CD34 alone under Stem: Stem goes too
+    assert [len(links) for links in pruned] == [3, 4, 8] and max(pruned[0]) == 0
+
+
+def absent_lone_leaf(n_per_type=120, seed=0):
+    """SMALL_PARENTS data without leaf 0's type (the one-leaf level-2 class under level-1 class 0):
+    four well-apart types for leaves 1-4, the two of each level-1 class close together."""
+    ancestors = leaf_ancestors(SMALL_PARENTS, 5)
+    centres = np.stack([12.0 * ancestors[0], 4.0 * ancestors[1], 2.0 * ancestors[2]], axis=1)
+    truth = np.repeat(np.arange(1, 5), n_per_type)
+    return centres[truth] + 0.15 * np.random.default_rng(seed).normal(size=(len(truth), 3)), truth, ancestors
+
+
+def test_an_empty_leaf_gets_no_cells_and_the_others_stay_whole():
+    """With every leaf filled, one of the four types is split to fill leaf 0's slot, and that piece
+    lands in the wrong level-2 class; with leaf 0 left empty every type is one leaf, in its class."""
+    latent, truth, ancestors = absent_lone_leaf()
+    filled = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=2)
+    assert (filled == 0).any() and adjusted_rand_score(ancestors[1][truth], ancestors[1][filled]) < 0.99
+    leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=2, empty_leaves=[0])
+    assert not (leaf == 0).any()
+    for level in range(3):
+        assert adjusted_rand_score(ancestors[level][truth], ancestors[level][leaf]) == 1.0
+
+
+def test_final_refit_leaves_the_empty_leaf_without_weight_or_cells():
+    latent, truth, _ = absent_lone_leaf(seed=1)
+    loc, scale = latent[:, :2].astype("float32"), np.full((len(latent), 2), 0.2, "float32")
+    model = small_model(components_per_leaf=2, empty_leaves=[0])
+    model.build()
+    component = model.refit_prior(loc, scale, steps=3)
+    assert not (component // 2 == 0).any()
+    weights = np.exp(model.log_pc().numpy())
+    assert weights[:2].max() < 1e-9 and abs(weights.sum() - 1) < 1e-5
+    assert TreeVAE.from_config(model.get_config()).empty_leaves == [0]
+    epoch_reseed = model.reseed(loc, scale)                    # the re-seeds during training fill every leaf
+    assert (epoch_reseed // 2 == 0).any()
+    for bad, message in ((dict(empty_leaves=[5]), "leaf indices in 0..4"),
+                         (dict(empty_leaves=[0, 1, 2, 3]), "at least 2 leaves"),
+                         (dict(empty_leaves=[0], prior_probabilities="uniform"), "prior_probabilities='learnable'"),
+                         (dict(empty_leaves=[0], semi_supervised=True), "without labels")):
+        with pytest.raises(ValueError, match=message):
+            small_model(**bad)
+
+
 def test_arguments_from_hierarchy_and_bad_trees():
     hierarchy = Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
     options = SimpleNamespace(model="tree", level_sizes=None, prior="normal", marginal_usage=1.0,
@@ -437,6 +493,9 @@ def test_arguments_from_hierarchy_and_bad_trees():
                               final_refit_clusters=None)
     arguments = TreeVAE.arguments_from(options, hierarchy)
     assert arguments["parents"] == [[0, 0, 1]] and arguments["level_sizes"] == [2, 3]
+    assert TreeVAE.arguments_from(SimpleNamespace(**vars(options), empty_leaves=["B1"]), hierarchy)["empty_leaves"] == [2]
+    with pytest.raises(ValueError, match=r"names \['C1'\], not leaves of the hierarchy; its leaves are \['A1', 'A2', 'B1'\]"):
+        TreeVAE.arguments_from(SimpleNamespace(**vars(options), empty_leaves=["C1"]), hierarchy)
     assert model_class("tree") is TreeVAE
     with pytest.raises(ValueError, match="needs a hierarchy"):
         TreeVAE.arguments_from(options, None)

@@ -57,3 +57,32 @@ def test_a_single_value_for_a_list_option_is_a_list_of_one():
     assert TreeVAE.arguments_from(options, _tree())["reseed_epochs"] == [10]
     with pytest.raises(ValueError, match="three fractions"):
         TrainOptions(data="x.h5ad", split=0.8)
+
+
+def test_empty_leaves_from_the_command_line_reach_the_model():
+    arguments = vars(build_parser().parse_args(["train", "data.h5ad", "--model", "tree", "--empty-leaves", "B1", "A2"]))
+    options = TrainOptions.from_dict(arguments)
+    assert options.empty_leaves == ["B1", "A2"] or options.empty_leaves == ("B1", "A2")
+    assert sorted(TreeVAE.arguments_from(options, _tree())["empty_leaves"]) == [1, 2]
+    with pytest.raises(ValueError, match="--empty-leaves is a TreeVAE option"):
+        TrainOptions.from_dict({**arguments, "model": "mixture"})
+
+
+def test_a_run_with_an_empty_leaf_puts_no_cell_there(pbmc_slice, tmp_path):
+    """End to end on real cells: the run's clusters never use the named leaf, and the run remembers it."""
+    import json
+
+    import anndata
+
+    from scvae_hier.cli import main
+    from scvae_hier.hierarchy import Hierarchy
+    from conftest import FAST
+    run = tmp_path / "run"
+    assert main(["train", str(pbmc_slice), "--model", "tree", *FAST, "--epochs", "2", "--output", str(run),
+                 "--empty-leaves", "CD34+"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    leaves = list(Hierarchy.from_dict(config["hierarchy"]).classes(3))
+    outputs = anndata.read_h5ad(run / "outputs.h5ad")
+    used = set(outputs.obs["scvae_level_4_cluster"].astype(int))
+    assert leaves.index("CD34+") not in used and len(used) >= 5
+    assert config["options"]["empty_leaves"] == ["CD34+"]

@@ -65,11 +65,25 @@ GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (s
 GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
 LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
+EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
 
 
 # ----------------------------------------------------------------------------- tree algebra
+def prune_leaves(parents, n_leaves, empty):
+    """The tree without the leaves `empty` (and the classes left with no leaf): (its parents, the
+    original index of each of its leaves). Classes keep their order."""
+    kept = np.setdiff1d(np.arange(n_leaves), np.asarray(empty, dtype=int))
+    codes = [np.unique(row, return_inverse=True)[1] for row in leaf_ancestors(parents, n_leaves)[:, kept]]
+    pruned = []
+    for coarse, fine in zip(codes[:-1], codes[1:]):
+        links = np.zeros(fine.max() + 1, dtype=int)
+        links[fine] = coarse
+        pruned.append(links.tolist())
+    return pruned, kept
+
+
 def _class_onehot(row, assignments):
     """[A, K, J] float: whether item k's slot under assignment a lies under class j of the level whose
     class of each slot is `row` [K]."""
@@ -251,7 +265,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0):
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
-                    novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0):
+                    novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0, empty_leaves=()):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -276,8 +290,18 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     cells under the Myeloid node. With the coarse levels first and no limit, the top level can
     win at the leaves' cost: on PBMC every T cell went into the one-leaf Stem class (NOTES.md).
     top_level_decay < 1 (without labels only): in that coarse-first grouping, the top level's
-    classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`)."""
+    classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`).
+
+    empty_leaves (without labels only): leaves that get no point; the clustering is that of the tree
+    without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
+    rare to find (Kang's 0.8% megakaryocytes) has its slot filled by a piece of another type, and
+    at the coarse levels that piece sits in the wrong class (NOTES.md)."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
+    if len(empty_leaves):
+        pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
+        component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init,
+                                    None if allowed is None else np.asarray(allowed)[:, kept], novel, placement, grouping_decay, top_level_decay)
+        return kept[component // per_leaf] * per_leaf + component % per_leaf
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
     penalty = None
@@ -444,6 +468,11 @@ class TreeVAE(HierarchicalVAE):
                              f"--level-sizes, or use --components-per-leaf for more components than leaves.")
         parents = hierarchy_parents(hierarchy)
         arguments = super().arguments_from(options, hierarchy)
+        leaves = list(hierarchy.classes(hierarchy.n_levels - 1))
+        unknown = [name for name in getattr(options, "empty_leaves", ()) if name not in leaves]
+        if unknown:
+            raise ValueError(f"--empty-leaves names {unknown}, not leaves of the hierarchy; its leaves are {leaves}.")
+        empty = [leaves.index(name) for name in getattr(options, "empty_leaves", ())]
         novel = int(getattr(options, "novel_classes", 0) or 0)
         if novel:  # an "unassigned" class at every level, holding `novel` leaves of its own
             sizes = list(arguments["level_sizes"])
@@ -458,13 +487,13 @@ class TreeVAE(HierarchicalVAE):
                     final_refit_clusters=getattr(options, "final_refit_clusters", None),
                     leaf_placement=getattr(options, "leaf_placement", "graph"),
                     grouping_decay=getattr(options, "grouping_decay", DEFAULT_GROUPING_DECAY),
-                    top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY))
+                    top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY), empty_leaves=empty)
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
                  leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, top_level_decay=DEFAULT_TOP_LEVEL_DECAY,
-                 **kwargs):
+                 empty_leaves=(), **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -490,6 +519,15 @@ class TreeVAE(HierarchicalVAE):
                 raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
         self.grouping_decay, self.top_level_decay = float(grouping_decay), float(top_level_decay)
         n_leaves = self.level_sizes[-1]
+        self.empty_leaves = sorted({int(k) for k in empty_leaves})
+        if self.empty_leaves and (semi_supervised or prior_probabilities != "learnable"):
+            raise ValueError("empty_leaves is for clustering without labels (with labels, the labelled leaves "
+                             "say which types are there) and needs prior_probabilities='learnable' (an empty "
+                             "leaf's prior weight is set to nearly 0); drop one or the other.")
+        if self.empty_leaves and (self.empty_leaves[0] < 0 or self.empty_leaves[-1] >= n_leaves
+                                  or len(self.empty_leaves) > n_leaves - 2):
+            raise ValueError(f"empty_leaves must be leaf indices in 0..{n_leaves - 1} that leave at least 2 leaves; "
+                             f"got {list(empty_leaves)}.")
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
         # [L, M]: the class of every component at every level; the last row is its leaf.
@@ -529,13 +567,15 @@ class TreeVAE(HierarchicalVAE):
             return None
         return allowed_components(labels, self.component_ancestors)
 
-    def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0, top_level_decay=1.0):
+    def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0, top_level_decay=1.0,
+               empty_leaves=()):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
         (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
         with variance the spread of their means plus their mean posterior variance (latent_scale
         [n, D], the M-step of EM; without it, the means' spread alone). `grouping_decay` and
         `top_level_decay` as in `tree_clustering` (the final refit passes the model's; the epoch
-        re-seeds group levels alike)."""
+        re-seeds group levels alike). The components of `empty_leaves` get no cells and a prior weight
+        of EMPTY_WEIGHT, at the largest component's moments, so that no cell is ever theirs."""
         latent = np.asarray(latent, "float64")
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
@@ -544,7 +584,7 @@ class TreeVAE(HierarchicalVAE):
                                     allowed=leaf_allowed,
                                     novel=self.novel_classes if allowed is not None else 0,
                                     placement=self.leaf_placement, grouping_decay=grouping_decay,
-                                    top_level_decay=top_level_decay)
+                                    top_level_decay=top_level_decay, empty_leaves=empty_leaves)
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -555,9 +595,12 @@ class TreeVAE(HierarchicalVAE):
             if members.any():
                 means[c] = latent[members].mean(axis=0) + jitter
                 scales[c] = np.sqrt(latent[members].var(axis=0) + posterior_variance[members].mean(axis=0))
+        sizes = np.bincount(component, minlength=self.n_components)
+        empty = np.isin(np.arange(self.n_components) // self.components_per_leaf, empty_leaves)
+        means[empty], scales[empty] = means[sizes.argmax()], scales[sizes.argmax()]
         self.components.set_moments(means, np.clip(scales, 0.05, None))
         if self.prior_probabilities == "learnable":
-            share = (np.bincount(component, minlength=self.n_components) + 1.0) / (len(component) + self.n_components)
+            share = np.where(empty, EMPTY_WEIGHT, (sizes + 1.0) / (len(component) + self.n_components))
             self.prior_logits.assign(np.log(share).astype("float32"))
         return component
 
@@ -573,7 +616,7 @@ class TreeVAE(HierarchicalVAE):
         allowed = self.allowed(labels)
         if reseed:
             self.reseed(loc, scale, labels, clusters=self.final_refit_clusters, grouping_decay=self.grouping_decay,
-                        top_level_decay=self.top_level_decay)
+                        top_level_decay=self.top_level_decay, empty_leaves=self.empty_leaves)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
@@ -583,6 +626,10 @@ class TreeVAE(HierarchicalVAE):
             weight = q.sum(axis=0) + 1e-8                                              # [M]
             means = (q.T @ loc) / weight[:, None]
             variances = (q.T @ (scale ** 2 + loc ** 2)) / weight[:, None] - means ** 2
+            if reseed and len(self.empty_leaves):  # empty leaves stay as the re-seed left them
+                empty = np.isin(np.arange(self.n_components) // self.components_per_leaf, self.empty_leaves)
+                means[empty], variances[empty] = means[weight.argmax()], variances[weight.argmax()]
+                weight[empty] = EMPTY_WEIGHT * weight[~empty].sum()
             self.components.set_moments(means, np.sqrt(np.maximum(variances, 1e-6)))
             if self.prior_probabilities == "learnable":
                 self.prior_logits.assign(np.log(weight / weight.sum()).astype("float32"))
@@ -689,7 +736,7 @@ class TreeVAE(HierarchicalVAE):
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
                 "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
                 "leaf_placement": self.leaf_placement, "grouping_decay": self.grouping_decay,
-                "top_level_decay": self.top_level_decay}
+                "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves}
 
 
 class TreeReseeding(keras.callbacks.Callback):

@@ -15,6 +15,8 @@ give with it. Rules:
 - anchor<X>: the model's rule with top_level_decay X and grouping_decay 1: a coarse-first grouping
   (decay X) fixes each cluster's top-level class, the levels below are grouped with every level
   alike inside those classes; anchor<X>-<Y>: below with decay Y (top_level_decay X, grouping_decay Y).
+- <RULE>+empty:<LEAF>: RULE with that leaf left empty (`empty_leaves`), e.g.
+  anchor0.5-0.85+empty:Megakaryocytes.
 Scores (ARI L1-L4, level-4 weighted F1) on validation and test cells go to grouping_weights.jsonl,
 one line per run and rule; a rerun skips what is there. The rule is chosen on validation cells.
 `ratios` prints, per run, each level's within-class sum of squares of the coarse-first grouping
@@ -33,6 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import scvae_hier.models.tree as tree  # noqa: E402
+from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grouping_weights.jsonl"
@@ -65,6 +68,10 @@ def model_decays(rule):
 def refit(folder, rule, loc, scale, train):
     model = keras.saving.load_model(folder / "model.keras")
     n_levels = len(model.parents) + 1
+    rule, _, empty = rule.partition("+empty:")
+    if empty:
+        hierarchy = json.loads((folder / "config.json").read_text())["hierarchy"]
+        model.empty_leaves = [list(Hierarchy.from_dict(hierarchy).classes(n_levels - 1)).index(empty)]
     model.top_level_decay, model.grouping_decay = model_decays(rule)
     if rule.startswith("d"):
         tree._tree_scores = weighted_scores(float(rule[1:]) ** np.arange(n_levels))
