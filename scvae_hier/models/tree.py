@@ -299,8 +299,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
-        component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init,
-                                    None if allowed is None else np.asarray(allowed)[:, kept], novel, placement, grouping_decay, top_level_decay)
+        allowed = None if allowed is None else np.asarray(allowed)[:, kept]
+        component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
+                                    novel, placement, grouping_decay, top_level_decay)
         return kept[component // per_leaf] * per_leaf + component % per_leaf
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
@@ -561,6 +562,10 @@ class TreeVAE(HierarchicalVAE):
         self.components.set_from_points(centres, leaf * self.components_per_leaf,
                                         scales=np.asarray(scales)[np.argsort(leaf)][self.component_ancestors[-1]])
 
+    def components_of(self, leaves):
+        """[M] bool: the components under any of `leaves`."""
+        return np.isin(np.arange(self.n_components) // self.components_per_leaf, leaves)
+
     def allowed(self, labels):
         """[n, M] bool components each cell's labels allow (all for unlabelled cells), or None."""
         if labels is None or not self.semi_supervised:
@@ -596,7 +601,7 @@ class TreeVAE(HierarchicalVAE):
                 means[c] = latent[members].mean(axis=0) + jitter
                 scales[c] = np.sqrt(latent[members].var(axis=0) + posterior_variance[members].mean(axis=0))
         sizes = np.bincount(component, minlength=self.n_components)
-        empty = np.isin(np.arange(self.n_components) // self.components_per_leaf, empty_leaves)
+        empty = self.components_of(empty_leaves)
         means[empty], scales[empty] = means[sizes.argmax()], scales[sizes.argmax()]
         self.components.set_moments(means, np.clip(scales, 0.05, None))
         if self.prior_probabilities == "learnable":
@@ -627,7 +632,7 @@ class TreeVAE(HierarchicalVAE):
             means = (q.T @ loc) / weight[:, None]
             variances = (q.T @ (scale ** 2 + loc ** 2)) / weight[:, None] - means ** 2
             if reseed and len(self.empty_leaves):  # empty leaves stay as the re-seed left them
-                empty = np.isin(np.arange(self.n_components) // self.components_per_leaf, self.empty_leaves)
+                empty = self.components_of(self.empty_leaves)
                 means[empty], variances[empty] = means[weight.argmax()], variances[weight.argmax()]
                 weight[empty] = EMPTY_WEIGHT * weight[~empty].sum()
             self.components.set_moments(means, np.sqrt(np.maximum(variances, 1e-6)))
