@@ -69,6 +69,7 @@ def refit(folder, rule, loc, scale, train):
     model = keras.saving.load_model(folder / "model.keras")
     n_levels = len(model.parents) + 1
     rule, _, empty = rule.partition("+empty:")
+    model.empty_leaves = []                         # the rule says which leaves are empty, not the run
     if empty:
         hierarchy = json.loads((folder / "config.json").read_text())["hierarchy"]
         model.empty_leaves = [list(Hierarchy.from_dict(hierarchy).classes(n_levels - 1)).index(empty)]
