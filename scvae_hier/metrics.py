@@ -47,6 +47,17 @@ def hungarian_mapping(true, predicted):
     return {clusters[c].item(): classes[r].item() for r, c in zip(rows, cols)}
 
 
+def cluster_names(true, predicted):
+    """Predicted cluster id -> class name for naming clusters: the Hungarian match, kept only where
+    the matched class is also the cluster's most common one. One-to-one matching must give every
+    cluster a partner while classes last, so a second cluster of one type (Kang's CD4 T cells split
+    in two) would otherwise be named after whatever class is left (NK cells: 9 of its 392 training
+    cells); such a cluster stays unnamed."""
+    classes, clusters, table, _, _ = _contingency(true, predicted)
+    rows, cols = _assignment(table)
+    return {clusters[c].item(): classes[r].item() for r, c in zip(rows, cols) if table[:, c].argmax() == r}
+
+
 def hungarian_f1(true, predicted):
     """F1 per class after the Hungarian mapping, with weighted/macro averages and accuracy.
 

@@ -27,7 +27,7 @@ from .initialisation import initialise_prior
 from .models import model_class
 from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
-from .metrics import hungarian_mapping
+from .metrics import cluster_names
 from .outputs import predict_outputs, write_outputs
 
 PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
@@ -488,7 +488,8 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
 
 def name_clusters(model, cells: Cells, split) -> None:
     """Name each cluster of every level after the class it recovers best on the training cells
-    (one-to-one Hungarian matching; unmatched clusters get None), in model.metadata, so that a
+    (one-to-one Hungarian matching, kept where that class is also the cluster's most common one,
+    `metrics.cluster_names`; other clusters get None), in model.metadata, so that a
     saved model predicts class names and can sample a named node. A flat model's one clustering
     is matched at every level."""
     hierarchy = cells.hierarchy
@@ -512,7 +513,7 @@ def name_clusters(model, cells: Cells, split) -> None:
         clusters = model.level_predictions(probabilities)
     names = {}
     for i, level in enumerate(hierarchy.levels):
-        mapping = hungarian_mapping(truth[:, i], clusters[i])
+        mapping = cluster_names(truth[:, i], clusters[i])
         names[level] = [mapping.get(k) for k in range(np.asarray(probabilities[i]).shape[1])]
     model.metadata["cluster_names"] = names
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, adjusted_mutual_info_score, adjusted_rand_score,
                              f1_score, normalized_mutual_info_score)
 
-from scvae_hier.metrics import (clustering_scores, hierarchy_consistency, hungarian_f1,
+from scvae_hier.metrics import (cluster_names, clustering_scores, hierarchy_consistency, hungarian_f1,
                               hungarian_mapping, level_scores, majority_accuracy, write_scores)
 from scvae_hier.hierarchy import Hierarchy
 
@@ -31,6 +31,15 @@ def test_mapping_is_one_to_one_and_leaves_extra_clusters_out():
     # ids of any type; the mapping maximises matches, not per-cluster majorities
     assert hungarian_mapping(list("xxyyy"), ["k1", "k1", "k1", "k2", "k2"]) == {"k1": "x", "k2": "y"}
     assert hungarian_mapping(list("aab"), ["u", "u", "u"]) == {"u": "a"}
+
+
+def test_cluster_names_keep_only_matches_that_are_the_clusters_own_majority():
+    """By hand: u = a a a b, v = a a c, w = b b. The best one-to-one matching (6 cells) is u-a, w-b,
+    v-c; v is mostly a, so naming it c would be wrong and it stays unnamed."""
+    true, predicted = list("aaab" "aac" "bb"), list("uuuu" "vvv" "ww")
+    assert hungarian_mapping(true, predicted) == {"u": "a", "v": "c", "w": "b"}
+    assert cluster_names(true, predicted) == {"u": "a", "w": "b"}
+    assert cluster_names(list("xxyyy"), ["k1", "k1", "k1", "k2", "k2"]) == {"k1": "x", "k2": "y"}
 
 
 def test_f1_more_clusters_than_classes_by_hand():
