@@ -40,11 +40,16 @@ def _assignment(table):
     return linear_sum_assignment(table, maximize=True)
 
 
-def hungarian_mapping(true, predicted):
-    """Predicted cluster id -> class name, one-to-one; unmatched clusters are left out."""
+def _matches(true, predicted):
+    """(cluster id, class name, whether that class is the cluster's most common) per Hungarian pair."""
     classes, clusters, table, _, _ = _contingency(true, predicted)
     rows, cols = _assignment(table)
-    return {clusters[c].item(): classes[r].item() for r, c in zip(rows, cols)}
+    return [(clusters[c].item(), classes[r].item(), table[:, c].argmax() == r) for r, c in zip(rows, cols)]
+
+
+def hungarian_mapping(true, predicted):
+    """Predicted cluster id -> class name, one-to-one; unmatched clusters are left out."""
+    return {cluster: name for cluster, name, _ in _matches(true, predicted)}
 
 
 def cluster_names(true, predicted):
@@ -53,9 +58,7 @@ def cluster_names(true, predicted):
     cluster a partner while classes last, so a second cluster of one type (Kang's CD4 T cells split
     in two) would otherwise be named after whatever class is left (NK cells: 9 of its 392 training
     cells); such a cluster stays unnamed."""
-    classes, clusters, table, _, _ = _contingency(true, predicted)
-    rows, cols = _assignment(table)
-    return {clusters[c].item(): classes[r].item() for r, c in zip(rows, cols) if table[:, c].argmax() == r}
+    return {cluster: name for cluster, name, own_majority in _matches(true, predicted) if own_majority}
 
 
 def hungarian_f1(true, predicted):

@@ -477,6 +477,8 @@ def test_final_refit_leaves_the_empty_leaf_without_weight_or_cells():
     assert TreeVAE.from_config(model.get_config()).empty_leaves == [0]
     epoch_reseed = model.reseed(loc, scale)                    # the re-seeds during training fill every leaf
     assert (epoch_reseed // 2 == 0).any()
+    model.refit_prior(loc, scale, steps=2, reseed=False)       # EM alone empties it again: the model's property
+    assert np.exp(model.log_pc().numpy())[:2].max() < 1e-9
     for bad, message in ((dict(empty_leaves=[5]), "leaf indices in 0..4"),
                          (dict(empty_leaves=[0, 1, 2, 3]), "at least 2 leaves"),
                          (dict(empty_leaves=[0], prior_probabilities="uniform"), "prior_probabilities='learnable'"),

@@ -469,11 +469,11 @@ class TreeVAE(HierarchicalVAE):
                              f"--level-sizes, or use --components-per-leaf for more components than leaves.")
         parents = hierarchy_parents(hierarchy)
         arguments = super().arguments_from(options, hierarchy)
-        leaves = list(hierarchy.classes(hierarchy.n_levels - 1))
-        unknown = [name for name in getattr(options, "empty_leaves", ()) if name not in leaves]
+        leaves, named = list(hierarchy.classes(hierarchy.n_levels - 1)), getattr(options, "empty_leaves", ())
+        unknown = [name for name in named if name not in leaves]
         if unknown:
             raise ValueError(f"--empty-leaves names {unknown}, not leaves of the hierarchy; its leaves are {leaves}.")
-        empty = [leaves.index(name) for name in getattr(options, "empty_leaves", ())]
+        empty = [leaves.index(name) for name in named]
         novel = int(getattr(options, "novel_classes", 0) or 0)
         if novel:  # an "unassigned" class at every level, holding `novel` leaves of its own
             sizes = list(arguments["level_sizes"])
@@ -631,7 +631,7 @@ class TreeVAE(HierarchicalVAE):
             weight = q.sum(axis=0) + 1e-8                                              # [M]
             means = (q.T @ loc) / weight[:, None]
             variances = (q.T @ (scale ** 2 + loc ** 2)) / weight[:, None] - means ** 2
-            if reseed and len(self.empty_leaves):  # empty leaves stay as the re-seed left them
+            if self.empty_leaves:  # empty leaves keep no weight, at the largest component's place
                 empty = self.components_of(self.empty_leaves)
                 means[empty], variances[empty] = means[weight.argmax()], variances[weight.argmax()]
                 weight[empty] = EMPTY_WEIGHT * weight[~empty].sum()

@@ -58,8 +58,12 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     if "reseed_decay" in changed:  # tuning only: the epoch re-seeds group pieces coarse levels first too
         from scvae_hier.models.tree import TreeVAE
         decay, reseed = float(changed["reseed_decay"]), TreeVAE.reseed
-        TreeVAE.reseed = lambda self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0: \
-            reseed(self, latent, latent_scale, labels, clusters, decay if clusters is None else grouping_decay)
+
+        def reseed_coarse_first(self, *args, **kwargs):   # the epoch re-seeds pass no `clusters`
+            if kwargs.get("clusters") is None:
+                kwargs["grouping_decay"] = decay
+            return reseed(self, *args, **kwargs)
+        TreeVAE.reseed = reseed_coarse_first
     folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items())])
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
                    **{key: tuple(int(v) for v in value.split(",") if v) if "," in value
