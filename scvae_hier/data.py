@@ -204,12 +204,26 @@ def _check_unique(names, what, fix):
                         f"cannot be matched to them; {fix}.")
 
 
+def _with_kept_genes(selected, keep_genes, var_names):
+    """The selected gene columns plus those of `keep_genes` (e.g. marker genes), in the data's order;
+    a kept gene the data lacks is refused by name."""
+    if not len(keep_genes):
+        return selected
+    position = {str(g): i for i, g in enumerate(var_names)}
+    missing = [str(g) for g in keep_genes if str(g) not in position]
+    if missing:
+        raise DataError(f"gene(s) {missing} (marker genes, --markers) are not in the data; check their names "
+                        f"against adata.var_names.")
+    return np.union1d(selected, [position[str(g)] for g in keep_genes]).astype(int)
+
+
 def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=(),
-            drop_empty_cells=False, outlier_counts="keep"):
+            drop_empty_cells=False, outlier_counts="keep", keep_genes=()):
     """Checked raw counts of the chosen cells and genes, ready for training or evaluation.
 
     outlier_counts: entries far above their gene's range (see `find_outliers`) are always
-    reported with an OutlierCountWarning; "clip" also clips them to that range."""
+    reported with an OutlierCountWarning; "clip" also clips them to that range.
+    keep_genes: gene names kept besides the highly variable ones (marker genes)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the count matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
     _check_unique(adata.obs_names, "cell", "make them unique first (adata.obs_names_make_unique())")
@@ -261,6 +275,7 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
         else:
             selected = nonzero
             record["gene_selection"] = "all"
+        selected = _with_kept_genes(selected, keep_genes, adata.var_names)
     record["n_genes_requested"] = int(n_genes or 0)
     X = X[:, selected]
 

@@ -25,8 +25,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset, write_elem
 
-from .data import (MIN_CELLS_GENE_SELECTION, DataError, _check_unique, label_values, report_outliers,
-                   validate_counts)
+from .data import (MIN_CELLS_GENE_SELECTION, DataError, _check_unique, _with_kept_genes, label_values,
+                   report_outliers, validate_counts)
 
 CHUNK_CELLS = 8192        # rows read at a time: bounds memory at (chunk x genes of the file) non-zeros
 AUTO_NONZEROS = 250_000_000  # "auto" goes out of core above this many stored counts (about 2 GB in CSR)
@@ -345,7 +345,7 @@ def _clip_in_store(counts: DiskCounts, rows, columns, threshold):
 
 
 def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None, exclude_labels=(),
-            drop_empty_cells=False, outlier_counts="keep") -> DiskData:
+            drop_empty_cells=False, outlier_counts="keep", keep_genes=()) -> DiskData:
     """`data.prepare` for a file read in chunks: the same checks, cells, genes, record and
     warnings, with the chosen counts written to the store folder `store`."""
     seconds = {}
@@ -401,6 +401,7 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
         else:
             selected = present
             record["gene_selection"] = "all"
+        selected = _with_kept_genes(selected, keep_genes, source.var_names)
     record["n_genes_requested"] = int(n_genes or 0)
     seconds["gene_selection"] = time.time() - clock
 

@@ -10,6 +10,7 @@ from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL
                       INITIALISATIONS, INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES,
                       NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES, TRANSITIONS,
                       USAGE_TARGETS)
+from .markers import parse as parse_markers
 from .models import MODELS
 
 
@@ -104,6 +105,10 @@ class TrainOptions:
                                  "final clustering leaves empty: types absent from the data, or too rare to find "
                                  "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "
                                  "a piece of some other type.", nargs="+")
+    markers: tuple = option((), "TreeVAE without labels: marker genes of classes, as CLASS=GENE,GENE (a class name "
+                            "at any level, e.g. 'CD8 T=CD8A,CD8B'); the final refit places the leaves so that each "
+                            "marked class holds its parent's leaves where the markers are highest. Marker genes "
+                            "are kept among the model's genes.", nargs="+")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "
@@ -195,6 +200,11 @@ def check_ranges(options) -> None:
     if options.empty_leaves and options.model != "tree":
         raise ValueError(f"--empty-leaves is a TreeVAE option (leaves of its tree left without cells); got --model "
                          f"{options.model}. Use --model tree, or --exclude-labels to drop cells of a type.")
+    if options.markers:
+        if options.model != "tree":
+            raise ValueError(f"--markers is a TreeVAE option (marker genes place its leaves in the tree); got --model "
+                             f"{options.model}. Use --model tree.")
+        parse_markers(options.markers)
     if options.folds == 1:
         raise ValueError("--folds must be 0 (use --split) or at least 2.")
     if options.folds and not options.fold < options.folds:

@@ -23,6 +23,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
 from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
 from .labels import UNLABELLED, label_codes, parse_reveal, reveal
+from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class
 from .options import TrainOptions
@@ -167,7 +168,9 @@ def semi_supervised(options: TrainOptions) -> bool:
     return bool(options.semi_supervised)
 
 
-def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=()) -> dict:
+def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(), genes=None) -> dict:
+    """The model's constructor arguments from the options; marker genes (`--markers`) are resolved to
+    the hierarchy's classes and the model's gene columns (`genes`, its gene names)."""
     arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
                      likelihood=options.likelihood, normalisation=options.normalisation,
                      input_transform=options.input_transform, library_size=options.library_size,
@@ -177,6 +180,8 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
         arguments.update(model_class(options.model).arguments_from(options, hierarchy))
     except ValueError as error:
         raise DataError(str(error)) from None
+    if options.markers:
+        arguments["markers"] = resolve_markers(options.markers, hierarchy, list(genes))
     return arguments
 
 
@@ -297,7 +302,7 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None, store=Non
         prepare_counts = lambda *args, **kwargs: ondisk.prepare(*args, store=store, **kwargs)  # noqa: E731
     prepared = prepare_counts(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
                        exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells,
-                       outlier_counts=options.outlier_counts)
+                       outlier_counts=options.outlier_counts, keep_genes=genes_of(options.markers))
     covariates, categories = batch_covariates(prepared.obs, options.batch_key)
     if hierarchy is not None and semi_supervised(options):
         return _labelled_cells(prepared, options, hierarchy, covariates, categories)
@@ -430,7 +435,8 @@ def new_model(options: TrainOptions, cells: Cells):
     Keras draws initializer seeds when layers are constructed, so the seed is set here (and again
     before the weights are built), making the CLI and the API build the same model."""
     keras.utils.set_random_seed(options.seed)
-    arguments = model_arguments(options, cells.adata.n_vars, cells.model_hierarchy, cells.categories)
+    arguments = model_arguments(options, cells.adata.n_vars, cells.model_hierarchy, cells.categories,
+                                cells.adata.var_names)
     model = model_class(options.model)(**arguments, metadata=model_metadata(cells, options))
     return model, arguments
 

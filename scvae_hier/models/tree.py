@@ -53,6 +53,7 @@ from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, LEAF_PLA
                        check_choice)
 from ..distributions import mixture_prior
 from ..labels import allowed_components
+from ..markers import scores as cell_marker_scores
 from .hierarchical import HierarchicalVAE
 from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
@@ -65,6 +66,7 @@ GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (s
 GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
 LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
+MARKERS_FIRST = 1e9     # weight of each marker violation: above the top level's whole term (TOP_LEVEL_FIRST)
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -243,7 +245,29 @@ def _graph_scores(links, ancestors, assignments):
     return score
 
 
-def place_leaves(latent, leaf, parents, n_leaves, seed=0):
+def marker_violations(means, classes, ancestors, assignments):
+    """[A] for each assignment of leaves to slots ([A, K]: leaf i goes to slot assignments[a, i]),
+    how far the marked classes are from holding the leaves where their markers are highest: per
+    marker set s, of class classes[s] = (level, class) and mean score means[s, i] in leaf i, the
+    pairs of a leaf under the class and a leaf outside it but under its nearest ancestor with more
+    leaves (the whole tree if none) where the second has the higher mean. 0 when every marked
+    class holds the leaves of highest marker expression among its relatives."""
+    violations = np.zeros(len(assignments))
+    for m, (level, k) in zip(np.asarray(means, float), classes):
+        slots_in = ancestors[level] == k
+        slots_around = np.ones_like(slots_in)
+        for coarser in range(level - 1, -1, -1):   # a one-child ancestor (PBMC's Stem) has the same leaves
+            around = ancestors[coarser] == ancestors[coarser][np.flatnonzero(slots_in)[0]]
+            if around.sum() > slots_in.sum():
+                slots_around = around
+                break
+        inside, outside = slots_in[assignments], (slots_around & ~slots_in)[assignments]   # [A, K]
+        higher = (m[None, :] > m[:, None]).astype(float)                                   # [i, j]: m_j > m_i
+        violations += np.einsum("ai,ij,aj->a", inside.astype(float), higher, outside.astype(float))
+    return violations
+
+
+def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
     """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
     compact as possible (least within-class sum of squares, as `match_to_tree`), and among the
     placements with that top level, every class below it a well-connected region of the cells'
@@ -251,6 +275,9 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0):
     classes are separate regions with almost no links between them, so links cannot tell which
     belong together; links decide below, where classes touch and distances mislead: on PBMC naive
     CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+    markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
+    user's marker genes come before both: every marked class holds the leaves of its parent where
+    its markers are highest (`marker_violations`), as far as the leaves allow.
     Returns the new leaf of every point."""
     latent, leaf = np.asarray(latent, float), np.asarray(leaf)
     ancestors = leaf_ancestors(parents, n_leaves)
@@ -259,13 +286,21 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0):
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
     # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
     scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
-    slot = _best_permutation(n_leaves, lambda a: scale * _tree_scores(centres, counts, ancestors[:1], a)
+    violations = lambda a: 0.0  # noqa: E731
+    if markers is not None and len(markers[1]):
+        scores, classes = np.asarray(markers[0], float), list(markers[1])
+        means = np.array([[scores[leaf == k, s].mean() if counts[k] else -np.inf for k in range(n_leaves)]
+                          for s in range(len(classes))])
+        violations = lambda a: marker_violations(means, classes, ancestors, a)  # noqa: E731
+    slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * violations(a)
+                             + scale * _tree_scores(centres, counts, ancestors[:1], a)
                              + _graph_scores(links, ancestors, a), seed)
     return slot[leaf]
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
-                    novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0, empty_leaves=()):
+                    novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0, empty_leaves=(),
+                    markers=None):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -295,13 +330,18 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     empty_leaves (without labels only): leaves that get no point; the clustering is that of the tree
     without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
     rare to find (Kang's 0.8% megakaryocytes) has its slot filled by a piece of another type, and
-    at the coarse levels that piece sits in the wrong class (NOTES.md)."""
+    at the coarse levels that piece sits in the wrong class (NOTES.md).
+
+    markers (scores [n, S], classes [S] as (level, class); graph placement without labels only):
+    the leaves are placed so that marked classes hold their markers' leaves (`place_leaves`)."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
         allowed = None if allowed is None else np.asarray(allowed)[:, kept]
+        if markers is not None:
+            markers = _pruned_markers(markers, parents, n_leaves, pruned, kept)
         component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
-                                    novel, placement, grouping_decay, top_level_decay)
+                                    novel, placement, grouping_decay, top_level_decay, markers=markers)
         return kept[component // per_leaf] * per_leaf + component % per_leaf
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
@@ -323,7 +363,7 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
     elif placement == "graph":
-        leaf = place_leaves(latent, leaf, parents, n_leaves, seed)
+        leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -333,6 +373,20 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             sub = KMeans(n_clusters=per_leaf, n_init=n_init, random_state=seed).fit(latent[members]).labels_
             component[members] += sub
     return component
+
+
+def _pruned_markers(markers, parents, n_leaves, pruned, kept):
+    """Marker sets with their classes renumbered in the tree without some leaves (`prune_leaves`);
+    a set whose class lost every leaf is dropped (nothing left to place under it)."""
+    scores, classes = markers
+    before, after = leaf_ancestors(parents, n_leaves)[:, kept], leaf_ancestors(pruned, len(kept))
+    keep, renamed = [], []
+    for s, (level, k) in enumerate(classes):
+        under = np.flatnonzero(before[level] == k)
+        if len(under):
+            keep.append(s)
+            renamed.append((level, int(after[level][under[0]])))
+    return np.asarray(scores)[:, keep], renamed
 
 
 def coarse_first_grouping(centres, counts, parents, n_leaves, seed=0, grouping_decay=1.0, top_level_decay=1.0):
@@ -494,7 +548,7 @@ class TreeVAE(HierarchicalVAE):
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
                  leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, top_level_decay=DEFAULT_TOP_LEVEL_DECAY,
-                 empty_leaves=(), **kwargs):
+                 empty_leaves=(), markers=(), **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -529,6 +583,16 @@ class TreeVAE(HierarchicalVAE):
                                   or len(self.empty_leaves) > n_leaves - 2):
             raise ValueError(f"empty_leaves must be leaf indices in 0..{n_leaves - 1} that leave at least 2 leaves; "
                              f"got {list(empty_leaves)}.")
+        self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
+                        for m in markers]
+        if self.markers and (semi_supervised or self.leaf_placement != "graph"):
+            raise ValueError("markers place the leaves of a clustering without labels (with labels, the labelled "
+                             "leaves are already placed) and need leaf_placement='graph'; drop one or the other.")
+        bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
+                                               and 0 <= m["class"] < self.level_sizes[m["level"]]
+                                               and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < n_genes)]
+        if bad:
+            raise ValueError(f"markers must name a level, a class of it and gene columns in 0..{n_genes - 1}; got {bad}.")
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
         # [L, M]: the class of every component at every level; the last row is its leaf.
@@ -573,14 +637,16 @@ class TreeVAE(HierarchicalVAE):
         return allowed_components(labels, self.component_ancestors)
 
     def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0, top_level_decay=1.0,
-               empty_leaves=()):
+               empty_leaves=(), marker_scores=None):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
         (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
         with variance the spread of their means plus their mean posterior variance (latent_scale
         [n, D], the M-step of EM; without it, the means' spread alone). `grouping_decay` and
         `top_level_decay` as in `tree_clustering` (the final refit passes the model's; the epoch
         re-seeds group levels alike). The components of `empty_leaves` get no cells and a prior weight
-        of EMPTY_WEIGHT, at the largest component's moments, so that no cell is ever theirs."""
+        of EMPTY_WEIGHT, at the largest component's moments, so that no cell is ever theirs.
+        marker_scores [n, S] (the cells' scores of the model's `markers`, `markers.scores`): the
+        leaves are placed so that every marked class holds its markers' leaves (`place_leaves`)."""
         latent = np.asarray(latent, "float64")
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
@@ -589,7 +655,9 @@ class TreeVAE(HierarchicalVAE):
                                     allowed=leaf_allowed,
                                     novel=self.novel_classes if allowed is not None else 0,
                                     placement=self.leaf_placement, grouping_decay=grouping_decay,
-                                    top_level_decay=top_level_decay, empty_leaves=empty_leaves)
+                                    top_level_decay=top_level_decay, empty_leaves=empty_leaves,
+                                    markers=None if marker_scores is None else
+                                    (marker_scores, [(m["level"], m["class"]) for m in self.markers]))
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -609,19 +677,20 @@ class TreeVAE(HierarchicalVAE):
             self.prior_logits.assign(np.log(share).astype("float32"))
         return component
 
-    def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None):
+    def refit_prior(self, loc, scale, steps=10, reseed=True, labels=None, marker_scores=None):
         """Fit the prior to a fixed encoder: optionally re-seed from a tree-shaped clustering of the
         latent means (`final_refit_clusters` per leaf, coarse levels first by `grouping_decay`),
         then EM steps that each raise the ELBO's prior terms sum over cells of
         log sum_c p(c) exp(-KL(q(z|x) || p(z|c))) (Normal components: the M-step is closed-form,
         mu_c = sum q(c|x) m_x / sum q(c|x), sigma_c^2 = sum q(c|x) (s_x^2 + (m_x - mu_c)^2) / sum q(c|x),
         p(c) = mean q(c|x) when learnable; a labelled cell's q(c|x) restricted to the components its
-        labels allow). Returns the component of every cell (argmax q(c|x))."""
+        labels allow); `marker_scores` as in `reseed`. Returns the component of every cell (argmax q(c|x))."""
         loc, scale = np.asarray(loc, "float64"), np.asarray(scale, "float64")
         allowed = self.allowed(labels)
         if reseed:
             self.reseed(loc, scale, labels, clusters=self.final_refit_clusters, grouping_decay=self.grouping_decay,
-                        top_level_decay=self.top_level_decay, empty_leaves=self.empty_leaves)
+                        top_level_decay=self.top_level_decay, empty_leaves=self.empty_leaves,
+                        marker_scores=marker_scores)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
@@ -730,7 +799,8 @@ class TreeVAE(HierarchicalVAE):
         history = super().fit(x, *args, callbacks=callbacks, **kwargs)
         if self.final_refit and reseeding is not None:  # after the best weights are restored
             reseeding.set_model(self)
-            self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels)
+            scores = reseeding.marker_scores(self.markers) if self.markers else None
+            self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
             print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
                   f"{self.final_refit} EM steps.")
         return history
@@ -741,7 +811,7 @@ class TreeVAE(HierarchicalVAE):
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
                 "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
                 "leaf_placement": self.leaf_placement, "grouping_decay": self.grouping_decay,
-                "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves}
+                "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves, "markers": self.markers}
 
 
 class TreeReseeding(keras.callbacks.Callback):
@@ -769,6 +839,11 @@ class TreeReseeding(keras.callbacks.Callback):
             means.append(loc.numpy())
             scales.append(scale.numpy())
         return np.concatenate(means), np.concatenate(scales)
+
+    def marker_scores(self, markers):
+        """[n, S] every training cell's score of each marker set (`markers.scores`)."""
+        return np.concatenate([cell_marker_scores(self.cells[start:start + self.batch_size], markers)
+                               for start in range(0, self.cells.shape[0], self.batch_size)])
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch not in self.epochs:

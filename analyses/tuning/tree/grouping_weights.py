@@ -17,6 +17,9 @@ give with it. Rules:
   alike inside those classes; anchor<X>-<Y>: below with decay Y (top_level_decay X, grouping_decay Y).
 - <RULE>+empty:<LEAF>: RULE with that leaf left empty (`empty_leaves`), e.g.
   anchor0.5-0.85+empty:Megakaryocytes.
+- <RULE>+markers:<CLASS=GENE/GENE;CLASS=GENE>: RULE with those marker genes (`markers`; genes among
+  the run's own; "/" between genes, as "," separates rules), e.g.
+  anchor0.5-0.85+markers:CD8 T=CD8A/CD8B (last in the rule).
 Scores (ARI L1-L4, level-4 weighted F1) on validation and test cells go to grouping_weights.jsonl,
 one line per run and rule; a rerun skips what is there. The rule is chosen on validation cells.
 `ratios` prints, per run, each level's within-class sum of squares of the coarse-first grouping
@@ -31,11 +34,13 @@ for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREAD
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import anndata  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import scvae_hier.models.tree as tree  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
+from scvae_hier.markers import resolve as resolve_markers, scores as marker_scores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grouping_weights.jsonl"
@@ -68,18 +73,24 @@ def model_decays(rule):
 def refit(folder, rule, loc, scale, train):
     model = keras.saving.load_model(folder / "model.keras")
     n_levels = len(model.parents) + 1
+    rule, _, markers = rule.partition("+markers:")
     rule, _, empty = rule.partition("+empty:")
+    hierarchy = Hierarchy.from_dict(json.loads((folder / "config.json").read_text())["hierarchy"])
+    model.markers, scores = [], None                # the rule says which markers, not the run
+    if markers:
+        cells = anndata.read_h5ad(folder / "outputs.h5ad")
+        model.markers = resolve_markers(markers.replace("/", ",").split(";"), hierarchy, list(cells.var_names))
+        scores = marker_scores(cells.X[train], model.markers)
     model.empty_leaves = []                         # the rule says which leaves are empty, not the run
     if empty:
-        hierarchy = json.loads((folder / "config.json").read_text())["hierarchy"]
-        model.empty_leaves = [list(Hierarchy.from_dict(hierarchy).classes(n_levels - 1)).index(empty)]
+        model.empty_leaves = [list(hierarchy.classes(n_levels - 1)).index(empty)]
     model.top_level_decay, model.grouping_decay = model_decays(rule)
     if rule.startswith("d"):
         tree._tree_scores = weighted_scores(float(rule[1:]) ** np.arange(n_levels))
     elif rule.startswith("l"):
         tree._tree_scores = weighted_scores(np.r_[np.ones(n_levels - 1), float(rule[1:])])
     try:
-        model.refit_prior(loc[train], scale[train], steps=model.final_refit or 10)
+        model.refit_prior(loc[train], scale[train], steps=model.final_refit or 10, marker_scores=scores)
     finally:
         tree._tree_scores = ORIGINAL
     return model

@@ -1,0 +1,194 @@
+"""Marker genes (`--markers`): parsing and refusals, the cells' scores against scanpy's
+log-normalisation by hand, the placement's violation count against a loop over leaf pairs, leaves
+placed by markers where distances and links say otherwise, and a run end to end on real cells."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from scvae_hier.data import DataError, prepare
+from scvae_hier.hierarchy import Hierarchy
+from scvae_hier.markers import genes_of, parse, resolve, scores
+from scvae_hier.models import TreeVAE
+from scvae_hier.models.tree import leaf_ancestors, marker_violations, place_leaves, tree_clustering
+from scvae_hier.options import TrainOptions
+
+PBMC_PARENTS = [[0, 1, 1, 1], [0, 1, 2, 3, 3], [0, 1, 2, 3, 3, 3, 3, 4, 4]]   # Stem (CD34 alone) / the rest
+
+
+def test_parse_reads_class_equals_genes_and_refuses_bad_sets():
+    assert parse(["CD8 T=CD8A,CD8B", " B cell = MS4A1 "]) == {"CD8 T": ["CD8A", "CD8B"], "B cell": ["MS4A1"]}
+    assert parse({"NK": "GNLY"}) == {"NK": ["GNLY"]}
+    assert genes_of(["A=G1,G2", "B=G2,G3"]) == ["G1", "G2", "G3"]
+    for bad, message in ((["CD8A,CD8B"], "CLASS=GENE"), (["=CD8A"], "CLASS=GENE"), (["CD8 T="], "has no genes"),
+                         (["T=A", "T=B"], "twice")):
+        with pytest.raises(ValueError, match=message):
+            parse(bad)
+    with pytest.raises(ValueError, match="--markers is a TreeVAE option"):
+        TrainOptions(data="x.h5ad", model="mixture", markers=["T=CD3E"])
+    with pytest.raises(ValueError, match="CLASS=GENE"):
+        TrainOptions(data="x.h5ad", model="tree", markers=["CD3E"])
+
+
+def test_resolve_finds_the_class_at_its_level_and_the_genes_columns():
+    tree = Hierarchy("label", ["l1", "l2"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})
+    resolved = resolve(["A2=G3,G1", "B=G2"], tree, ["G1", "G2", "G3"])
+    assert resolved == [{"level": 1, "class": tree.classes(1).index("A2"), "genes": [2, 0]},
+                        {"level": 0, "class": tree.classes(0).index("B"), "genes": [1]}]
+    with pytest.raises(DataError, match=r"not in the hierarchy; its classes are \['A', 'A1', 'A2', 'B', 'B1'\]"):
+        resolve(["C=G1"], tree, ["G1"])
+    with pytest.raises(DataError, match=r"gene\(s\) \['G9'\] of class 'A'"):
+        resolve(["A=G1,G9"], tree, ["G1"])
+
+
+def test_scores_are_scanpys_log_normalised_mean_over_the_markers():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(2.0, size=(30, 6)).astype(float)
+    counts[0] = 0.0
+    counts[0, 5] = 3.0                                           # a cell with no marker counts
+    markers = [{"genes": [1, 3]}, {"genes": [4]}]
+    expected = np.zeros((30, 2))
+    for i in range(30):
+        library = counts[i].sum()
+        expected[i, 0] = (np.log(1 + 1e4 * counts[i, 1] / library) + np.log(1 + 1e4 * counts[i, 3] / library)) / 2
+        expected[i, 1] = np.log(1 + 1e4 * counts[i, 4] / library)
+    np.testing.assert_allclose(scores(counts, markers), expected, rtol=1e-12)
+    np.testing.assert_allclose(scores(sp.csr_matrix(counts), markers), expected, rtol=1e-12)
+
+
+def _violations_by_hand(means, classes, parents, n_leaves, assignment):
+    """Pairs counted leaf by leaf: the class's leaves against the leaves of its nearest ancestor
+    with more leaves (or all), outside the class."""
+    ancestors = leaf_ancestors(parents, n_leaves)
+    total = 0
+    for m, (level, k) in zip(means, classes):
+        inside = [i for i in range(n_leaves) if ancestors[level][assignment[i]] == k]
+        relatives = list(range(n_leaves))
+        for coarser in reversed(range(level)):
+            top = ancestors[coarser][assignment[inside[0]]]
+            group = [i for i in range(n_leaves) if ancestors[coarser][assignment[i]] == top]
+            if len(group) > len(inside):
+                relatives = group
+                break
+        total += sum(m[j] > m[i] for i in inside for j in relatives if j not in inside)
+    return total
+
+
+def test_marker_violations_match_a_count_over_leaf_pairs():
+    rng = np.random.default_rng(3)
+    classes = [(1, 0), (2, 4), (0, 1), (2, 2)]      # CD34 HSC (its parent Stem has no other leaf), CD8 T, Non-stem, NK
+    means = rng.normal(size=(4, 9))
+    assignments = np.array([rng.permutation(9) for _ in range(25)])
+    counted = marker_violations(means, classes, leaf_ancestors(PBMC_PARENTS, 9), assignments)
+    for assignment, value in zip(assignments, counted):
+        assert value == _violations_by_hand(means, classes, PBMC_PARENTS, 9, assignment)
+    # CD34 HSC is compared with every other leaf: 0 only with the highest-scoring leaf in its slot.
+    best = np.argsort(-means[0])
+    for rank, leaf in enumerate(best[:3]):
+        assignment = np.array([(i - leaf) % 9 for i in range(9)])    # leaf `leaf` in slot 0
+        assert marker_violations(means[:1], classes[:1], leaf_ancestors(PBMC_PARENTS, 9), assignment[None])[0] == rank
+
+
+def four_blobs(n=80, seed=0):
+    """Four blobs on a rectangle, 20 apart along x and 4 along y: distances (and the kNN graph,
+    with no link between blobs) pair them by x, but the true classes pair them by y, which only a
+    marker gene tells (high in blobs 0 and 2)."""
+    rng = np.random.default_rng(seed)
+    corners = np.array([[0.0, 0.0], [0.0, 4.0], [20.0, 0.0], [20.0, 4.0]])
+    truth = np.repeat(np.arange(4), n)
+    latent = corners[truth] + 0.3 * rng.normal(size=(4 * n, 2))
+    marker = np.where(np.isin(truth, [0, 2]), 2.0, 0.5) + 0.3 * rng.normal(size=4 * n)
+    return latent, truth, marker[:, None]
+
+
+def test_markers_place_the_leaves_where_distances_and_links_do_not():
+    latent, truth, marker = four_blobs()
+    parents = [[0, 0, 1, 1]]
+    true_class = np.isin(truth, [0, 2]).astype(int)
+    without = place_leaves(latent, truth, parents, 4)
+    assert adjusted_rand_score(true_class, leaf_ancestors(parents, 4)[0][without]) < 0.5
+    for seed in range(3):                              # whatever order the leaves come in
+        shuffled = np.random.default_rng(seed).permutation(4)[truth]
+        placed = place_leaves(latent, shuffled, parents, 4, markers=(marker, [(0, 0)]))
+        assert adjusted_rand_score(truth, placed) == 1.0                                   # leaves kept whole
+        assert (leaf_ancestors(parents, 4)[0][placed] != 1 - true_class).sum() == 0          # marked class 0 = blobs 0, 2
+    clustered = tree_clustering(latent, parents, 4, clusters_per_leaf=1, placement="graph",
+                                markers=(marker, [(0, 0)]))
+    assert (leaf_ancestors(parents, 4)[0][clustered] != 1 - true_class).sum() == 0
+
+
+def test_markers_with_an_empty_leaf_follow_the_pruned_tree():
+    """Classes renumber when a leaf is left empty; a marked class keeps its markers, and a class
+    left without leaves drops its set."""
+    latent, truth, marker = four_blobs()
+    parents = [[0, 0, 1, 1, 2]]                        # a third class holding one leaf, left empty
+    markers = (np.hstack([marker, -marker]), [(0, 0), (0, 2)])
+    clustered = tree_clustering(latent, parents, 5, clusters_per_leaf=1, placement="graph", markers=markers,
+                                empty_leaves=[4])
+    assert not (clustered == 4).any()
+    assert (leaf_ancestors(parents, 5)[0][clustered] == 0).sum() == (truth % 2 == 0).sum()
+    assert adjusted_rand_score(np.isin(truth, [0, 2]), leaf_ancestors(parents, 5)[0][clustered]) == 1.0
+
+
+def test_the_model_stores_its_markers_and_refuses_them_where_they_cannot_act():
+    arguments = dict(level_sizes=(2, 4), parents=[[0, 0, 1, 1]], latent_dim=2, hidden=(4,))
+    markers = [{"level": 0, "class": 1, "genes": [3, 5]}]
+    model = TreeVAE(7, markers=markers, **arguments)
+    assert TreeVAE.from_config(model.get_config()).markers == markers
+    for bad, message in ((dict(semi_supervised=True), "without labels"), (dict(leaf_placement="compact"), "'graph'")):
+        with pytest.raises(ValueError, match=message):
+            TreeVAE(7, markers=markers, **arguments, **bad)
+    for wrong in ({"level": 2, "class": 0, "genes": [1]}, {"level": 0, "class": 2, "genes": [1]},
+                  {"level": 0, "class": 0, "genes": [7]}):
+        with pytest.raises(ValueError, match="gene columns in 0..6"):
+            TreeVAE(7, markers=[wrong], **arguments)
+
+
+def test_prepare_keeps_marker_genes_beside_the_highly_variable_ones(pbmc):
+    cells = pbmc[::20].copy()
+    plain = prepare(cells, n_genes=200, drop_empty_cells=True)
+    kept = [g for g in cells.var_names if g not in set(plain.var_names)][:2]
+    with_markers = prepare(cells, n_genes=200, keep_genes=kept, drop_empty_cells=True)
+    assert set(with_markers.var_names) == set(plain.var_names) | set(kept)
+    assert list(with_markers.var_names) == [g for g in cells.var_names if g in set(with_markers.var_names)]
+    with pytest.raises(DataError, match=r"gene\(s\) \['NOT_A_GENE'\] \(marker genes"):
+        prepare(cells, n_genes=200, keep_genes=["NOT_A_GENE"], drop_empty_cells=True)
+
+
+def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monkeypatch):
+    """End to end on real cells, from the command line: a marker gene outside the highly variable
+    ones is kept, the final refit receives every training cell's marker scores (checked against
+    `scores` on the run's own counts), and the leaves it places break no marker order."""
+    import json
+
+    import anndata
+
+    import scvae_hier.models.tree as tree
+    from conftest import FAST
+    from scvae_hier.cli import main
+    seen = []
+    original = tree.place_leaves
+
+    def spy(latent, leaf, parents, n_leaves, seed=0, markers=None):
+        placed = original(latent, leaf, parents, n_leaves, seed, markers=markers)
+        seen.append((markers, leaf, placed, parents, n_leaves))
+        return placed
+
+    monkeypatch.setattr(tree, "place_leaves", spy)
+    run = tmp_path / "run"
+    assert main(["train", str(pbmc_slice), "--model", "tree", *FAST, "--epochs", "2", "--output", str(run),
+                 "--reseed-epochs", "1", "--markers", "CD8 T=CD8A,CD8B", "CD4 T=CD4,IL7R"]) == 0
+    outputs = anndata.read_h5ad(run / "outputs.h5ad")
+    assert "CD4" in outputs.var_names and len(outputs.var_names) > 80     # kept beside the 80 genes
+    config = json.loads((run / "config.json").read_text())
+    genes = list(outputs.var_names)
+    assert [m["genes"] for m in config["model_arguments"]["markers"]] == [[genes.index("CD8A"), genes.index("CD8B")],
+                                                                 [genes.index("CD4"), genes.index("IL7R")]]
+    with_markers = [call for call in seen if call[0] is not None]
+    assert len(with_markers) == 1 and len(seen) == 2      # the epoch re-seed without them, the final refit with
+    (marker_scores, classes), leaf, placed, parents, n_leaves = with_markers[0]
+    train = (outputs.obs["split"] == "train").to_numpy()
+    np.testing.assert_allclose(marker_scores, scores(outputs.X[train], config["model_arguments"]["markers"]), rtol=1e-5)
+    means = np.array([[marker_scores[placed == k, s].mean() if (placed == k).any() else -np.inf
+                       for k in range(n_leaves)] for s in range(len(classes))])
+    assert marker_violations(means, classes, leaf_ancestors(parents, n_leaves), np.arange(n_leaves)[None])[0] == 0
