@@ -192,3 +192,24 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
     means = np.array([[marker_scores[placed == k, s].mean() if (placed == k).any() else -np.inf
                        for k in range(n_leaves)] for s in range(len(classes))])
     assert marker_violations(means, classes, leaf_ancestors(parents, n_leaves), np.arange(n_leaves)[None])[0] == 0
+
+
+def test_markers_rearrange_leaves_within_their_relatives_only():
+    """A T-like line cut in two leaves (0, 1), an NK-like blob beside it (2), a B-like blob (3) and a
+    myeloid blob far away (4), in the tree Lymphoid {T/NK {T {0, 1}, NK {2}}, B {3}} / Myeloid {4}.
+    T's marker is highest in leaf 0 and lower in leaf 1 than in the NK blob, so T must hold leaves 0
+    and 2. Swapping the NK and B blobs would break no marker order either (B's marker is the lowest)
+    and keep the line whole under T, and the graph prefers it (the first version did that); it
+    must not happen: which leaves lie under T/NK is the latent's call, not the marker's."""
+    rng = np.random.default_rng(0)
+    line = np.stack([np.linspace(0.0, 6.0, 200), np.zeros(200)], axis=1)
+    blobs = np.repeat(np.array([[3.0, 2.5], [10.0, 0.0], [60.0, 0.0]]), 100, axis=0)
+    latent = np.concatenate([line, blobs]) + 0.05 * rng.normal(size=(500, 2))
+    truth = np.concatenate([np.repeat([0, 1], 100), np.repeat([2, 3, 4], 100)])
+    marker = np.array([2.0, 0.5, 1.0, 0.0, 0.0])[truth][:, None]
+    parents = [[0, 0, 1], [0, 0, 1, 2], [0, 0, 1, 2, 3]]
+    ancestors = leaf_ancestors(parents, 5)
+    placed = place_leaves(latent, truth, parents, 5, markers=(marker, [(2, 0)]))
+    for level in range(2):                                           # the lineages stay the latent's
+        assert adjusted_rand_score(ancestors[level][truth], ancestors[level][placed]) == 1.0
+    assert set(placed[np.isin(truth, [0, 2])]) == {0, 1} and set(placed[truth == 1]) == {2}   # T holds 0 and 2

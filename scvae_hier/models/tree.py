@@ -245,24 +245,31 @@ def _graph_scores(links, ancestors, assignments):
     return score
 
 
+def marker_relatives(ancestors, level, k):
+    """[K] bool: the slots under the nearest ancestor of class k (at `level`) that holds more leaves
+    than it (every slot if none): the leaves a marked class is compared with. A one-child ancestor
+    (PBMC's Stem above CD34 HSC) holds the same leaves, so it is skipped."""
+    slots_in = ancestors[level] == k
+    for coarser in range(level - 1, -1, -1):
+        around = ancestors[coarser] == ancestors[coarser][np.flatnonzero(slots_in)[0]]
+        if around.sum() > slots_in.sum():
+            return around
+    return np.ones_like(slots_in)
+
+
 def marker_violations(means, classes, ancestors, assignments):
     """[A] for each assignment of leaves to slots ([A, K]: leaf i goes to slot assignments[a, i]),
     how far the marked classes are from holding the leaves where their markers are highest: per
     marker set s, of class classes[s] = (level, class) and mean score means[s, i] in leaf i, the
-    pairs of a leaf under the class and a leaf outside it but under its nearest ancestor with more
-    leaves (the whole tree if none) where the second has the higher mean. 0 when every marked
-    class holds the leaves of highest marker expression among its relatives."""
+    pairs of a leaf under the class and a leaf outside it but among its relatives
+    (`marker_relatives`) where the second has the higher mean. 0 when every marked class holds the
+    leaves of highest marker expression among its relatives."""
     violations = np.zeros(len(assignments))
     for m, (level, k) in zip(np.asarray(means, float), classes):
         slots_in = ancestors[level] == k
-        slots_around = np.ones_like(slots_in)
-        for coarser in range(level - 1, -1, -1):   # a one-child ancestor (PBMC's Stem) has the same leaves
-            around = ancestors[coarser] == ancestors[coarser][np.flatnonzero(slots_in)[0]]
-            if around.sum() > slots_in.sum():
-                slots_around = around
-                break
-        inside, outside = slots_in[assignments], (slots_around & ~slots_in)[assignments]   # [A, K]
-        higher = (m[None, :] > m[:, None]).astype(float)                                   # [i, j]: m_j > m_i
+        inside = slots_in[assignments]
+        outside = (marker_relatives(ancestors, level, k) & ~slots_in)[assignments]      # [A, K]
+        higher = (m[None, :] > m[:, None]).astype(float)                               # [i, j]: m_j > m_i
         violations += np.einsum("ai,ij,aj->a", inside.astype(float), higher, outside.astype(float))
     return violations
 
@@ -275,9 +282,13 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
     classes are separate regions with almost no links between them, so links cannot tell which
     belong together; links decide below, where classes touch and distances mislead: on PBMC naive
     CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+
     markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
-    user's marker genes come before both: every marked class holds the leaves of its parent where
-    its markers are highest (`marker_violations`), as far as the leaves allow.
+    leaves are placed as above first; then, keeping which leaves lie under each marked class's
+    relatives (`marker_relatives`), they are re-placed so that every marked class holds the
+    relatives' leaves where its markers are highest (`marker_violations`), the rules above deciding
+    the rest. Without that hold, a marker could be satisfied by moving a leaf out of its
+    relatives into another lineage (Kang: "T cells=CD3D,CD3G" put a T-cell leaf under B cells).
     Returns the new leaf of every point."""
     latent, leaf = np.asarray(latent, float), np.asarray(leaf)
     ancestors = leaf_ancestors(parents, n_leaves)
@@ -286,15 +297,17 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
     # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
     scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
-    violations = lambda a: 0.0  # noqa: E731
+    scored = lambda a: scale * _tree_scores(centres, counts, ancestors[:1], a) + _graph_scores(links, ancestors, a)  # noqa: E731
+    slot = _best_permutation(n_leaves, scored, seed)
     if markers is not None and len(markers[1]):
         scores, classes = np.asarray(markers[0], float), list(markers[1])
         means = np.array([[scores[leaf == k, s].mean() if counts[k] else -np.inf for k in range(n_leaves)]
                           for s in range(len(classes))])
-        violations = lambda a: marker_violations(means, classes, ancestors, a)  # noqa: E731
-    slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * violations(a)
-                             + scale * _tree_scores(centres, counts, ancestors[:1], a)
-                             + _graph_scores(links, ancestors, a), seed)
+        relatives = np.array([marker_relatives(ancestors, level, k) for level, k in classes])   # [S, K slots]
+        moved = lambda a: (relatives[:, a] != relatives[:, slot][:, None]).sum(axis=(0, 2))  # noqa: E731
+        slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * (MARKERS_FIRST * moved(a)
+                                                                       + marker_violations(means, classes, ancestors, a))
+                                 + scored(a), seed)
     return slot[leaf]
 
 

@@ -4,6 +4,8 @@
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED pbmc   # the same on tree.yaml's PBMC cells
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_clusters=4   # an option changed
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_epochs=5,20   # a list option (10, for one)
+    python analyses/tuning/tree/restarts.py train FOLD 0 pbmc "markers=CD8 T=CD8A,CD8B;CD34 HSC=PRSS57,SPINK2" reseed_markers=1
+        # marker genes (";" between sets), used at the epoch re-seeds too (a tuning-only patch)
     python analyses/tuning/tree/restarts.py report                   # score every finished run
 
 Kang 2018 with the experiment's own settings (analyses/kang.yaml: TreeVAE, learnable p(c), the
@@ -54,7 +56,17 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     split_of = training.make_split
     training.make_split = lambda cells, options: split_of(cells, dataclasses.replace(options, seed=0))
     name = f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}"
-    changed = dict(change.split("=") for change in changes)
+    changed = dict(change.split("=", 1) for change in changes)
+    markers = tuple(changed.pop("markers").split(";")) if "markers" in changed else ()
+    if changed.pop("reseed_markers", "0") == "1":  # tuning only: the epoch re-seeds place leaves by the markers too
+        from scvae_hier.models.tree import TreeReseeding
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch in self.epochs:
+                scores = self.marker_scores(self.model.markers) if self.model.markers else None
+                self.assignments = self.model.reseed(*self.latent(), labels=self.labels, marker_scores=scores)
+        TreeReseeding.on_epoch_begin = on_epoch_begin
+        name += "_reseedmarkers"
     if "reseed_decay" in changed:  # tuning only: the epoch re-seeds group pieces coarse levels first too
         from scvae_hier.models.tree import TreeVAE
         decay, reseed = float(changed["reseed_decay"]), TreeVAE.reseed
@@ -64,11 +76,12 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
                 kwargs["grouping_decay"] = decay
             return reseed(self, *args, **kwargs)
         TreeVAE.reseed = reseed_coarse_first
-    folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items())])
+    folder = RUNS / "_".join([name, *(f"{key}{value.strip(',').replace(',', '-')}" for key, value in changed.items()),
+                              *(["markers"] if markers else [])])
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
                    **{key: tuple(int(v) for v in value.split(",") if v) if "," in value
                       else int(value) if value.lstrip("-").isdigit() else value
-                      for key, value in changed.items() if key != "reseed_decay"})
+                      for key, value in changed.items() if key != "reseed_decay"}, markers=markers)
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
