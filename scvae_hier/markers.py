@@ -14,8 +14,6 @@ genes are always kept among them, `data.prepare(keep_genes=)`).
 """
 import numpy as np
 
-from .data import DataError
-
 SCALE = 1e4  # counts per cell after normalisation (scanpy's normalize_total target)
 
 
@@ -51,6 +49,7 @@ def resolve(markers, hierarchy, genes) -> list:
     """[{"level", "class", "genes"}]: each set's class (level and class index in `hierarchy`) and
     its genes' columns in `genes` (the model's gene names). Unknown classes or genes are refused,
     naming them and what there is."""
+    from .data import DataError   # here, not at the top: options.py reads `parse`, and --help loads no Keras
     position = {str(g): i for i, g in enumerate(genes)}
     classes = {}
     for level in range(hierarchy.n_levels):
