@@ -107,8 +107,9 @@ class TrainOptions:
                                  "a piece of some other type.", nargs="+")
     markers: tuple = option((), "TreeVAE without labels: marker genes of classes, as CLASS=GENE,GENE (a class name "
                             "at any level, e.g. 'CD8 T=CD8A,CD8B'); the final refit places the leaves so that each "
-                            "marked class holds its parent's leaves where the markers are highest. Marker genes "
-                            "are kept among the model's genes.", nargs="+")
+                            "marked class holds, of the leaves under its nearest ancestor with more leaves, those "
+                            "where the markers are highest. Marker genes are kept among the model's genes.",
+                            nargs="+")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "
                                    "momix): a cell may be labelled at any level or none (NaN, empty or "
