@@ -8,7 +8,8 @@ CD34+ leaf alone under Stem (analyses/tuning/tree/NOTES.md). A biologist knows t
 class holds the leaves where its markers are highest (`tree.marker_violations`).
 
 A marker set is given as "CLASS=GENE,GENE,...": CLASS a class name at any level of the
-hierarchy, genes by their names in the data. A cell's score for a set is the mean over its genes
+hierarchy (a name used at several levels, as PBMC's "B cell", means the coarsest: the same
+leaves), genes by their names in the data. A cell's score for a set is the mean over its genes
 of log(1 + 10^4 x_g / library size), scanpy's log-normalisation, on the model's genes (marker
 genes are always kept among them, `data.prepare(keep_genes=)`).
 """
