@@ -66,8 +66,6 @@ def resolve(markers, hierarchy, genes) -> list:
             raise DataError(f"--markers: gene(s) {missing} of class {name!r} are not among the data's genes; check "
                             f"their names (adata.var_names).")
         level, k = classes[name]
-        if level == hierarchy.n_levels - 1 and hierarchy.sizes[level] == 1:
-            raise DataError(f"--markers: class {name!r} is the only leaf; there is nothing to place.")
         resolved.append({"level": level, "class": k, "genes": [position[g] for g in names]})
     return resolved
 
