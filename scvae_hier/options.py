@@ -88,10 +88,11 @@ class TrainOptions:
     final_refit_clusters: int = option(None, "TreeVAE: k-means clusters per leaf for the final refit's re-seeding "
                                        "(default 4 without labels: the trained latent separates small types; "
                                        "the re-seed's count when trained with labels).")
-    leaf_placement: str = option("graph", "TreeVAE without labels: how the re-seeds place the leaves in the tree: "
+    leaf_placement: str = option("graph", "TreeVAE: how the re-seeds place the leaves in the tree: "
                                  "'graph', the top level's classes compact and every class below it a "
                                  "well-connected region of the latent's 15-nearest-neighbour graph; 'compact', "
-                                 "every level compact (least sum of squares; the rule before 2026-12-02).",
+                                 "every level compact (least sum of squares; the rule before 2026-12-02, and the only one with "
+                                 "labels before this version). With labels, only the leaves the labels leave free move.",
                                  list(LEAF_PLACEMENTS))
     grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE without labels: when the final refit groups k-means clusters into "
                                    "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "
@@ -105,10 +106,11 @@ class TrainOptions:
                                  "final clustering leaves empty: types absent from the data, or too rare to find "
                                  "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "
                                  "a piece of some other type.", nargs="+")
-    markers: tuple = option((), "TreeVAE without labels: marker genes of classes, as CLASS=GENE,GENE (a class name "
+    markers: tuple = option((), "TreeVAE: marker genes of classes, as CLASS=GENE,GENE (a class name "
                             "at any level, e.g. 'CD8 T=CD8A,CD8B'); the final refit places the leaves so that each "
                             "marked class holds, of the leaves under its nearest ancestor with more leaves, those "
-                            "where the markers are highest. Marker genes are kept among the model's genes.",
+                            "where the markers are highest (with labels, among the leaves the labels leave free). Marker genes "
+                            "are kept among the model's genes.",
                             nargs="+")
     # -- partial labels (semi-supervised models)
     semi_supervised: bool = option(False, "Train with the cells' labels where they have them (tree, mixture, indmom, "

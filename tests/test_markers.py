@@ -135,9 +135,9 @@ def test_the_model_stores_its_markers_and_refuses_them_where_they_cannot_act():
     markers = [{"level": 0, "class": 1, "genes": [3, 5]}]
     model = TreeVAE(7, markers=markers, **arguments)
     assert TreeVAE.from_config(model.get_config()).markers == markers
-    for bad, message in ((dict(semi_supervised=True), "without labels"), (dict(leaf_placement="compact"), "'graph'")):
-        with pytest.raises(ValueError, match=message):
-            TreeVAE(7, markers=markers, **arguments, **bad)
+    with pytest.raises(ValueError, match="leaf_placement='graph'"):
+        TreeVAE(7, markers=markers, **arguments, leaf_placement="compact")
+    assert TreeVAE(7, markers=markers, semi_supervised=True, **arguments).markers == markers   # labels and markers
     for wrong in ({"level": 2, "class": 0, "genes": [1]}, {"level": 0, "class": 2, "genes": [1]},
                   {"level": 0, "class": 0, "genes": [7]}):
         with pytest.raises(ValueError, match="gene columns in 0..6"):
@@ -169,8 +169,8 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
     seen = []
     original = tree.place_leaves
 
-    def spy(latent, leaf, parents, n_leaves, seed=0, markers=None):
-        placed = original(latent, leaf, parents, n_leaves, seed, markers=markers)
+    def spy(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None):
+        placed = original(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts)
         seen.append((markers, leaf, placed, parents, n_leaves))
         return placed
 

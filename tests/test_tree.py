@@ -17,8 +17,8 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
-                                    coarse_first_grouping, coarse_first_weights, leaf_ancestors, leaf_links,
-                                    match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
+                                    coarse_first_grouping, coarse_first_weights, label_conflicts, leaf_ancestors,
+                                    leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -293,6 +293,51 @@ def test_labelled_clustering_keeps_labels_over_the_graph():
     allowed[::10] = np.eye(4, dtype=bool)[leaf[::10]]       # every tenth cell labelled with its leaf
     found = tree_clustering(latent, TWO_BY_TWO, 4, clusters_per_leaf=1, allowed=allowed, placement="graph")
     assert (found[::10] == leaf[::10]).all()
+
+
+def test_label_conflicts_count_the_labelled_cells_each_slot_would_exclude():
+    """Against a loop over cells; novel slots never trade leaves with named ones."""
+    rng = np.random.default_rng(3)
+    leaf, allowed = rng.integers(0, 5, 60), rng.random((60, 5)) < 0.6
+    allowed[::3] = True                                                    # unlabelled cells allow every leaf
+    expected = np.zeros((5, 5))
+    for cell in range(60):
+        expected[leaf[cell]] += ~allowed[cell]
+    np.testing.assert_array_equal(label_conflicts(leaf, allowed, 5), expected)
+    with_novel = label_conflicts(leaf, allowed, 5, novel=1)
+    assert (with_novel[:4, 4] > 60).all() and (with_novel[4, :4] > 60).all()
+    np.testing.assert_array_equal(with_novel[:4, :4], expected[:4, :4])
+
+
+def test_top_level_labels_leave_the_levels_below_to_the_graph():
+    """Labels at the top level only: the leaves under each labelled class are placed by the graph,
+    as without labels (compactness groups the lines' ends), and no labelled cell leaves its class;
+    a marker then re-places leaves inside the labels' bounds."""
+    latent, truth = lineages()
+    ancestors = leaf_ancestors(LINEAGE_PARENTS, 7)
+    allowed = np.ones((len(truth), 7), bool)
+    labelled = np.arange(len(truth)) % 10 == 0
+    allowed[labelled] = ancestors[0][None, :] == ancestors[0][truth[labelled]][:, None]
+    found = {placement: tree_clustering(latent, LINEAGE_PARENTS, 7, clusters_per_leaf=1, allowed=allowed,
+                                        placement=placement) for placement in ("compact", "graph")}
+    assert adjusted_rand_score(ancestors[1][truth], ancestors[1][found["compact"]]) < 0.9
+    for level in range(2):
+        assert adjusted_rand_score(ancestors[level][truth], ancestors[level][found["graph"]]) == 1.0, level
+    assert allowed[np.arange(len(truth)), found["graph"]].all()
+    # a marker of the B-like blob's level-2 slot (class 2) highest on leaf 2 (a line's end): the slot
+    # takes that leaf, inside the lymphoid class the labels give it
+    marked = tree_clustering(latent, LINEAGE_PARENTS, 7, clusters_per_leaf=1, allowed=allowed, placement="graph",
+                             markers=((truth == 2).astype(float)[:, None], [(1, 2)]))
+    assert allowed[np.arange(len(truth)), marked].all()
+    assert np.bincount(truth[ancestors[1][marked] == 2]).argmax() == 2
+    # a marker of the myeloid class highest on line 1: without labels it moves line 1 there, with
+    # them nothing crosses the top level
+    myeloid = (np.isin(truth, [2, 3]).astype(float)[:, None], [(0, 1)])
+    free = tree_clustering(latent, LINEAGE_PARENTS, 7, clusters_per_leaf=1, placement="graph", markers=myeloid)
+    assert adjusted_rand_score(ancestors[0][truth], ancestors[0][free]) < 0.5
+    held = tree_clustering(latent, LINEAGE_PARENTS, 7, clusters_per_leaf=1, allowed=allowed, placement="graph",
+                           markers=myeloid)
+    assert adjusted_rand_score(ancestors[0][truth], ancestors[0][held]) == 1.0
 
 
 def test_weighted_tree_scores_match_a_cell_level_sum_of_squares():

@@ -1,6 +1,6 @@
 """Partial labels experiment (issue 16): semi-supervised TreeVAE against a flat baseline.
 
-    python analyses/partial_labels/run.py [--seeds 0 1 2] [--only NAME ...] [--models tree mixture indmom momix]
+    python analyses/partial_labels/run.py [--seeds 0 1 2] [--only NAME ...] [--models tree tree_compact mixture indmom momix]
 
 Every setting trains one run per seed (one thread each, run folders in runs/partial/, not
 committed) and appends one row per run to analyses/partial_labels/results.csv as it finishes; a
@@ -57,6 +57,7 @@ SETTINGS = {  # name: options on top of PBMC (labelled: LEVEL=FRACTION of cells 
     "unknown_cd14": dict(exclude_labels=(), hide_labels=("cd14_monocytes",), novel_classes=1,
                          labelled=("level_4=0.05",)),
     "l12_5pct": dict(labelled=("level_2=0.05",)),
+    "l1_1pct_markers": dict(labelled=("level_1=0.01",), markers=("CD8 T=CD8A,CD8B",)),
 }
 QUERIES = {  # reference-to-query: labels on the reference cells, the query annotated by the trained model
     "query_pbmc_mudan": dict(base=PBMC, column="source_dataset", query=("MUDAN",)),
@@ -156,6 +157,16 @@ def run_other_model(name, seed, model, done):
     append(dict(row, setting=name, method=OTHER_MODELS[model], seed=seed, seconds=metrics["seconds"]))
 
 
+def run_tree_compact(name, seed):
+    """TreeVAE as before 2026-12-02's change, side by side: labels switch the graph placement off, so
+    compactness places the leaves the labels leave free (`leaf_placement="compact"`)."""
+    options = dict(PBMC, **SETTINGS[name], seed=seed, leaf_placement="compact")
+    folder = trained(f"{name}_compact_s{seed}", options)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row, _ = score_run(folder, Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r")))
+    append(dict(row, setting=name, method="treevae_compact", seed=seed, seconds=metrics["seconds"]))
+
+
 def run_setting(name, seed, done):
     options = dict(PBMC, **SETTINGS[name], seed=seed)
     folder = trained(f"{name}_s{seed}", options)
@@ -168,7 +179,7 @@ def run_setting(name, seed, done):
         row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
     if (name, "treevae", seed) not in done:
         append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
-    if name != "unknown_cd14" and (name, "lr", seed) not in done:
+    if name != "unknown_cd14" and "markers" not in SETTINGS[name] and (name, "lr", seed) not in done:
         plain = {k: v for k, v in options.items() if k not in ("labelled", "hide_labels", "novel_classes")}
         latent_run = trained(f"unsupervised_s{seed}", plain)
         latent_adata = anndata.read_h5ad(latent_run / "outputs.h5ad")
@@ -215,13 +226,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="+", default=None)
-    parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", *OTHER_MODELS])
+    parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", "tree_compact", *OTHER_MODELS])
     args = parser.parse_args()
     names = args.only or list(SETTINGS) + list(QUERIES)
     for seed in args.seeds:
         for name in names:
             done = done_keys()
-            for model in (m for m in args.models if m != "tree"):
+            if "tree_compact" in args.models and name in SETTINGS and (name, "treevae_compact", seed) not in done:
+                run_tree_compact(name, seed)
+            for model in (m for m in args.models if m not in ("tree", "tree_compact")):
                 if name in SETTINGS and name != "unknown_cd14" and (name, OTHER_MODELS[model], seed) not in done:
                     run_other_model(name, seed, model, done)
             if "tree" not in args.models:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["fine_1pct", "fine_5pct", "fine_10pct", "l1_1pct", "l1_5pct", "l1_10pct", "l12_5pct",
+ORDER = ["fine_1pct", "fine_5pct", "fine_10pct", "l1_1pct", "l1_5pct", "l1_10pct", "l1_1pct_markers", "l12_5pct",
          "l2_10pct_fine_1pct", "unknown_cd14"]
 
 

@@ -41,7 +41,7 @@ if __name__ == "__main__":
     settings = dict(PBMC, labelled=("level_4=0.05",), seed=100)  # seed=101 etc. as a key=value to check a choice
     for pair in pairs:
         key, value = pair.split("=", 1)
-        settings[key] = parse(value)
+        settings[key] = tuple(value.split(";")) if key == "markers" else parse(value)  # markers=CLASS=G,G;CLASS=G
     folder = ROOT / "runs" / "partial_tuning" / name
     if not (folder / "metrics.json").exists():
         train(TrainOptions(**settings, output=str(folder), overwrite=True))

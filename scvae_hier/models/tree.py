@@ -274,7 +274,7 @@ def marker_violations(means, classes, ancestors, assignments):
     return violations
 
 
-def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
+def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None):
     """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
     compact as possible (least within-class sum of squares, as `match_to_tree`), and among the
     placements with that top level, every class below it a well-connected region of the cells'
@@ -289,6 +289,10 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
     relatives' leaves where its markers are highest (`marker_violations`), the rules above deciding
     the rest. Without that hold, a marker could be satisfied by moving a leaf out of its
     relatives into another lineage (Kang: "T cells=CD3D,CD3G" put a T-cell leaf under B cells).
+
+    conflicts [leaf i, slot j] (partial labels, `label_conflicts`): labelled points that slot j would
+    put under a class their labels exclude; counted before everything else, so labels hold and only
+    the leaves they leave free move (with level-1 labels only, every leaf under a level-1 class).
     Returns the new leaf of every point."""
     latent, leaf = np.asarray(latent, float), np.asarray(leaf)
     ancestors = leaf_ancestors(parents, n_leaves)
@@ -297,7 +301,10 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
     # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
     scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
-    scored = lambda a: scale * _tree_scores(centres, counts, ancestors[:1], a) + _graph_scores(links, ancestors, a)  # noqa: E731
+    conflicting = ((lambda a: np.zeros(len(a))) if conflicts is None  # noqa: E731
+                   else (lambda a: np.asarray(conflicts)[np.arange(n_leaves), a].sum(axis=1)))
+    scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
+                        + _graph_scores(links, ancestors, a))
     slot = _best_permutation(n_leaves, scored, seed)
     if markers is not None and len(markers[1]):
         scores, classes = np.asarray(markers[0], float), list(markers[1])
@@ -305,7 +312,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None):
                           for s in range(len(classes))])
         relatives = np.array([marker_relatives(ancestors, level, k) for level, k in classes])   # [S, K slots]
         moved = lambda a: (relatives[:, a] != relatives[:, slot][:, None]).sum(axis=(0, 2))  # noqa: E731
-        slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * (MARKERS_FIRST * moved(a)
+        slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * (MARKERS_FIRST * (moved(a) + conflicting(a))
                                                                        + marker_violations(means, classes, ancestors, a))
                                  + scored(a), seed)
     return slot[leaf]
@@ -326,9 +333,10 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     cluster without a labelled point where at least NOVEL_EVIDENCE were expected (its size times
     the labelled share) counts as that many misplaced labelled points under a named leaf.
 
-    placement "graph" (without labels only: labels already anchor the leaves): the leaves, once
-    formed, are re-placed in the tree by the connectivity of the latent's neighbour graph
-    (`place_leaves`) instead of staying where compactness put them.
+    placement "graph": the leaves, once formed, are re-placed in the tree by the connectivity of
+    the latent's neighbour graph (`place_leaves`) instead of staying where compactness put them;
+    with labels, only the leaves the labels leave free move (`label_conflicts`): with level-1
+    labels only, the leaves under each level-1 class.
 
     grouping_decay < 1 (without labels only): the clusters are also grouped with level l's
     compactness counting decay^(l-1) (`coarse_first_weights`), and that grouping is kept if its
@@ -345,8 +353,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     rare to find (Kang's 0.8% megakaryocytes) has its slot filled by a piece of another type, and
     at the coarse levels that piece sits in the wrong class (NOTES.md).
 
-    markers (scores [n, S], classes [S] as (level, class); graph placement without labels only):
-    the leaves are placed so that marked classes hold their markers' leaves (`place_leaves`)."""
+    markers (scores [n, S], classes [S] as (level, class); graph placement only): the leaves are
+    placed so that marked classes hold their markers' leaves (`place_leaves`), as far as labels
+    leave them free."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
@@ -375,8 +384,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             leaf = coarse
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
-    elif placement == "graph":
-        leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers)
+    if placement == "graph":
+        conflicts = None if allowed is None else label_conflicts(leaf, np.asarray(allowed), n_leaves, novel)
+        leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -423,6 +433,17 @@ def coarse_first_grouping(centres, counts, parents, n_leaves, seed=0, grouping_d
 def _within_leaves(latent, leaf):
     """Within-leaf sum of squares of points [n, D] in leaves [n]."""
     return sum(((latent[leaf == k] - latent[leaf == k].mean(axis=0)) ** 2).sum() for k in np.unique(leaf))
+
+
+def label_conflicts(leaf, allowed, n_leaves, novel=0):
+    """[n_leaves, n_leaves]: how many labelled points of leaf i (points [n] in leaves `leaf`, allowed
+    [n, n_leaves]) their labels exclude from slot j, so that re-placing leaves (`place_leaves`)
+    never moves labelled cells out of their classes; the last `novel` slots (types nobody
+    labelled) and the named ones never trade leaves (a count above any leaf's)."""
+    conflicts = np.eye(n_leaves)[leaf].T @ (~allowed).astype(float)
+    is_novel = np.arange(n_leaves) >= n_leaves - novel
+    conflicts[is_novel[:, None] != is_novel[None, :]] += len(leaf) + 1.0
+    return conflicts
 
 
 def _move_labelled(latent, leaf, allowed, n_leaves):
@@ -598,9 +619,9 @@ class TreeVAE(HierarchicalVAE):
                              f"got {list(empty_leaves)}.")
         self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
                         for m in markers]
-        if self.markers and (semi_supervised or self.leaf_placement != "graph"):
-            raise ValueError("markers place the leaves of a clustering without labels (with labels, the labelled "
-                             "leaves are already placed) and need leaf_placement='graph'; drop one or the other.")
+        if self.markers and self.leaf_placement != "graph":
+            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph'; "
+                             "drop one or the other.")
         bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
                                                and 0 <= m["class"] < self.level_sizes[m["level"]]
                                                and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < n_genes)]
