@@ -5,7 +5,9 @@ annotated split can be a minor axis: on PBMC, naive CD4 and naive CD8 T cells li
 CD4 and CD8 T cells, whose split is a few genes (CD8A, CD8B); and no label-free rule puts the
 CD34+ leaf alone under Stem (analyses/tuning/tree/NOTES.md). A biologist knows those genes.
 `--markers "CD8 T=CD8A,CD8B"` says so; the final refit then places the leaves so that a marked
-class holds the leaves where its markers are highest (`tree.marker_violations`).
+class holds the leaves where its markers are highest (`tree.marker_violations`). With labels, the
+same holds for the leaves the labels leave free (e.g. under a level-1 class when only level 1 is
+labelled).
 
 A marker set is given as "CLASS=GENE,GENE,...": CLASS a class name at any level of the
 hierarchy (a name used at several levels, as PBMC's "B cell", means the coarsest: the same
