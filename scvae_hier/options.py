@@ -102,7 +102,7 @@ class TrainOptions:
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
                                     "classes (1 = no such first step, the rule of the second change of 2026-12-02).")
-    empty_leaves: tuple = option((), "TreeVAE without labels: leaves of the hierarchy (finest class names) that the "
+    empty_leaves: tuple = option((), "TreeVAE: leaves of the hierarchy (finest class names) that the "
                                  "final clustering leaves empty: types absent from the data, or too rare to find "
                                  "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "
                                  "a piece of some other type.", nargs="+")

@@ -438,7 +438,22 @@ def new_model(options: TrainOptions, cells: Cells):
     arguments = model_arguments(options, cells.adata.n_vars, cells.model_hierarchy, cells.categories,
                                 cells.adata.var_names)
     model = model_class(options.model)(**arguments, metadata=model_metadata(cells, options))
+    check_empty_leaves(model, cells)
     return model, arguments
+
+
+def check_empty_leaves(model, cells: Cells) -> None:
+    """Refuse --empty-leaves that leave a labelled cell no leaf (its type is there), naming the labels."""
+    if not getattr(model, "empty_leaves", None) or cells.labels is None or not model.semi_supervised:
+        return
+    allowed = model.allowed(cells.labels)[:, ~model.components_of(model.empty_leaves)]
+    stranded = (cells.labels >= 0).any(axis=1) & ~allowed.any(axis=1)
+    if stranded.any():
+        tree = cells.model_hierarchy
+        names = sorted({f"{tree.levels[level]}={tree.classes(level)[code]}" for row in cells.labels[stranded]
+                        for level, code in enumerate(row) if code >= 0 and level == max(np.flatnonzero(row >= 0))})
+        raise DataError(f"--empty-leaves leaves no leaf for {int(stranded.sum())} labelled cells ({', '.join(names)}): "
+                        f"a labelled type is in the data. Drop its leaf from --empty-leaves, or those labels.")
 
 
 def compile_model(model, options: TrainOptions, train_counts) -> None:

@@ -526,10 +526,20 @@ def test_final_refit_leaves_the_empty_leaf_without_weight_or_cells():
     assert np.exp(model.log_pc().numpy())[:2].max() < 1e-9
     for bad, message in ((dict(empty_leaves=[5]), "leaf indices in 0..4"),
                          (dict(empty_leaves=[0, 1, 2, 3]), "at least 2 leaves"),
-                         (dict(empty_leaves=[0], prior_probabilities="uniform"), "prior_probabilities='learnable'"),
-                         (dict(empty_leaves=[0], semi_supervised=True), "without labels")):
+                         (dict(empty_leaves=[0], prior_probabilities="uniform"), "prior_probabilities='learnable'")):
         with pytest.raises(ValueError, match=message):
             small_model(**bad)
+    # with labels: top-level labels leave the leaf empty and hold; a label only the empty leaf allows is refused
+    labelled = small_model(components_per_leaf=2, empty_leaves=[0], semi_supervised=True)
+    labelled.build()
+    codes = np.full((len(loc), 3), -1)
+    codes[::10, 0] = leaf_ancestors(SMALL_PARENTS, 5)[0][truth[::10]]
+    component = labelled.refit_prior(loc, scale, steps=3, labels=codes)
+    assert not (component // 2 == 0).any()
+    assert labelled.allowed(codes)[np.arange(len(loc)), component].all()
+    codes[0] = [0, 0, -1]                                      # level-2 class 0 holds only the empty leaf
+    with pytest.raises(ValueError, match="allowed only empty leaves"):
+        labelled.refit_prior(loc, scale, steps=3, labels=codes)
 
 
 def test_arguments_from_hierarchy_and_bad_trees():

@@ -86,3 +86,14 @@ def test_a_run_with_an_empty_leaf_puts_no_cell_there(pbmc_slice, tmp_path):
     used = set(outputs.obs["scvae_level_4_cluster"].astype(int))
     assert leaves.index("CD34+") not in used and len(used) >= 5
     assert config["options"]["empty_leaves"] == ["CD34+"]
+
+
+def test_an_empty_leaf_with_labels_that_need_it_is_refused_by_name(pbmc_slice, tmp_path, capsys):
+    """Labelled cells of the type whose leaf is to stay empty: refused before training, naming the
+    label; level-1 labels leave the leaf free, so the same leaf empty then trains."""
+    from scvae_hier.cli import main
+    from conftest import FAST
+    common = ["train", str(pbmc_slice), "--model", "tree", *FAST, "--epochs", "1", "--empty-leaves", "CD19+ B"]
+    assert main([*common, "--labelled", "level_4=0.5", "--output", str(tmp_path / "fine")]) != 0
+    assert "level_4=CD19+ B" in capsys.readouterr().err and not (tmp_path / "fine" / "model.keras").exists()
+    assert main([*common, "--labelled", "level_1=0.5", "--output", str(tmp_path / "coarse"), "--reseed-epochs", "1"]) == 0

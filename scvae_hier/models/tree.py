@@ -348,7 +348,7 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     top_level_decay < 1 (without labels only): in that coarse-first grouping, the top level's
     classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`).
 
-    empty_leaves (without labels only): leaves that get no point; the clustering is that of the tree
+    empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the clustering is that of the tree
     without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
     rare to find (Kang's 0.8% megakaryocytes) has its slot filled by a piece of another type, and
     at the coarse levels that piece sits in the wrong class (NOTES.md).
@@ -360,6 +360,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
         allowed = None if allowed is None else np.asarray(allowed)[:, kept]
+        if allowed is not None and not allowed.any(axis=1).all():
+            raise ValueError(f"{int((~allowed.any(axis=1)).sum())} labelled points are allowed only empty leaves "
+                             f"{list(empty_leaves)}; a labelled type is there, so its leaf cannot be left empty.")
         if markers is not None:
             markers = _pruned_markers(markers, parents, n_leaves, pruned, kept)
         component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
@@ -609,10 +612,9 @@ class TreeVAE(HierarchicalVAE):
         self.grouping_decay, self.top_level_decay = float(grouping_decay), float(top_level_decay)
         n_leaves = self.level_sizes[-1]
         self.empty_leaves = sorted({int(k) for k in empty_leaves})
-        if self.empty_leaves and (semi_supervised or prior_probabilities != "learnable"):
-            raise ValueError("empty_leaves is for clustering without labels (with labels, the labelled leaves "
-                             "say which types are there) and needs prior_probabilities='learnable' (an empty "
-                             "leaf's prior weight is set to nearly 0); drop one or the other.")
+        if self.empty_leaves and prior_probabilities != "learnable":
+            raise ValueError("empty_leaves needs prior_probabilities='learnable' (an empty leaf's prior weight is "
+                             "set to nearly 0); drop one or the other.")
         if self.empty_leaves and (self.empty_leaves[0] < 0 or self.empty_leaves[-1] >= n_leaves
                                   or len(self.empty_leaves) > n_leaves - 2):
             raise ValueError(f"empty_leaves must be leaf indices in 0..{n_leaves - 1} that leave at least 2 leaves; "
