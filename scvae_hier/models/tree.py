@@ -23,8 +23,9 @@ Re-seeding: at the start of each epoch in `reseed_epochs` (once the latent has f
 training cells' latent means: k-means into `reseed_clusters` clusters per leaf (by default 4
 without labels, 2 with them), the clusters
 assigned to leaves so that the hierarchy's classes at every level are as compact as possible in
-the latent (`assign_to_tree`), and each leaf split again into its components. Without labels the
-leaves are then re-placed in the tree (`place_leaves`, `leaf_placement="graph"`): the top level
+the latent (`assign_to_tree`), and each leaf split again into its components. The leaves are
+then re-placed in the tree (`place_leaves`, `leaf_placement="graph"`; with labels, only those the
+labels leave free): the top level
 still by compactness, every level below so that its classes are well-connected regions of the
 latent's nearest-neighbour graph. Compactness alone put naive CD4 and naive CD8 T cells under one
 class on PBMC, and split a level-2 lineage on Kang (fold 3); the graph alone
@@ -348,8 +349,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     top_level_decay < 1 (without labels only): in that coarse-first grouping, the top level's
     classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`).
 
-    empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the clustering is that of the tree
-    without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
+    empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the
+    clustering is that of the tree without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
     rare to find (Kang's 0.8% megakaryocytes) has its slot filled by a piece of another type, and
     at the coarse levels that piece sits in the wrong class (NOTES.md).
 
