@@ -26,6 +26,7 @@ from .labels import UNLABELLED, label_codes, parse_reveal, reveal
 from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class
+from .models.tree import stranded_by_empty_leaves
 from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import cluster_names
@@ -446,12 +447,11 @@ def check_empty_leaves(model, cells: Cells) -> None:
     """Refuse --empty-leaves that leave a labelled cell no leaf (its type is there), naming the labels."""
     if not getattr(model, "empty_leaves", None) or cells.labels is None or not model.semi_supervised:
         return
-    allowed = model.allowed(cells.labels)[:, ~model.components_of(model.empty_leaves)]
-    stranded = (cells.labels >= 0).any(axis=1) & ~allowed.any(axis=1)
+    stranded = stranded_by_empty_leaves(model.allowed(cells.labels), ~model.components_of(model.empty_leaves))
     if stranded.any():
-        tree = cells.model_hierarchy
-        names = sorted({f"{tree.levels[level]}={tree.classes(level)[code]}" for row in cells.labels[stranded]
-                        for level, code in enumerate(row) if code >= 0 and level == max(np.flatnonzero(row >= 0))})
+        tree, rows = cells.model_hierarchy, cells.labels[stranded]
+        finest = (rows >= 0).cumsum(axis=1).argmax(axis=1)                  # each cell's finest labelled level
+        names = sorted({f"{tree.levels[level]}={tree.classes(level)[row[level]]}" for row, level in zip(rows, finest)})
         raise DataError(f"--empty-leaves leaves no leaf for {int(stranded.sum())} labelled cells ({', '.join(names)}): "
                         f"a labelled type is in the data. Drop its leaf from --empty-leaves, or those labels.")
 

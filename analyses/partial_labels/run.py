@@ -141,30 +141,26 @@ def trained(name, options):
     return folder
 
 
-# The other semi-supervised models on the same settings (method name in results.csv), with XLA:
-# they decode every cluster per cell, where XLA halves the time of a step (README, Benchmark).
-OTHER_MODELS = {"mixture": "mixturevae", "indmom": "indmomvae", "momix": "momixvae"}
+# The other semi-supervised models on the same settings (method name in results.csv, options), with
+# XLA: they decode every cluster per cell, where XLA halves the time of a step (README, Benchmark);
+# and TreeVAE with the rule before 2026-12-02's change, side by side: labels switched the graph
+# placement off, so compactness placed the leaves the labels leave free.
+OTHER_MODELS = {"mixture": ("mixturevae", dict(model="mixture", xla=True)),
+                "indmom": ("indmomvae", dict(model="indmom", xla=True)),
+                "momix": ("momixvae", dict(model="momix", xla=True)),
+                "tree_compact": ("treevae_compact", dict(model="tree", leaf_placement="compact"))}
 
 
 def run_other_model(name, seed, model, done):
-    """One semi-supervised MixtureVAE / IndMoMVAE / MoMixVAE run on a setting; no LR row (the
+    """One semi-supervised run of another model (or TreeVAE variant) on a setting; no LR row (the
     setting's TreeVAE run has it, on the same labelled cells)."""
-    options = dict(PBMC, **SETTINGS[name], seed=seed, model=model, xla=True)
+    method, extra = OTHER_MODELS[model]
+    options = dict(PBMC, **SETTINGS[name], seed=seed, **extra)
     folder = trained(f"{name}_{model}_s{seed}", options)
     metrics = json.loads((folder / "metrics.json").read_text())
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
     row, _ = score_run(folder, hierarchy)
-    append(dict(row, setting=name, method=OTHER_MODELS[model], seed=seed, seconds=metrics["seconds"]))
-
-
-def run_tree_compact(name, seed):
-    """TreeVAE as before 2026-12-02's change, side by side: labels switch the graph placement off, so
-    compactness places the leaves the labels leave free (`leaf_placement="compact"`)."""
-    options = dict(PBMC, **SETTINGS[name], seed=seed, leaf_placement="compact")
-    folder = trained(f"{name}_compact_s{seed}", options)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    row, _ = score_run(folder, Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r")))
-    append(dict(row, setting=name, method="treevae_compact", seed=seed, seconds=metrics["seconds"]))
+    append(dict(row, setting=name, method=method, seed=seed, seconds=metrics["seconds"]))
 
 
 def run_setting(name, seed, done):
@@ -226,16 +222,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="+", default=None)
-    parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", "tree_compact", *OTHER_MODELS])
+    parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", *OTHER_MODELS])
     args = parser.parse_args()
     names = args.only or list(SETTINGS) + list(QUERIES)
     for seed in args.seeds:
         for name in names:
             done = done_keys()
-            if "tree_compact" in args.models and name in SETTINGS and (name, "treevae_compact", seed) not in done:
-                run_tree_compact(name, seed)
-            for model in (m for m in args.models if m not in ("tree", "tree_compact")):
-                if name in SETTINGS and name != "unknown_cd14" and (name, OTHER_MODELS[model], seed) not in done:
+            for model in (m for m in args.models if m != "tree"):
+                if name in SETTINGS and name != "unknown_cd14" and (name, OTHER_MODELS[model][0], seed) not in done:
                     run_other_model(name, seed, model, done)
             if "tree" not in args.models:
                 continue

@@ -302,8 +302,8 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
     # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
     scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
-    conflicting = ((lambda a: np.zeros(len(a))) if conflicts is None  # noqa: E731
-                   else (lambda a: np.asarray(conflicts)[np.arange(n_leaves), a].sum(axis=1)))
+    conflicts = np.zeros((n_leaves, n_leaves)) if conflicts is None else np.asarray(conflicts, float)
+    conflicting = lambda a: conflicts[np.arange(n_leaves), a].sum(axis=1)  # noqa: E731
     scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
                         + _graph_scores(links, ancestors, a))
     slot = _best_permutation(n_leaves, scored, seed)
@@ -360,10 +360,12 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
-        allowed = None if allowed is None else np.asarray(allowed)[:, kept]
-        if allowed is not None and not allowed.any(axis=1).all():
-            raise ValueError(f"{int((~allowed.any(axis=1)).sum())} labelled points are allowed only empty leaves "
-                             f"{list(empty_leaves)}; a labelled type is there, so its leaf cannot be left empty.")
+        if allowed is not None:
+            stranded = int(stranded_by_empty_leaves(allowed, kept).sum())
+            if stranded:
+                raise ValueError(f"{stranded} labelled points are allowed only empty leaves {list(empty_leaves)}; "
+                                 f"a labelled type is there, so its leaf cannot be left empty.")
+            allowed = np.asarray(allowed)[:, kept]
         if markers is not None:
             markers = _pruned_markers(markers, parents, n_leaves, pruned, kept)
         component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
@@ -437,6 +439,12 @@ def coarse_first_grouping(centres, counts, parents, n_leaves, seed=0, grouping_d
 def _within_leaves(latent, leaf):
     """Within-leaf sum of squares of points [n, D] in leaves [n]."""
     return sum(((latent[leaf == k] - latent[leaf == k].mean(axis=0)) ** 2).sum() for k in np.unique(leaf))
+
+
+def stranded_by_empty_leaves(allowed, kept):
+    """[n] bool: the points (allowed [n, leaves]) whose labels allow none of the `kept` leaves, i.e.
+    only leaves to be left empty: their type is in the data, so its leaf cannot be empty."""
+    return ~np.asarray(allowed)[:, kept].any(axis=1)
 
 
 def label_conflicts(leaf, allowed, n_leaves, novel=0):
