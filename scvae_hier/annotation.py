@@ -1,7 +1,8 @@
 """Label transfer: a trained model names the cells of a new file (`scvae-hier annotate`).
 
 The query's genes are matched to the model's by name (missing genes are refused by name); a batch
-the model never saw is refused unless the user says which training batch to read it as. The
+the model never saw is refused unless the user says which training batch to read it as, or asks
+for it to be fitted with the rest of the model frozen (`fit_batches_epochs`, scvae_hier.query). The
 output is the query AnnData as read, with per-level names, clusters and probabilities in obs and
 the latent in obsm["X_scvae"] (NaN rows for cells without counts on the model's genes).
 """
@@ -11,8 +12,11 @@ from .data import read_counts
 from .files import write_h5ad
 
 
-def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False):
-    """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad)."""
+def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False, fit_batches_epochs=0,
+                  save_model=None):
+    """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad).
+    fit_batches_epochs > 0: first fit the query's new batches for that many epochs (then `batch`
+    must be None); save_model: a folder for that extended model."""
     from .api import load
 
     output = Path(output)
@@ -24,12 +28,22 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     adata = read_counts(query, layer=model.module.metadata.get("layer"))
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
+    if fit_batches_epochs:
+        if batch is not None:
+            raise ValueError("Give either --batch (read the query as a training batch) or --fit-new-batches, not both.")
+        model = model.fit_new_batches(adata, max_epochs=fit_batches_epochs)
+        if save_model:
+            model.save(save_model)
+    elif save_model:
+        raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
     if model.module.clustering != "none":
         table = model.predict_levels(adata, unassigned_below=unassigned_below, batch=batch)
         for column in table.columns:
             adata.obs[column] = table[column]
     adata.obsm["X_scvae"] = model.get_latent_representation(adata, batch=batch)
     adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
-                                     "batch": "" if batch is None else str(batch)}
+                                     "batch": "" if batch is None else str(batch),
+                                     "fitted_batches": list(model.module.metadata.get("query_batches", [])),
+                                     "query_epochs": int(fit_batches_epochs)}
     write_h5ad(adata, output)
     return adata

@@ -229,6 +229,47 @@ class HierarchyModel:
         latent[rows] = out["latent"]
         return latent
 
+    def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
+                        progress_bar=False) -> "HierarchyModel":
+        """A copy of this model that also knows the batches of `adata` it was not trained on.
+
+        scArches' architecture surgery (`scvae_hier.query`): each new batch gets a covariate
+        column, and only that column's weights are fitted, on adata's cells, for `max_epochs`; the
+        reference's latent space, prior and cluster names stay as trained, so the query is named
+        by the reference's classes. This model is unchanged; adata becomes the copy's default data.
+        The copy's `query_history` holds the loss per epoch."""
+        from .data import batch_covariates, prepare
+        from .query import extend_batches, fit_new_batches, unseen_batches
+
+        self._check_trained()
+        meta = self.module.metadata
+        key = meta.get("batch_key")
+        if not key:
+            raise SetupError("This model was trained without a batch covariate, so there are no batch weights to fit; "
+                             "annotate the query as it is, or train the reference with batch_key= to use this.")
+        if key not in adata.obs:
+            raise DataError(f"The query has no obs column {key!r}, the model's batch key; add each query cell's "
+                            f"batch there (obs has {list(adata.obs.columns)}).")
+        prepared = prepare(self._counts_view(adata, meta.get("layer")), genes=meta["genes"],
+                           drop_empty_cells=meta.get("drop_empty_cells", False),
+                           outlier_counts=meta.get("outlier_counts", "keep"))
+        values = prepared.obs[key].astype(str)
+        new = unseen_batches(self.module, values)
+        if not new:
+            raise SetupError(f"Every batch of the query ({sorted(set(values))}) is one the model was trained on; "
+                             f"annotate it directly (predict_levels), there is nothing new to fit.")
+        extended, grown = extend_batches(self.module, new, values.value_counts().to_dict())
+        covariates, _ = batch_covariates(prepared.obs, key, list(extended.covariates))
+        log = print if progress_bar else None
+        history = fit_new_batches(extended, grown, prepared.X, covariates, max_epochs, batch_size, learning_rate,
+                                  seed, log)
+        model = object.__new__(type(self))
+        model.__dict__.update(self.__dict__)
+        model.module, model.arguments = extended, extended.get_config()
+        model.adata, model.cells, model.split = adata, None, None
+        model.query_history = history
+        return model
+
     def predict_levels(self, adata=None, prefix="scvae_", unassigned_below=0.0, keep_labels=True,
                        batch=None) -> pd.DataFrame:
         """Per level: the predicted class name (`scvae_<level>`), its cluster (`scvae_<level>_cluster`)

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "covariate refuses batches it never saw).")
     annotate.add_argument("--drop-empty-cells", action="store_true",
                           help="Leave out (NaN) cells with no counts on the model's genes instead of failing.")
+    annotate.add_argument("--fit-new-batches", action="store_true",
+                          help="Give the query's batches the model never saw covariate columns of their own and fit "
+                               "only those on the query cells, the rest frozen (scArches' surgery); the model must "
+                               "have been trained with --batch-key, and the query must have that obs column.")
+    annotate.add_argument("--query-epochs", type=int, default=50,
+                          help="Epochs of --fit-new-batches over the query cells (default: %(default)s).")
+    annotate.add_argument("--save-model", help="With --fit-new-batches, also save the extended model to this folder.")
 
     experiment = commands.add_parser(
         "experiment", help="Run (or continue) a cross-validated comparison described by a YAML file, "
@@ -156,7 +163,9 @@ def run_experiment(args) -> int:
 def run_annotate(args) -> int:
     from .annotation import annotate_file
 
-    adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells)
+    adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells,
+                          fit_batches_epochs=args.query_epochs if args.fit_new_batches else 0,
+                          save_model=args.save_model)
     levels = [c for c in adata.obs.columns if c.startswith("scvae_") and not c.endswith(("_cluster", "_probability"))]
     for column in levels:
         counts = adata.obs[column].value_counts()

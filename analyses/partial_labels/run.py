@@ -11,13 +11,17 @@ query settings, the query cells): per-level ARI, accuracy and macro F1 of the mo
 predictions against the true classes, scHPL's hierarchical F1 and the share of cells whose
 predicted path is a path of the annotated hierarchy. Baseline ("lr"): logistic regression on the
 latent of the same model trained without labels (one per seed), fitted on the same labelled cells
-at the finest revealed level and mapped up the hierarchy.
+at the finest revealed level and mapped up the hierarchy. Reference-to-query settings run twice:
+without a batch covariate (`treevae`, `lr_same_latent`), and with the reference's batches as a
+covariate, the query read as the largest reference batch or its batches fitted with the rest
+frozen (`treevae_batch_as_<batch>`, `treevae_batches_fitted`; query ELBOs in query_batches.txt).
 """
 import argparse
 import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
@@ -218,6 +222,58 @@ def run_query(name, seed, done):
                 n_scored=int(is_query.sum()), n_labelled=int((~is_query).sum())))
 
 
+def query_elbo(model, query, batch=None, draws=5):
+    """Mean ELBO per query cell (5 noise draws), reading every cell as `batch` if given."""
+    import tensorflow as tf
+
+    X, covariates, _ = model._model_cells(query, batch)
+    x = tf.constant(X.toarray() if hasattr(X, "toarray") else X, tf.float32)
+    return float(np.mean([tf.reduce_mean(model.module.terms(x, covariates=tf.constant(covariates))["elbo"])
+                          for _ in range(draws)]))
+
+
+def run_query_batches(name, seed, done, epochs=50):
+    """The reference trained with its batches as a covariate (`column`); the query's batches are
+    new to it, so they are read as the reference's largest batch (`--batch`), or fitted with the
+    rest frozen (`--fit-new-batches`, 50 epochs). Query ELBOs go to query_batches.txt."""
+    import scvae_hier as sh
+
+    spec = QUERIES[name]
+    options = {k: v for k, v in spec["base"].items() if k not in ("data", "model", "batch_key", "xla", "epochs",
+                                                                   "patience", "exclude_labels")}
+    adata = anndata.read_h5ad(spec["base"]["data"])
+    if spec["base"].get("exclude_labels"):
+        adata = adata[~adata.obs["source_library"].isin(spec["base"]["exclude_labels"])].copy()
+    groups = sorted(adata.obs[spec["column"]].astype(str).unique())
+    query = list(spec["query"] or groups[-2:])
+    is_query = adata.obs[spec["column"]].astype(str).isin(query).to_numpy()
+    reference, target = adata[~is_query].copy(), adata[is_query].copy()
+    hierarchy = Hierarchy.from_anndata(adata)
+    folder = RUNS / f"{name}_batches_s{seed}"
+    if (folder / "model.keras").exists():
+        model = sh.TreeVAE.load(folder)
+    else:
+        sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy, batch_key=spec["column"])
+        model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
+        model.train(max_epochs=spec["base"]["epochs"], patience=spec["base"]["patience"], progress_bar=False)
+        model.save(folder, overwrite=True)
+    largest = reference.obs[spec["column"]].astype(str).value_counts().index[0]
+    setting = f"{name} ({'+'.join(query)})"
+    truth = truth_paths(target, hierarchy)
+    for method, read in ((f"treevae_batch_as_{largest}", lambda: (model, largest)),
+                         ("treevae_batches_fitted", lambda: (model.fit_new_batches(target, max_epochs=epochs), None))):
+        if (setting, method, seed) in done:
+            continue
+        start = time.time()
+        reader, batch = read()
+        table = reader.predict_levels(target, prefix="", batch=batch)
+        row = scores(truth, table[hierarchy.levels].astype(str).to_numpy(), hierarchy.levels, hierarchy)
+        append(dict(row, setting=setting, method=method, seed=seed, n_scored=int(is_query.sum()),
+                    n_labelled=int((~is_query).sum()), seconds=time.time() - start))
+        with open(HERE / "query_batches.txt", "a") as handle:
+            handle.write(f"{setting} seed {seed} {method}: query ELBO {query_elbo(reader, target, batch):.2f}\n")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -234,7 +290,8 @@ if __name__ == "__main__":
             if "tree" not in args.models:
                 continue
             if name in QUERIES:
-                if not any(s.startswith(name) and sd == seed for s, _, sd in done):
+                if not any(s.startswith(name) and m == "treevae" and sd == seed for s, m, sd in done):
                     run_query(name, seed, done)
+                run_query_batches(name, seed, done)
             elif (name, "treevae", seed) not in done or (name != "unknown_cd14" and (name, "lr", seed) not in done):
                 run_setting(name, seed, done)
