@@ -188,11 +188,9 @@ def run_setting(name, seed, done):
         append(dict(row, setting=name, method="lr", seed=seed, n_labelled=int((labels != "").any(axis=1).sum())))
 
 
-def run_query(name, seed, done):
-    """Train on the reference cells with all their labels (API), annotate the query (no batch
-    covariate: the query's batches are new to the model)."""
-    import scvae_hier as sh
-
+def query_split(name):
+    """(spec, model options, reference cells, query cells, hierarchy, query group names) of a
+    reference-to-query setting."""
     spec = QUERIES[name]
     options = {k: v for k, v in spec["base"].items() if k not in ("data", "model", "batch_key", "xla", "epochs",
                                                                    "patience", "exclude_labels")}
@@ -202,8 +200,15 @@ def run_query(name, seed, done):
     groups = sorted(adata.obs[spec["column"]].astype(str).unique())
     query = list(spec["query"] or groups[-2:])
     is_query = adata.obs[spec["column"]].astype(str).isin(query).to_numpy()
-    reference, target = adata[~is_query].copy(), adata[is_query].copy()
-    hierarchy = Hierarchy.from_anndata(adata)
+    return spec, options, adata[~is_query].copy(), adata[is_query].copy(), Hierarchy.from_anndata(adata), query
+
+
+def run_query(name, seed, done):
+    """Train on the reference cells with all their labels (API), annotate the query (no batch
+    covariate: the query's batches are new to the model)."""
+    import scvae_hier as sh
+
+    spec, options, reference, target, hierarchy, query = query_split(name)
     sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy)
     model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
     model.train(max_epochs=spec["base"]["epochs"], patience=spec["base"]["patience"], progress_bar=False)
@@ -211,15 +216,15 @@ def run_query(name, seed, done):
     predicted = table[hierarchy.levels].astype(str).to_numpy()
     truth = truth_paths(target, hierarchy)
     row = scores(truth, predicted, hierarchy.levels, hierarchy)
-    append(dict(row, setting=f"{name} ({'+'.join(query)})", method="treevae", seed=seed, n_scored=int(is_query.sum()),
-                n_labelled=int((~is_query).sum())))
+    append(dict(row, setting=f"{name} ({'+'.join(query)})", method="treevae", seed=seed, n_scored=target.n_obs,
+                n_labelled=reference.n_obs))
     latent = model.get_latent_representation(reference)
     classifier = LogisticRegression(max_iter=2000).fit(latent, truth_paths(reference, hierarchy)[:, -1])
     guess = classifier.predict(model.get_latent_representation(target))
     up = {path[-1]: path for path in hierarchy.paths.values()}
     row = scores(truth, np.array([up[g] for g in guess], dtype=object), hierarchy.levels, hierarchy)
     append(dict(row, setting=f"{name} ({'+'.join(query)})", method="lr_same_latent", seed=seed,
-                n_scored=int(is_query.sum()), n_labelled=int((~is_query).sum())))
+                n_scored=target.n_obs, n_labelled=reference.n_obs))
 
 
 def query_elbo(model, query, batch=None, draws=5):
@@ -238,17 +243,7 @@ def run_query_batches(name, seed, done, epochs=50):
     rest frozen (`--fit-new-batches`, 50 epochs). Query ELBOs go to query_batches.txt."""
     import scvae_hier as sh
 
-    spec = QUERIES[name]
-    options = {k: v for k, v in spec["base"].items() if k not in ("data", "model", "batch_key", "xla", "epochs",
-                                                                   "patience", "exclude_labels")}
-    adata = anndata.read_h5ad(spec["base"]["data"])
-    if spec["base"].get("exclude_labels"):
-        adata = adata[~adata.obs["source_library"].isin(spec["base"]["exclude_labels"])].copy()
-    groups = sorted(adata.obs[spec["column"]].astype(str).unique())
-    query = list(spec["query"] or groups[-2:])
-    is_query = adata.obs[spec["column"]].astype(str).isin(query).to_numpy()
-    reference, target = adata[~is_query].copy(), adata[is_query].copy()
-    hierarchy = Hierarchy.from_anndata(adata)
+    spec, options, reference, target, hierarchy, query = query_split(name)
     folder = RUNS / f"{name}_batches_s{seed}"
     if (folder / "model.keras").exists():
         model = sh.TreeVAE.load(folder)
@@ -268,8 +263,8 @@ def run_query_batches(name, seed, done, epochs=50):
         reader, batch = read()
         table = reader.predict_levels(target, prefix="", batch=batch)
         row = scores(truth, table[hierarchy.levels].astype(str).to_numpy(), hierarchy.levels, hierarchy)
-        append(dict(row, setting=setting, method=method, seed=seed, n_scored=int(is_query.sum()),
-                    n_labelled=int((~is_query).sum()), seconds=time.time() - start))
+        append(dict(row, setting=setting, method=method, seed=seed, n_scored=target.n_obs,
+                    n_labelled=reference.n_obs, seconds=time.time() - start))
         with open(HERE / "query_batches.txt", "a") as handle:
             handle.write(f"{setting} seed {seed} {method}: query ELBO {query_elbo(reader, target, batch):.2f}\n")
 
