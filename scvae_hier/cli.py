@@ -170,6 +170,10 @@ def run_annotate(args) -> int:
     for column in levels:
         counts = adata.obs[column].value_counts()
         print(f"{column}: " + ", ".join(f"{name} {count}" for name, count in counts.head(12).items()))
+    fitted = list(adata.uns["scvae_annotation"]["fitted_batches"])
+    if fitted:
+        print(f"Fitted the query's new batch(es) {fitted} for {args.query_epochs} epochs, the rest of the model frozen"
+              + (f"; extended model saved to {args.save_model}" if args.save_model else ""))
     print(f"Annotated {adata.n_obs} cells; written to {args.output}")
     return 0
 

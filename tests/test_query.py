@@ -101,6 +101,7 @@ def test_fitting_moves_only_the_new_rows_and_beats_every_training_batch(referenc
     assert main(["annotate", str(tmp_path / "reference"), str(tmp_path / "query.h5ad"), "--output",
                  str(tmp_path / "annotated.h5ad"), "--fit-new-batches", "--query-epochs", "3",
                  "--save-model", str(tmp_path / "cli_fitted")]) == 0
+    assert "Fitted the query's new batch(es) ['MUDAN'] for 3 epochs" in capsys.readouterr().out
     annotated = anndata.read_h5ad(tmp_path / "annotated.h5ad")
     assert list(annotated.uns["scvae_annotation"]["fitted_batches"]) == ["MUDAN"]
     assert sh.load(tmp_path / "cli_fitted").module.covariates[-1] == "MUDAN"
