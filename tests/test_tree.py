@@ -16,7 +16,7 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _tree_scores, assign_to_tree,
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _one_step_away, _tree_scores, assign_to_tree,
                                     coarse_first_grouping, coarse_first_weights, label_conflicts, leaf_ancestors,
                                     leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
@@ -646,3 +646,26 @@ def test_recovers_both_levels_of_a_known_nested_structure(seed):
     predictions = path_predictions([out["level_1_probabilities"], out["level_2_probabilities"]], model.parents)
     assert adjusted_rand_score(top, predictions[0]) > 0.9
     assert adjusted_rand_score(leaf, predictions[1]) > 0.9
+
+
+def test_one_step_away_lists_every_valid_move_and_swap_once():
+    """The local search's neighbourhood against brute force: every assignment that changes one
+    cluster's leaf without emptying a leaf, or exchanges the leaves of two clusters on different
+    leaves, exactly once; nothing else."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n_leaves = int(rng.integers(2, 5))
+        k = int(rng.integers(n_leaves, n_leaves + 5))        # at most 4^8 assignments to enumerate
+        current = np.concatenate([rng.permutation(n_leaves), rng.integers(0, n_leaves, k - n_leaves)])[rng.permutation(k)]
+        expected = set()
+        for candidate in itertools.product(range(n_leaves), repeat=k):
+            candidate = np.array(candidate)
+            changed = np.flatnonzero(candidate != current)
+            covers = len(set(candidate)) == n_leaves
+            if len(changed) == 1 and covers:
+                expected.add(tuple(candidate))
+            if len(changed) == 2 and candidate[changed[0]] == current[changed[1]] \
+                    and candidate[changed[1]] == current[changed[0]]:
+                expected.add(tuple(candidate))
+        listed = [tuple(row) for row in _one_step_away(current, n_leaves)]
+        assert len(listed) == len(set(listed)) and set(listed) == expected

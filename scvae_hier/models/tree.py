@@ -90,22 +90,25 @@ def prune_leaves(parents, n_leaves, empty):
 def _class_onehot(row, assignments):
     """[A, K, J] float: whether item k's slot under assignment a lies under class j of the level whose
     class of each slot is `row` [K]."""
-    return (row[assignments][:, :, None] == np.arange(row.max() + 1)).astype(float)
+    return np.eye(row.max() + 1)[row[assignments]]
 
 
 def _tree_scores(centres, counts, ancestors, assignments, level_weights=None):
     """Between-class sum of squares, summed over the levels (each times its weight in
     `level_weights`, default 1), of each assignment of clusters to leaves ([A, K]: cluster i goes
     to leaf assignments[a, i]). Larger is better: the total sum of squares is fixed, so this is
-    minus the within-class sum of squares."""
-    weighted = centres * counts[:, None]
+    minus the within-class sum of squares. The clusters' sums are gathered per leaf once and then
+    per class of each level (a class's sum is its leaves'), which is what keeps the searches over
+    assignments fast."""
+    summed = np.column_stack([centres * counts[:, None], counts])                    # [K, D + 1]
+    into_leaves = np.eye(len(ancestors[0]))[assignments].transpose(0, 2, 1)            # [A, leaves, K]
+    per_leaf = (into_leaves @ summed).transpose(0, 2, 1)                               # [A, D + 1, leaves]
     score = np.zeros(len(assignments))
     for level, row in enumerate(ancestors):
-        onehot = _class_onehot(row, assignments)
-        sums = np.einsum("akj,kd->ajd", onehot, weighted)
-        sizes = np.einsum("akj,k->aj", onehot, counts)
+        per_class = per_leaf @ np.eye(row.max() + 1)[row]                              # [A, D + 1, J]
+        sums, sizes = per_class[:, :-1], per_class[:, -1]
         weight = 1.0 if level_weights is None else level_weights[level]
-        score += weight * ((sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)).sum(-1)
+        score += weight * (np.einsum("adj,adj->aj", sums, sums) / np.maximum(sizes, 1e-12)).sum(-1)
     return score
 
 
@@ -194,19 +197,7 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
         current = np.concatenate([rng.permutation(n_leaves), rng.integers(0, n_leaves, k - n_leaves)])[rng.permutation(k)]
         score = scored(current[None])[0]
         while True:
-            sizes = np.bincount(current, minlength=n_leaves)
-            candidates = []
-            for i in range(k):
-                if sizes[current[i]] > 1:
-                    for leaf in range(n_leaves):
-                        if leaf != current[i]:
-                            candidates.append(current.copy())
-                            candidates[-1][i] = leaf
-                for j in range(i + 1, k):
-                    if current[i] != current[j]:
-                        candidates.append(current.copy())
-                        candidates[-1][[i, j]] = current[[j, i]]
-            candidates = np.array(candidates)
+            candidates = _one_step_away(current, n_leaves)
             scores = scored(candidates)
             if scores.max() <= score + 1e-9:
                 break
@@ -214,6 +205,26 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
         if score > best_score:
             best, best_score = current, score
     return np.asarray(best, dtype=int)
+
+
+def _one_step_away(current, n_leaves):
+    """[C, K] the assignments (cluster i to leaf current[i]) one step from `current`: one cluster
+    moved to another leaf (if its own keeps another cluster), or two clusters of different leaves
+    swapped; ordered by the first cluster changed, its moves before its swaps."""
+    k = len(current)
+    sizes = np.bincount(current, minlength=n_leaves)
+    moved, leaf = np.divmod(np.arange(k * n_leaves), n_leaves)
+    keep = (leaf != current[moved]) & (sizes[current[moved]] > 1)
+    moved, leaf = moved[keep], leaf[keep]
+    first, second = np.triu_indices(k, 1)
+    keep = current[first] != current[second]
+    first, second = first[keep], second[keep]
+    candidates = np.repeat(current[None], len(moved) + len(first), axis=0)
+    candidates[np.arange(len(moved)), moved] = leaf
+    swaps = np.arange(len(moved), len(candidates))
+    candidates[swaps, first], candidates[swaps, second] = current[second], current[first]
+    order = np.lexsort((np.r_[leaf, second], np.r_[np.zeros_like(moved), np.ones_like(first)], np.r_[moved, first]))
+    return candidates[order]
 
 
 def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GRAPH_CELLS, seed=0):
@@ -240,8 +251,9 @@ def _graph_scores(links, ancestors, assignments):
     score = np.zeros(len(assignments))
     for level in range(1, len(ancestors) - 1):
         onehot = _class_onehot(ancestors[level], assignments)                 # [A, K, J]
-        inside = np.einsum("akj,kl,alj->aj", onehot, links, onehot)
-        volume = np.einsum("akj,kl->aj", onehot, links)
+        through = np.tensordot(onehot, links, axes=(1, 0))                    # [A, J, K]: links of j's leaves
+        inside = np.einsum("ajk,akj->aj", through, onehot)
+        volume = through.sum(-1)
         score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
     return score
 
