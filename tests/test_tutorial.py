@@ -1,6 +1,7 @@
 """The tutorial notebook runs, top to bottom, on a small subset of the shipped cells: its own
 asserts check each step (latent in obsm, named predictions in obs, save/load identical, genes
-aligned by name, missing genes refused, 100 cells sampled from a node), so it cannot rot."""
+aligned by name, missing genes refused, 100 cells sampled from a node, a semi-supervised
+reference naming a query of a new batch on paths of the tree), so it cannot rot."""
 import json
 from pathlib import Path
 
@@ -19,12 +20,15 @@ def test_tutorial_notebook_runs_end_to_end(monkeypatch, tmp_path):
     assert "parameters" in code[0]["metadata"].get("tags", [])
     namespace = {}
     exec("".join(code[0]["source"]), namespace)
-    namespace.update(DATA=str(DATA), N_CELLS=400, EPOCHS=3, XLA=False)  # the test's parameters
+    namespace.update(DATA=str(DATA), N_CELLS=400, EPOCHS=3)  # the test's parameters
     for cell in code[1:]:
         exec(compile("".join(cell["source"]), f"tutorial cell {cell['id']}", "exec"), namespace)
     adata = namespace["adata"]
     assert adata.n_obs == 400 and "X_umap" in adata.obsm
     assert namespace["generated"].n_obs == 100
+    query = namespace["query"]
+    assert set(query.obs["source_dataset"]) == {"MUDAN"} and len(namespace["with_own_batch"]) == query.n_obs
+    assert namespace["fitted"].module.covariates[-1] == "MUDAN"
 
     # sh.pl draws what it says: per level a true and a predicted panel with every cell.
     sh = namespace["sh"]
