@@ -2,7 +2,7 @@
 
 They read what the API wrote back into the AnnData: the predictions of `model.predict_levels()`
 joined into obs (`scvae_<level>` columns) and a 2-D embedding in obsm (e.g. `sc.pp.neighbors(adata,
-use_rep="X_scvae_hier", transformer="sklearn"); sc.tl.umap(adata)` gives obsm["X_umap"]). Each returns the matplotlib
+use_rep="X_scvae_hier"); sc.tl.umap(adata)` gives obsm["X_umap"]). Each returns the matplotlib
 Figure, or writes it to `save` and returns that path.
 """
 import numpy as np
@@ -28,7 +28,7 @@ def _embedding(adata, basis):
     key = basis if basis in adata.obsm else f"X_{basis}"
     if key not in adata.obsm:
         raise ValueError(f"adata.obsm has no {basis!r}; compute one, e.g. sc.pp.neighbors(adata, "
-                         f"use_rep='X_scvae_hier', transformer='sklearn'); sc.tl.umap(adata). obsm has {list(adata.obsm)}.")
+                         f"use_rep='X_scvae_hier'); sc.tl.umap(adata). obsm has {list(adata.obsm)}.")
     embedding = np.asarray(adata.obsm[key])[:, :2]
     return embedding, key
 

@@ -1,5 +1,6 @@
 """Packaging and layering: the wheel installs only `scvae_hier`; the command line's help loads no
-TensorFlow; the core never imports the analysis layer or a top-level `analyses` package."""
+TensorFlow; the core never imports the analysis layer or a top-level `analyses` package; the pinned
+set runs scanpy's neighbours on a large latent."""
 import re
 import subprocess
 import sys
@@ -32,3 +33,17 @@ def test_core_never_imports_upward():
         imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", text, flags=re.M)
         assert not [i for i in imports if i.startswith(("analyses", ".analysis", "..analysis", "scvae_hier.analysis",
                                                         ".api", "..api", ".pl", ".cli"))], name
+
+
+def test_scanpy_neighbours_work_on_many_cells_in_the_pinned_set():
+    """A user's plain `sc.pp.neighbors` on a latent of more than 8,192 cells (where scanpy switches
+    to pynndescent) gives each cell its neighbours: with pynndescent 0.7.0 it raised "'csr_array'
+    object has no attribute 'getnnz'" under scipy 1.17, so constraints.txt pins 0.5.13."""
+    import anndata
+    import numpy as np
+    import scanpy as sc
+    latent = np.random.default_rng(0).normal(size=(9000, 10)).astype(np.float32)
+    adata = anndata.AnnData(np.zeros((9000, 0), dtype=np.float32), obsm={"latent": latent})
+    sc.pp.neighbors(adata, use_rep="latent", n_neighbors=15)
+    assert adata.obsp["distances"].shape == (9000, 9000)
+    assert (adata.obsp["distances"].getnnz(axis=1) >= 14).all()        # every cell has its neighbours

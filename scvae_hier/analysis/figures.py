@@ -9,6 +9,8 @@ exists on the old `csr_matrix` but not on sparse *arrays* in scipy 1.17, so the 
 (8,391 cells) fails with "'csr_array' object has no attribute 'getnnz'" while subsets work.
 Workaround: we always pass `transformer="sklearn"` (exact brute-force kNN, a `csr_matrix`); for
 ~10k cells and a 10-50-D latent it costs seconds and is exact, and nothing global is patched.
+constraints.txt pins pynndescent 0.5.13 (2026-12-03), whose sparse matrix scanpy reads, so a
+user's plain call works too; the exact neighbours stay here for installs without the pins.
 """
 from pathlib import Path
 

@@ -101,7 +101,7 @@ def _tree_scores(centres, counts, ancestors, assignments, level_weights=None):
     per class of each level (a class's sum is its leaves'), which is what keeps the searches over
     assignments fast."""
     summed = np.column_stack([centres * counts[:, None], counts])                    # [K, D + 1]
-    into_leaves = np.eye(len(ancestors[0]))[assignments].transpose(0, 2, 1)            # [A, leaves, K]
+    into_leaves = _class_onehot(np.arange(len(ancestors[0])), assignments).transpose(0, 2, 1)  # [A, leaves, K]
     per_leaf = (into_leaves @ summed).transpose(0, 2, 1)                               # [A, D + 1, leaves]
     score = np.zeros(len(assignments))
     for level, row in enumerate(ancestors):
@@ -251,7 +251,7 @@ def _graph_scores(links, ancestors, assignments):
     score = np.zeros(len(assignments))
     for level in range(1, len(ancestors) - 1):
         onehot = _class_onehot(ancestors[level], assignments)                 # [A, K, J]
-        through = np.tensordot(onehot, links, axes=(1, 0))                    # [A, J, K]: links of j's leaves
+        through = np.tensordot(onehot, links, axes=(1, 0))                    # [A, J, K]: links out of class j
         inside = np.einsum("ajk,akj->aj", through, onehot)
         volume = through.sum(-1)
         score += TREE_SHRINK ** level * (inside / np.maximum(volume, 1e-12)).mean(-1)
