@@ -11,7 +11,9 @@ query settings, the query cells): per-level ARI, accuracy and macro F1 of the mo
 predictions against the true classes, scHPL's hierarchical F1 and the share of cells whose
 predicted path is a path of the annotated hierarchy. Baseline ("lr"): logistic regression on the
 latent of the same model trained without labels (one per seed), fitted on the same labelled cells
-at the finest revealed level and mapped up the hierarchy. Reference-to-query settings run twice:
+at the finest revealed level and mapped up the hierarchy; and that unsupervised run's own
+clusters on the same cells ("treevae_unsupervised", ARI only), the model the labels should not make
+worse. Reference-to-query settings run twice:
 without a batch covariate (`treevae`, `lr_same_latent`), and with the reference's batches as a
 covariate, the query read as the largest reference batch or its batches fitted with the rest
 frozen (`treevae_batch_as_<batch>`, `treevae_batches_fitted`; query ELBOs in query_batches.txt).
@@ -35,10 +37,11 @@ from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score  # noq
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from scvae_hier.data import read_counts  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.metrics import hierarchical_f1  # noqa: E402
 from scvae_hier.options import TrainOptions  # noqa: E402
-from scvae_hier.training import train  # noqa: E402
+from scvae_hier.training import labels_table, prepare_cells, resolve_hierarchy, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.csv"
@@ -167,6 +170,33 @@ def run_other_model(name, seed, model, done):
     append(dict(row, setting=name, method=method, seed=seed, seconds=metrics["seconds"]))
 
 
+def has_baseline(name):
+    """Settings with an LR row: not the unknown type (other cells) nor markers (the same masks as without)."""
+    return name != "unknown_cd14" and "markers" not in SETTINGS[name]
+
+
+def setting_labels(name, seed):
+    """The labels a setting's run of this seed is given (training's own code path, no training)."""
+    options = TrainOptions(**dict(PBMC, **SETTINGS[name], seed=seed))
+    adata = read_counts(options.data)
+    return labels_table(prepare_cells(adata, options, resolve_hierarchy(adata, options)))
+
+
+def unsupervised_row(name, seed):
+    """The same TreeVAE trained without labels (the LR baseline's run), its own clusters scored on
+    the setting's unlabelled cells: what "no worse than the unsupervised model" compares with.
+    ARI only: an unsupervised cluster has no class name of its own."""
+    options = dict(PBMC, seed=seed)
+    adata = anndata.read_h5ad(trained(f"unsupervised_s{seed}", options) / "outputs.h5ad")
+    hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
+    labels = setting_labels(name, seed).loc[adata.obs_names]
+    cells = (labels == "").all(axis=1).to_numpy()
+    truth = truth_paths(adata[cells], hierarchy)
+    row = {f"ari_{i + 1}": adjusted_rand_score(truth[:, i], adata.obs[f"scvae_{level}_cluster"].astype(str).to_numpy()[cells])
+           for i, level in enumerate(hierarchy.levels)}
+    return dict(row, n_scored=int(cells.sum()), n_labelled=int((~cells).sum()))
+
+
 def run_setting(name, seed, done):
     options = dict(PBMC, **SETTINGS[name], seed=seed)
     folder = trained(f"{name}_s{seed}", options)
@@ -179,13 +209,15 @@ def run_setting(name, seed, done):
         row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
     if (name, "treevae", seed) not in done:
         append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
-    if name != "unknown_cd14" and "markers" not in SETTINGS[name] and (name, "lr", seed) not in done:
+    if has_baseline(name) and (name, "lr", seed) not in done:
         plain = {k: v for k, v in options.items() if k not in ("labelled", "hide_labels", "novel_classes")}
         latent_run = trained(f"unsupervised_s{seed}", plain)
         latent_adata = anndata.read_h5ad(latent_run / "outputs.h5ad")
         labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False).loc[latent_adata.obs_names]
         row = baseline_row(latent_adata, latent_adata.obsm["X_scvae"], hierarchy, labels)
         append(dict(row, setting=name, method="lr", seed=seed, n_labelled=int((labels != "").any(axis=1).sum())))
+    if has_baseline(name) and (name, "treevae_unsupervised", seed) not in done:
+        append(dict(unsupervised_row(name, seed), setting=name, method="treevae_unsupervised", seed=seed))
 
 
 def query_split(name):
@@ -288,5 +320,7 @@ if __name__ == "__main__":
                 if not any(s.startswith(name) and m == "treevae" and sd == seed for s, m, sd in done):
                     run_query(name, seed, done)
                 run_query_batches(name, seed, done)
-            elif (name, "treevae", seed) not in done or (name != "unknown_cd14" and (name, "lr", seed) not in done):
+            elif (name, "treevae", seed) not in done or (has_baseline(name) and (name, "lr", seed) not in done):
                 run_setting(name, seed, done)
+            elif has_baseline(name) and (name, "treevae_unsupervised", seed) not in done:
+                append(dict(unsupervised_row(name, seed), setting=name, method="treevae_unsupervised", seed=seed))

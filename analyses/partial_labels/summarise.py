@@ -1,7 +1,10 @@
 """Mean and spread over seeds of the partial-labels results, as the README's Markdown table.
 
-    python analyses/partial_labels/summarise.py > analyses/partial_labels/results.md
+    python analyses/partial_labels/summarise.py [--seeds 0 1 2] > analyses/partial_labels/results.md
+
+--seeds keeps those seeds only (the README's tables are seeds 0-2; some settings have more).
 """
+import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +23,11 @@ def cell(values):
     return f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})"
 
 
-def main():
+def main(seeds=None):
     tables = [pd.read_csv(path) for path in (HERE / "results.csv", HERE / "scanvi_results.csv") if path.exists()]
     results = pd.concat(tables, ignore_index=True)
+    if seeds:
+        results = results[results["seed"].isin(seeds)]
     results["base"] = results["setting"].str.split(" ").str[0]
     order = {name: i for i, name in enumerate(ORDER)}
     print("| setting | method | seeds | ARI L1 | L2 | L3 | L4 | L4 macro F1 | hier. F1 | consistency | CD14 unassigned |")
@@ -35,4 +40,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    main(parser.parse_args().seeds)
