@@ -65,7 +65,11 @@ SETTINGS = {  # name: options on top of PBMC (labelled: LEVEL=FRACTION of cells 
                          labelled=("level_4=0.05",)),
     "l12_5pct": dict(labelled=("level_2=0.05",)),
     "l1_1pct_markers": dict(labelled=("level_1=0.01",), markers=("CD8 T=CD8A,CD8B",)),
+    # the second study: level-1 labels (Lymphoid / Myeloid) for 1%, donors as the batch
+    "kang_l1_1pct": dict(data=str(ROOT / "data/kang2018.h5ad"), exclude_labels=(), batch_key="sample_id",
+                         labelled=("level_1=0.01",)),
 }
+LABEL_OPTIONS = ("labelled", "hide_labels", "novel_classes", "markers")
 QUERIES = {  # reference-to-query: labels on the reference cells, the query annotated by the trained model
     "query_pbmc_mudan": dict(base=PBMC, column="source_dataset", query=("MUDAN",)),
     "query_kang_2donors": dict(base=dict(PBMC, data=str(ROOT / "data/kang2018.h5ad"), exclude_labels=()),
@@ -182,12 +186,20 @@ def setting_labels(name, seed):
     return labels_table(prepare_cells(adata, options, resolve_hierarchy(adata, options)))
 
 
+def unsupervised_run(name, seed):
+    """The setting's TreeVAE trained without labels (one per data file and seed): the LR baseline's
+    latent and the `treevae_unsupervised` rows."""
+    options = {k: v for k, v in dict(PBMC, **SETTINGS[name], seed=seed).items() if k not in LABEL_OPTIONS}
+    stem = Path(options["data"]).stem
+    return trained(f"unsupervised{'' if stem == 'pbmc' else '_' + stem}_s{seed}", options), options
+
+
 def unsupervised_row(name, seed):
     """The same TreeVAE trained without labels (the LR baseline's run), its own clusters scored on
     the setting's unlabelled cells: what "no worse than the unsupervised model" compares with.
     ARI only: an unsupervised cluster has no class name of its own."""
-    options = dict(PBMC, seed=seed)
-    adata = anndata.read_h5ad(trained(f"unsupervised_s{seed}", options) / "outputs.h5ad")
+    folder, options = unsupervised_run(name, seed)
+    adata = anndata.read_h5ad(folder / "outputs.h5ad")
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
     labels = setting_labels(name, seed).loc[adata.obs_names]
     cells = (labels == "").all(axis=1).to_numpy()
@@ -210,8 +222,7 @@ def run_setting(name, seed, done):
     if (name, "treevae", seed) not in done:
         append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
     if has_baseline(name) and (name, "lr", seed) not in done:
-        plain = {k: v for k, v in options.items() if k not in ("labelled", "hide_labels", "novel_classes")}
-        latent_run = trained(f"unsupervised_s{seed}", plain)
+        latent_run, _ = unsupervised_run(name, seed)
         latent_adata = anndata.read_h5ad(latent_run / "outputs.h5ad")
         labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False).loc[latent_adata.obs_names]
         row = baseline_row(latent_adata, latent_adata.obsm["X_scvae"], hierarchy, labels)
