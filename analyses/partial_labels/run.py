@@ -180,7 +180,11 @@ def has_baseline(name):
 
 
 def setting_labels(name, seed):
-    """The labels a setting's run of this seed is given (training's own code path, no training)."""
+    """The labels a setting's run of this seed is given: its labels.csv, or, where the run folder
+    is gone, rebuilt by training's own code path (no training)."""
+    saved = RUNS / f"{name}_s{seed}" / "labels.csv"
+    if saved.exists():
+        return pd.read_csv(saved, index_col="cell", keep_default_na=False)
     options = TrainOptions(**dict(PBMC, **SETTINGS[name], seed=seed))
     adata = read_counts(options.data)
     return labels_table(prepare_cells(adata, options, resolve_hierarchy(adata, options)))
@@ -190,26 +194,33 @@ def unsupervised_run(name, seed):
     """The setting's TreeVAE trained without labels (one per data file and seed): the LR baseline's
     latent and the `treevae_unsupervised` rows."""
     options = {k: v for k, v in dict(PBMC, **SETTINGS[name], seed=seed).items() if k not in LABEL_OPTIONS}
-    stem = Path(options["data"]).stem
+    stem = Path(options["data"]).stem  # PBMC's runs keep their first name
     return trained(f"unsupervised{'' if stem == 'pbmc' else '_' + stem}_s{seed}", options), options
 
 
-def unsupervised_row(name, seed):
-    """The same TreeVAE trained without labels (the LR baseline's run), its own clusters scored on
-    the setting's unlabelled cells: what "no worse than the unsupervised model" compares with.
-    ARI only: an unsupervised cluster has no class name of its own."""
+def baseline_rows(name, seed, done):
+    """The rows of the same TreeVAE trained without labels, on the setting's labelled cells: "lr"
+    (logistic regression on its latent, fitted on them) and "treevae_unsupervised" (its own clusters
+    on the never-labelled cells, what "no worse than the unsupervised model" compares with; ARI
+    only, an unsupervised cluster has no class name of its own)."""
     folder, options = unsupervised_run(name, seed)
     adata = anndata.read_h5ad(folder / "outputs.h5ad")
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
     labels = setting_labels(name, seed).loc[adata.obs_names]
-    cells = (labels == "").all(axis=1).to_numpy()
-    truth = truth_paths(adata[cells], hierarchy)
-    row = {f"ari_{i + 1}": adjusted_rand_score(truth[:, i], adata.obs[f"scvae_{level}_cluster"].astype(str).to_numpy()[cells])
-           for i, level in enumerate(hierarchy.levels)}
-    return dict(row, n_scored=int(cells.sum()), n_labelled=int((~cells).sum()))
+    n_labelled = int((labels != "").any(axis=1).sum())
+    if (name, "lr", seed) not in done:
+        row = baseline_row(adata, adata.obsm["X_scvae"], hierarchy, labels)
+        append(dict(row, setting=name, method="lr", seed=seed, n_labelled=n_labelled))
+    if (name, "treevae_unsupervised", seed) not in done:
+        cells = (labels == "").all(axis=1).to_numpy()
+        truth = truth_paths(adata[cells], hierarchy)
+        clusters = [adata.obs[f"scvae_{level}_cluster"].astype(str).to_numpy()[cells] for level in hierarchy.levels]
+        row = {f"ari_{i + 1}": adjusted_rand_score(truth[:, i], c) for i, c in enumerate(clusters)}
+        append(dict(row, setting=name, method="treevae_unsupervised", seed=seed, n_scored=int(cells.sum()),
+                    n_labelled=n_labelled))
 
 
-def run_setting(name, seed, done):
+def run_setting(name, seed):
     options = dict(PBMC, **SETTINGS[name], seed=seed)
     folder = trained(f"{name}_s{seed}", options)
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -219,16 +230,7 @@ def run_setting(name, seed, done):
     if name == "unknown_cd14":
         novel = adata.obs[hierarchy.label_column].astype(str).to_numpy() == "cd14_monocytes"
         row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
-    if (name, "treevae", seed) not in done:
-        append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
-    if has_baseline(name) and (name, "lr", seed) not in done:
-        latent_run, _ = unsupervised_run(name, seed)
-        latent_adata = anndata.read_h5ad(latent_run / "outputs.h5ad")
-        labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False).loc[latent_adata.obs_names]
-        row = baseline_row(latent_adata, latent_adata.obsm["X_scvae"], hierarchy, labels)
-        append(dict(row, setting=name, method="lr", seed=seed, n_labelled=int((labels != "").any(axis=1).sum())))
-    if has_baseline(name) and (name, "treevae_unsupervised", seed) not in done:
-        append(dict(unsupervised_row(name, seed), setting=name, method="treevae_unsupervised", seed=seed))
+    append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
 
 
 def query_split(name):
@@ -331,7 +333,8 @@ if __name__ == "__main__":
                 if not any(s.startswith(name) and m == "treevae" and sd == seed for s, m, sd in done):
                     run_query(name, seed, done)
                 run_query_batches(name, seed, done)
-            elif (name, "treevae", seed) not in done or (has_baseline(name) and (name, "lr", seed) not in done):
-                run_setting(name, seed, done)
-            elif has_baseline(name) and (name, "treevae_unsupervised", seed) not in done:
-                append(dict(unsupervised_row(name, seed), setting=name, method="treevae_unsupervised", seed=seed))
+                continue
+            if (name, "treevae", seed) not in done:
+                run_setting(name, seed)
+            if has_baseline(name) and {(name, m, seed) for m in ("lr", "treevae_unsupervised")} - done:
+                baseline_rows(name, seed, done)
