@@ -20,6 +20,11 @@ from sklearn.metrics import (adjusted_mutual_info_score, adjusted_rand_score, f1
                              normalized_mutual_info_score)
 
 
+def _python(value):
+    """A numpy scalar as its Python value; labels read from pandas (object arrays) are already Python."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _contingency(true, predicted):
     """Classes, clusters, the [classes x clusters] count table and each cell's class/cluster index."""
     true = np.asarray(true).ravel()
@@ -44,7 +49,7 @@ def _matches(true, predicted):
     """(cluster id, class name, whether that class is the cluster's most common) per Hungarian pair."""
     classes, clusters, table, _, _ = _contingency(true, predicted)
     rows, cols = _assignment(table)
-    return [(clusters[c].item(), classes[r].item(), table[:, c].argmax() == r) for r, c in zip(rows, cols)]
+    return [(_python(clusters[c]), _python(classes[r]), table[:, c].argmax() == r) for r, c in zip(rows, cols)]
 
 
 def hungarian_mapping(true, predicted):
@@ -69,7 +74,7 @@ def hungarian_f1(true, predicted):
     false positive; a class no cluster is matched to gets F1 0.
     """
     classes, true_index = np.unique(np.asarray(true).ravel(), return_inverse=True)
-    index = {cls.item(): i for i, cls in enumerate(classes)}
+    index = {_python(cls): i for i, cls in enumerate(classes)}
     mapping = hungarian_mapping(true, predicted)
     mapped = np.array([index[mapping[p]] if p in mapping else -1      # -1: a cluster matched to no class
                        for p in np.asarray(predicted).ravel().tolist()])
@@ -77,7 +82,7 @@ def hungarian_f1(true, predicted):
     support = np.bincount(true_index, minlength=classes.size)
     return {"weighted": float(np.sum(per_class * support) / support.sum()),
             "macro": float(np.mean(per_class)),
-            "per_class": {cls.item(): float(v) for cls, v in zip(classes, per_class)},
+            "per_class": {_python(cls): float(v) for cls, v in zip(classes, per_class)},
             "accuracy": float(np.mean(mapped == true_index))}
 
 
@@ -108,7 +113,7 @@ def _mapped(true, predicted):
     classes, clusters, table, _, p = _contingency(true, predicted)
     rows, cols = _assignment(table)
     names = np.full(clusters.size, None, dtype=object)
-    names[cols] = [classes[r].item() for r in rows]
+    names[cols] = [_python(classes[r]) for r in rows]
     return names[p]
 
 
@@ -197,8 +202,7 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
+    value = _python(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

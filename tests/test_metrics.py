@@ -53,6 +53,16 @@ def test_f1_more_clusters_than_classes_by_hand():
     assert majority_accuracy(MORE_TRUE, MORE_PRED) == pytest.approx(0.9)
 
 
+def test_labels_from_pandas_object_columns_score_as_numpy_strings():
+    # adata.obs[column].to_numpy() gives an object array of Python str: it used to raise AttributeError
+    as_objects = pd.Series(MORE_TRUE, dtype=object).to_numpy()
+    clusters = pd.Series([f"c{p}" for p in MORE_PRED], dtype=object).to_numpy()
+    f1 = hungarian_f1(as_objects, clusters)
+    assert f1 == hungarian_f1(np.asarray(MORE_TRUE, dtype=str), np.asarray(clusters, dtype=str))
+    assert f1["per_class"] == pytest.approx({"a": 6 / 7, "b": 6 / 7, "c": 1.0})
+    assert set(cluster_names(as_objects, clusters)) <= set(clusters)
+
+
 def test_f1_fewer_clusters_than_classes_by_hand():
     f1 = hungarian_f1(FEWER_TRUE, FEWER_PRED)
     assert f1["per_class"] == pytest.approx({"a": 1.0, "b": 6 / 7, "c": 0.0})
