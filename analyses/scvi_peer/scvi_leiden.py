@@ -73,8 +73,8 @@ def run(name, data, folds, seed=0):
     adata = anndata.read_h5ad(data)
     adata = adata[cells.index, genes].copy()
     adata.obs["batch"] = pd.Categorical(cells["batch"])
-    finished = done()
     for fold in folds:
+        finished = done()   # read per fold: two processes may share the folds
         split = cells[f"fold_{fold}"].to_numpy()
         test = adata[split == "test"].copy()
         labels = cells.loc[test.obs_names, "label"].to_numpy()
