@@ -1,4 +1,5 @@
-"""Score finished tuning runs: validation and test ARI per level of each run's own nested clusters.
+"""Score finished tuning runs: validation and test ARI per level of each run's own nested clusters,
+and the finest level's weighted F1 (the experiment's, after the Hungarian mapping) as a fifth figure.
 
     python analyses/tuning/tree/score_runs.py 'pbmc_f?_w0' 'pbmc_f?_w0_n_genes1000'
 
@@ -11,11 +12,13 @@ import sys
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
+from scvae_hier.metrics import hungarian_f1
+
 from restarts import RUNS, run_predictions
 
 
 def scores(folder):
-    """{'validation': [ARI per level], 'test': [...]} of the run's own nested clusters."""
+    """{'validation': [ARI per level, finest weighted F1], 'test': [...]} of the run's own nested clusters."""
     run = run_predictions(folder)
     truth = run["hierarchy"].level_labels(run["labels"])
     result = {}
@@ -23,6 +26,7 @@ def scores(folder):
         cells = run["split"] == part
         result[part] = [float(adjusted_rand_score(truth[cells, level], run["nested"][level][cells]))
                         for level in range(truth.shape[1])]
+        result[part].append(hungarian_f1(truth[cells, -1], run["nested"][-1][cells])["weighted"])
     return result
 
 
