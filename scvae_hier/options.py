@@ -67,6 +67,8 @@ class TrainOptions:
                                "the cell's total count, scVI's size factor).", list(LIBRARY_SIZES))
     batch_key: str = option(None, "obs column of a batch covariate (e.g. source_dataset): its one-hot value is "
                             "appended to the encoder and decoder inputs, so clusters need not follow batches.")
+    encode_covariates: bool = option(True, "Give the batch covariate to the encoder as well as the decoder "
+                                     "(--no-encode-covariates: the decoder only, scVI's default).")
     dispersion: str = option("cell", "Negative-binomial dispersion r: cell (a decoder output per cell and gene, "
                              "scVAE's) or gene (one learned r per gene, scVI's; the lgamma terms are then "
                              "computed once per cell instead of once per cluster or path).", list(DISPERSIONS))

@@ -175,8 +175,8 @@ def model_arguments(options: TrainOptions, n_genes: int, hierarchy, covariates=(
     arguments = dict(n_genes=n_genes, latent_dim=options.latent_dim, hidden=list(options.hidden),
                      likelihood=options.likelihood, normalisation=options.normalisation,
                      input_transform=options.input_transform, library_size=options.library_size,
-                     dispersion=options.dispersion,
-                     covariates=list(covariates), seed=options.seed)
+                     dispersion=options.dispersion, covariates=list(covariates),
+                     encode_covariates=options.encode_covariates, seed=options.seed)
     try:
         arguments.update(model_class(options.model).arguments_from(options, hierarchy))
     except ValueError as error:

@@ -131,6 +131,7 @@ def test_nothing_to_fit_is_refused_by_name(reference_and_query, pbmc_slice):
     lambda: MixtureVAE(12, n_components=3, latent_dim=3, hidden=(6,), covariates=("a", "b"), likelihood="poisson"),
     lambda: IndMoMVAE(12, level_sizes=(2, 3), latent_dim=3, hidden=(6, 4), covariates=("a", "b")),
     lambda: VAE(12, latent_dim=3, hidden=(6,), covariates=("a", "b"), normalisation="layer"),
+    lambda: MixtureVAE(12, n_components=3, latent_dim=3, hidden=(6,), covariates=("a", "b"), encode_covariates=False),
 ])
 def test_every_model_extends_without_changing_its_training_batches(make):
     """The covariate rows are the last input rows of every kernel that takes them, in every model:

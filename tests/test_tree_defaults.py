@@ -44,6 +44,14 @@ def test_final_refit_clusters_from_the_command_line_reach_the_model():
     assert TreeVAE.arguments_from(options, _tree())["final_refit_clusters"] == 3
 
 
+@pytest.mark.parametrize("argv, expected", [([], True), (["--no-encode-covariates"], False)])
+def test_encode_covariates_from_the_command_line_reach_the_model(argv, expected):
+    from scvae_hier.training import model_arguments
+    arguments = vars(build_parser().parse_args(["train", "data.h5ad", "--model", "tree", "--batch-key", "b", *argv]))
+    options = TrainOptions.from_dict(arguments)
+    assert model_arguments(options, 5, _tree(), covariates=["p", "q"])["encode_covariates"] is expected
+
+
 def _tree():
     from scvae_hier.hierarchy import Hierarchy
     return Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})

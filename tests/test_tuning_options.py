@@ -63,8 +63,26 @@ def test_covariate_changes_decoder_and_encoder_outputs():
     assert not np.allclose(*latent)
 
 
+def test_without_encode_covariates_only_the_decoder_sees_the_batch():
+    from scvae_hier.models import TreeVAE
+    model = TreeVAE(G, level_sizes=(2, 3), parents=[[0, 1, 1]], latent_dim=D, hidden=(6,), covariates=BATCHES,
+                    encode_covariates=False)
+    model.build()
+    x = tf.constant(counts(4))
+    first, second = np.eye(3, dtype="float32")[[0] * 4], np.eye(3, dtype="float32")[[1] * 4]
+    # the encoder's first kernel takes the genes alone; the latent is the same whatever the batch
+    assert model.encoder_input(x, first).shape == (4, G)
+    latent = [model.outputs(x, c)["latent"].numpy() for c in (first, second)]
+    np.testing.assert_array_equal(*latent)
+    z = tf.random.stateless_normal((4, 3, D), seed=(3, 4))
+    decoded = [model.decode(z, x, c)["logits"].numpy() for c in (first, second)]
+    assert not np.allclose(*decoded)
+    assert model.get_config()["encode_covariates"] is False
+
+
 @pytest.mark.parametrize("make", [
     lambda: MoMixVAE(G, level_sizes=(2, 3), latent_dim=D, hidden=(6,), covariates=BATCHES, library_size="observed"),
+    lambda: MixtureVAE(G, n_components=3, latent_dim=D, hidden=(6,), covariates=BATCHES, encode_covariates=False),
     lambda: MixtureVAE(G, n_components=3, latent_dim=D, hidden=(6,), covariates=BATCHES, library_size="observed",
                        input_transform="normalised_log1p", likelihood="poisson"),
     lambda: IndMoMVAE(G, level_sizes=(2, 3), latent_dim=D, hidden=(6, 4), covariates=BATCHES,

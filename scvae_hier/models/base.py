@@ -47,7 +47,7 @@ class BaseVAE(keras.Model):
 
     def __init__(self, n_genes, latent_dim=20, hidden=(100, 100), likelihood="negative_binomial",
                  normalisation="batch", input_transform="none", library_size="none", covariates=(),
-                 dispersion="cell", seed=0, metadata=None,
+                 encode_covariates=True, dispersion="cell", seed=0, metadata=None,
                  format_version=FORMAT_VERSION, package_version=__version__, **kwargs):
         super().__init__(**kwargs)
         check_choice("library size", library_size, LIBRARY_SIZES)
@@ -68,6 +68,8 @@ class BaseVAE(keras.Model):
         # Names of the one-hot covariate columns (e.g. the source datasets), in column order.
         self.covariates = tuple(str(c) for c in covariates)
         self.n_covariates = len(self.covariates)
+        # False: only the decoder sees the batch (scVI's default), so the latent cannot hold it as input
+        self.encode_covariates = bool(encode_covariates)
         self.seed = int(seed)
         # What applying the model to new data needs (genes in order, hierarchy, batch categories,
         # names of the clusters); saved in the model file, see training.model_metadata.
@@ -115,13 +117,14 @@ class BaseVAE(keras.Model):
         return covariates if self.n_covariates else None
 
     def encoder_input(self, x, covariates=None):
-        """What the encoders see: transformed counts, with the one-hot covariates appended so that
-        the encoder can discount batch differences instead of clustering by them."""
+        """What the encoders see: transformed counts, with the one-hot covariates appended (unless
+        `encode_covariates` is off) so that the encoder can discount batch differences instead of
+        clustering by them."""
         if self.input_transform == "log1p":
             x = tf.math.log1p(x)
         elif self.input_transform == "normalised_log1p":  # depth-free: the cell's composition only
             x = tf.math.log1p(x * (NORMALISED_TOTAL / self.library(x)))
-        if self.n_covariates:
+        if self.n_covariates and self.encode_covariates:
             x = tf.concat([x, tf.cast(covariates, x.dtype)], axis=-1)
         return x
 
@@ -330,5 +333,6 @@ class BaseVAE(keras.Model):
                 "hidden": list(self.hidden), "likelihood": self.likelihood_name,
                 "normalisation": self.normalisation, "input_transform": self.input_transform,
                 "library_size": self.library_size, "covariates": list(self.covariates),
+                "encode_covariates": self.encode_covariates,
                 "dispersion": self.dispersion, "seed": self.seed, "metadata": self.metadata,
                 "format_version": FORMAT_VERSION, "package_version": __version__}
