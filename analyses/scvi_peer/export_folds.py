@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -40,7 +39,7 @@ def export(config_path):
     table.rename_axis("cell").to_csv(folder / "cells.csv")
     (folder / "genes.txt").write_text("\n".join(cells.adata.var_names) + "\n")
     (folder / "hierarchy.json").write_text(json.dumps(cells.hierarchy.to_dict(), indent=1, default=str) + "\n")
-    print(folder, table.shape, {f: dict(zip(*np.unique(table[f], return_counts=True))) for f in ["fold_0"]})
+    print(folder, table.shape, table["fold_0"].value_counts().to_dict())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     python analyses/tuning/tree/restarts.py train FOLD WEIGHT_SEED kang reseed_epochs=5,20   # a list option (10, for one)
     python analyses/tuning/tree/restarts.py train FOLD 0 pbmc "markers=CD8 T=CD8A,CD8B;CD34 HSC=PRSS57,SPINK2" reseed_markers=1
         # marker genes (";" between sets), used at the epoch re-seeds too (a tuning-only patch)
-    python analyses/tuning/tree/restarts.py train FOLD 0 pbmc encoder_covariates=0   # the batch to the decoder only (--no-encode-covariates)
+    python analyses/tuning/tree/restarts.py train FOLD 0 pbmc encode_covariates=0   # the batch to the decoder only (--no-encode-covariates)
     python analyses/tuning/tree/restarts.py report                   # score every finished run
 
 Kang 2018 with the experiment's own settings (analyses/kang.yaml: TreeVAE, learnable p(c), the
@@ -59,7 +59,6 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     name = f"restart_f{fold}_w{weight_seed}" if dataset == "kang" else f"{dataset}_f{fold}_w{weight_seed}"
     changed = dict(change.split("=", 1) for change in changes)
     markers = tuple(changed.pop("markers").split(";")) if "markers" in changed else ()
-    fixed = {}   # options given as values, not parsed from text
     if changed.pop("reseed_markers", "0") == "1":  # tuning only: the epoch re-seeds place leaves by the markers too
         from scvae_hier.models.tree import TreeReseeding
 
@@ -69,9 +68,6 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
                 self.assignments = self.model.reseed(*self.latent(), labels=self.labels, marker_scores=scores)
         TreeReseeding.on_epoch_begin = on_epoch_begin
         name += "_reseedmarkers"
-    if changed.pop("encoder_covariates", "1") == "0":  # the batch reaches the decoder alone (scVI's default)
-        fixed["encode_covariates"] = False
-        name += "_noenccov"
     if "reseed_decay" in changed:  # tuning only: the epoch re-seeds group pieces coarse levels first too
         from scvae_hier.models.tree import TreeVAE
         decay, reseed = float(changed["reseed_decay"]), TreeVAE.reseed
@@ -86,7 +82,7 @@ def train_one(fold, weight_seed, dataset="kang", *changes):
     options = dict(SETTINGS if dataset == "kang" else PBMC, fold=fold, seed=weight_seed, output=str(folder),
                    **{key: tuple(int(v) for v in value.split(",") if v) if "," in value
                       else int(value) if value.lstrip("-").isdigit() else value
-                      for key, value in changed.items() if key != "reseed_decay"}, markers=markers, **fixed)
+                      for key, value in changed.items() if key != "reseed_decay"}, markers=markers)
     if not (folder / "metrics.json").exists():
         if (folder / "config.json").exists():
             options["resume"] = True
