@@ -15,7 +15,7 @@ import sys
 import anndata as ad
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -25,11 +25,8 @@ from scvae_hier.metrics import hungarian_f1
 
 def supervised(features, labels):
     """Out-of-fold predictions of logistic regression, 5 stratified folds (80% labels each)."""
-    predicted = np.empty_like(labels)
-    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(features, labels):
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        predicted[test] = model.fit(features[train], labels[train]).predict(features[test])
-    return predicted
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    return cross_val_predict(model, features, labels, cv=StratifiedKFold(5, shuffle=True, random_state=0))
 
 
 def report(run):
