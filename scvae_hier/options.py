@@ -94,7 +94,9 @@ class TrainOptions:
                                  "'graph', the top level's classes compact and every class below it a "
                                  "well-connected region of the latent's 15-nearest-neighbour graph; 'compact', "
                                  "every level compact (least sum of squares; the rule before 2026-12-02, and the only one with "
-                                 "labels before this version). With labels, only the leaves the labels leave free move.",
+                                 "labels before this version); 'linkage', as 'graph' but the top level's classes as far "
+                                 "apart as possible by average linkage (mean distance between their cells), which a "
+                                 "class's size does not sway. With labels, only the leaves the labels leave free move.",
                                  list(LEAF_PLACEMENTS))
     grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE without labels: when the final refit groups k-means clusters into "
                                    "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "

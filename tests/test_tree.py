@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import stats
+from scipy.spatial.distance import cdist
 from scipy.special import log_softmax, logsumexp
 from sklearn.metrics import adjusted_rand_score
 from test_hierarchical import nested_counts
@@ -16,9 +17,9 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _one_step_away, _tree_scores, assign_to_tree,
-                                    coarse_first_grouping, coarse_first_weights, label_conflicts, leaf_ancestors,
-                                    leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _linkage_scores, _one_step_away, _tree_scores,
+                                    assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
+                                    leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -669,3 +670,50 @@ def test_one_step_away_lists_every_valid_move_and_swap_once():
                 expected.add(tuple(candidate))
         listed = [tuple(row) for row in _one_step_away(current, n_leaves)]
         assert len(listed) == len(set(listed)) and set(listed) == expected
+
+
+ONE_AND_THREE = [[0, 1, 1, 1]]   # a top class with one leaf (PBMC's Stem) beside one with three
+
+
+def outgroup(seed=0):
+    """Two adjacent blobs (T-like, leaves 0-1), a big distinct blob (NK-like, leaf 2) and a small
+    blob farther from every other (stem-like, leaf 3)."""
+    rng = np.random.default_rng(seed)
+    centres, sizes = np.array([[0.0, 0.0], [1.5, 0.0], [5.0, 0.0], [0.0, 6.0]]), [300, 300, 450, 100]
+    latent = np.concatenate([c + 0.3 * rng.normal(size=(n, 2)) for c, n in zip(centres, sizes)])
+    return latent, np.repeat(np.arange(4), sizes)
+
+
+def test_linkage_scores_are_the_mean_distance_between_classes_by_brute_force():
+    latent, leaf = outgroup()
+    distances, counts = leaf_distances(latent, leaf, 4), np.bincount(leaf)
+    assignments = np.array(list(itertools.permutations(range(4))))
+    scores = _linkage_scores(distances, counts, leaf_ancestors(ONE_AND_THREE, 4)[0], assignments)
+    for a, score in zip(assignments, scores):
+        alone = a[leaf] == 0                                # cells whose leaf went to the one-leaf class
+        assert score == pytest.approx(cdist(latent[alone], latent[~alone]).mean(), rel=1e-9)
+
+
+def test_linkage_sets_apart_the_farthest_leaf_where_compactness_sets_apart_the_biggest():
+    latent, truth = outgroup()
+    top = leaf_ancestors(ONE_AND_THREE, 4)[0]
+    for seed in range(3):
+        shuffled = np.random.default_rng(seed).permutation(4)[truth]
+        compact = place_leaves(latent, shuffled, ONE_AND_THREE, 4)
+        linkage = place_leaves(latent, shuffled, ONE_AND_THREE, 4, top_level="linkage")
+        assert set(truth[top[compact] == 0]) == {2}       # the big NK-like blob alone
+        assert set(truth[top[linkage] == 0]) == {3}       # the far stem-like blob alone
+    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, placement="linkage")
+    assert adjusted_rand_score(truth == 3, top[found] == 0) == 1.0
+
+
+def test_labels_hold_over_the_linkage_of_the_top_level():
+    """Labels say the big blob is the one-leaf class: the linkage's choice (the far blob) gives way."""
+    latent, truth = outgroup()
+    top = leaf_ancestors(ONE_AND_THREE, 4)[0]
+    allowed = np.ones((len(truth), 4), bool)
+    labelled = np.arange(len(truth)) % 10 == 0
+    allowed[labelled] = (top[None, :] == 0) == (truth[labelled] == 2)[:, None]
+    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, allowed=allowed, placement="linkage")
+    assert allowed[np.arange(len(truth)), found].all()
+    assert adjusted_rand_score(truth == 2, top[found] == 0) == 1.0

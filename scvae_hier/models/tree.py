@@ -47,6 +47,7 @@ import itertools
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
@@ -65,6 +66,7 @@ from .supervision import (check_parents, class_log_marginals, component_level_ma
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (scanpy's default)
 GRAPH_CELLS = 20000     # cells that graph is built on at most (a seeded subsample beyond)
+LINKAGE_CELLS = 500     # cells per leaf that the average distances between leaves are measured on at most
 LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
 MARKERS_FIRST = 1e9     # weight of each marker violation: above the top level's whole term (TOP_LEVEL_FIRST)
@@ -241,6 +243,39 @@ def leaf_links(latent, leaf, n_leaves, neighbours=GRAPH_NEIGHBOURS, max_cells=GR
     return links + links.T
 
 
+def leaf_distances(latent, leaf, n_leaves, max_cells=LINKAGE_CELLS, seed=0):
+    """[n_leaves, n_leaves] mean Euclidean distance between the cells of every two leaves (the
+    average linkage of UPGMA), on at most `max_cells` cells per leaf (a seeded subsample); 0 for
+    an empty leaf."""
+    latent, leaf = np.asarray(latent, float), np.asarray(leaf)
+    rng = np.random.default_rng(seed)
+    cells = []
+    for k in range(n_leaves):
+        members = np.flatnonzero(leaf == k)
+        cells.append(latent[rng.choice(members, min(len(members), max_cells), replace=False)])
+    distances = np.zeros((n_leaves, n_leaves))
+    for i in range(n_leaves):
+        for j in range(i, n_leaves):
+            if len(cells[i]) and len(cells[j]):
+                distances[i, j] = distances[j, i] = cdist(cells[i], cells[j]).mean()
+    return distances
+
+
+def _linkage_scores(distances, counts, top, assignments):
+    """How far apart the top level's classes are under each assignment of leaves to slots ([A, K]:
+    leaf i goes to slot assignments[a, i]; `top` [K] the top class of every slot): the average
+    linkage between every two classes (the mean distance between their cells, from the leaves'
+    `distances` weighted by the leaves' cell `counts`), averaged over the pairs of classes. Larger
+    is better. Unlike the sum of squares, a class's size does not weigh in."""
+    onehot = _class_onehot(top, assignments)                                     # [A, K, J]
+    weighted = np.asarray(counts, float)[:, None] * np.asarray(counts, float)[None, :] * distances
+    between = np.einsum("aij,ik,akl->ajl", onehot, weighted, onehot)             # [A, J, J]
+    sizes = np.einsum("akj,k->aj", onehot, np.asarray(counts, float))
+    linkage = between / np.maximum(sizes[:, :, None] * sizes[:, None, :], 1e-12)
+    first, second = np.triu_indices(onehot.shape[-1], 1)
+    return linkage[:, first, second].mean(-1)
+
+
 def _graph_scores(links, ancestors, assignments):
     """How well the classes below the top level of each assignment of leaves to slots ([A, K]: leaf
     i goes to slot assignments[a, i]) hold their links: per level, the share of a class's links
@@ -287,14 +322,18 @@ def marker_violations(means, classes, ancestors, assignments):
     return violations
 
 
-def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None):
+def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None, top_level="compact"):
     """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
-    compact as possible (least within-class sum of squares, as `match_to_tree`), and among the
+    compact as possible (least within-class sum of squares, as `match_to_tree`; top_level
+    "linkage": as far apart as possible by average linkage, `_linkage_scores`), and among the
     placements with that top level, every class below it a well-connected region of the cells'
     k-nearest-neighbour graph (`_graph_scores`). Distances decide the top split because its
     classes are separate regions with almost no links between them, so links cannot tell which
     belong together; links decide below, where classes touch and distances mislead: on PBMC naive
     CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+    The sum of squares gains most by setting a big distinct type apart, so on PBMC it put the
+    NK cells alone under Stem; average linkage, which a class's size does not weigh, sets apart
+    the leaf farthest from all others, the CD34+ cells (NOTES.md).
 
     markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
     leaves are placed as above first; then, keeping which leaves lie under each marked class's
@@ -312,11 +351,18 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     links = leaf_links(latent, leaf, n_leaves, seed=seed)
     counts = np.bincount(leaf, minlength=n_leaves).astype(float)
     centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
-    # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
-    scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
+    if top_level == "linkage":
+        distances = leaf_distances(latent, leaf, n_leaves, seed=seed)
+        # no average linkage exceeds the largest distance between two leaves, so the term is in [0, 1]
+        scale = TOP_LEVEL_FIRST / max(distances.max(), 1e-12)
+        top_score = lambda a: _linkage_scores(distances, counts, ancestors[0], a)  # noqa: E731
+    else:
+        # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
+        scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
+        top_score = lambda a: _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
     conflicts = np.zeros((n_leaves, n_leaves)) if conflicts is None else np.asarray(conflicts, float)
     conflicting = lambda a: conflicts[np.arange(n_leaves), a].sum(axis=1)  # noqa: E731
-    scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
+    scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * top_score(a)  # noqa: E731
                         + _graph_scores(links, ancestors, a))
     slot = _best_permutation(n_leaves, scored, seed)
     if markers is not None and len(markers[1]):
@@ -349,7 +395,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     placement "graph": the leaves, once formed, are re-placed in the tree by the connectivity of
     the latent's neighbour graph (`place_leaves`) instead of staying where compactness put them;
     with labels, only the leaves the labels leave free move (`label_conflicts`): with level-1
-    labels only, the leaves under each level-1 class.
+    labels only, the leaves under each level-1 class. Placement "linkage": the same, with the top
+    level's classes set as far apart as possible by average linkage instead of compactness.
 
     grouping_decay < 1 (without labels only): the clusters are also grouped with level l's
     compactness counting decay^(l-1) (`coarse_first_weights`), and that grouping is kept if its
@@ -402,9 +449,10 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             leaf = coarse
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
-    if placement == "graph":
+    if placement in ("graph", "linkage"):
         conflicts = None if allowed is None else label_conflicts(leaf, np.asarray(allowed), n_leaves, novel)
-        leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts)
+        leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts,
+                            top_level="linkage" if placement == "linkage" else "compact")
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -642,9 +690,9 @@ class TreeVAE(HierarchicalVAE):
                              f"got {list(empty_leaves)}.")
         self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
                         for m in markers]
-        if self.markers and self.leaf_placement != "graph":
-            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph'; "
-                             "drop one or the other.")
+        if self.markers and self.leaf_placement == "compact":
+            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph' "
+                             "(or 'linkage'); drop one or the other.")
         bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
                                                and 0 <= m["class"] < self.level_sizes[m["level"]]
                                                and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < n_genes)]
