@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DISPERSIONS, INFERENCE_MODES,
                       INITIALISATIONS, INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES,
-                      NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES, TRANSITIONS,
-                      USAGE_TARGETS)
+                      NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS,
+                      TRANSITIONS, USAGE_TARGETS)
 from .markers import parse as parse_markers
 from .models import MODELS
 
@@ -94,9 +94,7 @@ class TrainOptions:
                                  "'graph', the top level's classes compact and every class below it a "
                                  "well-connected region of the latent's 15-nearest-neighbour graph; 'compact', "
                                  "every level compact (least sum of squares; the rule before 2026-12-02, and the only one with "
-                                 "labels before this version); 'linkage', as 'graph' but the top level's classes as far "
-                                 "apart as possible by average linkage (mean distance between their cells), which a "
-                                 "class's size does not sway. With labels, only the leaves the labels leave free move.",
+                                 "labels before this version). With labels, only the leaves the labels leave free move.",
                                  list(LEAF_PLACEMENTS))
     grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE without labels: when the final refit groups k-means clusters into "
                                    "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "
@@ -106,6 +104,11 @@ class TrainOptions:
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
                                     "classes (1 = no such first step, the rule of the second change of 2026-12-02).")
+    top_level_split: str = option("linkage", "TreeVAE: how the final refit's graph placement splits the top level: "
+                                  "'linkage', its classes as far apart as possible by average linkage (the mean "
+                                  "distance between their cells, which a class's size does not sway); 'compact', "
+                                  "least sum of squares (the rule before 2026-12-03, which sets the biggest distinct "
+                                  "type apart). The epoch re-seeds always use 'compact'.", list(TOP_LEVEL_SPLITS))
     empty_leaves: tuple = option((), "TreeVAE: leaves of the hierarchy (finest class names) that the "
                                  "final clustering leaves empty: types absent from the data, or too rare to find "
                                  "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "

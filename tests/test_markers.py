@@ -158,7 +158,9 @@ def test_prepare_keeps_marker_genes_beside_the_highly_variable_ones(pbmc):
 def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monkeypatch):
     """End to end on real cells, from the command line: a marker gene outside the highly variable
     ones is kept, the final refit receives every training cell's marker scores (checked against
-    `scores` on the run's own counts), and the leaves it places break no marker order."""
+    `scores` on the run's own counts), and the leaves it places break no marker order (with the top
+    level by compactness: on this 2-epoch slice the linkage's top level puts under T a leaf among the
+    highest for both marker sets, so that no order satisfies both)."""
     import json
 
     import anndata
@@ -169,15 +171,16 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
     seen = []
     original = tree.place_leaves
 
-    def spy(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None):
-        placed = original(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts)
-        seen.append((markers, leaf, placed, parents, n_leaves))
+    def spy(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None, top_level="compact"):
+        placed = original(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts, top_level=top_level)
+        seen.append((markers, leaf, placed, parents, n_leaves, top_level))
         return placed
 
     monkeypatch.setattr(tree, "place_leaves", spy)
     run = tmp_path / "run"
     assert main(["train", str(pbmc_slice), "--model", "tree", *FAST, "--epochs", "2", "--output", str(run),
-                 "--reseed-epochs", "1", "--markers", "CD8 T=CD8A,CD8B", "CD4 T=CD4,IL7R"]) == 0
+                 "--reseed-epochs", "1", "--markers", "CD8 T=CD8A,CD8B", "CD4 T=CD4,IL7R",
+                 "--top-level-split", "compact"]) == 0
     outputs = anndata.read_h5ad(run / "outputs.h5ad")
     assert "CD4" in outputs.var_names and len(outputs.var_names) > 80     # kept beside the 80 genes
     config = json.loads((run / "config.json").read_text())
@@ -186,7 +189,8 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
                                                                  [genes.index("CD4"), genes.index("IL7R")]]
     with_markers = [call for call in seen if call[0] is not None]
     assert len(with_markers) == 1 and len(seen) == 2      # the epoch re-seed without them, the final refit with
-    (marker_scores, classes), leaf, placed, parents, n_leaves = with_markers[0]
+    assert [call[-1] for call in seen] == ["compact", "compact"]   # the flag reaches the final refit
+    (marker_scores, classes), leaf, placed, parents, n_leaves, _ = with_markers[0]
     train = (outputs.obs["split"] == "train").to_numpy()
     np.testing.assert_allclose(marker_scores, scores(outputs.X[train], config["model_arguments"]["markers"]), rtol=1e-5)
     means = np.array([[marker_scores[placed == k, s].mean() if (placed == k).any() else -np.inf

@@ -587,13 +587,15 @@ def test_refit_em_steps_raise_the_prior_terms_of_the_elbo():
 
 
 def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
-    """Re-seeding during training uses reseed_clusters per leaf, the final refit final_refit_clusters."""
+    """Re-seeding during training uses reseed_clusters per leaf, the final refit final_refit_clusters
+    (and its own grouping decays and top-level split)."""
     import scvae_hier.models.tree as tree_module
 
     asked = []
     clustering = tree_module.tree_clustering
     monkeypatch.setattr(tree_module, "tree_clustering", lambda *args, **kwargs: (
-        asked.append((args[5], kwargs["grouping_decay"], kwargs["top_level_decay"])), clustering(*args, **kwargs))[1])
+        asked.append((args[5], kwargs["grouping_decay"], kwargs["top_level_decay"], kwargs["top_level"])),
+        clustering(*args, **kwargs))[1])
     model = small_model(reseed_clusters=2, final_refit_clusters=3, grouping_decay=0.7, top_level_decay=0.4)
     model.build()
     rng = np.random.default_rng(2)
@@ -601,9 +603,14 @@ def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
     scale = np.full_like(loc, 0.5)
     model.reseed(loc, scale)
     model.refit_prior(loc, scale, steps=1)
-    assert asked == [(2, 1.0, 1.0), (3, 0.7, 0.4)]          # coarse levels first at the final refit only
+    # coarse levels first, and the top level by linkage (the default), at the final refit only
+    assert asked == [(2, 1.0, 1.0, "compact"), (3, 0.7, 0.4, "linkage")]
     config = TreeVAE.from_config(model.get_config())
     assert config.final_refit_clusters == 3 and config.grouping_decay == 0.7 and config.top_level_decay == 0.4
+    compact = small_model(top_level_split="compact")
+    compact.build()
+    compact.refit_prior(loc, scale, steps=1)
+    assert asked[-1][-1] == "compact"
 
 
 def test_reseeding_callback_sets_components_at_the_given_epoch():
@@ -703,8 +710,10 @@ def test_linkage_sets_apart_the_farthest_leaf_where_compactness_sets_apart_the_b
         linkage = place_leaves(latent, shuffled, ONE_AND_THREE, 4, top_level="linkage")
         assert set(truth[top[compact] == 0]) == {2}       # the big NK-like blob alone
         assert set(truth[top[linkage] == 0]) == {3}       # the far stem-like blob alone
-    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, placement="linkage")
+    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, placement="graph", top_level="linkage")
     assert adjusted_rand_score(truth == 3, top[found] == 0) == 1.0
+    with pytest.raises(ValueError, match="top-level split 'ward'"):
+        tree_clustering(latent, ONE_AND_THREE, 4, placement="graph", top_level="ward")
 
 
 def test_labels_hold_over_the_linkage_of_the_top_level():
@@ -714,6 +723,7 @@ def test_labels_hold_over_the_linkage_of_the_top_level():
     allowed = np.ones((len(truth), 4), bool)
     labelled = np.arange(len(truth)) % 10 == 0
     allowed[labelled] = (top[None, :] == 0) == (truth[labelled] == 2)[:, None]
-    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, allowed=allowed, placement="linkage")
+    found = tree_clustering(latent, ONE_AND_THREE, 4, clusters_per_leaf=1, allowed=allowed, placement="graph",
+                            top_level="linkage")
     assert allowed[np.arange(len(truth)), found].all()
     assert adjusted_rand_score(truth == 2, top[found] == 0) == 1.0

@@ -52,6 +52,18 @@ def test_encode_covariates_from_the_command_line_reach_the_model(argv, expected)
     assert model_arguments(options, 5, _tree(), covariates=["p", "q"])["encode_covariates"] is expected
 
 
+@pytest.mark.parametrize("argv, expected", [([], "linkage"), (["--top-level-split", "compact"], "compact")])
+def test_top_level_split_from_the_command_line_reaches_the_saved_model(argv, expected):
+    arguments = vars(build_parser().parse_args(["train", "data.h5ad", "--model", "tree", *argv]))
+    model = TreeVAE(7, level_sizes=(2, 3), **{key: value for key, value in TreeVAE.arguments_from(
+        TrainOptions.from_dict(arguments), _tree()).items() if key in ("parents", "top_level_split")})
+    assert model.top_level_split == expected and model.get_config()["top_level_split"] == expected
+    # a model file from before the option has no such key: it loads with the default
+    config = model.get_config()
+    del config["top_level_split"]
+    assert TreeVAE.from_config(config).top_level_split == "linkage"
+
+
 def _tree():
     from scvae_hier.hierarchy import Hierarchy
     return Hierarchy("label", ["a", "b"], {"x": ("A", "A1"), "y": ("A", "A2"), "z": ("B", "B1")})

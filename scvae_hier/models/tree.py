@@ -52,7 +52,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
 from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES,
-                       check_choice)
+                       TOP_LEVEL_SPLITS, check_choice)
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from ..markers import scores as cell_marker_scores
@@ -273,6 +273,8 @@ def _linkage_scores(distances, counts, top, assignments):
     sizes = np.einsum("akj,k->aj", onehot, np.asarray(counts, float))
     linkage = between / np.maximum(sizes[:, :, None] * sizes[:, None, :], 1e-12)
     first, second = np.triu_indices(onehot.shape[-1], 1)
+    if not len(first):              # one top class (a tree pruned by empty leaves): nothing to set apart
+        return np.zeros(len(assignments))
     return linkage[:, first, second].mean(-1)
 
 
@@ -379,7 +381,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
                     novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0, empty_leaves=(),
-                    markers=None):
+                    markers=None, top_level="compact"):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -395,8 +397,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     placement "graph": the leaves, once formed, are re-placed in the tree by the connectivity of
     the latent's neighbour graph (`place_leaves`) instead of staying where compactness put them;
     with labels, only the leaves the labels leave free move (`label_conflicts`): with level-1
-    labels only, the leaves under each level-1 class. Placement "linkage": the same, with the top
-    level's classes set as far apart as possible by average linkage instead of compactness.
+    labels only, the leaves under each level-1 class. top_level "linkage" (graph placement only):
+    the top level's classes set as far apart as possible by average linkage instead of compactness.
 
     grouping_decay < 1 (without labels only): the clusters are also grouped with level l's
     compactness counting decay^(l-1) (`coarse_first_weights`), and that grouping is kept if its
@@ -417,6 +419,7 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     placed so that marked classes hold their markers' leaves (`place_leaves`), as far as labels
     leave them free."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
+    check_choice("top-level split", top_level, TOP_LEVEL_SPLITS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
         if allowed is not None:
@@ -428,7 +431,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
         if markers is not None:
             markers = _pruned_markers(markers, parents, n_leaves, pruned, kept)
         component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
-                                    novel, placement, grouping_decay, top_level_decay, markers=markers)
+                                    novel, placement, grouping_decay, top_level_decay, markers=markers,
+                                    top_level=top_level)
         return kept[component // per_leaf] * per_leaf + component % per_leaf
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
@@ -449,10 +453,10 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             leaf = coarse
     if allowed is not None:
         leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
-    if placement in ("graph", "linkage"):
+    if placement == "graph":
         conflicts = None if allowed is None else label_conflicts(leaf, np.asarray(allowed), n_leaves, novel)
         leaf = place_leaves(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts,
-                            top_level="linkage" if placement == "linkage" else "compact")
+                            top_level=top_level)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -648,13 +652,14 @@ class TreeVAE(HierarchicalVAE):
                     final_refit_clusters=getattr(options, "final_refit_clusters", None),
                     leaf_placement=getattr(options, "leaf_placement", "graph"),
                     grouping_decay=getattr(options, "grouping_decay", DEFAULT_GROUPING_DECAY),
-                    top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY), empty_leaves=empty)
+                    top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY), empty_leaves=empty,
+                    top_level_split=getattr(options, "top_level_split", "linkage"))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
                  leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, top_level_decay=DEFAULT_TOP_LEVEL_DECAY,
-                 empty_leaves=(), markers=(), **kwargs):
+                 empty_leaves=(), markers=(), top_level_split="linkage", **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -675,6 +680,7 @@ class TreeVAE(HierarchicalVAE):
         self.final_refit_clusters = int(final_refit_clusters)
         self.novel_classes = int(novel_classes)
         self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
+        self.top_level_split = check_choice("top-level split", top_level_split, TOP_LEVEL_SPLITS)
         for name, decay in (("grouping_decay", grouping_decay), ("top_level_decay", top_level_decay)):
             if not 0 < float(decay) <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
@@ -690,9 +696,9 @@ class TreeVAE(HierarchicalVAE):
                              f"got {list(empty_leaves)}.")
         self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
                         for m in markers]
-        if self.markers and self.leaf_placement == "compact":
-            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph' "
-                             "(or 'linkage'); drop one or the other.")
+        if self.markers and self.leaf_placement != "graph":
+            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph'; "
+                             "drop one or the other.")
         bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
                                                and 0 <= m["class"] < self.level_sizes[m["level"]]
                                                and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < n_genes)]
@@ -742,13 +748,14 @@ class TreeVAE(HierarchicalVAE):
         return allowed_components(labels, self.component_ancestors)
 
     def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0, top_level_decay=1.0,
-               empty_leaves=(), marker_scores=None):
+               empty_leaves=(), marker_scores=None, top_level="compact"):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
         (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
         with variance the spread of their means plus their mean posterior variance (latent_scale
         [n, D], the M-step of EM; without it, the means' spread alone). `grouping_decay` and
         `top_level_decay` as in `tree_clustering` (the final refit passes the model's; the epoch
-        re-seeds group levels alike). The components of `empty_leaves` get no cells and a prior weight
+        re-seeds group levels alike; the same for `top_level`, how the graph placement splits the top
+        level). The components of `empty_leaves` get no cells and a prior weight
         of EMPTY_WEIGHT, at the largest component's moments, so that no cell is ever theirs.
         marker_scores [n, S] (the cells' scores of the model's `markers`, `markers.scores`): the
         leaves are placed so that every marked class holds its markers' leaves (`place_leaves`)."""
@@ -761,7 +768,7 @@ class TreeVAE(HierarchicalVAE):
                                     novel=self.novel_classes if allowed is not None else 0,
                                     placement=self.leaf_placement, grouping_decay=grouping_decay,
                                     top_level_decay=top_level_decay, empty_leaves=empty_leaves,
-                                    markers=None if marker_scores is None else
+                                    top_level=top_level, markers=None if marker_scores is None else
                                     (marker_scores, [(m["level"], m["class"]) for m in self.markers]))
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
@@ -795,7 +802,7 @@ class TreeVAE(HierarchicalVAE):
         if reseed:
             self.reseed(loc, scale, labels, clusters=self.final_refit_clusters, grouping_decay=self.grouping_decay,
                         top_level_decay=self.top_level_decay, empty_leaves=self.empty_leaves,
-                        marker_scores=marker_scores)
+                        marker_scores=marker_scores, top_level=self.top_level_split)
         for _ in range(steps):
             q = np.exp(self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                                     tf.constant(loc, tf.float32)).numpy().astype("float64"))
@@ -916,7 +923,8 @@ class TreeVAE(HierarchicalVAE):
                 "reseed_clusters": self.reseed_clusters, "final_refit": self.final_refit,
                 "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
                 "leaf_placement": self.leaf_placement, "grouping_decay": self.grouping_decay,
-                "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves, "markers": self.markers}
+                "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves, "markers": self.markers,
+                "top_level_split": self.top_level_split}
 
 
 class TreeReseeding(keras.callbacks.Callback):

@@ -17,8 +17,9 @@ give with it. Rules:
   alike inside those classes; anchor<X>-<Y>: below with decay Y (top_level_decay X, grouping_decay Y).
 - <RULE>+empty:<LEAF>: RULE with that leaf left empty (`empty_leaves`), e.g.
   anchor0.5-0.85+empty:Megakaryocytes.
-- <RULE>+linkage: RULE with the top level placed by average linkage (`leaf_placement="linkage"`),
-  e.g. anchor0.5-0.85+linkage (before +empty: or +markers:).
+- <RULE>+linkage: RULE with the top level placed by average linkage (`top_level_split="linkage"`,
+  the default since 2026-12-03), e.g. anchor0.5-0.85+linkage (before +empty: or +markers:); without
+  it, every rule places the top level by compactness (the rule before).
 - <RULE>+markers:<CLASS=GENE/GENE;CLASS=GENE>: RULE with those marker genes (`markers`; genes among
   the run's own; "/" between genes, as "," separates rules), e.g.
   anchor0.5-0.85+markers:CD8 T=CD8A/CD8B (last in the rule).
@@ -78,8 +79,7 @@ def refit(folder, rule, loc, scale, train):
     rule, _, markers = rule.partition("+markers:")
     rule, _, empty = rule.partition("+empty:")
     rule, linkage, _ = rule.partition("+linkage")
-    if linkage:
-        model.leaf_placement = "linkage"
+    model.top_level_split = "linkage" if linkage else "compact"   # the rule says how, not the run
     hierarchy = Hierarchy.from_dict(json.loads((folder / "config.json").read_text())["hierarchy"])
     model.markers, scores = [], None                # the rule says which markers, not the run
     if markers:
