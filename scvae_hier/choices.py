@@ -23,6 +23,7 @@ OUT_OF_CORE = ("auto", "on", "off")
 EVALUATION_SETS = ("test", "validation", "train", "all")
 DEFAULT_GROUPING_DECAY = 0.85  # TreeVAE's final refit: a level's compactness weight over its parent's (NOTES.md)
 DEFAULT_TOP_LEVEL_DECAY = 0.5  # ... and in the grouping that fixes the top level's classes first (NOTES.md)
+DEFAULT_TOP_LEVEL_SPLIT = "linkage"  # ... and how its placement splits the top level (NOTES.md)
 DEFAULT_IWAE_SAMPLES = 100  # importance samples per cell of `evaluate` (the poster used 500)
 
 

@@ -6,7 +6,8 @@ option documented here is an option the CLI has and a run remembers.
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DISPERSIONS, INFERENCE_MODES,
+from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DEFAULT_TOP_LEVEL_SPLIT,
+                      DISPERSIONS, INFERENCE_MODES,
                       INITIALISATIONS, INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES,
                       NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS,
                       TRANSITIONS, USAGE_TARGETS)
@@ -104,7 +105,7 @@ class TrainOptions:
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
                                     "classes (1 = no such first step, the rule of the second change of 2026-12-02).")
-    top_level_split: str = option("linkage", "TreeVAE: how the final refit's graph placement splits the top level: "
+    top_level_split: str = option(DEFAULT_TOP_LEVEL_SPLIT, "TreeVAE: how the final refit's graph placement splits the top level: "
                                   "'linkage', its classes as far apart as possible by average linkage (the mean "
                                   "distance between their cells, which a class's size does not sway); 'compact', "
                                   "least sum of squares (the rule before 2026-12-03, which sets the biggest distinct "

@@ -37,7 +37,8 @@ measured with), and without labels it groups the clusters into leaves with the c
 counting more (`grouping_decay`), as long as the leaves stay nearly as compact: equal weights let a
 big type split over several leaves push a small one into the wrong lineage (Kang). The top level's
 classes are fixed first, with a stronger decay (`top_level_decay`): the lineages need it, the
-finer levels lose by it.
+finer levels lose by it. The final refit's placement splits the top level by average linkage
+(`top_level_split`), which sets the most distant leaves apart whatever their size.
 The model adds its `TreeReseeding` callback itself when fitted on `CountBatches`, so training
 needs no special wiring.
 """
@@ -51,8 +52,8 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
-from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES,
-                       TOP_LEVEL_SPLITS, check_choice)
+from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DEFAULT_TOP_LEVEL_SPLIT, LEAF_PLACEMENTS,
+                       PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS, check_choice)
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from ..markers import scores as cell_marker_scores
@@ -333,9 +334,10 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     classes are separate regions with almost no links between them, so links cannot tell which
     belong together; links decide below, where classes touch and distances mislead: on PBMC naive
     CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
-    The sum of squares gains most by setting a big distinct type apart, so on PBMC it put the
-    NK cells alone under Stem; average linkage, which a class's size does not weigh, sets apart
-    the leaf farthest from all others, the CD34+ cells (NOTES.md).
+    The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
+    the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
+    apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
+    (NOTES.md).
 
     markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
     leaves are placed as above first; then, keeping which leaves lie under each marked class's
@@ -653,13 +655,13 @@ class TreeVAE(HierarchicalVAE):
                     leaf_placement=getattr(options, "leaf_placement", "graph"),
                     grouping_decay=getattr(options, "grouping_decay", DEFAULT_GROUPING_DECAY),
                     top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY), empty_leaves=empty,
-                    top_level_split=getattr(options, "top_level_split", "linkage"))
+                    top_level_split=getattr(options, "top_level_split", DEFAULT_TOP_LEVEL_SPLIT))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
                  leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, top_level_decay=DEFAULT_TOP_LEVEL_DECAY,
-                 empty_leaves=(), markers=(), top_level_split="linkage", **kwargs):
+                 empty_leaves=(), markers=(), top_level_split=DEFAULT_TOP_LEVEL_SPLIT, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
