@@ -354,13 +354,14 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     ancestors = leaf_ancestors(parents, n_leaves)
     links = leaf_links(latent, leaf, n_leaves, seed=seed)
     counts = np.bincount(leaf, minlength=n_leaves).astype(float)
-    centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0) for k in range(n_leaves)])
     if top_level == "linkage":
         distances = leaf_distances(latent, leaf, n_leaves, seed=seed)
         # no average linkage exceeds the largest distance between two leaves, so the term is in [0, 1]
         scale = TOP_LEVEL_FIRST / max(distances.max(), 1e-12)
         top_score = lambda a: _linkage_scores(distances, counts, ancestors[0], a)  # noqa: E731
     else:
+        centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0)
+                            for k in range(n_leaves)])
         # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
         scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
         top_score = lambda a: _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
