@@ -18,6 +18,7 @@ REQUIREMENTS = [
     "scanpy>=1.11,<1.12",
     "scikit-misc>=0.5,<0.6",
     "scikit-learn>=1.5,<2",
+    "threadpoolctl>=3.1,<4",  # one BLAS thread for the peers' PCA and kNN (analysis/leiden.py); scikit-learn's own dependency
     "pandas>=2.2,<3",
     "matplotlib>=3.8,<4",
     "pyyaml>=6,<7",

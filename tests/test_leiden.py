@@ -94,3 +94,22 @@ def test_neighbour_graph_of_more_than_8192_cells_is_the_exact_knn_graph():
     _, exact = NearestNeighbors(n_neighbors=15).fit(points).kneighbors(points[:50])
     for cell in range(50):   # the graph is symmetrised, so a cell's edges include its 14 nearest others
         assert set(exact[cell, 1:]) <= set(graph[cell].indices)
+
+
+def test_the_peers_representation_and_graph_do_not_depend_on_the_thread_count():
+    """The PCA and kNN distances run on one BLAS thread inside: without that, their last digits
+    moved with the thread count and flipped the bisected Leiden of two experiment folds."""
+    from threadpoolctl import threadpool_limits
+
+    from scvae_hier.analysis.leiden import neighbour_graph
+    from scvae_hier.analysis.peers import scanpy_representation
+
+    counts = np.random.default_rng(3).poisson(np.random.default_rng(4).gamma(0.5, 2.0, (1, 400)), (1500, 400))
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads):
+            representation = scanpy_representation(counts)
+            results.append((representation, sparse.csr_matrix(neighbour_graph(representation))))
+    (pca_1, graph_1), (pca_2, graph_2) = results
+    assert np.array_equal(pca_1, pca_2)
+    assert (graph_1 != graph_2).nnz == 0

@@ -9,8 +9,17 @@ count, or a count the partitions jump over), it says so, with the nearest counts
 import warnings
 from dataclasses import dataclass
 
+from functools import partial
+
 import numpy as np
 from scipy import sparse
+from threadpoolctl import threadpool_limits
+
+# The peers' numerical steps (PCA, kNN distances) run on one BLAS thread: their last digits change
+# with the thread count and the bisected Leiden on top can flip a near-tied level, so the same cells
+# would score differently on a 2-core and an 8-core machine. Measured: PBMC folds 1 and 2 of issue
+# 12's experiment, scanpy's level 1 0.28 / -0.07 and level 3 0.71 / 0.81 with 1 / 2 threads.
+ONE_THREAD = partial(threadpool_limits, limits=1)
 
 
 class LeidenCountError(ValueError):
@@ -95,8 +104,9 @@ def neighbour_graph(representation, n_neighbors: int = 15, seed: int = 0):
     import scanpy as sc
 
     adata = anndata.AnnData(np.asarray(representation, dtype=np.float32))
-    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X", transformer="sklearn",
-                    random_state=seed)
+    with ONE_THREAD():  # distances by BLAS: near-tied neighbours must not depend on the thread count
+        sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), use_rep="X", transformer="sklearn",
+                        random_state=seed)
     return adata.obsp["connectivities"]
 
 

@@ -7,22 +7,24 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import level_scores, nesting
-from .leiden import leiden_levels
+from .leiden import ONE_THREAD, leiden_levels
 
 SCANPY_GROUP = "scanpy PCA + Leiden"
 
 
 def scanpy_representation(counts, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
     """scanpy's standard pipeline on raw counts (the genes given, i.e. the models' HVGs):
-    normalize_total (10,000 per cell), log1p, scale (clipped at 10), PCA with `n_pcs` components."""
+    normalize_total (10,000 per cell), log1p, scale (clipped at 10), PCA with `n_pcs` components.
+    On one BLAS thread, so the figures do not depend on the machine (`leiden.ONE_THREAD`)."""
     import anndata
     import scanpy as sc
 
-    adata = anndata.AnnData(counts.astype(np.float32))
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.scale(adata, max_value=10)
-    sc.pp.pca(adata, n_comps=min(n_pcs, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
+    with ONE_THREAD():
+        adata = anndata.AnnData(counts.astype(np.float32))
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.pp.scale(adata, max_value=10)
+        sc.pp.pca(adata, n_comps=min(n_pcs, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
     return adata.obsm["X_pca"]
 
 
