@@ -8,7 +8,6 @@ count, or a count the partitions jump over), it says so, with the nearest counts
 """
 import warnings
 from dataclasses import dataclass
-
 from functools import partial
 
 import numpy as np
