@@ -8,10 +8,15 @@ from .options import TrainOptions
 from .choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS
 
 
-def _add_options(parser, dataclass):
+def _add_options(parser, dataclass, only=None):
+    """One flag per field (of `only`, when given; those then default to "unchanged")."""
     for f in fields(dataclass):
+        if only is not None and f.name not in only:
+            continue
         meta = f.metadata
         default = f.default if f.default is not MISSING else None
+        if only is not None:
+            default = argparse.SUPPRESS
         if meta.get("positional"):
             parser.add_argument(f.name, help=meta["help"])
             continue
@@ -19,7 +24,8 @@ def _add_options(parser, dataclass):
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
-        kwargs = {"default": default, "help": meta["help"] + " (default: %(default)s)"}
+        kwargs = {"default": default,
+                  "help": meta["help"] + (" (default: the run's)" if only is not None else " (default: %(default)s)")}
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("nargs"):
@@ -93,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Epochs of --fit-new-batches over the query cells (default: %(default)s).")
     annotate.add_argument("--save-model", help="With --fit-new-batches, also save the extended model to this folder.")
 
+    refit = commands.add_parser(
+        "refit", help="Redo a trained TreeVAE's final prior refit with other settings (top-level rule, marker genes, "
+                      "empty leaves, grouping weights) into a new run folder, without training again.")
+    refit.add_argument("run", help="Finished TreeVAE run folder written by `scvae-hier train`.")
+    refit.add_argument("--output", required=True, help="The new run folder.")
+    refit.add_argument("--overwrite", action="store_true", help="Replace a run already in --output.")
+    from .refit import REFIT_OPTIONS
+    _add_options(refit, TrainOptions, only=REFIT_OPTIONS)
+
     experiment = commands.add_parser(
         "experiment", help="Run (or continue) a cross-validated comparison described by a YAML file, "
                            "e.g. analyses/poster.yaml, and write its results folder.")
@@ -112,11 +127,30 @@ def run_train(args) -> int:
     metrics = json.loads(RunDirectory(path).metrics.read_text())
     print(f"\nRun written to {path} ({metrics['epochs_run']} epochs, best at epoch "
           f"{(metrics['best_epoch'] or 0) + 1}, {metrics['seconds']} s).")
+    _print_scores(path, metrics)
+    return 0
+
+
+def run_refit(args) -> int:
+    from .refit import REFIT_OPTIONS, refit_run
+    from .runs import RunDirectory
+    import json
+
+    changes = {name: getattr(args, name) for name in REFIT_OPTIONS if hasattr(args, name)}
+    path = refit_run(args.run, args.output, overwrite=args.overwrite, **changes)
+    metrics = json.loads(RunDirectory(path).metrics.read_text())
+    print(f"\nRun written to {path}: the training of {args.run}, its final refit redone"
+          + (" with " + ", ".join(f"{k}={v}" for k, v in changes.items()) if changes else "")
+          + f" ({metrics['seconds']} s).")
+    _print_scores(path, metrics)
+    return 0
+
+
+def _print_scores(path, metrics) -> None:
     for subset, scores in metrics.get("ari", {}).items():
         print(f"ARI of clusters vs hierarchy levels ({subset} cells): "
               + ", ".join(f"{level} {value:.3f}" for level, value in scores.items()))
     print(f"Load it in Python with scvae_hier.load_model({str(path)!r}); per-cell outputs: {path}/outputs.h5ad")
-    return 0
 
 
 class _Progress:
@@ -178,8 +212,8 @@ def run_annotate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "analyse": run_analyse, "experiment": run_experiment,
-            "annotate": run_annotate}
+COMMANDS = {"train": run_train, "refit": run_refit, "evaluate": run_evaluate, "analyse": run_analyse,
+            "experiment": run_experiment, "annotate": run_annotate}
 
 
 def typed_options(argv) -> set:

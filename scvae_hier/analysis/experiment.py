@@ -24,7 +24,9 @@ from .report import comparison_report, slug
 from ..options import TrainOptions
 from .evaluate import evaluate_run, read_evaluation, write_evaluation
 from .peers import SCANPY_GROUP
+from ..markers import genes_of
 from ..outputs import clustering_of
+from ..refit import REFIT_OPTIONS, refit_run
 from ..runs import RunDirectory
 from ..training import train
 
@@ -80,12 +82,35 @@ def planned_runs(config) -> list:
     return plan
 
 
-def run_one(options: TrainOptions, iwae_samples: int, log=print) -> Path:
-    """Train (or resume, or skip) one run and make sure it is evaluated with `iwae_samples`."""
+def shared_training(plan) -> dict:
+    """{run folder: the earlier run folder of the same fold it can take its training from}: TreeVAE
+    entries whose options differ only in what the final refit reads (`refit.REFIT_OPTIONS`, e.g.
+    the top-level rule or marker genes) are the same training, so the later ones redo only the
+    final refit on the first one's trained model (`refit.refit_run`), to the digit what training
+    them would give, in about a minute each."""
+    ignored = set(REFIT_OPTIONS) | {"output", "resume", "overwrite"}
+    trained, sources = [], {}
+    for _, options in plan:
+        key = {k: v for k, v in options.to_dict().items() if k not in ignored}
+        source = next((output for output, other in trained if other == key), None) if options.model == "tree" else None
+        if source is None:
+            trained.append((options.output, key))
+        else:
+            sources[options.output] = source
+    return sources
+
+
+def run_one(options: TrainOptions, iwae_samples: int, log=print, refit_of=None) -> Path:
+    """Train (or resume, or skip) one run and make sure it is evaluated with `iwae_samples`; with
+    `refit_of` (a finished run of the same training, `shared_training`), redo only its final refit."""
     run = RunDirectory(options.output)
     if run.is_finished() and run.metrics.is_file():
         log(f"{run.path}: finished, skipped.")
-    else:
+    elif refit_of is not None and set(genes_of(options.markers)) <= set(RunDirectory(refit_of).read_config()["genes"]):
+        log(f"{run.path}: the training of {refit_of}, the final refit redone ...")
+        refit_run(refit_of, run.path, log=log, overwrite=True,
+                  **{name: getattr(options, name) for name in REFIT_OPTIONS})
+    else:  # marker genes outside the first run's genes are kept besides them: another training
         resume = run.has_checkpoint()
         log(f"{run.path}: {'resuming' if resume else 'training'} ...")
         options.resume, options.overwrite = resume, not resume
@@ -180,10 +205,11 @@ def run_experiment(config_path, only_folds=None, log=print) -> Path:
     if only_folds is not None:
         plan = [(name, options) for name, options in plan if options.fold in set(only_folds)]
     iwae_samples = int(config.get("iwae_samples", 500))
+    sources = shared_training(plan)
     runs, names = [], {}
     for i, (name, options) in enumerate(plan, start=1):
         log(f"[{i}/{len(plan)}] fold {options.fold}: {name or options.model + ' ' + options.prior}")
-        path = run_one(options, iwae_samples, log)
+        path = run_one(options, iwae_samples, log, refit_of=sources.get(options.output))
         keras.backend.clear_session()  # free the finished run's graphs: the process otherwise grew ~0.45 GB a run
         gc.collect()
         runs.append(str(path))

@@ -673,40 +673,14 @@ class TreeVAE(HierarchicalVAE):
         self.components_per_leaf = int(components_per_leaf)
         self.prior_probabilities = prior_probabilities
         self.reseed_epochs = tuple(sorted(int(e) for e in reseed_epochs if int(e) > 0))
-        self.final_refit = int(final_refit)
         # k-means pieces per leaf: without labels 4 at both re-seeds (chosen on validation cells,
         # NOTES.md); with labels 2, and the final refit follows the re-seed (the partial-label setting).
-        pieces = 2 if semi_supervised else 4
-        self.reseed_clusters = int(pieces if reseed_clusters is None else reseed_clusters)
-        if final_refit_clusters is None:
-            final_refit_clusters = self.reseed_clusters if semi_supervised else pieces
-        self.final_refit_clusters = int(final_refit_clusters)
+        self.reseed_clusters = int((2 if semi_supervised else 4) if reseed_clusters is None else reseed_clusters)
         self.novel_classes = int(novel_classes)
         self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
-        self.top_level_split = check_choice("top-level split", top_level_split, TOP_LEVEL_SPLITS)
-        for name, decay in (("grouping_decay", grouping_decay), ("top_level_decay", top_level_decay)):
-            if not 0 < float(decay) <= 1:
-                raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
-        self.grouping_decay, self.top_level_decay = float(grouping_decay), float(top_level_decay)
+        self.configure_final_refit(final_refit, final_refit_clusters, grouping_decay, top_level_decay, empty_leaves,
+                                   markers, top_level_split, semi_supervised)
         n_leaves = self.level_sizes[-1]
-        self.empty_leaves = sorted({int(k) for k in empty_leaves})
-        if self.empty_leaves and prior_probabilities != "learnable":
-            raise ValueError("empty_leaves needs prior_probabilities='learnable' (an empty leaf's prior weight is "
-                             "set to nearly 0); drop one or the other.")
-        if self.empty_leaves and (self.empty_leaves[0] < 0 or self.empty_leaves[-1] >= n_leaves
-                                  or len(self.empty_leaves) > n_leaves - 2):
-            raise ValueError(f"empty_leaves must be leaf indices in 0..{n_leaves - 1} that leave at least 2 leaves; "
-                             f"got {list(empty_leaves)}.")
-        self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
-                        for m in markers]
-        if self.markers and self.leaf_placement != "graph":
-            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph'; "
-                             "drop one or the other.")
-        bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
-                                               and 0 <= m["class"] < self.level_sizes[m["level"]]
-                                               and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < n_genes)]
-        if bad:
-            raise ValueError(f"markers must name a level, a class of it and gene columns in 0..{n_genes - 1}; got {bad}.")
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
         # [L, M]: the class of every component at every level; the last row is its leaf.
@@ -720,6 +694,42 @@ class TreeVAE(HierarchicalVAE):
                                             trainable=prior_probabilities == "learnable", name="prior_logits")
         self._init_supervision(semi_supervised, label_weight, weight=True)
         self._init_trackers()
+
+    def configure_final_refit(self, final_refit=10, final_refit_clusters=None, grouping_decay=DEFAULT_GROUPING_DECAY,
+                              top_level_decay=DEFAULT_TOP_LEVEL_DECAY, empty_leaves=(), markers=(),
+                              top_level_split=DEFAULT_TOP_LEVEL_SPLIT, semi_supervised=None):
+        """Check and set what only the final refit reads (none of it changes training), so that a
+        trained model can redo its final refit with other settings (`scvae_hier.refit`)."""
+        semi_supervised = getattr(self, "semi_supervised", False) if semi_supervised is None else semi_supervised
+        self.final_refit = int(final_refit)
+        if final_refit_clusters is None:
+            final_refit_clusters = self.reseed_clusters if semi_supervised else 4
+        self.final_refit_clusters = int(final_refit_clusters)
+        self.top_level_split = check_choice("top-level split", top_level_split, TOP_LEVEL_SPLITS)
+        for name, decay in (("grouping_decay", grouping_decay), ("top_level_decay", top_level_decay)):
+            if not 0 < float(decay) <= 1:
+                raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
+        self.grouping_decay, self.top_level_decay = float(grouping_decay), float(top_level_decay)
+        n_leaves = self.level_sizes[-1]
+        self.empty_leaves = sorted({int(k) for k in empty_leaves})
+        if self.empty_leaves and self.prior_probabilities != "learnable":
+            raise ValueError("empty_leaves needs prior_probabilities='learnable' (an empty leaf's prior weight is "
+                             "set to nearly 0); drop one or the other.")
+        if self.empty_leaves and (self.empty_leaves[0] < 0 or self.empty_leaves[-1] >= n_leaves
+                                  or len(self.empty_leaves) > n_leaves - 2):
+            raise ValueError(f"empty_leaves must be leaf indices in 0..{n_leaves - 1} that leave at least 2 leaves; "
+                             f"got {list(empty_leaves)}.")
+        self.markers = [{"level": int(m["level"]), "class": int(m["class"]), "genes": [int(g) for g in m["genes"]]}
+                        for m in markers]
+        if self.markers and self.leaf_placement != "graph":
+            raise ValueError("markers re-place the leaves after the graph placement and need leaf_placement='graph'; "
+                             "drop one or the other.")
+        bad = [m for m in self.markers if not (0 <= m["level"] < len(self.level_sizes)
+                                               and 0 <= m["class"] < self.level_sizes[m["level"]]
+                                               and m["genes"] and 0 <= min(m["genes"]) and max(m["genes"]) < self.n_genes)]
+        if bad:
+            raise ValueError(f"markers must name a level, a class of it and gene columns in 0..{self.n_genes - 1}; "
+                             f"got {bad}.")
 
     # ---------------------------------------------------------------- prior and initialisation
     def log_pc(self):
@@ -913,12 +923,18 @@ class TreeVAE(HierarchicalVAE):
             callbacks.insert(0, reseeding)
         history = super().fit(x, *args, callbacks=callbacks, **kwargs)
         if self.final_refit and reseeding is not None:  # after the best weights are restored
-            reseeding.set_model(self)
-            scores = reseeding.marker_scores(self.markers) if self.markers else None
-            self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
-            print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
-                  f"{self.final_refit} EM steps.")
+            self.final_prior_refit(reseeding)
         return history
+
+    def final_prior_refit(self, reseeding):
+        """The final refit on the training cells of `reseeding` (a TreeReseeding): the prior
+        re-seeded from the trained latent and `final_refit` EM steps. It reads the encoder and
+        the cells only, so it gives the same prior whenever it is run on the same weights."""
+        reseeding.set_model(self)
+        scores = reseeding.marker_scores(self.markers) if self.markers else None
+        self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
+        print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
+              f"{self.final_refit} EM steps.")
 
     def get_config(self):
         return {**super().get_config(), "components_per_leaf": self.components_per_leaf,

@@ -1,0 +1,99 @@
+"""`scvae-hier refit`: a trained TreeVAE's final prior refit redone with other settings, checked
+against training with those settings from the start (the same seed), and the experiment's use of
+it for entries that share their training."""
+import json
+
+import anndata
+import numpy as np
+import pytest
+
+from conftest import FAST
+
+TRAIN = ["--model", "tree", *FAST, "--epochs", "3", "--reseed-epochs", "1", "--seed", "3"]
+EMPTY = "CD14+ monocyte"
+
+
+@pytest.fixture(scope="module")
+def trained(pbmc_slice, tmp_path_factory):
+    """The default run and the same training with the CD14+ monocytes' leaf left empty, both
+    trained from the start (the empty leaf changes the final refit only)."""
+    from scvae_hier.cli import main
+    folder = tmp_path_factory.mktemp("refit")
+    default, empty = folder / "default", folder / "empty"
+    assert main(["train", str(pbmc_slice), *TRAIN, "--output", str(default)]) == 0
+    assert main(["train", str(pbmc_slice), *TRAIN, "--output", str(empty), "--empty-leaves", EMPTY]) == 0
+    return default, empty
+
+
+def clusters(run):
+    outputs = anndata.read_h5ad(run / "outputs.h5ad")
+    columns = [c for c in outputs.obs.columns if c.startswith("scvae_level_") and c.endswith("_cluster")]
+    probabilities = [outputs.obsm[k] for k in sorted(outputs.obsm) if k.endswith("_probabilities")]
+    return outputs.obs[columns].astype(str).to_numpy(), probabilities, outputs.obsm["X_scvae"]
+
+
+def test_a_refit_with_other_settings_writes_the_run_trained_with_them(trained, tmp_path, capsys):
+    from scvae_hier.cli import main
+    default, empty = trained
+    refitted = tmp_path / "refitted"
+    assert main(["refit", str(default), "--output", str(refitted), "--empty-leaves", EMPTY]) == 0
+    assert "ARI of clusters vs hierarchy levels (test cells)" in capsys.readouterr().out
+    got, want = clusters(refitted), clusters(empty)
+    np.testing.assert_array_equal(got[0], want[0])                # every cell's cluster at every level
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)     # and its posterior
+    np.testing.assert_array_equal(got[2], clusters(default)[2])   # the latent is the training's
+    assert not np.array_equal(got[0], clusters(default)[0])       # the setting did change the clusters
+    config, other = (json.loads((run / "config.json").read_text()) for run in (refitted, empty))
+    assert config["refit_of"] == str(default)
+    assert config["model_arguments"] == other["model_arguments"]
+    assert {k: v for k, v in config["options"].items() if k != "output"} == {
+        k: v for k, v in other["options"].items() if k != "output"}
+    import scvae_hier
+    model = scvae_hier.load_model(refitted)
+    assert model.empty_leaves == other["model_arguments"]["empty_leaves"] and len(model.empty_leaves) == 1
+    assert (refitted / "history.csv").read_text() == (default / "history.csv").read_text()
+
+
+def test_a_refit_with_the_runs_own_settings_gives_its_outputs_back(trained, tmp_path):
+    from scvae_hier.refit import refit_run
+    _, empty = trained
+    again = refit_run(empty, tmp_path / "again", log=lambda *_: None)
+    got, want = clusters(again), clusters(empty)
+    np.testing.assert_array_equal(got[0], want[0])
+    got, want = (json.loads((run / "metrics.json").read_text())["ari"] for run in (again, empty))
+    assert got.keys() == want.keys() and all(got[s] == pytest.approx(want[s]) for s in want)
+
+
+def test_refit_refuses_what_it_cannot_do(trained, tmp_path):
+    from scvae_hier.data import DataError
+    from scvae_hier.refit import refit_options, refit_run
+    default, empty = trained
+    with pytest.raises(ValueError, match=r"\['epochs'\] change training"):
+        refit_run(default, tmp_path / "x", epochs=5)
+    with pytest.raises(ValueError, match="this run is --model mixture"):
+        refit_options({"model": "mixture", "data": "x.h5ad"}, {})
+    with pytest.raises(DataError, match=r"'NOTAGENE'\] are not among the 80 genes"):
+        refit_run(default, tmp_path / "x", markers=("CD8 T=CD8A,NOTAGENE",))
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        refit_run(default, empty)
+    with pytest.raises(FileExistsError, match="other than the source run"):
+        refit_run(default, default)
+    assert not (tmp_path / "x").exists()                          # a refused refit writes nothing
+
+
+def test_the_experiment_shares_training_only_where_the_final_refit_alone_differs(tmp_path):
+    from scvae_hier.analysis.experiment import planned_runs, read_config, shared_training
+    config = tmp_path / "x.yaml"
+    config.write_text("data: x.h5ad\nfolds: 2\nruns: runs\nresults: results\nmodels:\n"
+                      "  - {model: tree}\n"
+                      "  - {name: top, model: tree, top_level_split: compact}\n"
+                      "  - {name: markers, model: tree, markers: ['CD8 T=CD8A']}\n"
+                      "  - {name: placement, model: tree, leaf_placement: compact}\n"
+                      "  - {name: placement top, model: tree, leaf_placement: compact, top_level_split: compact}\n"
+                      "  - {model: mixture}\n")
+    plan = planned_runs(read_config(config))
+    sources = shared_training(plan)
+    assert sources == {f"runs/{name}-f{fold}": f"runs/{source}-f{fold}" for fold in (0, 1)
+                       for name, source in (("top", "tree-normal"), ("markers", "tree-normal"),
+                                            ("placement_top", "placement"))}
