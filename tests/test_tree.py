@@ -17,7 +17,7 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _linkage_scores, _one_step_away, _tree_scores,
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
                                     leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
@@ -714,6 +714,29 @@ def test_linkage_sets_apart_the_farthest_leaf_where_compactness_sets_apart_the_b
     assert adjusted_rand_score(truth == 3, top[found] == 0) == 1.0
     with pytest.raises(ValueError, match="top-level split 'ward'"):
         tree_clustering(latent, ONE_AND_THREE, 4, placement="graph", top_level="ward")
+
+
+def test_linkage_sets_no_fragment_apart():
+    """A 20-cell blob farther still than the stem-like one (PBMC: ~80 myeloid-like cells of the
+    CD34+ sort, 1% of the cells, made a leaf of their own) is not set apart as the top class: the
+    stem-like blob is. `_too_small` against a count by hand."""
+    latent, truth = outgroup()
+    rng = np.random.default_rng(1)
+    latent = np.concatenate([latent[truth != 1], [-6.0, -6.0] + 0.3 * rng.normal(size=(20, 2))])
+    truth = np.concatenate([truth[truth != 1], np.full(20, 1)])   # leaf 1 is now the far fragment
+    top = leaf_ancestors(ONE_AND_THREE, 4)[0]
+    counts = np.bincount(truth, minlength=4)
+    assignments = np.array(list(itertools.permutations(range(4))))
+    for a, small in zip(assignments, _too_small(counts, top, assignments)):
+        alone = counts[a == 0].sum()                  # the cells of the leaf in the one-leaf class's slot
+        assert small == (alone < 0.25 * counts.sum() / 4 or counts.sum() - alone < 0.25 * counts.sum() * 3 / 4)
+    distances = leaf_distances(latent, truth, 4)
+    farthest = np.argmax(distances.sum(axis=1) / 3)
+    assert farthest == 1                              # without the guard the fragment would be set apart
+    for seed in range(3):
+        shuffled = np.random.default_rng(seed).permutation(4)[truth]
+        placed = place_leaves(latent, shuffled, ONE_AND_THREE, 4, top_level="linkage")
+        assert set(truth[top[placed] == 0]) == {3}
 
 
 def test_labels_hold_over_the_linkage_of_the_top_level():

@@ -71,6 +71,10 @@ LINKAGE_CELLS = 500     # cells per leaf that the average distances between leav
 LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
 MARKERS_FIRST = 1e9     # weight of each marker violation: above the top level's whole term (TOP_LEVEL_FIRST)
+# With the top level by linkage, a top class must hold at least this share of an even split of the
+# cells over its leaves (a one-leaf class of nine: 2.8% of the cells); smaller, it is a fragment
+# set apart for being far (PBMC: ~80 myeloid-like cells of the CD34+ sort), not a class.
+MIN_TOP_SHARE = 0.25
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -279,6 +283,15 @@ def _linkage_scores(distances, counts, top, assignments):
     return linkage[:, first, second].mean(-1)
 
 
+def _too_small(counts, top, assignments, share=MIN_TOP_SHARE):
+    """[A] bool: the assignments ([A, K]) under which some top class holds fewer cells than `share`
+    of its even share (its number of slots over all slots, times all cells; `counts` [K] per leaf)."""
+    counts = np.asarray(counts, float)
+    held = np.einsum("akj,k->aj", _class_onehot(top, assignments), counts)            # [A, J]
+    even = np.bincount(top, minlength=held.shape[1]) / len(top) * counts.sum()        # [J]
+    return (held < share * even).any(axis=1)
+
+
 def _graph_scores(links, ancestors, assignments):
     """How well the classes below the top level of each assignment of leaves to slots ([A, K]: leaf
     i goes to slot assignments[a, i]) hold their links: per level, the share of a class's links
@@ -337,7 +350,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
     the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
     apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
-    (NOTES.md).
+    (NOTES.md), unless that makes a top class a fragment (`_too_small`, MIN_TOP_SHARE).
 
     markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
     leaves are placed as above first; then, keeping which leaves lie under each marked class's
@@ -358,7 +371,9 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
         distances = leaf_distances(latent, leaf, n_leaves, seed=seed)
         # no average linkage exceeds the largest distance between two leaves, so the term is in [0, 1]
         scale = TOP_LEVEL_FIRST / max(distances.max(), 1e-12)
-        top_score = lambda a: _linkage_scores(distances, counts, ancestors[0], a)  # noqa: E731
+        # an assignment with a fragment for a top class (`_too_small`) loses to every other
+        top_score = lambda a: (_linkage_scores(distances, counts, ancestors[0], a)  # noqa: E731
+                               - distances.max() * _too_small(counts, ancestors[0], a))
     else:
         centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0)
                             for k in range(n_leaves)])
