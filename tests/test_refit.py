@@ -97,3 +97,27 @@ def test_the_experiment_shares_training_only_where_the_final_refit_alone_differs
     assert sources == {f"runs/{name}-f{fold}": f"runs/{source}-f{fold}" for fold in (0, 1)
                        for name, source in (("top", "tree-normal"), ("markers", "tree-normal"),
                                             ("placement_top", "placement"))}
+
+
+def test_the_experiment_refits_an_entry_that_shares_its_training(pbmc_slice, tmp_path, capsys):
+    """End to end, one fold: the second entry is not trained; its run is the first one's training
+    with its own final refit, and the report holds both."""
+    import yaml
+    import pandas as pd
+    from scvae_hier.cli import main
+    config = tmp_path / "x.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": str(pbmc_slice), "folds": 2, "seed": 0, "runs": str(tmp_path / "runs"),
+        "results": str(tmp_path / "results"), "iwae_samples": 5,
+        "options": {"model": "tree", "n_genes": 80, "latent_dim": 4, "hidden": [16, 16], "batch_size": 64,
+                    "epochs": 2, "warm_up": 1, "reseed_epochs": [1], "xla": False},
+        "models": [{"model": "tree"}, {"name": "TreeVAE empty", "model": "tree", "empty_leaves": [EMPTY]}]}))
+    assert main(["experiment", str(config), "--folds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Training TreeVAE") == 1 and "the final refit redone" in printed
+    first, second = tmp_path / "runs" / "tree-normal-f0", tmp_path / "runs" / "treevae_empty-f0"
+    assert json.loads((second / "config.json").read_text())["refit_of"] == str(first)
+    np.testing.assert_array_equal(clusters(second)[2], clusters(first)[2])
+    assert not np.array_equal(clusters(second)[0], clusters(first)[0])
+    groups = set(pd.read_csv(tmp_path / "results" / "summary.csv")["group"])
+    assert {"TreeVAE Normal", "TreeVAE empty"} <= groups

@@ -137,7 +137,7 @@ def append(row):
         [f"{m}_{i}" for m in ("ari", "accuracy", "macro_f1") for i in range(1, 5)] + \
         ["hierarchical_f1", "consistency", "novel_unassigned", "seconds"]
     with open(RESULTS, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         if new:
             writer.writeheader()
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
