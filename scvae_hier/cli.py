@@ -4,7 +4,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 
-from .options import TrainOptions
+from .options import REFIT_OPTIONS, TrainOptions
 from .choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS
 
 
@@ -105,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("run", help="Finished TreeVAE run folder written by `scvae-hier train`.")
     refit.add_argument("--output", required=True, help="The new run folder.")
     refit.add_argument("--overwrite", action="store_true", help="Replace a run already in --output.")
-    from .refit import REFIT_OPTIONS
     _add_options(refit, TrainOptions, only=REFIT_OPTIONS)
 
     experiment = commands.add_parser(
@@ -132,7 +131,7 @@ def run_train(args) -> int:
 
 
 def run_refit(args) -> int:
-    from .refit import REFIT_OPTIONS, refit_run
+    from .refit import refit_run
     from .runs import RunDirectory
     import json
 

@@ -180,6 +180,10 @@ class TrainOptions:
 
 # Smallest allowed value of each numeric option (None: the option may be left unset). Checked
 # where options enter, for the command line and the Python API alike.
+# Options that only TreeVAE's final refit reads (`scvae-hier refit` changes them on a trained run;
+# experiment entries that differ in nothing else share their training).
+REFIT_OPTIONS = ("final_refit", "final_refit_clusters", "grouping_decay", "top_level_decay", "empty_leaves",
+                 "markers", "top_level_split")
 MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
             "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
             "patience": 1, "devices": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,

@@ -20,15 +20,12 @@ from .data import CountBatches, DataError, file_checksum, read_counts
 from .files import write_csv
 from .markers import genes_of
 from .models.tree import TreeReseeding
-from .options import TrainOptions
+from .options import REFIT_OPTIONS, TrainOptions
 from .outputs import write_outputs
 from .runs import RunDirectory, load_model, save_model_atomically, write_json
 from .training import (PREDICT_BATCH_SIZE, _check_folder, _make_folder, _read_split, check_empty_leaves, labels_table,
                        model_arguments, name_clusters, prepare_cells, resolve_hierarchy)
 
-# Options that only the final refit reads: runs that differ in nothing else share their training.
-REFIT_OPTIONS = ("final_refit", "final_refit_clusters", "grouping_decay", "top_level_decay", "empty_leaves",
-                 "markers", "top_level_split")
 
 
 def refit_options(saved_options: dict, changes: dict) -> TrainOptions:

@@ -21,12 +21,12 @@ import yaml
 
 from . import compare
 from .report import comparison_report, slug
-from ..options import TrainOptions
+from ..options import REFIT_OPTIONS, TrainOptions
 from .evaluate import evaluate_run, read_evaluation, write_evaluation
 from .peers import SCANPY_GROUP
 from ..markers import genes_of
 from ..outputs import clustering_of
-from ..refit import REFIT_OPTIONS, refit_run
+from ..refit import refit_run
 from ..runs import RunDirectory
 from ..training import train
 
@@ -84,7 +84,7 @@ def planned_runs(config) -> list:
 
 def shared_training(plan) -> dict:
     """{run folder: the earlier run folder of the same fold it can take its training from}: TreeVAE
-    entries whose options differ only in what the final refit reads (`refit.REFIT_OPTIONS`, e.g.
+    entries whose options differ only in what the final refit reads (`options.REFIT_OPTIONS`, e.g.
     the top-level rule or marker genes) are the same training, so the later ones redo only the
     final refit on the first one's trained model (`refit.refit_run`), to the digit what training
     them would give, in about a minute each."""
