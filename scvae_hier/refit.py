@@ -27,7 +27,6 @@ from .training import (PREDICT_BATCH_SIZE, _check_folder, _make_folder, _read_sp
                        model_arguments, name_clusters, prepare_cells, resolve_hierarchy)
 
 
-
 def refit_options(saved_options: dict, changes: dict) -> TrainOptions:
     """The source run's options with `changes` (refit options only) applied, checked."""
     unknown = sorted(set(changes) - set(REFIT_OPTIONS))
