@@ -14,17 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from .data import CountBatches, DataError, file_checksum, read_counts
-from .files import write_csv
 from .markers import genes_of
 from .models.tree import TreeReseeding
 from .options import REFIT_OPTIONS, TrainOptions
-from .outputs import write_outputs
-from .runs import RunDirectory, load_model, save_model_atomically, write_json
-from .training import (PREDICT_BATCH_SIZE, _check_folder, _make_folder, _read_split, check_empty_leaves, labels_table,
-                       model_arguments, name_clusters, prepare_cells, resolve_hierarchy)
+from .runs import RunDirectory, load_model
+from .training import (check_empty_leaves, check_folder, finish_run, make_folder, model_arguments, prepare_cells,
+                       read_split, resolve_hierarchy, write_run_start)
 
 
 def refit_options(saved_options: dict, changes: dict) -> TrainOptions:
@@ -59,7 +55,7 @@ def refit_run(source, output, log=print, overwrite=False, **changes) -> Path:
     run = RunDirectory(output)
     if run.path.resolve() == source.path.resolve():
         raise FileExistsError("refit writes a new run folder; give an --output other than the source run.")
-    _check_folder(run, options)
+    check_folder(run, options)
     missing = [g for g in genes_of(options.markers) if g not in set(saved["genes"])]
     if missing:
         raise DataError(f"marker gene(s) {missing} are not among the {len(saved['genes'])} genes {source.path} was "
@@ -72,7 +68,7 @@ def refit_run(source, output, log=print, overwrite=False, **changes) -> Path:
     cells = prepare_cells(adata, options, resolve_hierarchy(adata, options), genes=saved["genes"])
     del adata
     prepared = cells.adata
-    split = _read_split(source, prepared.obs_names)
+    split = read_split(source, prepared.obs_names)
     model = load_model(source.path)
     arguments = model_arguments(options, prepared.n_vars, cells.model_hierarchy, cells.categories,
                                 prepared.var_names)
@@ -84,23 +80,13 @@ def refit_run(source, output, log=print, overwrite=False, **changes) -> Path:
                            labels=None if cells.labels is None else cells.labels[train])
     log(f"Refitting the prior of {source.path} ({int(train.sum())} training cells) into {run.path} ...")
     model.final_prior_refit(TreeReseeding(batches.X, batches.covariates, epochs=(), labels=batches.labels))
-    name_clusters(model, cells, split)
 
-    _make_folder(run, log)
-    write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
-    if cells.labels is not None:
-        write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
+    make_folder(run, log)
+    write_run_start(run, cells, split, {**saved, "options": options.to_dict(), "model_arguments": arguments,
+                                        "refit_of": str(source.path)})
     if source.history.exists():
         shutil.copyfile(source.history, run.history)
-    write_json(run.config, {**saved, "options": options.to_dict(), "model_arguments": arguments,
-                            "refit_of": str(source.path)})
-    save_model_atomically(model, run.model)
-    metrics = write_outputs(run, model, prepared, split, cells.hierarchy, PREDICT_BATCH_SIZE, cells.covariates,
-                            cells.labels)
     trained = json.loads(source.metrics.read_text())
-    metrics.update({key: trained[key] for key in ("best_epoch", "epochs_run") if key in trained},
-                   seconds=round(time.time() - started, 1), out_of_core=False, refit_of=str(source.path),
-                   training_seconds=trained.get("seconds"))
-    write_json(run.metrics, metrics)
+    finish_run(run, model, cells, split, started, refit_of=str(source.path), training_seconds=trained.get("seconds"),
+               **{key: trained[key] for key in ("best_epoch", "epochs_run") if key in trained})
     return run.path
-

@@ -190,7 +190,7 @@ RUN_FILES = {"model.keras", "config.json", "history.csv", "split.csv", "labels.c
              "checkpoint", "evaluation", "figures", ".scvae-hier-run", "counts"}
 
 
-def _check_folder(run: RunDirectory, options: TrainOptions):
+def check_folder(run: RunDirectory, options: TrainOptions):
     """Decide between a fresh run, a resumed one, or a clear refusal, before anything is read or
     written; returns the saved config of a resumed run, or None. Nothing is deleted here."""
     if options.resume:
@@ -221,8 +221,8 @@ def _check_folder(run: RunDirectory, options: TrainOptions):
     return None
 
 
-def _make_folder(run: RunDirectory, log=print) -> None:
-    """Create the run folder (replacing an old run of ours, checked by `_check_folder`), once the
+def make_folder(run: RunDirectory, log=print) -> None:
+    """Create the run folder (replacing an old run of ours, checked by `check_folder`), once the
     input has passed every check, so a refused input leaves nothing behind."""
     if run.path.exists() and any(run.path.iterdir()):
         log(f"Replacing the run in {run.path} (--overwrite).")
@@ -553,7 +553,7 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
     With --resume, the saved run's options are kept; `given` names the options the user typed
     (see `resumed_options`)."""
     run = RunDirectory(options.output or default_run_path(options))
-    saved = _check_folder(run, options)
+    saved = check_folder(run, options)
     if saved is not None:
         options = resumed_options(saved, TrainOptions.from_dict({**options.to_dict(), "output": str(run.path)}),
                                   given, log)
@@ -579,7 +579,7 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
         stages["prepare"], clock = time.time() - clock, time.time()
         stages.update(getattr(cells.adata, "seconds", {}))
         prepared, hierarchy = cells.adata, cells.hierarchy
-        split = make_split(cells, options) if saved is None else _read_split(run, prepared.obs_names)
+        split = make_split(cells, options) if saved is None else read_split(run, prepared.obs_names)
         strategy = distribution_strategy(options.devices)
         with in_scope(strategy):
             model, arguments = new_model(options, cells)
@@ -595,14 +595,11 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
                   "predict_batch_size": PREDICT_BATCH_SIZE, "versions": _versions()}
         if saved is None:
             try:
-                _make_folder(run, log)
+                make_folder(run, log)
             except OSError as error:
                 raise FileExistsError(f"Cannot write the run folder {run.path} ({error.strerror}); choose another "
                                       f"--output.") from None
-            write_csv(pd.DataFrame({"cell": prepared.obs_names, "set": split}), run.split, index=False)
-            if cells.labels is not None:
-                write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
-            write_json(run.config, config)
+            write_run_start(run, cells, split, config)
         elif options.to_dict() != saved["options"]:  # allowed changes, recorded
             config = {**saved, "options": options.to_dict(),
                       "resumed_with": saved.get("resumed_with", []) + [
@@ -632,20 +629,38 @@ def train(options: TrainOptions, log=print, given=None) -> Path:
         tracker = fit(model, cells, split, options, run=run, state=state, log=log)
     except KeyboardInterrupt:
         raise TrainingInterrupted(run.path, options.data) from None
-    stages["train"], clock = time.time() - clock, time.time()
+    stages["train"] = time.time() - clock
+    finish_run(run, model, cells, split, started, on_disk=on_disk, stages=stages,
+               best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1)
+    return run.path
+
+
+def write_run_start(run: RunDirectory, cells: Cells, split, config: dict) -> None:
+    """What a run folder holds before its model: the split, the labels it was given, its config."""
+    write_csv(pd.DataFrame({"cell": cells.adata.obs_names, "set": split}), run.split, index=False)
+    if cells.labels is not None:
+        write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
+    write_json(run.config, config)
+
+
+def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on_disk=False, stages=None,
+               **recorded) -> dict:
+    """Name the trained model's clusters, save it, write its outputs and metrics.json (with
+    `recorded`, the seconds since `started` and, if given, the seconds of each stage)."""
+    clock = time.time()
     name_clusters(model, cells, split)
     save_model_atomically(model, run.model)
     if on_disk:
-        metrics = ondisk.write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates)
+        metrics = ondisk.write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,
+                                       cells.covariates)
     else:
-        metrics = write_outputs(run, model, prepared, split, hierarchy, PREDICT_BATCH_SIZE, cells.covariates,
-                                cells.labels)
-    stages["outputs"] = time.time() - clock
-    metrics.update(best_epoch=tracker.state["best_epoch"], epochs_run=tracker.state["epoch"] + 1,
-                   seconds=round(time.time() - started, 1), out_of_core=on_disk,
-                   stage_seconds={k: round(v, 2) for k, v in stages.items()})
+        metrics = write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,
+                                cells.covariates, cells.labels)
+    metrics.update(recorded, seconds=round(time.time() - started, 1), out_of_core=on_disk)
+    if stages is not None:
+        metrics["stage_seconds"] = {k: round(v, 2) for k, v in {**stages, "outputs": time.time() - clock}.items()}
     write_json(run.metrics, metrics)
-    return run.path
+    return metrics
 
 
 def _keep_store(store: Path, run: RunDirectory, prepared) -> None:
@@ -658,7 +673,7 @@ def _keep_store(store: Path, run: RunDirectory, prepared) -> None:
     prepared.X = ondisk.DiskCounts(kept, rows=prepared.X.rows)
 
 
-def _read_split(run: RunDirectory, cells) -> np.ndarray:
+def read_split(run: RunDirectory, cells) -> np.ndarray:
     table = pd.read_csv(run.split, dtype=str).set_index("cell")["set"]
     missing = pd.Index(cells).difference(table.index)
     if len(missing):

@@ -17,9 +17,10 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
+import scvae_hier.models.tree as tree_module
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
-                                    leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
+                                    canonical_permutations, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -750,3 +751,53 @@ def test_labels_hold_over_the_linkage_of_the_top_level():
                             top_level="linkage")
     assert allowed[np.arange(len(truth)), found].all()
     assert adjusted_rand_score(truth == 2, top[found] == 0) == 1.0
+
+
+def test_canonical_permutations_are_the_first_of_each_set_of_exchanged_slots():
+    """Against brute force: of all 8! permutations, those that are the lexicographic minimum of
+    their set (the same but for exchanges of slots within a group), in order."""
+    groups = np.array([0, 1, 2, 2, 2, 2, 3, 3])                 # PBMC's CD4 T and CD8 T leaves
+
+    def first_of_its_set(p):
+        p = np.array(p)
+        for g in np.unique(groups):
+            items = np.flatnonzero(groups[p] == g)                 # the items in group g's slots
+            p[items] = np.sort(p[items])
+        return tuple(p)
+    brute = [p for p in itertools.permutations(range(8)) if first_of_its_set(p) == p]
+    assert list(canonical_permutations(groups)) == brute and len(brute) == 40320 // (24 * 2)
+    assert list(canonical_permutations(np.arange(5))) == list(itertools.permutations(range(5)))
+
+
+def test_interchangeable_slots_are_those_every_score_reads_alike():
+    ancestors = leaf_ancestors(PBMC_PARENTS, 9)
+    np.testing.assert_array_equal(interchangeable_slots(ancestors[:-1]), [0, 1, 2, 3, 3, 3, 3, 4, 4])
+    conflicts = np.zeros((9, 9))
+    conflicts[2, 4] = 1                                            # a label that excludes one CD4 T slot
+    np.testing.assert_array_equal(interchangeable_slots(ancestors[:-1], conflicts), [0, 1, 2, 3, 4, 3, 3, 5, 5])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_finds_the_full_searchs(seed,
+                                                                                                   monkeypatch):
+    """Every grouped search (linkage top level, with conflicting labels and a marker) returns what
+    the search over every permutation returns; the compact top level is searched in full."""
+    searched = []
+    full_search = tree_module._best_permutation
+
+    def both(k, scored, seed=0, chunk=40320, groups=None):
+        full = full_search(k, scored, seed, chunk)
+        if groups is not None:
+            np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups), full)
+        searched.append(groups is not None)
+        return full
+    monkeypatch.setattr(tree_module, "_best_permutation", both)
+    rng = np.random.default_rng(seed)
+    leaf = rng.integers(0, 7, 400)
+    latent = rng.normal(size=(7, 3))[leaf] * 3 + rng.normal(size=(400, 3))
+    conflicts = 3.0 * (rng.random((7, 7)) < 0.2)                 # labelled cells a slot would exclude
+    # a marked leaf-level class (the first of two sibling slots) tells its slot from its sibling
+    marker = (rng.random((400, 1)) + (leaf == rng.integers(0, 7))[:, None], [(2, 0)])
+    for top in ("linkage", "compact"):
+        place_leaves(latent, leaf, LINEAGE_PARENTS, 7, conflicts=conflicts, markers=marker, top_level=top)
+    assert searched == [True, True, False, False]
