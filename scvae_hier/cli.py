@@ -30,6 +30,9 @@ def _add_options(parser, dataclass, only=None):
             kwargs["choices"] = meta["choices"]
         if meta.get("nargs"):
             kwargs["nargs"] = meta["nargs"]
+            if only is not None and meta["nargs"] == "+":    # a run's list can also be cleared
+                kwargs["nargs"] = "*"
+                kwargs["help"] = kwargs["help"][:-1] + "; the flag alone clears it)"
             kwargs["type"] = meta.get("type", str)
         elif f.type in ("int", "float", int, float):
             kwargs["type"] = {"int": int, "float": float}.get(f.type, f.type)

@@ -65,6 +65,19 @@ def test_a_refit_with_the_runs_own_settings_gives_its_outputs_back(trained, tmp_
     assert got.keys() == want.keys() and all(got[s] == pytest.approx(want[s]) for s in want)
 
 
+def test_a_refit_clears_the_runs_list_when_its_flag_comes_alone(trained, tmp_path):
+    """`--empty-leaves` with no leaf: the run trained with an empty leaf, refitted with none, is the
+    run trained without it."""
+    from scvae_hier.cli import build_parser, main
+    default, empty = trained
+    arguments = build_parser().parse_args(["refit", str(empty), "--output", "x", "--empty-leaves", "--markers"])
+    assert arguments.empty_leaves == [] and arguments.markers == []
+    cleared = tmp_path / "cleared"
+    assert main(["refit", str(empty), "--output", str(cleared), "--empty-leaves"]) == 0
+    np.testing.assert_array_equal(clusters(cleared)[0], clusters(default)[0])
+    assert json.loads((cleared / "config.json").read_text())["options"]["empty_leaves"] == []
+
+
 def test_refit_refuses_what_it_cannot_do(trained, tmp_path):
     from scvae_hier.data import DataError
     from scvae_hier.refit import refit_options, refit_run
