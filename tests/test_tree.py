@@ -801,3 +801,22 @@ def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_find
     for top in ("linkage", "compact"):
         place_leaves(latent, leaf, LINEAGE_PARENTS, 7, conflicts=conflicts, markers=marker, top_level=top)
     assert searched == [True, True, False, False]
+
+
+def test_tree_scores_of_permutations_are_bit_for_bit_the_products():
+    """The gathered per-leaf sums (one cluster per leaf) give exactly the scores of the one-hot
+    product, so no search's choice can move (`test_weighted_tree_scores_match_a_cell_level_sum_of_squares`
+    checks the product against the cells)."""
+    ancestors = leaf_ancestors(PBMC_PARENTS, 9)
+    centres, counts = RNG.normal(size=(9, 4)) * 5, RNG.integers(1, 900, 9).astype(float)
+    permutations = np.array([RNG.permutation(9) for _ in range(500)], dtype=np.int16)
+    summed = np.column_stack([centres * counts[:, None], counts])
+    for levels, weights in ((ancestors, None), (ancestors[:1], None), (ancestors, [1.0, 0.5, 0.25, 0.125])):
+        per_leaf = (np.eye(9)[permutations].transpose(0, 2, 1) @ summed).transpose(0, 2, 1)
+        expected = np.zeros(len(permutations))
+        for level, row in enumerate(levels):
+            per_class = per_leaf @ np.eye(row.max() + 1)[row]
+            sums, sizes = per_class[:, :-1], per_class[:, -1]
+            weight = 1.0 if weights is None else weights[level]
+            expected += weight * (np.einsum("adj,adj->aj", sums, sums) / np.maximum(sizes, 1e-12)).sum(-1)
+        np.testing.assert_array_equal(_tree_scores(centres, counts, levels, permutations, weights), expected)

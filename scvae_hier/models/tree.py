@@ -108,8 +108,15 @@ def _tree_scores(centres, counts, ancestors, assignments, level_weights=None):
     per class of each level (a class's sum is its leaves'), which is what keeps the searches over
     assignments fast."""
     summed = np.column_stack([centres * counts[:, None], counts])                    # [K, D + 1]
-    into_leaves = _class_onehot(np.arange(len(ancestors[0])), assignments).transpose(0, 2, 1)  # [A, leaves, K]
-    per_leaf = (into_leaves @ summed).transpose(0, 2, 1)                               # [A, D + 1, leaves]
+    n_leaves = len(ancestors[0])
+    if assignments.shape[1] == n_leaves and (np.sort(assignments, axis=1) == np.arange(n_leaves)).all():
+        # one cluster per leaf: its row, gathered, is bit for bit what the product below gives
+        per_leaf = np.empty((len(assignments), n_leaves, summed.shape[1]))
+        per_leaf[np.arange(len(assignments))[:, None], assignments] = summed
+    else:
+        into_leaves = _class_onehot(np.arange(n_leaves), assignments).transpose(0, 2, 1)  # [A, leaves, K]
+        per_leaf = into_leaves @ summed
+    per_leaf = per_leaf.transpose(0, 2, 1)                                             # [A, D + 1, leaves]
     score = np.zeros(len(assignments))
     for level, row in enumerate(ancestors):
         per_class = per_leaf @ np.eye(row.max() + 1)[row]                              # [A, D + 1, J]
