@@ -24,15 +24,15 @@ def _add_options(parser, dataclass, only=None):
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             continue
+        clearable = only is not None and meta.get("nargs") == "+"     # a run's list can also be cleared
         kwargs = {"default": default,
-                  "help": meta["help"] + (" (default: the run's)" if only is not None else " (default: %(default)s)")}
+                  "help": meta["help"] + (" (default: the run's; the flag alone clears it)" if clearable
+                                          else " (default: the run's)" if only is not None
+                                          else " (default: %(default)s)")}
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if meta.get("nargs"):
-            kwargs["nargs"] = meta["nargs"]
-            if only is not None and meta["nargs"] == "+":    # a run's list can also be cleared
-                kwargs["nargs"] = "*"
-                kwargs["help"] = kwargs["help"][:-1] + "; the flag alone clears it)"
+            kwargs["nargs"] = "*" if clearable else meta["nargs"]
             kwargs["type"] = meta.get("type", str)
         elif f.type in ("int", "float", int, float):
             kwargs["type"] = {"int": int, "float": float}.get(f.type, f.type)
