@@ -126,6 +126,23 @@ def test_nothing_to_fit_is_refused_by_name(reference_and_query, pbmc_slice):
         unbatched.fit_new_batches(query, max_epochs=1)
 
 
+def test_a_query_batch_the_model_never_saw_is_refused_unless_read_as_a_training_one(reference_and_query):
+    """Predicting cells of a batch the reference was not trained on is refused, naming it (fit it
+    with `fit_new_batches`, or read it as a training batch); a batch to read them as must be one
+    of the training batches; read as one, every cell gets a path."""
+    model, reference, _ = reference_and_query
+    query = reference[:20].copy()
+    query.obs["source_dataset"] = "new_study"
+    with pytest.raises(DataError, match="new_study"):
+        model.predict_levels(query)
+    with pytest.raises(sh.api.SetupError, match="not one of the model's training batches"):
+        model.predict_levels(query, batch="nope")
+    named = model.predict_levels(query, batch="scMINER")
+    assert named["scvae_level_4"].notna().all()
+    np.testing.assert_array_equal(named["scvae_level_4"].astype(str),
+                                  model.predict_levels(reference[:20].copy(), batch="scMINER")["scvae_level_4"].astype(str))
+
+
 @pytest.mark.parametrize("make", [
     lambda: MoMixVAE(12, level_sizes=(2, 3), latent_dim=3, hidden=(6,), covariates=("a", "b"), library_size="observed"),
     lambda: MixtureVAE(12, n_components=3, latent_dim=3, hidden=(6,), covariates=("a", "b"), likelihood="poisson"),

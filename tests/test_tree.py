@@ -18,9 +18,9 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 import scvae_hier.models.tree as tree_module
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
+from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
-                                    canonical_permutations, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, place_leaves, prune_leaves, tree_clustering)
+                                    exchanges, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -753,9 +753,11 @@ def test_labels_hold_over_the_linkage_of_the_top_level():
     assert adjusted_rand_score(truth == 2, top[found] == 0) == 1.0
 
 
-def test_canonical_permutations_are_the_first_of_each_set_of_exchanged_slots():
+@pytest.mark.parametrize("chunk", [40320, 24])
+def test_permutation_blocks_are_the_first_of_each_set_of_exchanged_slots(chunk):
     """Against brute force: of all 8! permutations, those that are the lexicographic minimum of
-    their set (the same but for exchanges of slots within a group), in order."""
+    their set (the same but for exchanges of slots within a group), in order, in blocks of at most
+    `chunk`; without groups, every permutation in itertools' (lexicographic) order."""
     groups = np.array([0, 1, 2, 2, 2, 2, 3, 3])                 # PBMC's CD4 T and CD8 T leaves
 
     def first_of_its_set(p):
@@ -765,8 +767,13 @@ def test_canonical_permutations_are_the_first_of_each_set_of_exchanged_slots():
             p[items] = np.sort(p[items])
         return tuple(p)
     brute = [p for p in itertools.permutations(range(8)) if first_of_its_set(p) == p]
-    assert list(canonical_permutations(groups)) == brute and len(brute) == 40320 // (24 * 2)
-    assert list(canonical_permutations(np.arange(5))) == list(itertools.permutations(range(5)))
+    blocks = list(permutation_blocks(8, chunk, groups))
+    assert max(len(b) for b in blocks) <= chunk
+    assert [tuple(p) for b in blocks for p in b] == brute and len(brute) == 40320 // (24 * 2)
+    every = np.concatenate(list(permutation_blocks(6, chunk)))
+    assert [tuple(p) for p in every] == list(itertools.permutations(range(6)))
+    assert [tuple(p) for p in np.concatenate(list(permutation_blocks(6, chunk, np.arange(6))))] == \
+        list(itertools.permutations(range(6)))
 
 
 def test_interchangeable_slots_are_those_every_score_reads_alike():
@@ -780,27 +787,54 @@ def test_interchangeable_slots_are_those_every_score_reads_alike():
 @pytest.mark.parametrize("seed", range(3))
 def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_finds_the_full_searchs(seed,
                                                                                                    monkeypatch):
-    """Every grouped search (linkage top level, with conflicting labels and a marker) returns what
-    the search over every permutation returns; the compact top level is searched in full."""
+    """Every grouped search (either top level, with conflicting labels and a marker) returns what
+    the search over every permutation returns, bit for bit: the compact top level's scores differ
+    in their last bits between exchanged slots, which the rescoring of the near sets settles as
+    the full search does. The latent lies far from its origin, where those differences are largest."""
     searched = []
     full_search = tree_module._best_permutation
 
-    def both(k, scored, seed=0, chunk=40320, groups=None):
+    def both(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0):
         full = full_search(k, scored, seed, chunk)
-        if groups is not None:
-            np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups), full)
-        searched.append(groups is not None)
+        np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups, tolerance), full)
+        searched.append(len(np.unique(groups)) < k)
         return full
     monkeypatch.setattr(tree_module, "_best_permutation", both)
     rng = np.random.default_rng(seed)
     leaf = rng.integers(0, 7, 400)
-    latent = rng.normal(size=(7, 3))[leaf] * 3 + rng.normal(size=(400, 3))
+    latent = rng.normal(size=(7, 3))[leaf] * 3 + rng.normal(size=(400, 3)) + 40.0
     conflicts = 3.0 * (rng.random((7, 7)) < 0.2)                 # labelled cells a slot would exclude
     # a marked leaf-level class (the first of two sibling slots) tells its slot from its sibling
     marker = (rng.random((400, 1)) + (leaf == rng.integers(0, 7))[:, None], [(2, 0)])
     for top in ("linkage", "compact"):
         place_leaves(latent, leaf, LINEAGE_PARENTS, 7, conflicts=conflicts, markers=marker, top_level=top)
-    assert searched == [True, True, False, False]
+        place_leaves(latent, leaf, LINEAGE_PARENTS, 7, top_level=top)
+    assert len(searched) == 6 and searched[2] and searched[5]     # without labels, slots group
+
+
+def test_grouped_search_rescores_exchanges_that_rounding_tells_apart():
+    """Slots 1 and 2 form a group. A score that puts the identity's set on top, the set of a
+    non-canonical `target` 0.5e-9 below, and lifts `target` itself 1e-9 (as rounding might): the full
+    search returns `target`; so does the grouped one told that exchanges may differ by 2e-9; told
+    they cannot, it returns the identity."""
+    target, groups = np.array([3, 2, 1, 0, 4]), np.array([0, 1, 1, 2, 3])
+    seen_by_groups = lambda a: np.where(np.asarray(a) == 2, 1, a)      # noqa: E731
+
+    def scored(a):
+        same = lambda p: (seen_by_groups(a) == seen_by_groups(p)).all(1)  # noqa: E731
+        return (np.where(same(np.arange(5)), 0.0, np.where(same(target), -0.5e-9, -1.0))
+                + 1e-9 * (np.asarray(a) == target).all(1))
+    np.testing.assert_array_equal(_best_permutation(5, scored), target)
+    np.testing.assert_array_equal(_best_permutation(5, scored, groups=groups, tolerance=2e-9), target)
+    np.testing.assert_array_equal(_best_permutation(5, scored, groups=groups, tolerance=0.0), np.arange(5))
+
+
+def test_exchanges_are_every_permutation_within_groups():
+    maps = exchanges([0, 1, 1, 2, 2, 2])
+    assert len(maps) == 2 * 6 and len({tuple(m) for m in maps}) == 12
+    for slot_map in maps:
+        np.testing.assert_array_equal(slot_map[:1], [0])
+        assert sorted(slot_map[1:3]) == [1, 2] and sorted(slot_map[3:]) == [3, 4, 5]
 
 
 def test_tree_scores_of_permutations_are_bit_for_bit_the_products():

@@ -44,6 +44,7 @@ needs no special wiring.
 """
 from .. import _tensorflow  # noqa: F401  (quiet TensorFlow start-up on CPU-only machines)
 import itertools
+import math
 
 import keras
 import numpy as np
@@ -139,28 +140,26 @@ def _label_penalty(penalty, assignments):
     return penalty[np.arange(penalty.shape[0]), assignments].sum(-1)
 
 
-def canonical_permutations(groups):
-    """The permutations a (item i to slot a[i]) of len(groups) items, in lexicographic order, that
-    give the slots of every group (slots with the same `groups` id) to its items in increasing
-    order: one per set of permutations that differ only by exchanging slots of a group, and the
-    lexicographically first of its set. K! / prod(group sizes!) of them."""
-    groups = np.asarray(groups)
-    slots = {g: np.flatnonzero(groups == g).tolist() for g in np.unique(groups)}
-    taken = dict.fromkeys(slots, 0)
-    current = []
-
-    def extend():
-        if len(current) == len(groups):
-            yield tuple(current)
-            return
-        for slot in sorted(slots[g][taken[g]] for g in slots if taken[g] < len(slots[g])):
-            group = groups[slot]
-            taken[group] += 1
-            current.append(slot)
-            yield from extend()
-            current.pop()
-            taken[group] -= 1
-    return extend()
+def permutation_blocks(k, chunk=40320, groups=None):
+    """The permutations a of range(k) (item i to slot a[i]) in lexicographic order, in blocks
+    [<= chunk, K] (the permutations that share a prefix). With `groups` [K] (a group id per slot),
+    only the canonical ones: those that give the slots of every group to its items in increasing
+    order, one per set of permutations that differ only by exchanging slots of a group, and the
+    lexicographically first of its set (K! / prod(group sizes!) of them)."""
+    tail = max(t for t in range(1, k + 1) if math.factorial(t) <= chunk)
+    ends = np.array(list(itertools.permutations(range(tail))), dtype=np.int16)        # [tail!, tail]
+    pairs = list(itertools.combinations(range(k), 2))
+    for prefix in itertools.permutations(range(k), k - tail):
+        rest = np.array(sorted(set(range(k)) - set(prefix)), dtype=np.int16)
+        block = np.column_stack([np.tile(np.array(prefix, dtype=np.int16), (len(ends), 1)), rest[ends]])
+        if groups is not None:
+            slot_group = np.asarray(groups)[block]
+            canonical = np.ones(len(block), dtype=bool)
+            for i, j in pairs:                  # items i < j in one group's slots: i takes the lower
+                canonical &= (slot_group[:, i] != slot_group[:, j]) | (block[:, i] < block[:, j])
+            block = block[canonical]
+        if len(block):
+            yield block
 
 
 def interchangeable_slots(*columns):
@@ -171,23 +170,45 @@ def interchangeable_slots(*columns):
     return np.unique(features.T, axis=0, return_inverse=True)[1].ravel()
 
 
-def _best_permutation(k, scored, seed=0, chunk=40320, groups=None):
+def exchanges(groups):
+    """[E, K] every map of slots (slot s to map[s]) that only exchanges slots within their groups."""
+    groups = np.asarray(groups)
+    slots = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    maps = []
+    for orders in itertools.product(*(itertools.permutations(members) for members in slots)):
+        slot_map = np.arange(len(groups))
+        for members, order in zip(slots, orders):
+            slot_map[members] = order
+        maps.append(slot_map)
+    return np.array(maps, dtype=np.int16)
+
+
+def _best_permutation(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0):
     """The permutation a [K] (item i to slot a[i]) with the largest `scored` (a function of [A, K]
     stacks): exhaustive up to EXHAUSTIVE_LEAVES items, pairwise swaps from 20 random starts beyond.
     The first in lexicographic order wins a tie. `groups` [K] (`interchangeable_slots`): slots
-    `scored` cannot tell apart; the exhaustive search then scores one permutation of each set that
-    differs only by exchanging them (`canonical_permutations`, e.g. 3.6M -> 75,600 for PBMC's ten
-    leaves, four of them CD4 T and two CD8 T), and returns the same one."""
+    `scored` cannot tell apart but for rounding, by at most `tolerance`; the exhaustive search then
+    scores one permutation of each set that differs only by exchanging them
+    (`permutation_blocks`, e.g. 3.6M -> 75,600 for PBMC's ten leaves, four of them CD4 T and
+    two CD8 T), rescores every member of the sets whose one came within `tolerance` of the best,
+    and so returns the very permutation the search over all of them returns."""
     if k <= EXHAUSTIVE_LEAVES:
-        best, best_score = None, -np.inf
-        permutations = itertools.permutations(range(k)) if groups is None else canonical_permutations(groups)
-        while True:
-            block = np.array(list(itertools.islice(permutations, chunk)), dtype=np.int16)
-            if not len(block):
-                return np.asarray(best, dtype=int)
+        best, best_score, near = None, -np.inf, []
+        # the last additions round at the size of the score itself, beyond what `tolerance` covers
+        floor = lambda: best_score - tolerance - 1e-12 * abs(best_score)  # noqa: E731
+        for block in permutation_blocks(k, chunk, groups):
             scores = scored(block)
             if scores.max() > best_score:
                 best_score, best = scores.max(), block[scores.argmax()]
+            if groups is not None:
+                near = [(rows[s >= floor()], s[s >= floor()]) for rows, s in near + [(block, scores)]]
+        if groups is None:
+            return np.asarray(best, dtype=int)
+        near = np.concatenate([rows for rows, _ in near])
+        members = exchanges(groups)[:, near].reshape(-1, k)            # every set's members, rescored
+        scores = np.concatenate([scored(members[i:i + chunk]) for i in range(0, len(members), chunk)])
+        tied = members[scores == scores.max()]
+        return np.asarray(tied[np.lexsort(tied.T[::-1])[0]], dtype=int)
     rng = np.random.default_rng(seed)
     best, best_score = None, -np.inf
     for _ in range(20):
@@ -428,11 +449,14 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * top_score(a)  # noqa: E731
                         + _graph_scores(links, ancestors, a))
     # The scores read a slot through its classes above the leaf level and its column of conflicts, so
-    # slots equal in those are interchangeable; but the compact top level sums its classes over
-    # slots, in an order such an exchange changes (last-bit differences), so it is searched in full.
-    slot_groups = lambda *more: (interchangeable_slots(ancestors[:-1], conflicts, *more)  # noqa: E731
-                                 if top_level == "linkage" else None)
-    slot = _best_permutation(n_leaves, scored, seed, groups=slot_groups())
+    # slots equal in those are interchangeable, but for rounding: the compact top level sums its
+    # classes over slots in an order an exchange changes. Its error is within 40 eps of the leaves'
+    # uncentred sum of squares (times `scale`), the graph's and the counts' within eps of their
+    # sizes; `rounding` bounds the difference of two exchanges 100 times over.
+    uncentred = (counts * (centres ** 2).sum(-1)).sum() if top_level == "compact" else 1.0
+    rounding = 1e-12 * (scale * uncentred + len(ancestors))
+    slot_groups = lambda *more: interchangeable_slots(ancestors[:-1], conflicts, *more)  # noqa: E731
+    slot = _best_permutation(n_leaves, scored, seed, groups=slot_groups(), tolerance=rounding)
     if markers is not None and len(markers[1]):
         scores, classes = np.asarray(markers[0], float), list(markers[1])
         means = np.array([[scores[leaf == k, s].mean() if counts[k] else -np.inf for k in range(n_leaves)]
@@ -442,7 +466,7 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
         moved = lambda a: (relatives[:, a] != relatives[:, slot][:, None]).sum(axis=(0, 2))  # noqa: E731
         slot = _best_permutation(n_leaves, lambda a: -MARKERS_FIRST * (MARKERS_FIRST * (moved(a) + conflicting(a))
                                                                        + marker_violations(means, classes, ancestors, a))
-                                 + scored(a), seed, groups=slot_groups(relatives, marked))
+                                 + scored(a), seed, groups=slot_groups(relatives, marked), tolerance=rounding)
     return slot[leaf]
 
 
