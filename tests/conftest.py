@@ -1,5 +1,6 @@
 """Shared fixtures: the shipped PBMC cells read once per session, a small slice of them written as a
-user's own file, and a recorder of the figures a command draws.
+user's own file, and a recorder of the figures a command draws; and the order in which the two
+pytest-xdist workers get the test modules.
 
 Paths come from this file's location, never from the working directory."""
 import sys
@@ -15,6 +16,25 @@ PBMC_HIERARCHY = DATA / "pbmc_hierarchy.tsv"
 # Small networks and no XLA, so CLI tests train in seconds on real cells. XLA (the default) is
 # covered by the one test that trains without these arguments' --no-xla (test_training.py).
 FAST = ["--n-genes", "80", "--latent-dim", "4", "--hidden", "16", "16", "--batch-size", "64", "--no-xla"]
+
+
+# Test modules by their time on one worker (`--durations`, 2026-12-04), longest first; the rest
+# follow in file order.
+LONGEST_FIRST = ["test_refit", "test_training", "test_evaluate_cli", "test_experiment", "test_partial_labels",
+                 "test_tutorial", "test_api", "test_tree", "test_tuning_options", "test_query",
+                 "test_semi_supervised_models", "test_hierarchical", "test_bad_input", "test_packaging",
+                 "test_tree_defaults", "test_markers", "test_ondisk"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """For the README's `-n 2 --dist loadfile --no-loadscope-reorder`: each test module goes to one
+    pytest-xdist worker whole, so a module-scoped fixture (a trained model) is built once, not once
+    per worker as `--dist load` did (the refit, query, evaluate and API models: about 200 s of
+    training twice); and the longest modules are handed out first, so that no long module starts
+    while the other worker has nothing left (xdist's own order, by number of tests, left one
+    worker alone for 5 minutes). Without xdist only the order changes."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)
