@@ -149,6 +149,8 @@ def permutation_blocks(k, chunk=40320, groups=None):
     tail = max(t for t in range(1, k + 1) if math.factorial(t) <= chunk)
     ends = np.array(list(itertools.permutations(range(tail))), dtype=np.int16)        # [tail!, tail]
     pairs = list(itertools.combinations(range(k), 2))
+    if groups is not None and len(np.unique(groups)) == k:
+        groups = None                           # no two slots alike: every permutation is canonical
     for prefix in itertools.permutations(range(k), k - tail):
         rest = np.array(sorted(set(range(k)) - set(prefix)), dtype=np.int16)
         block = np.column_stack([np.tile(np.array(prefix, dtype=np.int16), (len(ends), 1)), rest[ends]])
