@@ -19,6 +19,7 @@ from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 import scvae_hier.models.tree as tree_module
 from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
+                                    fragment_classes,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
                                     exchanges, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
@@ -738,6 +739,50 @@ def test_linkage_sets_no_fragment_apart():
         shuffled = np.random.default_rng(seed).permutation(4)[truth]
         placed = place_leaves(latent, shuffled, ONE_AND_THREE, 4, top_level="linkage")
         assert set(truth[top[placed] == 0]) == {3}
+
+
+ONE_ONE_THREE = [[0, 1, 1], [0, 1, 2, 2, 2]]   # top: A | rest; level 2: A | a one-leaf class | a three-leaf class
+
+
+@pytest.mark.parametrize("far_cells, alone", [(20, "NK-like"), (60, "far")])
+def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
+    """A far blob of `far_cells` and an NK-like blob that touches the T-like pair compete for the
+    one-leaf level-2 class. Isolated, the far blob keeps all its links wherever it goes, and the
+    NK-like blob keeps more of its own inside the T-like class, so the graph gives the class to the
+    far blob. With 20 cells (under MIN_CLASS_SHARE of its even share: 0.05 x 2620 / 5 = 26) it is a
+    fragment and the NK-like blob gets the class; with 60 it is a small type and keeps it (Kang's
+    megakaryocytes, 0.8%). Fewer than 16 cells would link out of the blob (15 neighbours each). `fragment_classes` against a count by hand."""
+    rng = np.random.default_rng(0)
+    centres, sizes = [[0.0, 12.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-12.0, -12.0]], [600, 800, 600, 600, far_cells]
+    scales = [0.3, 0.5, 0.3, 0.3, 0.3]
+    latent = np.concatenate([np.array(c) + s * rng.normal(size=(n, 2)) for c, n, s in zip(centres, sizes, scales)])
+    blob = np.repeat(np.arange(5), sizes)                # the leaves: 0 top-level, 1 NK-like, 2-3 T-like pair, 4 far
+    ancestors = leaf_ancestors(ONE_ONE_THREE, 5)
+    counts = np.bincount(blob, minlength=5)
+    assignments = np.array(list(itertools.permutations(range(5))))
+    found = fragment_classes(counts, ancestors[1:-1], assignments, tree_module.MIN_CLASS_SHARE)
+    for a, n in zip(assignments, found):
+        held = [counts[ancestors[1][a] == j].sum() for j in range(3)]
+        even = np.bincount(ancestors[1], minlength=3) / 5 * counts.sum()
+        assert n == sum(h < 0.05 * e for h, e in zip(held, even))
+    one_leaf = {"NK-like": 1, "far": 4}[alone]
+    for seed in range(3):
+        shuffled = np.random.default_rng(seed).permutation(5)[blob]
+        placed = place_leaves(latent, shuffled, ONE_ONE_THREE, 5, top_level="linkage")
+        assert set(blob[ancestors[0][placed] == 0]) == {0}
+        assert set(blob[ancestors[1][placed] == 1]) == {one_leaf}
+
+
+def test_without_the_guard_a_fragment_takes_a_class_below_the_top(monkeypatch):
+    """The case above with no guard: the 20-cell far blob gets the one-leaf class (what the guard prevents)."""
+    monkeypatch.setattr(tree_module, "MIN_CLASS_SHARE", 0.0)
+    rng = np.random.default_rng(0)
+    centres, sizes = [[0.0, 12.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-12.0, -12.0]], [600, 800, 600, 600, 20]
+    scales = [0.3, 0.5, 0.3, 0.3, 0.3]
+    latent = np.concatenate([np.array(c) + s * rng.normal(size=(n, 2)) for c, n, s in zip(centres, sizes, scales)])
+    blob = np.repeat(np.arange(5), sizes)
+    placed = place_leaves(latent, blob, ONE_ONE_THREE, 5, top_level="linkage")
+    assert set(blob[leaf_ancestors(ONE_ONE_THREE, 5)[1][placed] == 1]) == {4}
 
 
 def test_labels_hold_over_the_linkage_of_the_top_level():

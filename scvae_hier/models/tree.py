@@ -76,6 +76,11 @@ MARKERS_FIRST = 1e9     # weight of each marker violation: above the top level's
 # cells over its leaves (a one-leaf class of nine: 2.8% of the cells); smaller, it is a fragment
 # set apart for being far (PBMC: ~80 myeloid-like cells of the CD34+ sort), not a class.
 MIN_TOP_SHARE = 0.25
+# Below the top level (linkage only), a class must hold at least this share of its even split: a
+# one-leaf class of ten, 0.5% of the cells. Smaller, it is a fragment (PBMC's ten populations: 22
+# far, mixed cells took NK's one-leaf level-2 class and pushed NK under T), while real rare types
+# keep their class (Kang: dendritic cells 1.7%, megakaryocytes 0.8%, each one leaf of eight).
+MIN_CLASS_SHARE = 0.05
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -349,13 +354,22 @@ def _linkage_scores(distances, counts, top, assignments):
     return linkage[:, first, second].mean(-1)
 
 
-def _too_small(counts, top, assignments, share=MIN_TOP_SHARE):
-    """[A] bool: the assignments ([A, K]) under which some top class holds fewer cells than `share`
-    of its even share (its number of slots over all slots, times all cells; `counts` [K] per leaf)."""
+def fragment_classes(counts, rows, assignments, share):
+    """[A] the number of classes, over the levels whose class of each slot is a row of `rows`, that
+    hold fewer cells than `share` of their even share (their number of slots over all slots, times
+    all cells; `counts` [K] per leaf) under each assignment ([A, K])."""
     counts = np.asarray(counts, float)
-    held = np.einsum("akj,k->aj", _class_onehot(top, assignments), counts)            # [A, J]
-    even = np.bincount(top, minlength=held.shape[1]) / len(top) * counts.sum()        # [J]
-    return (held < share * even).any(axis=1)
+    found = np.zeros(len(assignments), dtype=int)
+    for row in rows:
+        held = np.einsum("akj,k->aj", _class_onehot(row, assignments), counts)        # [A, J]
+        even = np.bincount(row, minlength=held.shape[1]) / len(row) * counts.sum()    # [J]
+        found += (held < share * even).sum(axis=1)
+    return found
+
+
+def _too_small(counts, top, assignments, share=MIN_TOP_SHARE):
+    """[A] bool: the assignments ([A, K]) under which some top class is a fragment (`fragment_classes`)."""
+    return fragment_classes(counts, [top], assignments, share) > 0
 
 
 def _graph_scores(links, ancestors, assignments):
@@ -416,7 +430,11 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
     the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
     apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
-    (NOTES.md), unless that makes a top class a fragment (`_too_small`, MIN_TOP_SHARE).
+    (NOTES.md), unless that makes a top class a fragment (`_too_small`, MIN_TOP_SHARE). With the
+    linkage, no class below the top is a fragment either where another placement avoids it
+    (`fragment_classes`, MIN_CLASS_SHARE; each costs more than the graph terms can gain): the
+    graph cannot tell an isolated fragment from an isolated type, and a type that links a little
+    to another keeps more links inside if it joins it and leaves its class to the fragment.
 
     markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
     leaves are placed as above first; then, keeping which leaves lie under each marked class's
@@ -440,16 +458,19 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
         # an assignment with a fragment for a top class (`_too_small`) loses to every other
         top_score = lambda a: (_linkage_scores(distances, counts, ancestors[0], a)  # noqa: E731
                                - distances.max() * _too_small(counts, ancestors[0], a))
+        # the graph terms sum to at most len(ancestors) - 2, so one fragment outweighs them all
+        fragments = lambda a: len(ancestors) * fragment_classes(counts, ancestors[1:-1], a, MIN_CLASS_SHARE)  # noqa: E731
     else:
         centres = np.array([latent[leaf == k].mean(axis=0) if counts[k] else latent.mean(axis=0)
                             for k in range(n_leaves)])
         # the leaves' own between-class sum of squares bounds the top level's, so its term is in [0, 1]
         scale = TOP_LEVEL_FIRST / max(_tree_scores(centres, counts, ancestors[-1:], np.arange(n_leaves)[None])[0], 1e-12)
         top_score = lambda a: _tree_scores(centres, counts, ancestors[:1], a)  # noqa: E731
+        fragments = lambda a: 0.0  # noqa: E731
     conflicts = np.zeros((n_leaves, n_leaves)) if conflicts is None else np.asarray(conflicts, float)
     conflicting = lambda a: conflicts[np.arange(n_leaves), a].sum(axis=1)  # noqa: E731
     scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * top_score(a)  # noqa: E731
-                        + _graph_scores(links, ancestors, a))
+                        - fragments(a) + _graph_scores(links, ancestors, a))
     # The scores read a slot through its classes above the leaf level and its column of conflicts, so
     # slots equal in those are interchangeable, but for rounding: the compact top level sums its
     # classes over slots in an order an exchange changes. Its error is within 40 eps of the leaves'
