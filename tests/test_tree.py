@@ -744,6 +744,16 @@ def test_linkage_sets_no_fragment_apart():
 ONE_ONE_THREE = [[0, 1, 1], [0, 1, 2, 2, 2]]   # top: A | rest; level 2: A | a one-leaf class | a three-leaf class
 
 
+def far_blob_beside_nk_like(far_cells):
+    """Five blobs, one leaf each: 0 far from the rest (the top class), 1 NK-like (touching 3), 2-3 a
+    T-like pair, 4 `far_cells` cells far from everything."""
+    rng = np.random.default_rng(0)
+    centres, sizes = [[0.0, 12.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-12.0, -12.0]], [600, 800, 600, 600, far_cells]
+    scales = [0.3, 0.5, 0.3, 0.3, 0.3]
+    latent = np.concatenate([np.array(c) + s * rng.normal(size=(n, 2)) for c, n, s in zip(centres, sizes, scales)])
+    return latent, np.repeat(np.arange(5), sizes)
+
+
 @pytest.mark.parametrize("far_cells, alone", [(20, "NK-like"), (60, "far")])
 def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
     """A far blob of `far_cells` and an NK-like blob that touches the T-like pair compete for the
@@ -751,12 +761,9 @@ def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
     NK-like blob keeps more of its own inside the T-like class, so the graph gives the class to the
     far blob. With 20 cells (under MIN_CLASS_SHARE of its even share: 0.05 x 2620 / 5 = 26) it is a
     fragment and the NK-like blob gets the class; with 60 it is a small type and keeps it (Kang's
-    megakaryocytes, 0.8%). Fewer than 16 cells would link out of the blob (15 neighbours each). `fragment_classes` against a count by hand."""
-    rng = np.random.default_rng(0)
-    centres, sizes = [[0.0, 12.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-12.0, -12.0]], [600, 800, 600, 600, far_cells]
-    scales = [0.3, 0.5, 0.3, 0.3, 0.3]
-    latent = np.concatenate([np.array(c) + s * rng.normal(size=(n, 2)) for c, n, s in zip(centres, sizes, scales)])
-    blob = np.repeat(np.arange(5), sizes)                # the leaves: 0 top-level, 1 NK-like, 2-3 T-like pair, 4 far
+    megakaryocytes, 0.8%). Fewer than 16 cells would link out of the blob (15 neighbours each).
+    `fragment_classes` against a count by hand."""
+    latent, blob = far_blob_beside_nk_like(far_cells)
     ancestors = leaf_ancestors(ONE_ONE_THREE, 5)
     counts = np.bincount(blob, minlength=5)
     assignments = np.array(list(itertools.permutations(range(5))))
@@ -776,11 +783,7 @@ def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
 def test_without_the_guard_a_fragment_takes_a_class_below_the_top(monkeypatch):
     """The case above with no guard: the 20-cell far blob gets the one-leaf class (what the guard prevents)."""
     monkeypatch.setattr(tree_module, "MIN_CLASS_SHARE", 0.0)
-    rng = np.random.default_rng(0)
-    centres, sizes = [[0.0, 12.0], [3.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-12.0, -12.0]], [600, 800, 600, 600, 20]
-    scales = [0.3, 0.5, 0.3, 0.3, 0.3]
-    latent = np.concatenate([np.array(c) + s * rng.normal(size=(n, 2)) for c, n, s in zip(centres, sizes, scales)])
-    blob = np.repeat(np.arange(5), sizes)
+    latent, blob = far_blob_beside_nk_like(20)
     placed = place_leaves(latent, blob, ONE_ONE_THREE, 5, top_level="linkage")
     assert set(blob[leaf_ancestors(ONE_ONE_THREE, 5)[1][placed] == 1]) == {4}
 
