@@ -108,7 +108,8 @@ class TrainOptions:
     top_level_split: str = option(DEFAULT_TOP_LEVEL_SPLIT, "TreeVAE: how the final refit's graph placement splits the top level: "
                                   "'linkage', its classes as far apart as possible by average linkage (the mean "
                                   "distance between their cells, which a class's size does not sway), none of them a "
-                                  "fragment (under a quarter of its even share of the cells); 'compact', "
+                                  "fragment (under a quarter of its even share of the cells), nor any class "
+                                  "below it where avoidable (under 5%% of its even share); 'compact', "
                                   "least sum of squares (the rule before 2026-12-03, which sets the biggest distinct "
                                   "type apart). The epoch re-seeds always use 'compact'.", list(TOP_LEVEL_SPLITS))
     empty_leaves: tuple = option((), "TreeVAE: leaves of the hierarchy (finest class names) that the "
