@@ -788,6 +788,17 @@ def test_without_the_guard_a_fragment_takes_a_class_below_the_top(monkeypatch):
     assert set(blob[leaf_ancestors(ONE_ONE_THREE, 5)[1][placed] == 1]) == {4}
 
 
+def test_marker_genes_outweigh_the_fragment_guard():
+    """A rare type the user knows (marker scores high in the 20-cell far blob only, for the one-leaf
+    level-2 class) holds that class although the guard alone would give it to the NK-like blob."""
+    latent, blob = far_blob_beside_nk_like(20)
+    scores = (blob == 4).astype(float)[:, None] + 0.01 * np.random.default_rng(0).normal(size=(len(blob), 1))
+    placed = place_leaves(latent, blob, ONE_ONE_THREE, 5, top_level="linkage", markers=(scores, [(1, 1)]))
+    ancestors = leaf_ancestors(ONE_ONE_THREE, 5)
+    assert set(blob[ancestors[1][placed] == 1]) == {4}
+    assert set(blob[ancestors[0][placed] == 0]) == {0}
+
+
 def test_labels_hold_over_the_linkage_of_the_top_level():
     """Labels say the big blob is the one-leaf class: the linkage's choice (the far blob) gives way."""
     latent, truth = outgroup()
