@@ -10,7 +10,8 @@ from scvae_hier.data import DataError, prepare
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.markers import genes_of, parse, resolve, scores
 from scvae_hier.models import TreeVAE
-from scvae_hier.models.tree import leaf_ancestors, marker_violations, place_leaves, tree_clustering
+from scvae_hier.models.tree import (leaf_ancestors, marker_relatives, marker_violations, permutation_blocks, place_leaves,
+                                    tree_clustering)
 from scvae_hier.options import TrainOptions
 
 PBMC_PARENTS = [[0, 1, 1, 1], [0, 1, 2, 3, 3], [0, 1, 2, 3, 3, 3, 3, 4, 4]]   # Stem (CD34 alone) / the rest
@@ -158,9 +159,10 @@ def test_prepare_keeps_marker_genes_beside_the_highly_variable_ones(pbmc):
 def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monkeypatch):
     """End to end on real cells, from the command line: a marker gene outside the highly variable
     ones is kept, the final refit receives every training cell's marker scores (checked against
-    `scores` on the run's own counts), and the leaves it places break no marker order (with the top
-    level by compactness: on this 2-epoch slice the linkage's top level puts under T a leaf among the
-    highest for both marker sets, so that no order satisfies both)."""
+    `scores` on the run's own counts), and the leaves it places break as few marker orders as any
+    placement that keeps each marked class's relatives (brute force over all 10! placements). Not
+    none: how a 2-epoch latent groups this slice differs between machines, and on some no placement
+    with those relatives satisfies both marker sets."""
     import json
 
     import anndata
@@ -173,7 +175,7 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
 
     def spy(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None, top_level="compact"):
         placed = original(latent, leaf, parents, n_leaves, seed, markers=markers, conflicts=conflicts, top_level=top_level)
-        seen.append((markers, leaf, placed, parents, n_leaves, top_level))
+        seen.append((markers, leaf, placed, parents, n_leaves, top_level, latent, seed))
         return placed
 
     monkeypatch.setattr(tree, "place_leaves", spy)
@@ -189,13 +191,21 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
                                                                  [genes.index("CD4"), genes.index("IL7R")]]
     with_markers = [call for call in seen if call[0] is not None]
     assert len(with_markers) == 1 and len(seen) == 2      # the epoch re-seed without them, the final refit with
-    assert [call[-1] for call in seen] == ["compact", "compact"]   # the flag reaches the final refit
-    (marker_scores, classes), leaf, placed, parents, n_leaves, _ = with_markers[0]
+    assert [call[5] for call in seen] == ["compact", "compact"]   # the flag reaches the final refit
+    (marker_scores, classes), leaf, placed, parents, n_leaves, _, latent, seed = with_markers[0]
     train = (outputs.obs["split"] == "train").to_numpy()
     np.testing.assert_allclose(marker_scores, scores(outputs.X[train], config["model_arguments"]["markers"]), rtol=1e-5)
-    means = np.array([[marker_scores[placed == k, s].mean() if (placed == k).any() else -np.inf
-                       for k in range(n_leaves)] for s in range(len(classes))])
-    assert marker_violations(means, classes, leaf_ancestors(parents, n_leaves), np.arange(n_leaves)[None])[0] == 0
+    ancestors = leaf_ancestors(parents, n_leaves)
+    means = np.array([[marker_scores[leaf == k, s].mean() for k in range(n_leaves)] for s in range(len(classes))])
+    slot_of = lambda points: np.array([points[leaf == k][0] for k in range(n_leaves)])  # noqa: E731
+    before = slot_of(original(latent, leaf, parents, n_leaves, seed, top_level="compact"))   # without markers
+    relatives = np.array([marker_relatives(ancestors, level, k) for level, k in classes])
+    fewest = np.inf
+    for block in permutation_blocks(n_leaves):
+        kept = (relatives[:, block] == relatives[:, before][:, None]).all(axis=(0, 2))
+        if kept.any():
+            fewest = min(fewest, marker_violations(means, classes, ancestors, block[kept]).min())
+    assert marker_violations(means, classes, ancestors, slot_of(placed)[None])[0] == fewest
 
 
 def test_markers_rearrange_leaves_within_their_relatives_only():
