@@ -217,6 +217,38 @@ def _with_kept_genes(selected, keep_genes, var_names):
     return np.union1d(selected, [position[str(g)] for g in keep_genes]).astype(int)
 
 
+def cells_kept(obs, label_column, exclude_labels) -> np.ndarray:
+    """Indices of the cells left when the labels `exclude_labels` of obs[label_column] are left
+    out (all cells without any), refusing a missing column, an absent label or no cell left."""
+    cells = np.arange(len(obs))
+    if label_column is not None and label_column not in obs:
+        raise DataError(f"obs has no label column {label_column!r}; available obs columns: {list(obs.columns)}")
+    if exclude_labels:
+        if label_column is None:
+            raise DataError("exclude_labels needs a label column (--label-column)")
+        labels = label_values(obs, label_column)
+        absent = [lab for lab in exclude_labels if lab not in set(labels)]
+        if absent:
+            raise DataError(f"excluded label(s) {absent} do not occur in obs[{label_column!r}]; its labels "
+                            f"are {sorted(set(labels))}")
+        cells = np.flatnonzero(~np.isin(labels, exclude_labels))
+        if len(cells) == 0:
+            raise DataError(f"excluding {exclude_labels} leaves no cells")
+    return cells
+
+
+def gene_positions(var_names, genes) -> np.ndarray:
+    """Column of each of `genes` (a trained model's, in its order) in `var_names`, refusing the
+    data when any is missing, with their names."""
+    genes = [str(g) for g in genes]
+    position = {g: i for i, g in enumerate(var_names)}
+    missing = [g for g in genes if g not in position]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing from the data: {shown}")
+    return np.array([position[g] for g in genes], dtype=int)
+
+
 def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=(),
             drop_empty_cells=False, outlier_counts="keep", keep_genes=()):
     """Checked raw counts of the chosen cells and genes, ready for training or evaluation.
@@ -233,36 +265,14 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
     exclude_labels = [str(lab) for lab in exclude_labels]
     record = {"n_cells_input": int(adata.n_obs), "n_genes_input": int(adata.n_vars)}
 
-    cells = np.arange(adata.n_obs)
-    if label_column is not None and label_column not in adata.obs:
-        raise DataError(f"obs has no label column {label_column!r}; available obs columns: "
-                        f"{list(adata.obs.columns)}")
+    cells = cells_kept(adata.obs, label_column, exclude_labels)
     if exclude_labels:
-        if label_column is None:
-            raise DataError("exclude_labels needs a label column (--label-column)")
-        labels = label_values(adata.obs, label_column)
-        absent = [lab for lab in exclude_labels if lab not in set(labels)]
-        if absent:
-            raise DataError(
-                f"excluded label(s) {absent} do not occur in obs[{label_column!r}]; its labels "
-                f"are {sorted(set(labels))}")
-        cells = np.flatnonzero(~np.isin(labels, exclude_labels))
-        if len(cells) == 0:
-            raise DataError(f"excluding {exclude_labels} leaves no cells")
         X = X[cells]
     record.update(label_column=label_column or "", excluded_labels=",".join(exclude_labels),
                   n_cells_excluded=int(adata.n_obs - len(cells)))
 
     if genes is not None:
-        genes = [str(g) for g in genes]
-        position = {g: i for i, g in enumerate(adata.var_names)}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
-                                               if len(missing) > 10 else "")
-            raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing "
-                            f"from the data: {shown}")
-        selected = np.array([position[g] for g in genes], dtype=int)
+        selected = gene_positions(adata.var_names, genes)
         record.update(gene_selection="given", n_genes_all_zero_dropped=0)
     else:
         nonzero = np.flatnonzero(X.getnnz(axis=0) > 0)

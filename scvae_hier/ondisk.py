@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset, write_elem
 
-from .data import (MIN_CELLS_GENE_SELECTION, DataError, _check_unique, _with_kept_genes, label_values,
+from .data import (MIN_CELLS_GENE_SELECTION, DataError, _check_unique, _with_kept_genes, cells_kept, gene_positions,
                    report_outliers, validate_counts)
 
 CHUNK_CELLS = 8192        # rows read at a time: bounds memory at (chunk x genes of the file) non-zeros
@@ -355,21 +355,7 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
     _check_unique(source.obs_names, "cell", "make them unique first (adata.obs_names_make_unique())")
     exclude_labels = [str(lab) for lab in exclude_labels]
     record = {"n_cells_input": int(source.n_obs), "n_genes_input": int(source.n_vars)}
-    cells = np.arange(source.n_obs)
-    if label_column is not None and label_column not in source.obs:
-        raise DataError(f"obs has no label column {label_column!r}; available obs columns: "
-                        f"{list(source.obs.columns)}")
-    if exclude_labels:
-        if label_column is None:
-            raise DataError("exclude_labels needs a label column (--label-column)")
-        labels = label_values(source.obs, label_column)
-        absent = [lab for lab in exclude_labels if lab not in set(labels)]
-        if absent:
-            raise DataError(f"excluded label(s) {absent} do not occur in obs[{label_column!r}]; its labels "
-                            f"are {sorted(set(labels))}")
-        cells = np.flatnonzero(~np.isin(labels, exclude_labels))
-        if len(cells) == 0:
-            raise DataError(f"excluding {exclude_labels} leaves no cells")
+    cells = cells_kept(source.obs, label_column, exclude_labels)
     record.update(label_column=label_column or "", excluded_labels=",".join(exclude_labels),
                   n_cells_excluded=int(source.n_obs - len(cells)))
 
@@ -377,13 +363,7 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
     seconds["gene_statistics"] = time.time() - clock
     clock = time.time()
     if genes is not None:
-        genes = [str(g) for g in genes]
-        position = {g: i for i, g in enumerate(source.var_names)}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing from the data: {shown}")
-        selected = np.array([position[g] for g in genes], dtype=int)
+        selected = gene_positions(source.var_names, genes)
         record.update(gene_selection="given", n_genes_all_zero_dropped=0)
     else:
         present = np.flatnonzero(nonzeros > 0)

@@ -262,6 +262,11 @@ def test_prepare_label_errors(pbmc_1000):
     with pytest.raises(DataError, match=r"excluded label\(s\) \['monocytes'\] do not occur in "
                                         r"obs\['source_library'\]"):
         prepare(pbmc_1000, label_column="source_library", exclude_labels=["monocytes"])
+    with pytest.raises(DataError, match=r"exclude_labels needs a label column \(--label-column\)"):
+        prepare(pbmc_1000, exclude_labels=["b_cells"])
+    every = list(pbmc_1000.obs["source_library"].unique())
+    with pytest.raises(DataError, match=r"excluding \[.*\] leaves no cells"):
+        prepare(pbmc_1000, label_column="source_library", exclude_labels=every)
 
 
 def test_prepare_empty_cells(pbmc_1000):
