@@ -152,6 +152,8 @@ def _print_scores(path, metrics) -> None:
     for subset, scores in metrics.get("ari", {}).items():
         print(f"ARI of clusters vs hierarchy levels ({subset} cells): "
               + ", ".join(f"{level} {value:.3f}" for level, value in scores.items()))
+    if "placement_margin" in metrics:
+        print(metrics["placement_margin"]["reading"])
     print(f"Load it in Python with scvae_hier.load_model({str(path)!r}); per-cell outputs: {path}/outputs.h5ad")
 
 

@@ -428,7 +428,7 @@ def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: 
     """`outputs.write_outputs` a chunk of cells at a time: each chunk's latent and probabilities go
     straight into outputs.h5ad's obsm, its counts into X; only the clusters stay in memory."""
     from .files import atomic_path
-    from .outputs import annotate, level_ari, level_names, predict_outputs
+    from .outputs import annotate, level_ari, level_names, named_margin, predict_outputs
 
     n = prepared.n_obs
     columns = {}
@@ -468,6 +468,8 @@ def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: 
                 metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])
                                   for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
                                   if mask.any()}
+            if "placement_margin" in model.metadata:
+                metrics["placement_margin"] = named_margin(model, names)
             uns = dict(prepared.uns)
             uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                             "metrics": {k: v for k, v in metrics.items() if k != "model"}}

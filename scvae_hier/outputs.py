@@ -103,6 +103,21 @@ def class_names(model, level_names, outputs, given=None) -> dict:
     return out
 
 
+def named_margin(model, level_names) -> dict:
+    """TreeVAE's placement margin (`TreeVAE.placement_margin`) with levels and leaves named (leaves by
+    their cluster names where they have one, else "cluster K"), and its one-line reading."""
+    from .models.tree import describe_margin
+
+    margin = model.metadata["placement_margin"]
+    finest = model.metadata.get("cluster_names", {}).get(level_names[-1]) or []
+    leaf_names = {k: (finest[k] if k < len(finest) and finest[k] is not None else f"cluster {k}")
+                  for leaves in margin["regrouped"].values() for k in leaves}
+    return {"margin": margin["margin"],
+            "regrouped": {level_names[int(level)]: [leaf_names[k] for k in leaves]
+                          for level, leaves in margin["regrouped"].items()},
+            "reading": describe_margin(margin, leaf_names, level_names)}
+
+
 def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None, given=None) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics (ARI of the model's
     own clusters on all, test and, with partial labels `given`, never-labelled cells)."""
@@ -124,6 +139,8 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
         known = np.isin(labels, list(hierarchy.paths))  # cells without a true label are not scored
         metrics["ari"] = {subset: level_ari(hierarchy, labels[mask & known], [c[mask & known] for c in clusters_by_level])
                           for subset, mask in subsets if (mask & known).sum() > 1}
+    if "placement_margin" in model.metadata:
+        metrics["placement_margin"] = named_margin(model, names)
     adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                           "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     write_h5ad(adata, run.outputs)

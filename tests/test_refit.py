@@ -37,7 +37,9 @@ def test_a_refit_with_other_settings_writes_the_run_trained_with_them(trained, t
     default, empty = trained
     refitted = tmp_path / "refitted"
     assert main(["refit", str(default), "--output", str(refitted), "--empty-leaves", EMPTY]) == 0
-    assert "ARI of clusters vs hierarchy levels (test cells)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ARI of clusters vs hierarchy levels (test cells)" in printed
+    assert "Nearest other grouping of the leaves" in printed
     got, want = clusters(refitted), clusters(empty)
     np.testing.assert_array_equal(got[0], want[0])                # every cell's cluster at every level
     for a, b in zip(got[1], want[1]):
@@ -63,6 +65,24 @@ def test_a_refit_with_the_runs_own_settings_gives_its_outputs_back(trained, tmp_
     np.testing.assert_array_equal(got[0], want[0])
     got, want = (json.loads((run / "metrics.json").read_text())["ari"] for run in (again, empty))
     assert got.keys() == want.keys() and all(got[s] == pytest.approx(want[s]) for s in want)
+
+
+def test_a_run_reports_how_clearly_its_leaves_are_grouped(trained):
+    """metrics.json holds the placement margin with the hierarchy's level names and the leaves'
+    cluster names; the saved model keeps it (by leaf index), and the two agree."""
+    import scvae_hier
+    from scvae_hier.hierarchy import Hierarchy
+    default, _ = trained
+    margin = json.loads((default / "metrics.json").read_text())["placement_margin"]
+    model = scvae_hier.load_model(default)
+    saved = model.metadata["placement_margin"]
+    levels = Hierarchy.from_anndata(anndata.read_h5ad(default / "outputs.h5ad", backed="r")).levels
+    assert margin["margin"] == saved["margin"] and isinstance(margin["margin"], float)
+    assert list(margin["regrouped"]) == [levels[int(level)] for level in saved["regrouped"]]
+    finest = model.metadata["cluster_names"][levels[-1]]
+    for level, leaves in saved["regrouped"].items():
+        assert margin["regrouped"][levels[int(level)]] == [finest[k] or f"cluster {k}" for k in leaves]
+    assert margin["reading"].startswith("Nearest other grouping of the leaves (")
 
 
 def test_a_refit_clears_the_runs_list_when_its_flag_comes_alone(trained, tmp_path):

@@ -18,8 +18,8 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 import scvae_hier.models.tree as tree_module
-from scvae_hier.models.tree import (TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _too_small, _tree_scores,
-                                    fragment_classes,
+from scvae_hier.models.tree import (NEAR_TIE, TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _placement_objective, _too_small, _tree_scores,
+                                    describe_margin, fragment_classes, nearest_other_grouping, regrouped_leaves, same_grouping,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
                                     exchanges, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
@@ -913,3 +913,81 @@ def test_tree_scores_of_permutations_are_bit_for_bit_the_products():
             weight = 1.0 if weights is None else weights[level]
             expected += weight * (np.einsum("adj,adj->aj", sums, sums) / np.maximum(sizes, 1e-12)).sum(-1)
         np.testing.assert_array_equal(_tree_scores(centres, counts, levels, permutations, weights), expected)
+
+
+def groupings(parents, n_leaves, assignment):
+    """Every level's classes above the leaves as a set of sets of leaves (class names forgotten)."""
+    return [frozenset(frozenset(np.flatnonzero(row[assignment] == j)) for j in np.unique(row[assignment]))
+            for row in leaf_ancestors(parents, n_leaves)[:-1]]
+
+
+def test_same_grouping_is_equal_sets_of_leaves_at_every_level_by_brute_force():
+    permutations = np.array(list(itertools.permutations(range(7))))
+    here = np.random.default_rng(3).permutation(7)
+    want = [groupings(LINEAGE_PARENTS, 7, a) == groupings(LINEAGE_PARENTS, 7, here) for a in permutations]
+    got = same_grouping(leaf_ancestors(LINEAGE_PARENTS, 7), here, permutations)
+    np.testing.assert_array_equal(got, want)
+    assert 1 < got.sum() < len(got)         # leaves exchanged within a class, and their classes renamed, count as same
+    renamed = np.array([2, 3, 0, 1, 4, 5, 6])[here]   # slots 0, 1 (a class) and 2, 3 (its sibling) swapped whole
+    assert same_grouping(leaf_ancestors(LINEAGE_PARENTS, 7), here, renamed[None])[0]
+
+
+@pytest.mark.parametrize("top_level", ["linkage", "compact"])
+def test_nearest_other_grouping_is_the_best_different_grouping_by_brute_force(top_level):
+    latent, truth = lineages()
+    scored = _placement_objective(latent, truth, LINEAGE_PARENTS, 7, top_level=top_level)[0]
+    permutations = np.array(list(itertools.permutations(range(7))))
+    here = groupings(LINEAGE_PARENTS, 7, np.arange(7))
+    other_scores = np.array([s if groupings(LINEAGE_PARENTS, 7, a) != here else -np.inf
+                             for a, s in zip(permutations, scored(permutations))])
+    margin, other = nearest_other_grouping(latent, truth, LINEAGE_PARENTS, 7, top_level=top_level)
+    best_other = other_scores.max()
+    assert scored(np.arange(7)[None])[0] - best_other == pytest.approx(margin, rel=1e-9, abs=1e-9)
+    assert scored(other[None])[0] == pytest.approx(best_other, rel=1e-12)
+    assert groupings(LINEAGE_PARENTS, 7, other) != here
+    assert margin > 0      # the true leaves in their slots are the placement's own choice here
+
+
+def test_the_margin_tells_a_near_tie_from_a_clear_grouping():
+    """Four blobs in two rows (the classes of a level below a one-class top). Rows far apart: the rows
+    are the classes by a wide margin; blobs on the corners of a square: rows or columns, a near tie."""
+    parents = [[0, 0], [0, 0, 1, 1]]
+    leaf = np.repeat(np.arange(4), 1000)
+    for height, tie in ((6.0, False), (2.5, True)):
+        latent = np.array([[0, 0], [2.5, 0], [0, height], [2.5, height]])[leaf]
+        latent = latent + np.random.default_rng(0).normal(size=latent.shape)
+        margin, other = nearest_other_grouping(latent, leaf, parents, 4, top_level="linkage")
+        assert (abs(margin) < NEAR_TIE) == tie and margin > 0, (height, margin)
+        moved = regrouped_leaves(parents, 4, other)
+        assert list(moved) == [1] and len(moved[1]) == 2          # two blobs trade rows, at level 2
+        assert ("near tie" in describe_margin({"margin": margin, "regrouped": moved})) == tie
+    assert nearest_other_grouping(latent, leaf, [[0, 0, 0, 0]], 4) is None   # one grouping only
+
+
+def test_regrouped_leaves_are_the_fewest_that_change_class_under_any_renaming_by_brute_force():
+    ancestors = leaf_ancestors(LINEAGE_PARENTS, 7)
+    rng = np.random.default_rng(5)
+    for other in [np.array([2, 3, 0, 1, 4, 5, 6])] + [rng.permutation(7) for _ in range(30)]:
+        moved = regrouped_leaves(LINEAGE_PARENTS, 7, other)
+        for level, row in enumerate(ancestors[:-1]):
+            fewest = min(sum(renaming[row[k]] != row[other][k] for k in range(7))
+                         for renaming in itertools.permutations(range(row.max() + 1)))
+            assert len(moved.get(level, [])) == fewest, (other, level)
+    assert regrouped_leaves(LINEAGE_PARENTS, 7, np.array([2, 3, 0, 1, 4, 5, 6])) == {}   # sibling classes renamed
+    assert regrouped_leaves(LINEAGE_PARENTS, 7, np.array([0, 1, 2, 3, 4, 6, 5])) == {}   # leaves exchanged in a class
+
+
+def test_the_final_refit_records_how_clearly_its_leaves_are_grouped():
+    latent, truth = lineages()
+    loc = latent.astype("float32")
+    scale = np.full_like(loc, 0.1)
+    model = TreeVAE(7, level_sizes=(2, 4, 7), parents=LINEAGE_PARENTS, latent_dim=2, hidden=(6,),
+                    normalisation="none", input_transform="log1p", prior_probabilities="learnable")
+    model.build()
+    component = model.refit_prior(loc, scale, steps=2)
+    margin = model.placement_margin(loc, component)
+    want, other = nearest_other_grouping(loc, component, LINEAGE_PARENTS, 7, model.seed, top_level="linkage")
+    assert margin["margin"] == pytest.approx(want, abs=1e-6)
+    assert margin["regrouped"] == {str(k): v for k, v in regrouped_leaves(LINEAGE_PARENTS, 7, other).items()}
+    model.markers = [{"level": 1, "class": 0, "genes": ["A"]}]     # marker genes decide: no margin
+    assert model.placement_margin(loc, component) is None

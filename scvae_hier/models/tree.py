@@ -49,6 +49,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
@@ -81,6 +82,10 @@ MIN_TOP_SHARE = 0.25
 # far, mixed cells took NK's one-leaf level-2 class and pushed NK under T), while real rare types
 # keep their class (Kang: dendritic cells 1.7%, megakaryocytes 0.8%, each one leaf of eight).
 MIN_CLASS_SHARE = 0.05
+# A nearest other grouping of the leaves scoring less than this below the chosen one (graph terms,
+# at most levels - 2 in all) is a near tie: PBMC's CD4 / CD8 T split scores within 0.0015 in every
+# run measured, while it moves level-3 ARI 0.63 <-> 0.92 (NOTES.md, placement_margin.jsonl).
+NEAR_TIE = 0.01
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -418,36 +423,11 @@ def marker_violations(means, classes, ancestors, assignments):
     return violations
 
 
-def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None, top_level="compact"):
-    """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
-    compact as possible (least within-class sum of squares, as `match_to_tree`; top_level
-    "linkage": as far apart as possible by average linkage, `_linkage_scores`), and among the
-    placements with that top level, every class below it a well-connected region of the cells'
-    k-nearest-neighbour graph (`_graph_scores`). Distances decide the top split because its
-    classes are separate regions with almost no links between them, so links cannot tell which
-    belong together; links decide below, where classes touch and distances mislead: on PBMC naive
-    CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
-    The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
-    the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
-    apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
-    (NOTES.md), unless that makes a top class a fragment (`_too_small`, MIN_TOP_SHARE). With the
-    linkage, no class below the top is a fragment either where another placement avoids it
-    (`fragment_classes`, MIN_CLASS_SHARE; each costs more than the graph terms can gain): the
-    graph cannot tell an isolated fragment from an isolated type, and a type that links a little
-    to another keeps more links inside if it joins it and leaves its class to the fragment.
-
-    markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
-    leaves are placed as above first; then, keeping which leaves lie under each marked class's
-    relatives (`marker_relatives`), they are re-placed so that every marked class holds the
-    relatives' leaves where its markers are highest (`marker_violations`), the rules above deciding
-    the rest. Without that hold, a marker could be satisfied by moving a leaf out of its
-    relatives into another lineage (Kang: "T cells=CD3D,CD3G" put a T-cell leaf under B cells).
-
-    conflicts [leaf i, slot j] (partial labels, `label_conflicts`): labelled points that slot j would
-    put under a class their labels exclude; counted before everything else, so labels hold and only
-    the leaves they leave free move (with level-1 labels only, every leaf under a level-1 class).
-    Returns the new leaf of every point."""
-    latent, leaf = np.asarray(latent, float), np.asarray(leaf)
+def _placement_objective(latent, leaf, parents, n_leaves, seed=0, conflicts=None, top_level="compact"):
+    """`place_leaves`' objective for the leaves `leaf` [n] of points `latent` [n, D]: (scored, a
+    function of assignments [A, K] (leaf i to slot a[i]), larger better; conflicting [A], the
+    labelled points each puts under excluded classes; slot_groups(*more columns), the
+    interchangeable slots for `_best_permutation`; rounding, its tolerance)."""
     ancestors = leaf_ancestors(parents, n_leaves)
     links = leaf_links(latent, leaf, n_leaves, seed=seed)
     counts = np.bincount(leaf, minlength=n_leaves).astype(float)
@@ -479,6 +459,43 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     uncentred = (counts * (centres ** 2).sum(-1)).sum() if top_level == "compact" else 1.0
     rounding = 1e-12 * (scale * uncentred + len(ancestors))
     slot_groups = lambda *more: interchangeable_slots(ancestors[:-1], conflicts, *more)  # noqa: E731
+    return scored, conflicting, slot_groups, rounding
+
+
+def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflicts=None, top_level="compact"):
+    """Re-place a clustering's leaves [n] in the tree's leaf slots: the top level's classes as
+    compact as possible (least within-class sum of squares, as `match_to_tree`; top_level
+    "linkage": as far apart as possible by average linkage, `_linkage_scores`), and among the
+    placements with that top level, every class below it a well-connected region of the cells'
+    k-nearest-neighbour graph (`_graph_scores`). Distances decide the top split because its
+    classes are separate regions with almost no links between them, so links cannot tell which
+    belong together; links decide below, where classes touch and distances mislead: on PBMC naive
+    CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+    The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
+    the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
+    apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
+    (NOTES.md), unless that makes a top class a fragment (`_too_small`, MIN_TOP_SHARE). With the
+    linkage, no class below the top is a fragment either where another placement avoids it
+    (`fragment_classes`, MIN_CLASS_SHARE; each costs more than the graph terms can gain): the
+    graph cannot tell an isolated fragment from an isolated type, and a type that links a little
+    to another keeps more links inside if it joins it and leaves its class to the fragment.
+
+    markers (scores [n, S] of every point for S marker sets, classes [S] as (level, class)): the
+    leaves are placed as above first; then, keeping which leaves lie under each marked class's
+    relatives (`marker_relatives`), they are re-placed so that every marked class holds the
+    relatives' leaves where its markers are highest (`marker_violations`), the rules above deciding
+    the rest. Without that hold, a marker could be satisfied by moving a leaf out of its
+    relatives into another lineage (Kang: "T cells=CD3D,CD3G" put a T-cell leaf under B cells).
+
+    conflicts [leaf i, slot j] (partial labels, `label_conflicts`): labelled points that slot j would
+    put under a class their labels exclude; counted before everything else, so labels hold and only
+    the leaves they leave free move (with level-1 labels only, every leaf under a level-1 class).
+    Returns the new leaf of every point."""
+    latent, leaf = np.asarray(latent, float), np.asarray(leaf)
+    ancestors = leaf_ancestors(parents, n_leaves)
+    counts = np.bincount(leaf, minlength=n_leaves).astype(float)
+    scored, conflicting, slot_groups, rounding = _placement_objective(latent, leaf, parents, n_leaves, seed, conflicts,
+                                                                      top_level)
     slot = _best_permutation(n_leaves, scored, seed, groups=slot_groups(), tolerance=rounding)
     if markers is not None and len(markers[1]):
         scores, classes = np.asarray(markers[0], float), list(markers[1])
@@ -491,6 +508,68 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
                                                                        + marker_violations(means, classes, ancestors, a))
                                  + scored(a), seed, groups=slot_groups(relatives, marked), tolerance=rounding)
     return slot[leaf]
+
+
+def same_grouping(ancestors, here, assignments):
+    """[A] whether each assignment ([A, K]: leaf i to slot a[i]) groups the leaves as the assignment
+    `here` [K] does at every level above the leaves; a renaming of classes (e.g. two lineages of the
+    same shape swapped) is the same grouping."""
+    same = np.ones(len(assignments), dtype=bool)
+    for row in ancestors[:-1]:
+        pairs = np.sort(row[here][None, :] * (row.max() + 1) + row[np.asarray(assignments)], axis=1)
+        same &= 1 + (np.diff(pairs, axis=1) != 0).sum(axis=1) == len(np.unique(row[here]))
+    return same
+
+
+def nearest_other_grouping(latent, leaf, parents, n_leaves, seed=0, conflicts=None, top_level="compact"):
+    """How clearly the leaves `leaf` [n] are grouped, as they are in their slots, by `place_leaves`'
+    objective: (margin, other), where `other` [K] (leaf i to slot other[i]) is the best placement
+    that groups them differently at some level above the leaves (`same_grouping`) and `margin`
+    how much lower it scores. Below the top level the objective is the graph terms, at most
+    levels - 2 in all, so a margin of a few thousandths is a tie the latent barely breaks (PBMC's
+    CD4 / CD8 T split, NOTES.md). None when the tree allows no other grouping."""
+    latent, leaf = np.asarray(latent, float), np.asarray(leaf)
+    ancestors = leaf_ancestors(parents, n_leaves)
+    here = np.arange(n_leaves)
+    scored, _, slot_groups, rounding = _placement_objective(latent, leaf, parents, n_leaves, seed, conflicts, top_level)
+    groups = slot_groups()
+    if len(np.unique(groups)) == 1:
+        return None
+    other = _best_permutation(n_leaves, lambda a: np.where(same_grouping(ancestors, here, a), -np.inf, scored(a)),
+                              seed, groups=groups, tolerance=rounding)
+    return float(scored(here[None])[0] - scored(other[None])[0]), other
+
+
+def regrouped_leaves(parents, n_leaves, other):
+    """{level (0 = top): leaves that change class} when the leaves move from their slots to `other` [K],
+    once the new classes are matched to the old ones by the leaves they share (Hungarian)."""
+    moved = {}
+    for level, row in enumerate(leaf_ancestors(parents, n_leaves)[:-1]):
+        shared = np.zeros((row.max() + 1, row.max() + 1))
+        np.add.at(shared, (row, row[other]), 1)
+        match = dict(zip(*linear_sum_assignment(-shared)))
+        changed = [k for k in range(n_leaves) if match[row[k]] != row[other][k]]
+        if changed:
+            moved[level] = changed
+    return moved
+
+
+def describe_margin(margin, leaf_names=None, level_names=None):
+    """One line for a user: which leaves the nearest other grouping moves, at which level, and how
+    much lower it scores (`TreeVAE.placement_margin`)."""
+    leaf_names = leaf_names or {}
+    moves = "; ".join(f"{level_names[int(level)] if level_names else f'level {int(level) + 1}'}: "
+                      + ", ".join(str(leaf_names.get(k, f"leaf {k}")) for k in leaves)
+                      for level, leaves in margin["regrouped"].items())
+    score = margin["margin"]
+    where = (f"{score:.4f} below this run's grouping" if score >= 0 else
+             f"{-score:.4f} above this run's grouping (the refit's EM steps moved cells after the leaves were placed)")
+    if abs(score) < NEAR_TIE:
+        verdict = (f"a near tie (within {NEAR_TIE}) that the latent's graph barely breaks; marker genes (--markers) "
+                   f"or labels at that level settle it")
+    else:
+        verdict = "the latent prefers this run's grouping" if score > 0 else "the latent prefers the other grouping"
+    return f"Nearest other grouping of the leaves ({moves}) scores {where} by the placement's graph terms: {verdict}."
 
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
@@ -1043,9 +1122,40 @@ class TreeVAE(HierarchicalVAE):
         the cells only, so it gives the same prior whenever it is run on the same weights."""
         reseeding.set_model(self)
         scores = reseeding.marker_scores(self.markers) if self.markers else None
-        self.refit_prior(*reseeding.latent(), steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
+        loc, scale = reseeding.latent()
+        component = self.refit_prior(loc, scale, steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
         print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
               f"{self.final_refit} EM steps.")
+        self.metadata.pop("placement_margin", None)
+        margin = self.placement_margin(loc, component, reseeding.labels)
+        if margin is not None:
+            self.metadata["placement_margin"] = margin
+            print(describe_margin(margin))
+
+    def placement_margin(self, loc, component, labels=None):
+        """How clearly the refitted prior's leaves (the `component` [n] of training cells with latent
+        means `loc` [n, D]) are grouped in the tree (`nearest_other_grouping`): {"margin", "regrouped":
+        {level index (0 = top): leaves that change class}}. None where the graph placement did not
+        decide (compact placement, marker genes) or the tree allows one grouping only."""
+        if self.leaf_placement != "graph" or self.markers:
+            return None
+        n_leaves, leaf = self.level_sizes[-1], np.asarray(component) // self.components_per_leaf
+        allowed = self.allowed(labels)
+        leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
+        parents, kept = self.parents, np.arange(n_leaves)
+        if self.empty_leaves:
+            parents, kept = prune_leaves(self.parents, n_leaves, self.empty_leaves)
+            leaf_allowed = None if leaf_allowed is None else leaf_allowed[:, kept]
+            leaf = np.searchsorted(kept, leaf)   # no cell is in an empty leaf (EMPTY_WEIGHT)
+        conflicts = None if leaf_allowed is None else label_conflicts(
+            leaf, leaf_allowed, len(kept), self.novel_classes)
+        found = nearest_other_grouping(np.asarray(loc, float), leaf, parents, len(kept), self.seed, conflicts,
+                                       self.top_level_split)
+        if found is None:
+            return None
+        margin, other = found
+        return {"margin": round(margin, 6), "regrouped": {str(level): [int(kept[k]) for k in leaves] for level, leaves
+                                                          in regrouped_leaves(parents, len(kept), other).items()}}
 
     def get_config(self):
         return {**super().get_config(), "components_per_leaf": self.components_per_leaf,
