@@ -69,7 +69,8 @@ def test_a_refit_with_the_runs_own_settings_gives_its_outputs_back(trained, tmp_
 
 def test_a_run_reports_how_clearly_its_leaves_are_grouped(trained):
     """metrics.json holds the placement margin with the hierarchy's level names and the leaves'
-    cluster names; the saved model keeps it (by leaf index), and the two agree."""
+    cluster names; the saved model keeps it (by leaf index), the two agree, and `analyse` puts its
+    reading in report.md."""
     import scvae_hier
     from scvae_hier.hierarchy import Hierarchy
     default, _ = trained
@@ -83,6 +84,9 @@ def test_a_run_reports_how_clearly_its_leaves_are_grouped(trained):
     for level, leaves in saved["regrouped"].items():
         assert margin["regrouped"][levels[int(level)]] == [finest[k] or f"cluster {k}" for k in leaves]
     assert margin["reading"].startswith("Nearest other grouping of the leaves (")
+    from scvae_hier.cli import main
+    assert main(["analyse", str(default), "--iwae-samples", "2"]) == 0
+    assert f"Placement margin: {margin['reading']}" in (default / "report.md").read_text()
 
 
 def test_a_refit_clears_the_runs_list_when_its_flag_comes_alone(trained, tmp_path):

@@ -991,3 +991,13 @@ def test_the_final_refit_records_how_clearly_its_leaves_are_grouped():
     assert margin["regrouped"] == {str(k): v for k, v in regrouped_leaves(LINEAGE_PARENTS, 7, other).items()}
     model.markers = [{"level": 1, "class": 0, "genes": ["A"]}]     # marker genes decide: no margin
     assert model.placement_margin(loc, component) is None
+    # finest labels on every tenth cell anchor every leaf: any other grouping breaks labels
+    labelled = TreeVAE(7, level_sizes=(2, 4, 7), parents=LINEAGE_PARENTS, latent_dim=2, hidden=(6,),
+                       normalisation="none", input_transform="log1p", prior_probabilities="learnable",
+                       semi_supervised=True)
+    labelled.build()
+    codes = np.full((len(loc), 3), -1)
+    codes[::10] = leaf_ancestors(LINEAGE_PARENTS, 7).T[truth[::10]]
+    component = labelled.refit_prior(loc, scale, steps=2, labels=codes)
+    margin = labelled.placement_margin(loc, component, codes)
+    assert margin["margin"] > 1e8 and describe_margin(margin).endswith("the labels decide the grouping.")

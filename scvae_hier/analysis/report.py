@@ -103,6 +103,8 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
             first = next(iter(per_class))
             lines += ["", f"F1 of each class at {first}: " + ", ".join(
                 f"{name} {value:.3f}" for name, value in per_class[first].items()) + "."]
+        if "placement_margin" in metrics:  # TreeVAE: how clearly its leaves are grouped (README, "TreeVAE")
+            lines += ["", f"Placement margin: {metrics['placement_margin']['reading']}"]
     lines += ["", "## Figures", ""] + _figure_lines(figures, run.path)
     lines += ["Per-cell outputs: `outputs.h5ad` (all cells) and `evaluation/<set>/cells.h5ad` (evaluated cells); "
               "keys in the README's 'Outputs' section."]

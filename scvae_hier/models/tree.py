@@ -562,6 +562,9 @@ def describe_margin(margin, leaf_names=None, level_names=None):
                       + ", ".join(str(leaf_names.get(k, f"leaf {k}")) for k in leaves)
                       for level, leaves in margin["regrouped"].items())
     score = margin["margin"]
+    if score >= MARKERS_FIRST / 2:   # the conflicts term: every other grouping breaks labels
+        return (f"Nearest other grouping of the leaves ({moves}) puts labelled cells under classes their labels "
+                f"exclude: the labels decide the grouping.")
     where = (f"{score:.4f} below this run's grouping" if score >= 0 else
              f"{-score:.4f} above this run's grouping (the refit's EM steps moved cells after the leaves were placed)")
     if abs(score) < NEAR_TIE:
