@@ -84,7 +84,9 @@ def fit_new_batches(extended, grown, X, covariates, epochs=50, batch_size=128, l
     optimizer.build(variables)
     batches = CountBatches(X, batch_size, shuffle=True, seed=seed, covariates=covariates)
 
-    @tf.function
+    # No tensor-dependent Python in the ELBO, so no AutoGraph: once in a full test run (2026-12-04) its
+    # converted-call cache handed `terms` the converted `level_log_marginals` here (not reproduced alone).
+    @tf.function(autograph=False)
     def step(x, c):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(extended.terms(x, training=False, covariates=c)["loss"])
