@@ -1142,6 +1142,19 @@ class TreeVAE(HierarchicalVAE):
         decide (compact placement, marker genes) or the tree allows one grouping only."""
         if self.leaf_placement != "graph" or self.markers:
             return None
+        leaf, parents, kept, conflicts = self.leaves_to_place(component, labels)
+        found = nearest_other_grouping(np.asarray(loc, float), leaf, parents, len(kept), self.seed, conflicts,
+                                       self.top_level_split)
+        if found is None:
+            return None
+        margin, other = found
+        return {"margin": round(margin, 6), "regrouped": {str(level): [int(kept[k]) for k in leaves] for level, leaves
+                                                          in regrouped_leaves(parents, len(kept), other).items()}}
+
+    def leaves_to_place(self, component, labels=None):
+        """The cells' leaves as the placement sees them (`component` [n] // components per leaf), in
+        the tree without the empty leaves: (leaf [n] numbered in that tree, its parents, the original
+        index of each of its leaves, the labels' conflicts for `place_leaves` or None)."""
         n_leaves, leaf = self.level_sizes[-1], np.asarray(component) // self.components_per_leaf
         allowed = self.allowed(labels)
         leaf_allowed = None if allowed is None else allowed[:, ::self.components_per_leaf]
@@ -1150,15 +1163,9 @@ class TreeVAE(HierarchicalVAE):
             parents, kept = prune_leaves(self.parents, n_leaves, self.empty_leaves)
             leaf_allowed = None if leaf_allowed is None else leaf_allowed[:, kept]
             leaf = np.searchsorted(kept, leaf)   # no cell is in an empty leaf (EMPTY_WEIGHT)
-        conflicts = None if leaf_allowed is None else label_conflicts(
-            leaf, leaf_allowed, len(kept), self.novel_classes)
-        found = nearest_other_grouping(np.asarray(loc, float), leaf, parents, len(kept), self.seed, conflicts,
-                                       self.top_level_split)
-        if found is None:
-            return None
-        margin, other = found
-        return {"margin": round(margin, 6), "regrouped": {str(level): [int(kept[k]) for k in leaves] for level, leaves
-                                                          in regrouped_leaves(parents, len(kept), other).items()}}
+        conflicts = None if leaf_allowed is None else label_conflicts(leaf, leaf_allowed, len(kept),
+                                                                      self.novel_classes)
+        return leaf, parents, kept, conflicts
 
     def get_config(self):
         return {**super().get_config(), "components_per_leaf": self.components_per_leaf,

@@ -26,27 +26,15 @@ from scvae_hier.refit import refit_run  # noqa: E402
 MOVED = {}  # leaves the last re-placement moved
 
 
-def replace_leaves(model, loc, scale, labels, marker_scores):
-    """Re-place the refitted prior's leaves in the tree and move their components (and p(c)) along."""
+def replace_leaves(model, loc, component, labels, marker_scores):
+    """Re-place the refitted prior's leaves (the training cells' `component` [n]) in the tree and move
+    their components (and p(c)) along."""
     per, n_leaves = model.components_per_leaf, model.level_sizes[-1]
-    log_q = model.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
-                                          tf.constant(loc, tf.float32)).numpy()
-    leaf = log_q.argmax(1) // per
-    parents, kept = model.parents, np.arange(n_leaves)
-    allowed = model.allowed(labels)
-    leaf_allowed = None if allowed is None else allowed[:, ::per]
+    leaf, parents, kept, conflicts = model.leaves_to_place(component, labels)
     markers = None if marker_scores is None else (marker_scores, [(m["level"], m["class"]) for m in model.markers])
-    if model.empty_leaves:
-        parents, kept = tree.prune_leaves(model.parents, n_leaves, model.empty_leaves)
-        if markers is not None:
-            markers = tree._pruned_markers(markers, model.parents, n_leaves, parents, kept)
-        if leaf_allowed is not None:
-            leaf_allowed = leaf_allowed[:, kept]
-        assert np.isin(leaf, kept).all()
-        leaf = np.searchsorted(kept, leaf)
+    if markers is not None and model.empty_leaves:
+        markers = tree._pruned_markers(markers, model.parents, n_leaves, parents, kept)
     k = len(kept)
-    novel = model.novel_classes if allowed is not None else 0
-    conflicts = None if leaf_allowed is None else tree.label_conflicts(leaf, leaf_allowed, k, novel)
     placed = tree.place_leaves(np.asarray(loc, float), leaf, parents, k, model.seed, markers=markers,
                                conflicts=conflicts, top_level=model.top_level_split)
     slot = -np.ones(k, dtype=int)
@@ -74,11 +62,12 @@ original = tree.TreeVAE.refit_prior
 
 
 def refit_then_replace(self, loc, scale, steps=10, reseed=True, labels=None, marker_scores=None):
-    original(self, loc, scale, steps, reseed, labels, marker_scores)
+    component = original(self, loc, scale, steps, reseed, labels, marker_scores)
     if reseed and self.leaf_placement == "graph":
-        replace_leaves(self, loc, scale, labels, marker_scores)
+        replace_leaves(self, loc, component, labels, marker_scores)
     return self.component_log_posterior(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32),
                                         tf.constant(loc, tf.float32)).numpy().argmax(axis=1)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
