@@ -10,7 +10,8 @@ from scvae_hier.data import DataError, prepare
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.markers import genes_of, parse, resolve, scores
 from scvae_hier.models import TreeVAE
-from scvae_hier.models.tree import (leaf_ancestors, marker_relatives, marker_violations, permutation_blocks, place_leaves,
+from scvae_hier.models.tree import (high_group, leaf_ancestors, marker_relatives, marker_violations, permutation_blocks,
+                                    marker_sides, place_leaves, regroup_by_markers,
                                     tree_clustering)
 from scvae_hier.options import TrainOptions
 
@@ -227,3 +228,84 @@ def test_markers_rearrange_leaves_within_their_relatives_only():
     for level in range(2):                                           # the lineages stay the latent's
         assert adjusted_rand_score(ancestors[level][truth], ancestors[level][placed]) == 1.0
     assert set(placed[np.isin(truth, [0, 2])]) == {0, 1} and set(placed[truth == 1]) == {2}   # T holds 0 and 2
+
+
+def test_high_group_is_the_best_two_way_split_over_every_subset():
+    """The cut of pieces by mean marker score against brute force over all 2^P splits of weighted
+    within-group sum of squares (the high side: the group of higher mean)."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        values, weights = rng.normal(size=8) ** 2, rng.integers(1, 50, size=8).astype(float)
+        def within(mask):
+            return sum((weights[m] * (values[m] - np.average(values[m], weights=weights[m])) ** 2).sum()
+                       for m in (mask, ~mask) if m.any())
+        splits = [np.array([(s >> i) & 1 for i in range(8)], dtype=bool) for s in range(1, 2 ** 8 - 1)]
+        best = min(splits, key=within)
+        if np.average(values[best], weights=weights[best]) < np.average(values[~best], weights=weights[~best]):
+            best = ~best
+        assert np.array_equal(high_group(values, weights), best)
+    assert high_group(np.ones(5), np.ones(5)) is None
+
+
+def test_markers_move_the_pieces_of_a_leaf_that_mixes_two_types():
+    """Kang's CD8 T and NK cells share a leaf in every fold; moving leaves whole cannot part them.
+    Tree R {X {0, 1}, Y {2}}, X marked. Type A1 (marker detected in most cells) lies in two pieces and
+    two leaves under X; type A2 (detected in most) and type B (in few) lie near each other and
+    share leaf 2 under Y. The pieces must cross: B alone under Y, A2 under X with a leaf of its own
+    (X's leaves formed again by compactness: A1's two pieces together, A2 apart); with labels that
+    keep A2 under Y, it stays; with X a top-level class (every leaf its relative), nothing moves."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [2.0, 0.0], [6.0, 0.0], [6.0, 2.0]])      # pieces A1a, A1b, A2, B
+    piece = np.repeat(np.arange(4), 100)
+    latent = centres[piece] + 0.2 * rng.normal(size=(400, 2))
+    detected = rng.random(400) < np.array([0.9, 0.9, 0.8, 0.1])[piece]         # marker genes are sparse
+    marker = (detected * (1.0 + 0.2 * np.abs(rng.normal(size=400))))[:, None]
+    leaf = np.array([0, 1, 2, 2])[piece]
+    parents = [[0, 0], [0, 0, 1]]                                              # R {X {0, 1}, Y {2}}
+    moved = regroup_by_markers(latent, leaf, piece, parents, 3, (marker, [(1, 0)]))
+    assert set(moved[piece == 3]) == {2}                                       # B alone under Y
+    assert not np.isin(moved[piece < 3], 2).any()                              # A1 and A2 under X
+    assert len(set(moved[piece < 2])) == 1 and set(moved[piece == 2]).isdisjoint(moved[piece < 2])
+    assert np.array_equal(regroup_by_markers(latent, moved, piece, parents, 3, (marker, [(1, 0)])), moved)
+    allowed = np.ones((400, 3), dtype=bool)
+    allowed[piece == 2] = [False, False, True]                                 # labels keep A2 under Y
+    kept = regroup_by_markers(latent, leaf, piece, parents, 3, (marker, [(1, 0)]), allowed=allowed)
+    assert set(kept[piece == 2]) == {2}
+    top = regroup_by_markers(latent, leaf, piece, [[0, 0, 1]], 3, (marker, [(0, 0)]))   # X a top-level class
+    assert np.array_equal(top, leaf)
+
+
+def test_markers_pick_between_two_parts_of_the_tree_with_the_same_shape():
+    """Kang's Myeloid and Lymphoid are alike in shape (a three-leaf and a one-leaf class each), so
+    the graph cannot tell which part is which and may put the T-cell leaves in the monocytes'
+    slots. The marked class must then take the part where its markers are: P {C1 {0, 1}, C2 {2}} /
+    Q {D1 {3, 4}, D2 {5}}, C1 marked, its marker high in group G's pair of blobs; whatever order
+    the leaves come in, C1 ends up holding them."""
+    rng = np.random.default_rng(0)
+    corners = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 6.0], [40.0, 0.0], [41.5, 0.0], [40.0, 6.0]])
+    truth = np.repeat(np.arange(6), 80)
+    latent = corners[truth] + 0.3 * rng.normal(size=(480, 2))
+    # in H the marker is also higher in the pair than in the single blob, so either part could hold C1
+    # without a pair out of order: only how high the marker is tells them apart
+    marker = np.array([2.0, 2.0, 0.2, 0.3, 0.3, 0.1])[truth][:, None] + 0.02 * rng.normal(size=(480, 1))
+    parents = [[0, 0, 1, 1], [0, 0, 1, 2, 2, 3]]
+    ancestors = leaf_ancestors(parents, 6)
+    for seed in range(6):
+        shuffled = np.random.default_rng(seed).permutation(6)[truth]
+        placed = place_leaves(latent, shuffled, parents, 6, markers=(marker, [(1, 0)]))
+        assert set(ancestors[1][placed[truth < 2]]) == {0}                         # C1 holds G's pair
+        for level in range(2):                                                     # the grouping is the latent's
+            assert adjusted_rand_score(ancestors[level][place_leaves(latent, shuffled, parents, 6)],
+                                       ancestors[level][placed]) == 1.0
+
+
+def test_marker_sides_keep_each_cell_on_its_side_of_every_marked_class():
+    """PBMC's tree with CD34 HSC (a top-level class alone: every leaf its relative) and CD8 T (its
+    relatives the six T-cell leaves) marked: the leaves each cell may take, written out by hand."""
+    leaf = np.arange(9)
+    sides = marker_sides(leaf, PBMC_PARENTS, 9, [(0, 0), (2, 4)])
+    by_hand = {0: {0}, 1: set(range(1, 9)), 2: set(range(1, 9)), 3: {3, 4, 5, 6}, 4: {3, 4, 5, 6},
+               5: {3, 4, 5, 6}, 6: {3, 4, 5, 6}, 7: {7, 8}, 8: {7, 8}}
+    for k in range(9):
+        assert set(np.flatnonzero(sides[k])) == by_hand[k]
+    assert marker_sides(leaf, PBMC_PARENTS, 9, []).all()
