@@ -1292,8 +1292,9 @@ class TreeVAE(HierarchicalVAE):
         scores = reseeding.marker_scores(self.markers) if self.markers else None
         loc, scale = reseeding.latent()
         component = self.refit_prior(loc, scale, steps=self.final_refit, labels=reseeding.labels, marker_scores=scores)
+        held = ", each cell kept on its side of the marked classes" if self.markers else ""
         print(f"Refitted the prior to the trained encoder: tree-shaped k-means of the latent, "
-              f"{self.final_refit} EM steps.")
+              f"{self.final_refit} EM steps{held}.")
         self.metadata.pop("placement_margin", None)
         margin = self.placement_margin(loc, component, reseeding.labels)
         if margin is not None:
