@@ -751,25 +751,24 @@ def regroup_by_markers(latent, leaf, piece, parents, n_leaves, markers, seed=0, 
     n_pieces = piece.max() + 1
     sizes = np.bincount(piece, minlength=n_pieces).astype(float)
     present = np.flatnonzero(sizes)
-    slot = np.full(n_pieces, -1)
-    slot[present] = [np.bincount(leaf[piece == p], minlength=n_leaves).argmax() for p in present]
-    centres = np.zeros((n_pieces, latent.shape[1]))
-    centres[present] = [latent[piece == p].mean(axis=0) for p in present]
-    onehot = np.eye(n_pieces)[piece]                                          # [n, P]
+    per_piece = lambda values: np.bincount(piece, weights=values, minlength=n_pieces)  # noqa: E731  (sums, no [n, P] array)
+    in_leaves = np.stack([per_piece((leaf == j).astype(float)) for j in range(n_leaves)], axis=1)  # [P, n_leaves]
+    slot = np.where(sizes > 0, in_leaves.argmax(axis=1), -1)
+    centres = np.stack([per_piece(latent[:, d]) for d in range(latent.shape[1])], axis=1) / np.maximum(sizes, 1)[:, None]
     fixed = np.zeros(n_pieces, dtype=bool)
     penalty = None
     if allowed is not None:
         allowed = np.asarray(allowed, bool)
         labelled = ~allowed.all(axis=1)
-        fixed = onehot[labelled].sum(axis=0) > 0
-        penalty = onehot[labelled].T @ (~allowed[labelled]).astype(float)        # [P, n_leaves]
+        fixed = per_piece(labelled.astype(float)) > 0
+        penalty = np.stack([per_piece((labelled & ~allowed[:, j]).astype(float)) for j in range(n_leaves)], axis=1)
     above = ancestors[-2] if len(ancestors) > 1 else np.zeros(n_leaves, dtype=int)
     for s, (level, k) in enumerate(classes):
         if relatives_level(ancestors, level, k) < 0:
             continue
         region, marked = marker_relatives(ancestors, level, k), ancestors[level] == k
         pieces = present[region[slot[present]]]
-        detected = (onehot[:, pieces].T @ (scores[:, s] > 0)) / sizes[pieces]
+        detected = per_piece((scores[:, s] > 0).astype(float))[pieces] / sizes[pieces]
         high = high_group(detected, sizes[pieces])
         if high is None:
             continue
