@@ -788,12 +788,9 @@ def regroup_by_markers(latent, leaf, piece, parents, n_leaves, markers, seed=0, 
         leaf_means = {j: np.average(centres[pieces][slot[pieces] == j], axis=0, weights=sizes[pieces][slot[pieces] == j])
                       for j in np.unique(slot[pieces])}
         for p, is_high in zip(pieces[wrong], high[wrong]):
-            side = [j for j in leaf_means if marked[j] == is_high and region[j]]
-            if not side:
-                side = list(np.flatnonzero(region & (marked == is_high)))
-                moved[p] = side[0]
-                continue
-            moved[p] = min(side, key=lambda j: ((centres[p] - leaf_means[j]) ** 2).sum())
+            # the nearest leaf of its side that holds pieces, else the side's first slot
+            side = [j for j in leaf_means if marked[j] == is_high] or [np.flatnonzero(region & (marked == is_high))[0]]
+            moved[p] = min(side, key=lambda j: ((centres[p] - leaf_means.get(j, centres[p])) ** 2).sum())
         # the marked side's classes that took pieces form their leaves again (a type moved in may get a
         # leaf of its own); elsewhere a piece joins its nearest leaf, unless a leaf was left empty
         emptied = np.setdiff1d(np.unique(slot[pieces]), moved[pieces])
@@ -1112,6 +1109,11 @@ class TreeVAE(HierarchicalVAE):
         """[M] bool: the components under any of `leaves`."""
         return np.isin(np.arange(self.n_components) // self.components_per_leaf, leaves)
 
+    @property
+    def marker_classes(self):
+        """[(level, class)] of every marker set, as the clustering functions take them."""
+        return [(m["level"], m["class"]) for m in self.markers]
+
     def allowed(self, labels):
         """[n, M] bool components each cell's labels allow (all for unlabelled cells), or None."""
         if labels is None or not self.semi_supervised:
@@ -1140,7 +1142,7 @@ class TreeVAE(HierarchicalVAE):
                                     placement=self.leaf_placement, grouping_decay=grouping_decay,
                                     top_level_decay=top_level_decay, empty_leaves=empty_leaves,
                                     top_level=top_level, markers=None if marker_scores is None else
-                                    (marker_scores, [(m["level"], m["class"]) for m in self.markers]))
+                                    (marker_scores, self.marker_classes))
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -1179,7 +1181,7 @@ class TreeVAE(HierarchicalVAE):
                                     top_level=self.top_level_split)
             if marker_scores is not None and self.markers:
                 sides = marker_sides(component // self.components_per_leaf, self.parents, self.level_sizes[-1],
-                                     [(m["level"], m["class"]) for m in self.markers])
+                                     self.marker_classes)
                 sides = np.repeat(sides, self.components_per_leaf, axis=1)
                 allowed = sides if allowed is None else allowed & sides
         for _ in range(steps):

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import anndata
-from sklearn.metrics import adjusted_rand_score as ari
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from scvae_hier.metrics import hungarian_f1  # noqa: E402
+from scvae_hier.metrics import clustering_scores  # noqa: E402
 from scvae_hier.refit import refit_run  # noqa: E402
+
 
 def scores(run):
     """ARI L1-L4 and L4 weighted F1 (Hungarian) of a run's own clusters, per split."""
@@ -22,11 +22,10 @@ def scores(run):
     out = {}
     for part in ("validation", "test"):
         m = (a.obs.split == part).to_numpy()
-        row = [round(ari(a.obs[f"level_{l}"].astype(str)[m], a.obs[f"scvae_level_{l}_cluster"][m]), 4) for l in (1, 2, 3, 4)]
-        row.append(round(hungarian_f1(a.obs["level_4"].astype(str)[m].to_numpy(), a.obs["scvae_level_4_cluster"].astype(str)[m].to_numpy())["weighted"], 4))
-        out[part] = row
+        found = [clustering_scores(a.obs[f"level_{l}"].astype(str)[m].to_numpy(),
+                                   a.obs[f"scvae_level_{l}_cluster"].astype(str)[m].to_numpy()) for l in (1, 2, 3, 4)]
+        out[part] = [round(f["ari"], 4) for f in found] + [round(found[-1]["f1_weighted"], 4)]
     return out
-
 
 
 steps, out_dir, runs = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]

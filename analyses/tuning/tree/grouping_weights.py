@@ -48,7 +48,7 @@ from scvae_hier.markers import resolve as resolve_markers, scores as marker_scor
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grouping_weights.jsonl"
 sys.path.insert(0, str(HERE))
-from refit import load_run, scores_by_part  # noqa: E402
+from refit import append_row, load_run, runs_to_score, scores_by_part  # noqa: E402
 
 ORIGINAL = tree._tree_scores
 
@@ -102,20 +102,9 @@ def refit(folder, rule, loc, scale, train):
 
 
 def main(rules, folders):
-    done = {(r["run"], r["rule"]) for r in map(json.loads, OUT.read_text().splitlines())} if OUT.exists() else set()
-    for folder in folders:
-        name = f"{folder.parent.name}/{folder.name}"
-        if all((name, rule) in done for rule in rules):
-            continue
-        _, loc, scale, split, truth = load_run(folder)
-        for rule in rules:
-            if (name, rule) in done:
-                continue
-            model = refit(folder, rule, loc, scale, split == "train")
-            row = {"run": name, "rule": rule, **scores_by_part(model, loc, scale, split, truth)}
-            with open(OUT, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(row, flush=True)
+    for folder, name, rule, (loc, scale, split, truth) in runs_to_score(OUT, "rule", rules, folders):
+        model = refit(folder, rule, loc, scale, split == "train")
+        append_row(OUT, {"run": name, "rule": rule, **scores_by_part(model, loc, scale, split, truth)})
 
 
 def ratios(decay, folders):

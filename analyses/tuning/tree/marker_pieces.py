@@ -13,7 +13,6 @@ latent's geometry, which may not hold what the markers add).
 Scores (ARI L1-L4, level-4 weighted F1, validation and test cells) go to OUT, one line per run
 and variant; a rerun skips what is there.
 """
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import grouping_weights  # noqa: E402  (sets one thread per run before TensorFlow starts)
-from refit import load_run, scores_by_part  # noqa: E402
+from refit import append_row, runs_to_score, scores_by_part  # noqa: E402
 
 tree = grouping_weights.tree
 REGROUP = tree.regroup_by_markers
@@ -39,27 +38,15 @@ def no_em(self, loc, scale, steps=10, **kwargs):
 
 
 def main(out, rule, folders):
-    out = Path(out)
-    done = {(r["run"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
-    for folder in folders:
-        name = f"{folder.parent.name}/{folder.name}"
-        if all((name, v) in done for v in VARIANTS):
-            continue
-        _, loc, scale, split, truth = load_run(folder)
-        for variant in VARIANTS:
-            if (name, variant) in done:
-                continue
-            tree.regroup_by_markers = REGROUP if variant != "leaves" else (lambda latent, leaf, *a, **k: leaf)
-            tree.TreeVAE.refit_prior = no_em if variant == "pieces_noem" else REFIT
-            tree.marker_sides = SIDES if variant == "pieces_sides" else no_sides
-            try:
-                model = grouping_weights.refit(folder, rule, loc, scale, split == "train")
-            finally:
-                tree.regroup_by_markers, tree.TreeVAE.refit_prior, tree.marker_sides = REGROUP, REFIT, SIDES
-            row = {"run": name, "rule": rule, "variant": variant, **scores_by_part(model, loc, scale, split, truth)}
-            with open(out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(row, flush=True)
+    for folder, name, variant, (loc, scale, split, truth) in runs_to_score(out, "variant", VARIANTS, folders):
+        tree.regroup_by_markers = REGROUP if variant != "leaves" else (lambda latent, leaf, *a, **k: leaf)
+        tree.TreeVAE.refit_prior = no_em if variant == "pieces_noem" else REFIT
+        tree.marker_sides = SIDES if variant == "pieces_sides" else no_sides
+        try:
+            model = grouping_weights.refit(folder, rule, loc, scale, split == "train")
+        finally:
+            tree.regroup_by_markers, tree.TreeVAE.refit_prior, tree.marker_sides = REGROUP, REFIT, SIDES
+        append_row(out, {"run": name, "rule": rule, "variant": variant, **scores_by_part(model, loc, scale, split, truth)})
 
 
 if __name__ == "__main__":

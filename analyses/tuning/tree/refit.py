@@ -66,6 +66,28 @@ def scores_by_part(model, loc, scale, split, truth, digits=3):
     return row
 
 
+def runs_to_score(out, field, keys, folders):
+    """(folder, name, key, (loc, scale, split, truth)) for every run and key (a rule, a variant) not
+    yet in the JSON lines of `out` (column `field`); each run is loaded once, and only if needed, so
+    an interrupted measurement resumes where it stopped."""
+    out = Path(out)
+    done = {(r["run"], r[field]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    for folder in map(Path, folders):
+        name = f"{folder.parent.name}/{folder.name}"
+        todo = [key for key in keys if (name, key) not in done]
+        if todo:
+            _, loc, scale, split, truth = load_run(folder)
+            for key in todo:
+                yield folder, name, key, (loc, scale, split, truth)
+
+
+def append_row(out, row):
+    """One JSON line to `out`, written at once (a measurement keeps what it has), and printed."""
+    with open(out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(row, flush=True)
+
+
 def load_run(folder):
     """A finished run's model, q(z|x) means and scales of all its cells, their split and level codes."""
     config = json.loads((folder / "config.json").read_text())

@@ -31,7 +31,7 @@ def replace_leaves(model, loc, component, labels, marker_scores):
     their components (and p(c)) along."""
     per, n_leaves = model.components_per_leaf, model.level_sizes[-1]
     leaf, parents, kept, conflicts = model.leaves_to_place(component, labels)
-    markers = None if marker_scores is None else (marker_scores, [(m["level"], m["class"]) for m in model.markers])
+    markers = None if marker_scores is None else (marker_scores, model.marker_classes)
     if markers is not None and model.empty_leaves:
         markers = tree._pruned_markers(markers, model.parents, n_leaves, parents, kept)
     k = len(kept)
