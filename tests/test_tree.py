@@ -21,7 +21,7 @@ import scvae_hier.models.tree as tree_module
 from scvae_hier.models.tree import (NEAR_TIE, TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _placement_objective, _too_small, _tree_scores,
                                     describe_margin, fragment_classes, nearest_other_grouping, regrouped_leaves, same_grouping,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
-                                    exchanges, interchangeable_slots, leaf_ancestors, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
+                                    exchanges, interchangeable_slots, leaf_ancestors, least_exchange_cost, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -853,9 +853,9 @@ def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_find
     searched = []
     full_search = tree_module._best_permutation
 
-    def both(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0):
+    def both(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0, costs=None):
         full = full_search(k, scored, seed, chunk)
-        np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups, tolerance), full)
+        np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups, tolerance, costs), full)
         searched.append(len(np.unique(groups)) < k)
         return full
     monkeypatch.setattr(tree_module, "_best_permutation", both)
@@ -868,7 +868,7 @@ def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_find
     for top in ("linkage", "compact"):
         place_leaves(latent, leaf, LINEAGE_PARENTS, 7, conflicts=conflicts, markers=marker, top_level=top)
         place_leaves(latent, leaf, LINEAGE_PARENTS, 7, top_level=top)
-    assert len(searched) == 6 and searched[2] and searched[5]     # without labels, slots group
+    assert len(searched) == 6 and all(searched)                   # labels too: their conflicts are costs
 
 
 def test_grouped_search_rescores_exchanges_that_rounding_tells_apart():
@@ -886,6 +886,34 @@ def test_grouped_search_rescores_exchanges_that_rounding_tells_apart():
     np.testing.assert_array_equal(_best_permutation(5, scored), target)
     np.testing.assert_array_equal(_best_permutation(5, scored, groups=groups, tolerance=2e-9), target)
     np.testing.assert_array_equal(_best_permutation(5, scored, groups=groups, tolerance=0.0), np.arange(5))
+
+
+def test_least_exchange_cost_is_the_least_over_every_exchange():
+    """Against brute force over `exchanges`: the cheapest placement of each assignment's set, for
+    integer costs with many ties (as labelled-cell counts are)."""
+    rng = np.random.default_rng(0)
+    groups = np.array([0, 1, 1, 2, 2, 2, 2])
+    costs = rng.integers(0, 3, (7, 7)).astype(float)
+    assignments = np.array([rng.permutation(7) for _ in range(200)])
+    maps = exchanges(groups)
+    brute = np.array([min(costs[np.arange(7), m[a]].sum() for m in maps) for a in assignments])
+    np.testing.assert_array_equal(least_exchange_cost(costs, groups, assignments), brute)
+    assert (brute < costs[np.arange(7), assignments].sum(1)).any()    # exchanging is what lowers some
+
+
+def test_grouped_search_with_costs_returns_the_full_searchs_permutation():
+    """Slots that only costs tell apart are grouped; the search returns the full search's
+    permutation, first in lexicographic order among ties, for costs sparse (ties) or dense."""
+    rng = np.random.default_rng(1)
+    groups = np.array([0, 1, 1, 2, 2, 2])
+    seen = lambda a: groups[np.asarray(a)]                              # noqa: E731
+    weights = rng.normal(size=(6, 3))
+    rest = lambda a: np.einsum("akj,kj->a", np.eye(3)[seen(a)], weights).round(1)  # noqa: E731
+    for density in (0.1, 0.5, 0.9):
+        matrix = 2.0 * (rng.random((6, 6)) < density)
+        scored = lambda a: rest(a) - 10.0 * matrix[np.arange(6), np.asarray(a)].sum(1)  # noqa: E731
+        np.testing.assert_array_equal(_best_permutation(6, scored, groups=groups, costs=(rest, 10.0, matrix)),
+                                      _best_permutation(6, scored))
 
 
 def test_exchanges_are_every_permutation_within_groups():
