@@ -652,6 +652,10 @@ def describe_margin(margin, leaf_names=None, level_names=None):
     if score >= MARKERS_FIRST / 2:   # the conflicts term: every other grouping breaks labels
         return (f"Nearest other grouping of the leaves ({moves}) puts labelled cells under classes their labels "
                 f"exclude: the labels decide the grouping.")
+    if score <= -MARKERS_FIRST / 2:  # the run's own leaves break labels (their cells moved in the EM steps)
+        return (f"Nearest other grouping of the leaves ({moves}) puts {round(-score / MARKERS_FIRST)} fewer labelled "
+                f"cells under classes their labels exclude than this run's grouping, whose leaves the refit's EM "
+                f"steps changed after they were placed: the labels prefer the other grouping.")
     where = (f"{score:.4f} below this run's grouping" if score >= 0 else
              f"{-score:.4f} above this run's grouping (the refit's EM steps moved cells after the leaves were placed)")
     if abs(score) < NEAR_TIE:
