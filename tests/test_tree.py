@@ -289,6 +289,41 @@ def test_place_leaves_top_level_by_distance_and_lineages_by_links():
         tree_clustering(latent, LINEAGE_PARENTS, 7, placement="nearest")
 
 
+def distinct_types(parents, n_per_leaf=60, seed=0):
+    """A hierarchy of distinct types: leaf centres summed from class offsets that shrink by half per
+    level, cells tight around them, so no neighbour link joins two leaves and only distances say
+    which leaves belong together."""
+    rng = np.random.default_rng(seed)
+    n_leaves = len(parents[-1])
+    ancestors = leaf_ancestors(parents, n_leaves)
+    centres = sum(rng.normal(size=(row.max() + 1, 6))[row] * 8.0 / 2 ** level for level, row in enumerate(ancestors))
+    truth = np.repeat(np.arange(n_leaves), n_per_leaf)
+    return centres[truth] + 0.3 * rng.normal(size=(len(truth), 6)), truth, ancestors
+
+
+@pytest.mark.parametrize("search", ["exhaustive", "swaps"])
+def test_place_leaves_groups_distinct_types_by_distance_where_no_link_tells(search, monkeypatch):
+    """Where the graph keeps every link inside every grouping (it cannot tell them apart), the classes'
+    spread decides below the top level (`SPREAD_AFTER_GRAPH`): every level right, whatever order the
+    leaves come in, for both top levels and for the pairwise-swap search used beyond ten leaves."""
+    parents = [[0, 0, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]]
+    latent, truth, ancestors = distinct_types(parents)
+    links = tree_module.leaf_links(latent, truth, 8)
+    assert links[~np.eye(8, dtype=bool)].sum() == 0                  # no link between two leaves
+    if search == "swaps":
+        monkeypatch.setattr(tree_module, "EXHAUSTIVE_LEAVES", 3)
+    for seed in range(3):
+        shuffled = np.random.default_rng(seed).permutation(8)[truth]
+        for top in ("compact", "linkage"):
+            placed = place_leaves(latent, shuffled, parents, 8, top_level=top)
+            for level, row in enumerate(ancestors):
+                assert adjusted_rand_score(row[truth], row[placed]) == 1.0, (seed, top, level)
+    margin, other = nearest_other_grouping(latent, truth, parents, 8, top_level="linkage")
+    assert 0 < margin < 1e-5                                          # the spread term alone
+    line = describe_margin({"margin": margin, "regrouped": regrouped_leaves(parents, 8, other)})
+    assert "no link tells the two apart, so the classes' spread" in line
+
+
 def test_labelled_clustering_keeps_labels_over_the_graph():
     """With labels the leaves are anchored by them; the graph does not move them."""
     latent, leaf, line = two_lines()

@@ -73,6 +73,11 @@ LINKAGE_CELLS = 500     # cells per leaf that the average distances between leav
 LEAF_TOLERANCE = 1.2    # how much less compact (within-leaf sum of squares) coarse-first leaves may be
 TOP_LEVEL_FIRST = 1e6   # weight of the top level's compactness (in [0, 1]) over the graph terms (at most 1)
 MARKERS_FIRST = 1e9     # weight of each marker violation: above the top level's whole term (TOP_LEVEL_FIRST)
+# Weight of the classes' spread below the top level (average distance between their leaves' cells,
+# in [0, 1] per level) after the graph terms: it decides where the graph cannot, leaves that share
+# no neighbour links (a hierarchy of distinct types: every grouping then keeps all links inside),
+# and is far below any graph difference seen on real cells (PBMC's closest tie: 0.0005).
+SPREAD_AFTER_GRAPH = 1e-6
 # With the top level by linkage, a top class must hold at least this share of an even split of the
 # cells over its leaves (a one-leaf class of nine: 2.8% of the cells); smaller, it is a fragment
 # set apart for being far (PBMC: ~80 myeloid-like cells of the CD34+ sort), not a class.
@@ -432,6 +437,25 @@ def _graph_scores(links, ancestors, assignments):
     return score
 
 
+def _spread_scores(distances, counts, rows, assignments):
+    """[A] how spread the classes are, over the levels whose class of each slot is a row of `rows`,
+    under each assignment of leaves to slots ([A, K]): per level, the mean distance between the
+    cells of a class (from the leaves' average `distances`, weighted by their cell `counts`),
+    averaged over the classes that hold cells, over the largest distance so that each level counts
+    in [0, 1]. Smaller is better."""
+    counts = np.asarray(counts, float)
+    weighted = counts[:, None] * counts[None, :] * distances
+    spread = np.zeros(len(assignments))
+    for row in rows:
+        onehot = _class_onehot(row, assignments)                                   # [A, K, J]
+        within = np.einsum("ajk,akj->aj", np.matmul(onehot.transpose(0, 2, 1), weighted), onehot)
+        sizes = onehot.transpose(0, 2, 1) @ counts                                  # [A, J]
+        held = sizes > 0
+        mean = np.where(held, within / np.maximum(sizes, 1e-12) ** 2, 0.0)
+        spread += mean.sum(-1) / np.maximum(held.sum(-1), 1)
+    return spread / max(distances.max(), 1e-12)
+
+
 def relatives_level(ancestors, level, k):
     """The level of the nearest ancestor of class k (at `level`) that holds more leaves than it, or
     -1 if none (then every slot is a relative). A one-child ancestor (PBMC's Stem above CD34 HSC)
@@ -499,8 +523,8 @@ def _placement_objective(latent, leaf, parents, n_leaves, seed=0, conflicts=None
     ancestors = leaf_ancestors(parents, n_leaves)
     links = leaf_links(latent, leaf, n_leaves, seed=seed)
     counts = np.bincount(leaf, minlength=n_leaves).astype(float)
+    distances = leaf_distances(latent, leaf, n_leaves, seed=seed)
     if top_level == "linkage":
-        distances = leaf_distances(latent, leaf, n_leaves, seed=seed)
         # no average linkage exceeds the largest distance between two leaves, so the term is in [0, 1]
         scale = TOP_LEVEL_FIRST / max(distances.max(), 1e-12)
         # an assignment with a fragment for a top class (`_too_small`) loses to every other
@@ -517,11 +541,14 @@ def _placement_objective(latent, leaf, parents, n_leaves, seed=0, conflicts=None
         fragments = lambda a: 0.0  # noqa: E731
     conflicts = np.zeros((n_leaves, n_leaves)) if conflicts is None else np.asarray(conflicts, float)
     conflicting = lambda a: conflicts[np.arange(n_leaves), a].sum(axis=1)  # noqa: E731
+    below_top = lambda a: (_graph_scores(links, ancestors, a)  # noqa: E731
+                           - SPREAD_AFTER_GRAPH * _spread_scores(distances, counts, ancestors[1:-1], a))
     scored = lambda a: (-MARKERS_FIRST * conflicting(a) + scale * top_score(a)  # noqa: E731
-                        - fragments(a) + _graph_scores(links, ancestors, a))
-    rest = lambda a: scale * top_score(a) - fragments(a) + _graph_scores(links, ancestors, a)  # noqa: E731
-    # The scores read a slot through its classes above the leaf level and its column of conflicts, so
-    # slots equal in those are interchangeable, but for rounding: the compact top level sums its
+                        - fragments(a) + below_top(a))
+    rest = lambda a: scale * top_score(a) - fragments(a) + below_top(a)  # noqa: E731
+    # The scores read a slot through its classes above the leaf level (and its column of conflicts, a
+    # cost the search sets aside), so slots equal in those are interchangeable, but for rounding: the
+    # compact top level sums its
     # classes over slots in an order an exchange changes. Its error is within 40 eps of the leaves'
     # uncentred sum of squares (times `scale`), the graph's and the counts' within eps of their
     # sizes; `rounding` bounds the difference of two exchanges 100 times over.
@@ -541,6 +568,8 @@ def place_leaves(latent, leaf, parents, n_leaves, seed=0, markers=None, conflict
     classes are separate regions with almost no links between them, so links cannot tell which
     belong together; links decide below, where classes touch and distances mislead: on PBMC naive
     CD4 and naive CD8 T cells lie close but link mostly within their own lineage (NOTES.md).
+    Where no link tells two groupings apart (types so distinct that no neighbour link joins two
+    leaves), the classes' spread below the top level decides (`_spread_scores`, SPREAD_AFTER_GRAPH).
     The sum of squares gains most by setting a big distinct type apart, so on PBMC it always put
     the NK cells alone under Stem; average linkage, which a class's size does not weigh, sets
     apart the leaf farthest from all others, on PBMC's nine populations mostly the CD34+ cells
@@ -656,6 +685,10 @@ def describe_margin(margin, leaf_names=None, level_names=None):
         return (f"Nearest other grouping of the leaves ({moves}) puts {round(-score / MARKERS_FIRST)} fewer labelled "
                 f"cells under classes their labels exclude than this run's grouping, whose leaves the refit's EM "
                 f"steps changed after they were placed: the labels prefer the other grouping.")
+    if abs(score) < 10 * SPREAD_AFTER_GRAPH:     # the graph terms tie; the spread term is all there is
+        return (f"Nearest other grouping of the leaves ({moves}) keeps its neighbour links inside its classes as well as "
+                f"this run's grouping: no link tells the two apart, so the classes' spread (distances in the latent) "
+                f"decides; marker genes (--markers) or labels at that level settle it.")
     where = (f"{score:.4f} below this run's grouping" if score >= 0 else
              f"{-score:.4f} above this run's grouping (the refit's EM steps moved cells after the leaves were placed)")
     if abs(score) < NEAR_TIE:
