@@ -951,6 +951,40 @@ def test_grouped_search_with_costs_returns_the_full_searchs_permutation():
                                       _best_permutation(6, scored))
 
 
+def test_step_gains_are_the_full_scores_differences():
+    """Against `_tree_scores` (and the label penalty) of every candidate one step away, on a
+    12-leaf tree with weighted levels and labels, and for one cluster per leaf (swaps only)."""
+    rng = np.random.default_rng(3)
+    parents = [[0, 0, 1], [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]]
+    ancestors = leaf_ancestors(parents, 12)
+    weights = [0.5, 0.8, 1.0]
+    for k in (30, 12):
+        centres, counts = rng.normal(size=(k, 4)) * 3, rng.integers(1, 50, k).astype(float)
+        penalty = rng.integers(0, 3, (k, 12)) * 7.5
+        current = np.concatenate([np.arange(12), rng.integers(0, 12, k - 12)])[rng.permutation(k)]
+        candidates = tree_module._one_step_away(current, 12)
+        full = lambda a: (_tree_scores(centres, counts, ancestors, a, weights)  # noqa: E731
+                          - penalty[np.arange(k), a].sum(-1))
+        gains = tree_module._step_gains(centres, counts, ancestors, current, candidates, weights, penalty)
+        np.testing.assert_allclose(gains, full(candidates) - full(current[None]), rtol=0, atol=1e-8)
+        assert np.ptp(gains) > 1.0
+
+
+def test_assign_to_tree_beyond_ten_leaves_finds_what_full_scores_find(monkeypatch):
+    """The step-gain search (beyond EXHAUSTIVE_LEAVES) returns the assignment the full-score search
+    returns, with and without labels."""
+    rng = np.random.default_rng(4)
+    parents = [[0, 0, 0, 1, 1, 1], [i // 2 for i in range(12)]]
+    centres, counts = rng.normal(size=(36, 5)) * 4, rng.integers(5, 80, 36).astype(float)
+    penalty = (rng.random((36, 12)) < 0.1) * 3.0
+    for labels in (None, penalty):
+        fast = assign_to_tree(centres, counts, parents, 12, starts=4, penalty=labels, level_weights=[0.5, 0.8, 1.0])
+        with monkeypatch.context() as patched:
+            patched.setattr(tree_module, "EXHAUSTIVE_LEAVES", 12)
+            full = assign_to_tree(centres, counts, parents, 12, starts=4, penalty=labels, level_weights=[0.5, 0.8, 1.0])
+        np.testing.assert_array_equal(fast, full)
+
+
 def test_exchanges_are_every_permutation_within_groups():
     maps = exchanges([0, 1, 1, 2, 2, 2])
     assert len(maps) == 2 * 6 and len({tuple(m) for m in maps}) == 12

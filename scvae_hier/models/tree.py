@@ -324,13 +324,52 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
         score = scored(current[None])[0]
         while True:
             candidates = _one_step_away(current, n_leaves)
-            scores = scored(candidates)
+            if n_leaves > EXHAUSTIVE_LEAVES:
+                # scored by what each step changes, then the chosen one in full: the same search up to
+                # rounding, 20x faster for 24 leaves (trees up to ten leaves keep the full scores, so
+                # their runs stay bit for bit what they were)
+                scores = score + _step_gains(centres, counts, ancestors, current, candidates, level_weights,
+                                             None if penalty is None else weight * np.asarray(penalty, float))
+            else:
+                scores = scored(candidates)
             if scores.max() <= score + 1e-9:
                 break
-            current, score = candidates[scores.argmax()], scores.max()
+            current = candidates[scores.argmax()]
+            score = scored(current[None])[0] if n_leaves > EXHAUSTIVE_LEAVES else scores.max()
         if score > best_score:
             best, best_score = current, score
     return np.asarray(best, dtype=int)
+
+
+def _step_gains(centres, counts, ancestors, current, candidates, level_weights=None, penalty=None):
+    """[C] how much `_tree_scores` (minus `penalty` [K, leaves] summed over the clusters' leaves)
+    gains from `current` [K] to each candidate one step away (`_one_step_away`: one cluster moved
+    or two swapped). A step carries a bundle (a cluster's sum and size, or one's minus the other's)
+    from one class to another at each level where the two leaves' classes differ; only those two
+    classes' terms |sum|^2 / size change."""
+    centres, counts = np.asarray(centres, float), np.asarray(counts, float)
+    changed = candidates != current[None, :]                                          # [C, K]: 1 or 2 True
+    first = changed.argmax(axis=1)
+    second = np.where(changed.sum(axis=1) == 2, len(current) - 1 - changed[:, ::-1].argmax(axis=1), first)
+    swap = second != first
+    source, target = current[first], candidates[np.arange(len(candidates)), first]
+    summed = centres * counts[:, None]
+    bundle = summed[first] - np.where(swap[:, None], summed[second], 0.0)              # [C, D]
+    size = counts[first] - np.where(swap, counts[second], 0.0)
+    term = lambda sums, sizes: (sums ** 2).sum(-1) / np.maximum(sizes, 1e-12)         # noqa: E731
+    gains = np.zeros(len(candidates))
+    for level, row in enumerate(ancestors):
+        class_sums = np.zeros((row.max() + 1, centres.shape[1]))
+        np.add.at(class_sums, row[current], summed)
+        class_sizes = np.bincount(row[current], weights=counts, minlength=row.max() + 1)
+        out, into = row[source], row[target]
+        gain = (term(class_sums[out] - bundle, class_sizes[out] - size) + term(class_sums[into] + bundle, class_sizes[into] + size)
+                - term(class_sums[out], class_sizes[out]) - term(class_sums[into], class_sizes[into]))
+        gains += (1.0 if level_weights is None else level_weights[level]) * np.where(out != into, gain, 0.0)
+    if penalty is not None:
+        gains -= (penalty[first, target] - penalty[first, source]
+                  + np.where(swap, penalty[second, source] - penalty[second, target], 0.0))
+    return gains
 
 
 def _one_step_away(current, n_leaves):
