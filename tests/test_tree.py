@@ -1101,3 +1101,6 @@ def test_the_final_refit_records_how_clearly_its_leaves_are_grouped():
     # leaves the EM steps left breaking 3 labels, where another grouping breaks none: a count, not 3e9
     line = describe_margin({"margin": -3 * MARKERS_FIRST + 0.0006, "regrouped": {"2": [5, 6]}})
     assert "(level 3: leaf 5, leaf 6) puts 3 fewer labelled cells" in line and "e+09" not in line and "000000" not in line
+    # a big tree's regrouping is listed in short
+    line = describe_margin({"margin": 0.5, "regrouped": {"1": list(range(20)), "2": [3, 4]}})
+    assert "(level 2: leaf 0, leaf 1, leaf 2, leaf 3, leaf 4, and 15 more; level 3: leaf 3, leaf 4)" in line

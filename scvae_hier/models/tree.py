@@ -713,8 +713,10 @@ def describe_margin(margin, leaf_names=None, level_names=None):
     """One line for a user: which leaves the nearest other grouping moves, at which level, and how
     much lower it scores (`TreeVAE.placement_margin`)."""
     leaf_names = leaf_names or {}
-    moves = "; ".join(f"{level_names[int(level)] if level_names else f'level {int(level) + 1}'}: "
-                      + ", ".join(str(leaf_names.get(k, f"leaf {k}")) for k in leaves)
+    named = lambda leaves: [str(leaf_names.get(k, f"leaf {k}")) for k in leaves]  # noqa: E731
+    listed = lambda leaves: ", ".join(named(leaves) if len(leaves) <= 6 else      # noqa: E731
+                                      named(leaves[:5]) + [f"and {len(leaves) - 5} more"])
+    moves = "; ".join(f"{level_names[int(level)] if level_names else f'level {int(level) + 1}'}: " + listed(leaves)
                       for level, leaves in margin["regrouped"].items())
     score = margin["margin"]
     if score >= MARKERS_FIRST / 2:   # the conflicts term: every other grouping breaks labels
