@@ -326,8 +326,8 @@ def assign_to_tree(centres, counts, parents, n_leaves, seed=0, starts=30, penalt
             candidates = _one_step_away(current, n_leaves)
             if n_leaves > EXHAUSTIVE_LEAVES:
                 # scored by what each step changes, then the chosen one in full: the same search up to
-                # rounding, 20x faster for 24 leaves (trees up to ten leaves keep the full scores, so
-                # their runs stay bit for bit what they were)
+                # rounding, 13x faster for 24 leaves (benchmarks/tree_search.py; trees up to ten leaves
+                # keep the full scores, so their runs stay bit for bit what they were)
                 scores = score + _step_gains(centres, counts, ancestors, current, candidates, level_weights,
                                              None if penalty is None else weight * np.asarray(penalty, float))
             else:
@@ -587,10 +587,9 @@ def _placement_objective(latent, leaf, parents, n_leaves, seed=0, conflicts=None
     rest = lambda a: scale * top_score(a) - fragments(a) + below_top(a)  # noqa: E731
     # The scores read a slot through its classes above the leaf level (and its column of conflicts, a
     # cost the search sets aside), so slots equal in those are interchangeable, but for rounding: the
-    # compact top level sums its
-    # classes over slots in an order an exchange changes. Its error is within 40 eps of the leaves'
-    # uncentred sum of squares (times `scale`), the graph's and the counts' within eps of their
-    # sizes; `rounding` bounds the difference of two exchanges 100 times over.
+    # compact top level sums its classes over slots in an order an exchange changes. Its error is
+    # within 40 eps of the leaves' uncentred sum of squares (times `scale`), the graph's and the
+    # counts' within eps of their sizes; `rounding` bounds the difference of two exchanges 100 times over.
     uncentred = (counts * (centres ** 2).sum(-1)).sum() if top_level == "compact" else 1.0
     rounding = 1e-12 * (scale * uncentred + len(ancestors))
     slot_groups = lambda *more: interchangeable_slots(ancestors[:-1], *more)  # noqa: E731
