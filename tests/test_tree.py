@@ -1101,6 +1101,10 @@ def test_the_final_refit_records_how_clearly_its_leaves_are_grouped():
     # leaves the EM steps left breaking 3 labels, where another grouping breaks none: a count, not 3e9
     line = describe_margin({"margin": -3 * MARKERS_FIRST + 0.0006, "regrouped": {"2": [5, 6]}})
     assert "(level 3: leaf 5, leaf 6) puts 3 fewer labelled cells" in line and "e+09" not in line and "000000" not in line
+    # beyond the graph terms' range (at most levels - 2): the top split or the fragment rule decides
+    line = describe_margin({"margin": -35.1077, "levels": 5, "regrouped": {"2": [5, 6]}})
+    assert "35.1077 above" in line and "graph terms" not in line.split(":")[-1] and "the other grouping keeps" in line
+    assert "a near tie" in describe_margin({"margin": 0.003, "levels": 5, "regrouped": {"2": [5, 6]}})
     # a big tree's regrouping is listed in short
     line = describe_margin({"margin": 0.5, "regrouped": {"1": list(range(20)), "2": [3, 4]}})
     assert "(level 2: leaf 0, leaf 1, leaf 2, leaf 3, leaf 4, and 15 more; level 3: leaf 3, leaf 4)" in line

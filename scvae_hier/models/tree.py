@@ -731,6 +731,11 @@ def describe_margin(margin, leaf_names=None, level_names=None):
                 f"decides; marker genes (--markers) or labels at that level settle it.")
     where = (f"{score:.4f} below this run's grouping" if score >= 0 else
              f"{-score:.4f} above this run's grouping (the refit's EM steps moved cells after the leaves were placed)")
+    if abs(score) > margin.get("levels", np.inf) - 2 + 1e-6:   # beyond the graph terms' range: top split, fragments
+        keeper = "this run's" if score > 0 else "the other"
+        return (f"Nearest other grouping of the leaves ({moves}) scores {where} by the placement's top-level split "
+                f"and its rule against classes too small to be a type (more than the graph terms can differ): "
+                f"{keeper} grouping keeps the larger classes or the farther top split.")
     if abs(score) < NEAR_TIE:
         verdict = (f"a near tie (within {NEAR_TIE}) that the latent's graph barely breaks; marker genes (--markers) "
                    f"or labels at that level settle it")
@@ -1444,8 +1449,9 @@ class TreeVAE(HierarchicalVAE):
         if found is None:
             return None
         margin, other = found
-        return {"margin": round(margin, 6), "regrouped": {str(level): [int(kept[k]) for k in leaves] for level, leaves
-                                                          in regrouped_leaves(parents, len(kept), other).items()}}
+        return {"margin": round(margin, 6), "levels": len(parents) + 1,
+                "regrouped": {str(level): [int(kept[k]) for k in leaves] for level, leaves
+                              in regrouped_leaves(parents, len(kept), other).items()}}
 
     def leaves_to_place(self, component, labels=None):
         """The cells' leaves as the placement sees them (`component` [n] // components per leaf), in
