@@ -212,15 +212,18 @@ def least_exchange_cost(costs, groups, assignments):
     assignments = np.asarray(assignments)
     item_in = np.empty_like(assignments)
     item_in[np.arange(len(assignments))[:, None], assignments] = np.arange(assignments.shape[1])
+    costs, groups = np.asarray(costs, float), np.asarray(groups)
     total = np.zeros(len(assignments))
     for group in np.unique(groups):
-        slots = np.flatnonzero(np.asarray(groups) == group)
-        cost = np.asarray(costs, float)[item_in[:, slots][:, :, None], slots[None, None, :]]   # [A, item, slot]
+        slots = np.flatnonzero(groups == group)
+        cost = costs[item_in[:, slots][:, :, None], slots[None, None, :]]                        # [A, item, slot]
         filled = np.full((len(assignments), 1 << len(slots)), np.inf)
         filled[:, 0] = 0.0
         for subset in range(1 << len(slots)):            # its bit count says which item comes next
             item = bin(subset).count("1")
-            for slot in range(len(slots) * (item < len(slots))):
+            if item == len(slots):
+                continue
+            for slot in range(len(slots)):
                 if not subset >> slot & 1:
                     wider = subset | 1 << slot
                     filled[:, wider] = np.minimum(filled[:, wider], filled[:, subset] + cost[:, item, slot])
@@ -424,18 +427,25 @@ def leaf_distances(latent, leaf, n_leaves, max_cells=LINKAGE_CELLS, seed=0):
     return distances
 
 
+def _class_linkage(distances, counts, row, assignments):
+    """([A, J, J] the average linkage between every two classes of the level whose class of each
+    slot is `row` [K], the mean distance between their cells from the leaves' `distances` weighted
+    by the leaves' cell `counts`, under each assignment of leaves to slots ([A, K]); [A, J] the
+    classes' cells). Shared by the top level's separation and the spread below it."""
+    counts = np.asarray(counts, float)
+    onehot = _class_onehot(row, assignments)                                     # [A, K, J]
+    between = np.einsum("aij,ik,akl->ajl", onehot, counts[:, None] * counts[None, :] * distances, onehot)
+    sizes = np.einsum("akj,k->aj", onehot, counts)
+    return between / np.maximum(sizes[:, :, None] * sizes[:, None, :], 1e-12), sizes
+
+
 def _linkage_scores(distances, counts, top, assignments):
     """How far apart the top level's classes are under each assignment of leaves to slots ([A, K]:
     leaf i goes to slot assignments[a, i]; `top` [K] the top class of every slot): the average
-    linkage between every two classes (the mean distance between their cells, from the leaves'
-    `distances` weighted by the leaves' cell `counts`), averaged over the pairs of classes. Larger
-    is better. Unlike the sum of squares, a class's size does not weigh in."""
-    onehot = _class_onehot(top, assignments)                                     # [A, K, J]
-    weighted = np.asarray(counts, float)[:, None] * np.asarray(counts, float)[None, :] * distances
-    between = np.einsum("aij,ik,akl->ajl", onehot, weighted, onehot)             # [A, J, J]
-    sizes = np.einsum("akj,k->aj", onehot, np.asarray(counts, float))
-    linkage = between / np.maximum(sizes[:, :, None] * sizes[:, None, :], 1e-12)
-    first, second = np.triu_indices(onehot.shape[-1], 1)
+    linkage between every two classes (`_class_linkage`), averaged over the pairs of classes.
+    Larger is better. Unlike the sum of squares, a class's size does not weigh in."""
+    linkage, _ = _class_linkage(distances, counts, top, assignments)
+    first, second = np.triu_indices(linkage.shape[-1], 1)
     if not len(first):              # one top class (a tree pruned by empty leaves): nothing to set apart
         return np.zeros(len(assignments))
     return linkage[:, first, second].mean(-1)
@@ -479,19 +489,13 @@ def _graph_scores(links, ancestors, assignments):
 def _spread_scores(distances, counts, rows, assignments):
     """[A] how spread the classes are, over the levels whose class of each slot is a row of `rows`,
     under each assignment of leaves to slots ([A, K]): per level, the mean distance between the
-    cells of a class (from the leaves' average `distances`, weighted by their cell `counts`),
-    averaged over the classes that hold cells, over the largest distance so that each level counts
-    in [0, 1]. Smaller is better."""
-    counts = np.asarray(counts, float)
-    weighted = counts[:, None] * counts[None, :] * distances
+    cells of a class (its average linkage with itself, `_class_linkage`), averaged over the classes
+    that hold cells, over the largest distance so that each level counts in [0, 1]. Smaller is better."""
     spread = np.zeros(len(assignments))
     for row in rows:
-        onehot = _class_onehot(row, assignments)                                   # [A, K, J]
-        within = np.einsum("ajk,akj->aj", np.matmul(onehot.transpose(0, 2, 1), weighted), onehot)
-        sizes = onehot.transpose(0, 2, 1) @ counts                                  # [A, J]
+        linkage, sizes = _class_linkage(distances, counts, row, assignments)
         held = sizes > 0
-        mean = np.where(held, within / np.maximum(sizes, 1e-12) ** 2, 0.0)
-        spread += mean.sum(-1) / np.maximum(held.sum(-1), 1)
+        spread += np.where(held, np.diagonal(linkage, axis1=1, axis2=2), 0.0).sum(-1) / np.maximum(held.sum(-1), 1)
     return spread / max(distances.max(), 1e-12)
 
 
