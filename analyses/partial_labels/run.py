@@ -272,6 +272,22 @@ def run_query(name, seed, done):
                 n_scored=target.n_obs, n_labelled=reference.n_obs))
 
 
+def write_query_inputs(path=HERE / "query_inputs.json"):
+    """What scanvi_query.py needs to run scANVI on the same reference and query cells with the same
+    genes as `run_query` (it runs in another virtual environment, without this package): per
+    setting the data file, excluded labels, the query column and groups, and the genes TreeVAE
+    chooses on the reference cells (seurat_v3, `prepare_cells`)."""
+    inputs = {}
+    for name in QUERIES:
+        spec, options, reference, _, hierarchy, query = query_split(name)
+        genes = prepare_cells(reference, TrainOptions(n_genes=spec["base"]["n_genes"]), hierarchy).adata.var_names
+        inputs[f"{name} ({'+'.join(query)})"] = dict(
+            data=str(Path(spec["base"]["data"]).relative_to(ROOT)), exclude_labels=list(spec["base"].get("exclude_labels", ())),
+            column=spec["column"], query=query, genes=[str(g) for g in genes])
+    path.write_text(json.dumps(inputs, indent=1) + "\n")
+    print(f"wrote {path}: " + ", ".join(f"{k} ({len(v['genes'])} genes)" for k, v in inputs.items()))
+
+
 def query_elbo(model, query, batch=None, draws=5):
     """Mean ELBO per query cell (5 noise draws), reading every cell as `batch` if given."""
     import tensorflow as tf
@@ -319,7 +335,12 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--models", nargs="+", default=["tree"], choices=["tree", *OTHER_MODELS])
+    parser.add_argument("--query-inputs", action="store_true",
+                        help="only write query_inputs.json (cells and genes of the query settings, for scanvi_query.py)")
     args = parser.parse_args()
+    if args.query_inputs:
+        write_query_inputs()
+        sys.exit()
     names = args.only or list(SETTINGS) + list(QUERIES)
     for seed in args.seeds:
         for name in names:

@@ -98,6 +98,23 @@ def train_scanvi(adata, seed):
     return np.asarray(model.predict(adata), dtype=str)
 
 
+def level_scores(truth, predicted, paths):
+    """Per-level ARI / accuracy / macro F1 of predicted paths (cells x levels predicted, the top
+    levels of `truth`), scHPL's hierarchical F1 when every level is predicted, and the share of
+    predicted paths that are paths of the hierarchy (1.0 for leaf predictions mapped up)."""
+    row, depth = {}, predicted.shape[1]
+    for i in range(depth):  # levels below the predicted ones are not scored (left empty)
+        t, p = truth[:, i], predicted[:, i].astype(str)
+        row[f"ari_{i + 1}"] = adjusted_rand_score(t, p)
+        row[f"accuracy_{i + 1}"] = accuracy_score(t, p)
+        row[f"macro_f1_{i + 1}"] = f1_score(t, p, labels=sorted(set(t)), average="macro", zero_division=0)
+    if depth == truth.shape[1]:
+        row["hierarchical_f1"] = hierarchical_f1(truth, predicted)
+    prefixes = {tuple(p)[:depth] for p in paths.values()}
+    row["consistency"] = float(np.mean([tuple(p) in prefixes for p in predicted]))
+    return row
+
+
 def score_folder(folder, pbmc, levels, paths):
     """Train on one run folder's cells, genes and mask; its results row."""
     config = json.loads((folder / "config.json").read_text())
@@ -121,16 +138,7 @@ def score_folder(folder, pbmc, levels, paths):
     up = {tuple(path)[finest]: tuple(path)[:finest + 1] for path in paths.values()}
     assert len(up) == len({tuple(p)[:finest + 1] for p in paths.values()}), "class names not unique at a level"
     predicted = np.array([up[g] for g in guess[scored]], dtype=object)
-    row = {}
-    for i in range(finest + 1):  # levels below the predicted one are not scored (left empty)
-        t, p = truth[:, i], predicted[:, i].astype(str)
-        row[f"ari_{i + 1}"] = adjusted_rand_score(t, p)
-        row[f"accuracy_{i + 1}"] = accuracy_score(t, p)
-        row[f"macro_f1_{i + 1}"] = f1_score(t, p, labels=sorted(set(t)), average="macro", zero_division=0)
-    if finest == len(levels) - 1:
-        row["hierarchical_f1"] = hierarchical_f1(truth, predicted)
-    prefixes = {tuple(p)[:finest + 1] for p in paths.values()}
-    row["consistency"] = float(np.mean([tuple(p) in prefixes for p in predicted]))  # 1.0: mapped up
+    row = level_scores(truth, predicted, paths)
     novel = adata.obs["source_library"].astype(str).to_numpy()[scored] == "cd14_monocytes"
     if folder.name.startswith("unknown_cd14") and novel.any():
         # scANVI has no unknown class: every never-labelled cd14_monocytes cell gets a labelled class.
