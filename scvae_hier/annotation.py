@@ -13,10 +13,10 @@ from .files import write_h5ad
 
 
 def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False, fit_batches_epochs=0,
-                  save_model=None):
+                  save_model=None, novelty_cutoff=None):
     """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad).
     fit_batches_epochs > 0: first fit the query's new batches for that many epochs (then `batch`
-    must be None); save_model: a folder for that extended model."""
+    must be None); save_model: a folder for that extended model; novelty_cutoff: as predict_levels."""
     from .api import load
 
     output = Path(output)
@@ -37,11 +37,13 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     elif save_model:
         raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
     if model.module.clustering != "none":
-        table = model.predict_levels(adata, unassigned_below=unassigned_below, batch=batch)
+        table = model.predict_levels(adata, unassigned_below=unassigned_below, batch=batch,
+                                     novelty_cutoff=novelty_cutoff)
         for column in table.columns:
             adata.obs[column] = table[column]
     adata.obsm["X_scvae"] = model.get_latent_representation(adata, batch=batch)
     adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
+                                     "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),
                                      "fitted_batches": list(model.module.metadata.get("query_batches", [])),
                                      "query_epochs": int(fit_batches_epochs)}

@@ -155,6 +155,7 @@ class HierarchyModel:
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
         the per-epoch terms in `self.history` (a DataFrame)."""
+        from .novelty import record_novelty_reference
         from .training import check_enough_cells, compile_model, fit, in_scope, make_split, name_clusters
 
         unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
@@ -179,6 +180,7 @@ class HierarchyModel:
         self.history = pd.DataFrame(state.state["history"]).set_index("epoch")
         self.is_trained = True
         name_clusters(self.module, self.cells, self.split)
+        record_novelty_reference(self.module, self.cells, self.split, PREDICT_BATCH_SIZE)
         return self
 
     # ---------------------------------------------------------------------------- outputs
@@ -271,29 +273,55 @@ class HierarchyModel:
         return model
 
     def predict_levels(self, adata=None, prefix="scvae_", unassigned_below=0.0, keep_labels=True,
-                       batch=None) -> pd.DataFrame:
+                       batch=None, novelty_cutoff=None) -> pd.DataFrame:
         """Per level: the predicted class name (`scvae_<level>`), its cluster (`scvae_<level>_cluster`)
         and posterior probability (`scvae_<level>_probability`), indexed by adata.obs_names, ready for
         `adata.obs = adata.obs.join(...)` (the prefix keeps them apart from the true level columns).
+        TreeVAE also gives `scvae_novelty`: the share of the training cells of the cell's most probable
+        component that the model explains better (its ELBO per count; about uniform on cells like
+        the training cells, 1.0 beyond them all; `scvae_hier.novelty`).
 
         unassigned_below: from the first level whose probability is below this, the name is
-        "unassigned" (0: never). keep_labels: the training cells of a semi-supervised model keep the
-        labels they were given. batch: a training batch to read query cells as (new batches are refused)."""
+        "unassigned" (0: never). novelty_cutoff: cells whose novelty is above this are "unassigned"
+        at every level (None: never; 0.99 flags a type the reference lacked, README). keep_labels:
+        the training cells of a semi-supervised model keep the labels they were given. batch: a
+        training batch to read query cells as (new batches are refused)."""
         if not 0 <= unassigned_below <= 1:
             raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
+        if novelty_cutoff is not None and not 0 <= novelty_cutoff <= 1:
+            raise ValueError(f"novelty_cutoff must be a share in [0, 1], got {novelty_cutoff}.")
         given = None
         if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
             given = self.cells.labels
         table = self._predict_levels(adata, batch, given)
         levels = self.level_names or ["cluster"]
-        if unassigned_below > 0:
-            low = np.zeros(len(table), dtype=bool)
-            for level in levels:
-                low |= (table[level + "_probability"] < unassigned_below).to_numpy()
+        unassigned = np.zeros(len(table), dtype=bool)
+        if novelty_cutoff is not None:
+            if "novelty" not in table:
+                raise ValueError(self._no_novelty())
+            novel = (table["novelty"] > novelty_cutoff).to_numpy()
+            if given is not None:  # cells given labels keep them
+                position = self.cells.adata.obs_names.get_indexer(table.index)
+                novel &= ~((position >= 0) & (given[np.maximum(position, 0)] >= 0).any(axis=1))
+            unassigned |= novel
+        for level in levels:
+            if unassigned_below > 0:
+                unassigned |= (table[level + "_probability"] < unassigned_below).to_numpy()
+            if unassigned.any():
                 names = table[level].astype(object)
-                names[low & table[level + "_probability"].notna().to_numpy()] = "unassigned"
+                names[unassigned & table[level + "_probability"].notna().to_numpy()] = "unassigned"
                 table[level] = names.astype("category")
         return table.add_prefix(prefix)
+
+    def _no_novelty(self) -> str:
+        """Why this model gives no novelty, and what to do."""
+        from .novelty import gives_scores
+
+        if not gives_scores(self.module):
+            return (f"novelty_cutoff needs TreeVAE (--model tree), whose cells are scored against its prior "
+                    f"components; not {type(self.module).__name__}.")
+        return ("This model was saved without the training cells' scores that novelty is read against (saved "
+                "before novelty existed); record them with `scvae-hier refit RUN --output NEW`, or train again.")
 
     def _predict_levels(self, adata=None, batch=None, given=None) -> pd.DataFrame:
         """predict_levels without the prefix.
@@ -329,6 +357,19 @@ class HierarchyModel:
                 column = pd.Series(np.nan if suffix else None, index=table.index, dtype=float if suffix else object)
                 column.iloc[rows] = values
                 table[level + suffix] = column.astype("category") if not suffix else column
+        reference = self.module.metadata.get("novelty_reference")
+        if reference is not None and "elbo_per_count" in out:
+            import warnings
+
+            from .novelty import NoveltyDepthWarning, depth_warning, novelty
+
+            message = depth_warning(out["counts"], reference)
+            if message:
+                warnings.warn(message, NoveltyDepthWarning, stacklevel=3)
+
+            table["novelty"] = np.nan
+            table.iloc[rows, table.columns.get_loc("novelty")] = novelty(out["elbo_per_count"], out["component"],
+                                                                         reference)
         return table
 
     def _flat_levels(self, probabilities, finest_names, levels) -> list:

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--unassigned-below", type=float, default=0.0,
                           help="Call a cell 'unassigned' from the first level whose posterior probability is below "
                                "this (default: %(default)s, never).")
+    annotate.add_argument("--novelty-cutoff", type=float, default=None,
+                          help="Call a cell 'unassigned' at every level when its novelty (the share of the training "
+                               "cells of its component that the model explains better; TreeVAE) is above this, "
+                               "e.g. 0.99 for types the reference lacked (default: never).")
     annotate.add_argument("--batch", help="Read every query cell as this training batch (a model trained with a batch "
                                           "covariate refuses batches it never saw).")
     annotate.add_argument("--drop-empty-cells", action="store_true",
@@ -203,11 +207,18 @@ def run_annotate(args) -> int:
 
     adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells,
                           fit_batches_epochs=args.query_epochs if args.fit_new_batches else 0,
-                          save_model=args.save_model)
-    levels = [c for c in adata.obs.columns if c.startswith("scvae_") and not c.endswith(("_cluster", "_probability"))]
+                          save_model=args.save_model, novelty_cutoff=args.novelty_cutoff)
+    levels = [c for c in adata.obs.columns if c.startswith("scvae_") and c != "scvae_novelty"
+              and not c.endswith(("_cluster", "_probability"))]
     for column in levels:
         counts = adata.obs[column].value_counts()
         print(f"{column}: " + ", ".join(f"{name} {count}" for name, count in counts.head(12).items()))
+    if "scvae_novelty" in adata.obs:
+        novelty = adata.obs["scvae_novelty"]
+        print(f"scvae_novelty: median {novelty.median():.2f}; above 0.99 (explained worse than 99% of the training "
+              f"cells of their component): {int((novelty > 0.99).sum())} of {int(novelty.notna().sum())} cells"
+              + (f"; above --novelty-cutoff {args.novelty_cutoff}: {int((novelty > args.novelty_cutoff).sum())}, "
+                 f"called unassigned" if args.novelty_cutoff is not None else ""))
     fitted = list(adata.uns["scvae_annotation"]["fitted_batches"])
     if fitted:
         print(f"Fitted the query's new batch(es) {fitted} for {args.query_epochs} epochs, the rest of the model frozen"

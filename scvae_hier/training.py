@@ -30,6 +30,7 @@ from .models.tree import stranded_by_empty_leaves
 from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import cluster_names
+from .novelty import record_novelty_reference
 from .outputs import predict_outputs, write_outputs
 
 PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
@@ -649,6 +650,7 @@ def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on
     `recorded`, the seconds since `started` and, if given, the seconds of each stage)."""
     clock = time.time()
     name_clusters(model, cells, split)
+    record_novelty_reference(model, cells, split, PREDICT_BATCH_SIZE)
     save_model_atomically(model, run.model)
     if on_disk:
         metrics = ondisk.write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,

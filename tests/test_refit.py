@@ -54,6 +54,11 @@ def test_a_refit_with_other_settings_writes_the_run_trained_with_them(trained, t
     import scvae_hier
     model = scvae_hier.load_model(refitted)
     assert model.empty_leaves == other["model_arguments"]["empty_leaves"] and len(model.empty_leaves) == 1
+    # the novelty reference is recorded again from the refitted prior (as the run trained with the setting)
+    np.testing.assert_allclose(model.metadata["novelty_reference"]["quantiles"],
+                               scvae_hier.load_model(empty).metadata["novelty_reference"]["quantiles"], rtol=1e-4)
+    assert (model.metadata["novelty_reference"]["quantiles"]
+            != scvae_hier.load_model(default).metadata["novelty_reference"]["quantiles"])
     assert (refitted / "history.csv").read_text() == (default / "history.csv").read_text()
 
 

@@ -15,7 +15,9 @@ documents them:
   0 (the scvi-tools scArches tutorial), then predicted (run.py's "treevae_batches_fitted").
 scVI 100 epochs (early stopping off, 20 latent dimensions as our runs), scANVI 20 epochs, as
 scanvi.py. The predicted leaf is mapped up the hierarchy and scored on every query cell like run.py.
-Rows go to scanvi_results.csv as they finish; a rerun skips those already there.
+Rows go to scanvi_results.csv as they finish; a rerun skips those already there. The validation
+splits of readout_validation.py (`--query-inputs` there adds them, with their reference groups) run
+the same way with `--only pbmc_val kang_val`.
 """
 import argparse
 import json
@@ -41,11 +43,14 @@ def split(setting):
     hierarchy = adata.uns["hierarchy"]
     label = str(hierarchy["label_column"])
     adata = adata[~adata.obs[label].astype(str).isin(inputs["exclude_labels"]), inputs["genes"]].copy()
-    is_query = adata.obs[inputs["column"]].astype(str).isin(inputs["query"]).to_numpy()
+    group = adata.obs[inputs["column"]].astype(str)
+    is_query = group.isin(inputs["query"]).to_numpy()
+    # the reference: the named groups (validation splits), else every other cell
+    is_reference = group.isin(inputs["reference"]).to_numpy() if "reference" in inputs else ~is_query
     adata.obs["scanvi_label"] = np.where(is_query, UNKNOWN, adata.obs[label].astype(str))
-    adata.obs["scanvi_batch"] = adata.obs[inputs["column"]].astype(str)
+    adata.obs["scanvi_batch"] = group
     paths = {leaf: tuple(str(c) for c in path) for leaf, path in hierarchy["paths"].items()}
-    return adata[~is_query].copy(), adata[is_query].copy(), paths, label
+    return adata[is_reference].copy(), adata[is_query].copy(), paths, label
 
 
 def reference_model(reference, seed, batch):

@@ -1110,6 +1110,8 @@ class TreePathComponents(ComponentLaw, keras.layers.Layer):
 # ----------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable("scvae_hier")
 class TreeVAE(HierarchicalVAE):
+    gives_elbo_per_count = True  # outputs() has each cell's ELBO per count and component (novelty.py)
+
     @classmethod
     def arguments_from(cls, options, hierarchy) -> dict:
         if hierarchy is None:
@@ -1393,9 +1395,16 @@ class TreeVAE(HierarchicalVAE):
         return self.log_pc(), self.components.distribution(), np.asarray(self.component_ancestors)
 
     def outputs(self, x, covariates=None):
-        log_qc, loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
-        return {"latent": loc, **{f"level_{l + 1}_probabilities": tf.exp(m)
-                                  for l, m in enumerate(self.level_log_marginals(log_qc))}}
+        """The latent mean, q(y_l|x) per level, the most probable component, and the ELBO at the
+        latent mean per count of the cell (`elbo_per_count`: how well the model explains the cell,
+        read against its component's training cells by `scvae_hier.novelty`)."""
+        covariates = self.check_covariates(covariates)
+        log_qc, loc, _ = self.encode(x, covariates=covariates)
+        elbo = self.terms(x, noise=tf.zeros_like(loc), covariates=covariates)["elbo"]
+        counts = tf.reduce_sum(x, axis=-1)
+        return {"latent": loc, "component": tf.argmax(log_qc, axis=-1, output_type=tf.int32),
+                "elbo_per_count": elbo / tf.maximum(counts, 1.0), "counts": counts,
+                **{f"level_{l + 1}_probabilities": tf.exp(m) for l, m in enumerate(self.level_log_marginals(log_qc))}}
 
     def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """[S, B] log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x), with p(z) the full mixture over

@@ -1,0 +1,81 @@
+"""Novelty: how much worse the model explains a cell than the cells it was trained on, to flag
+types a reference lacked.
+
+TreeVAE's posterior q(c|x) = softmax_c(log p(c) - KL(q(z|x) || p(z|c))) only compares components:
+a cell of a type the reference never had still goes to the least bad one, often with probability
+near 1, so thresholding the posterior does not find it (PBMC's CD14+ monocytes left out of a
+reference: ROC AUC 0.28-0.41 for 1 - max q(c|x), README). What does find it is how well the whole
+model explains the cell: its ELBO at the latent mean, per count of the cell (so deep and shallow
+cells compare). A cell's *novelty* is the share of the training cells of its most probable
+component that the model explains better, so it reads alike for every component, tight or broad:
+about uniform on cells like the training cells, 1.0 beyond them all. The model records each
+component's quantiles once trained (`metadata["novelty_reference"]`), so a saved model scores new
+files without the training data. It sees a type only through the model's genes: a type whose
+marker genes are not among them looks like the cells it resembles there. And the ELBO per count
+grows with a cell's depth, so a query much deeper than the training cells reads as more typical
+and a much shallower one as more novel: `depth_warning` says so when the median counts differ by
+more than DEPTH_RATIO.
+"""
+import numpy as np
+
+from .outputs import predict_outputs
+
+QUANTILES = np.linspace(0.0, 1.0, 201)  # the recorded quantiles of each component's scores
+MIN_CELLS = 20  # a component with fewer training cells is read against all training cells
+DEPTH_RATIO = 1.5  # query and training cells' median counts further apart than this: novelty shifts
+
+
+class NoveltyDepthWarning(UserWarning):
+    """Cells much deeper or shallower than the training cells: their novelty is shifted."""
+
+
+def gives_scores(model) -> bool:
+    """Whether the model gives each cell its ELBO per count and most probable component (TreeVAE)."""
+    return getattr(model, "gives_elbo_per_count", False)
+
+
+def novelty_reference(elbo_per_count, components, n_components, counts=None) -> dict:
+    """The quantiles (QUANTILES) of the training cells' negative ELBO per count, per component, and
+    their median counts (for `depth_warning`)."""
+    misfit, components = -np.asarray(elbo_per_count, dtype=float), np.asarray(components)
+    pooled = np.quantile(misfit, QUANTILES)
+    per_component = [np.quantile(misfit[components == k], QUANTILES) if (components == k).sum() >= MIN_CELLS
+                     else pooled for k in range(n_components)]
+    reference = {"quantiles": [[float(f"{v:.6g}") for v in q] for q in per_component], "n_cells": int(len(misfit))}
+    if counts is not None:
+        reference["median_counts"] = float(np.median(counts))
+    return reference
+
+
+def depth_warning(counts, reference):
+    """A warning (text) when these cells' median counts are more than DEPTH_RATIO times deeper or
+    shallower than the training cells', else None."""
+    trained, here = reference.get("median_counts"), float(np.median(counts))
+    if not trained or not here or max(here / trained, trained / here) <= DEPTH_RATIO:
+        return None
+    return (f"These cells have {here / trained:.2f} times the training cells' median counts on the model's genes "
+            f"({here:.0f} against {trained:.0f}). Novelty is read against the training cells, and the ELBO per count "
+            f"grows with depth, so {'deeper cells read as more typical: a type the reference lacked may stay below a cutoff' if here > trained else 'shallower cells read as more novel: known types may pass a cutoff'}. "
+            f"Rank cells by novelty within this data rather than trusting a fixed novelty_cutoff.")
+
+
+def novelty(elbo_per_count, components, reference) -> np.ndarray:
+    """Each cell's share of its component's training cells that the model explains better, in [0, 1]."""
+    table = np.asarray(reference["quantiles"], dtype=float)
+    misfit, components = -np.asarray(elbo_per_count, dtype=float), np.asarray(components, dtype=int)
+    out = np.empty(len(misfit))
+    for k in np.unique(components):
+        rows = components == k
+        out[rows] = np.interp(misfit[rows], table[k], QUANTILES)  # 0 below the least, 1 beyond the largest
+    return out
+
+
+def record_novelty_reference(model, cells, split, batch_size) -> None:
+    """Store the training cells' quantiles in model.metadata (for models that give the scores)."""
+    if not gives_scores(model):
+        return
+    train = np.asarray(split) == "train"
+    covariates = None if cells.covariates is None else cells.covariates[train]
+    out = predict_outputs(model, cells.adata.X[train], batch_size, covariates)
+    model.metadata["novelty_reference"] = novelty_reference(out["elbo_per_count"], out["component"], model.n_components,
+                                                            out["counts"])
