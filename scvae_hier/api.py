@@ -283,7 +283,7 @@ class HierarchyModel:
 
         unassigned_below: from the first level whose probability is below this, the name is
         "unassigned" (0: never). novelty_cutoff: cells whose novelty is above this are "unassigned"
-        at every level (None: never; 0.99 flags a type the reference lacked, README). keep_labels:
+        at every level (None: never; the README says what 0.99 found and missed). keep_labels:
         the training cells of a semi-supervised model keep the labels they were given. batch: a
         training batch to read query cells as (new batches are refused)."""
         if not 0 <= unassigned_below <= 1:
