@@ -79,9 +79,12 @@ def test_fitting_moves_only_the_new_rows_and_beats_every_training_batch(referenc
         if a.ndim != 2 or a.shape[0] <= 3:
             if "noise_draws" not in a.path:
                 np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-    # The reference's cells get the very same predictions through the fitted model.
-    np.testing.assert_array_equal(fitted.predict_levels(reference, keep_labels=False).astype(str).to_numpy(),
-                                  model.predict_levels(reference, keep_labels=False).astype(str).to_numpy())
+    # The reference's cells get the very same predictions through the fitted model (their novelty
+    # to float rounding: the decoder's input has one more, zero, covariate column).
+    got, want = (m.predict_levels(reference, keep_labels=False) for m in (fitted, model))
+    np.testing.assert_array_equal(got.drop(columns="scvae_novelty").astype(str).to_numpy(),
+                                  want.drop(columns="scvae_novelty").astype(str).to_numpy())
+    np.testing.assert_allclose(got["scvae_novelty"], want["scvae_novelty"], atol=1e-4)
     # The fitted batch explains the query better than any training batch it could be read as.
     fitted_elbo = _query_elbo(fitted, query)
     for batch in model.module.covariates:

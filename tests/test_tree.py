@@ -147,7 +147,8 @@ def test_save_and_load_reproduce_outputs_and_tree(tmp_path):
     assert type(loaded) is TreeVAE and loaded.get_config() == model.get_config()
     assert loaded.parents == SMALL_PARENTS
     before, after = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
-    assert set(before) == {"latent", "level_1_probabilities", "level_2_probabilities", "level_3_probabilities"}
+    assert set(before) == {"latent", "level_1_probabilities", "level_2_probabilities", "level_3_probabilities",
+                           "component", "elbo_per_count", "counts"}
     for key in before:
         np.testing.assert_array_equal(before[key], after[key])
 
