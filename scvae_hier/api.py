@@ -359,18 +359,26 @@ class HierarchyModel:
                 table[level + suffix] = column.astype("category") if not suffix else column
         reference = self.module.metadata.get("novelty_reference")
         if reference is not None and "elbo_per_count" in out:
-            import warnings
-
-            from .novelty import NoveltyDepthWarning, depth_warning, novelty
-
-            message = depth_warning(out["counts"], reference)
-            if message:
-                warnings.warn(message, NoveltyDepthWarning, stacklevel=3)
-
             table["novelty"] = np.nan
-            table.iloc[rows, table.columns.get_loc("novelty")] = novelty(out["elbo_per_count"], out["component"],
-                                                                         reference)
+            table.iloc[rows, table.columns.get_loc("novelty")] = self._novelty(out, adata, batch, reference)
         return table
+
+    def _novelty(self, out, adata, batch, reference) -> np.ndarray:
+        """`novelty.novelty` of the cells at the training cells' depth: cells deeper than the training
+        cells (median counts) are scored after binomial thinning to it; much shallower ones are warned of."""
+        import warnings
+
+        from .novelty import NoveltyDepthWarning, depth_warning, novelty, thinned, thinning_factor
+        from .outputs import predict_outputs
+
+        message = depth_warning(out["counts"], reference)
+        if message:
+            warnings.warn(message, NoveltyDepthWarning, stacklevel=4)
+        factor = thinning_factor(out["counts"], reference)
+        if factor < 1:
+            X, covariates, _ = self._model_cells(adata, batch)
+            out = predict_outputs(self.module, thinned(X, factor), PREDICT_BATCH_SIZE, covariates)
+        return novelty(out["elbo_per_count"], out["component"], reference)
 
     def _flat_levels(self, probabilities, finest_names, levels) -> list:
         """A flat clustering read at every level: the cluster's matched finest class and its

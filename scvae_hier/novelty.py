@@ -12,9 +12,13 @@ about uniform on cells like the training cells, 1.0 beyond them all. The model r
 component's quantiles once trained (`metadata["novelty_reference"]`), so a saved model scores new
 files without the training data. It sees a type only through the model's genes: a type whose
 marker genes are not among them looks like the cells it resembles there. And the ELBO per count
-grows with a cell's depth, so a query much deeper than the training cells reads as more typical
-and a much shallower one as more novel: `depth_warning` says so when the median counts differ by
-more than DEPTH_RATIO.
+grows with a cell's depth: cells deeper than the training cells would read as typical (a left-out
+type in a query of 2.0 times the training depth: 15% above 0.99 instead of 95%). So cells whose
+median counts exceed the training cells' are scored with their counts binomially thinned by the
+ratio of the two medians (`thinned`, as scanpy's downsample_counts), which brings their depths
+onto the training cells' (87% then). Thinning every cell to at most the training median instead
+read the thinned cells as typical (14%). A much shallower query cannot be thickened, and
+`depth_warning` says so.
 """
 import numpy as np
 
@@ -22,11 +26,11 @@ from .outputs import predict_outputs
 
 QUANTILES = np.linspace(0.0, 1.0, 201)  # the recorded quantiles of each component's scores
 MIN_CELLS = 20  # a component with fewer training cells is read against all training cells
-DEPTH_RATIO = 1.5  # query and training cells' median counts further apart than this: novelty shifts
+DEPTH_RATIO = 1.5  # cells this much shallower than the training cells (median counts): a warning
 
 
 class NoveltyDepthWarning(UserWarning):
-    """Cells much deeper or shallower than the training cells: their novelty is shifted."""
+    """Cells much shallower than the training cells: their novelty reads high."""
 
 
 def gives_scores(model) -> bool:
@@ -47,16 +51,41 @@ def novelty_reference(elbo_per_count, components, n_components, counts=None) -> 
     return reference
 
 
-def depth_warning(counts, reference):
-    """A warning (text) when these cells' median counts are more than DEPTH_RATIO times deeper or
-    shallower than the training cells', else None."""
+def thinning_factor(counts, reference) -> float:
+    """The share of counts to keep so that these cells' median counts are the training cells' (1:
+    keep all, for cells no deeper than them and for a reference without their depth)."""
     trained, here = reference.get("median_counts"), float(np.median(counts))
-    if not trained or not here or max(here / trained, trained / here) <= DEPTH_RATIO:
+    return min(1.0, trained / here) if trained and here else 1.0
+
+
+def thinned(X, factors, seed=0):
+    """Counts binomially thinned, each cell to its factor of its reads (seeded); a cell left with no
+    count keeps its own."""
+    import scipy.sparse as sp
+
+    original = sp.csr_matrix(X, dtype=np.float32)
+    X = original.copy()
+    keep = np.repeat(np.broadcast_to(np.asarray(factors, dtype=float), (X.shape[0],)), np.diff(X.indptr))
+    X.data = np.random.default_rng(seed).binomial(X.data.astype(np.int64), keep).astype(np.float32)
+    empty = np.flatnonzero(np.asarray(X.sum(axis=1)).ravel() == 0)
+    if len(empty):
+        X = X.tolil()
+        X[empty] = original[empty]
+        X = X.tocsr()
+    X.eliminate_zeros()
+    return X
+
+
+def depth_warning(counts, reference):
+    """A warning (text) when these cells' median counts are more than DEPTH_RATIO times shallower
+    than the training cells', else None."""
+    trained, here = reference.get("median_counts"), float(np.median(counts))
+    if not trained or not here or trained / here <= DEPTH_RATIO:
         return None
     return (f"These cells have {here / trained:.2f} times the training cells' median counts on the model's genes "
             f"({here:.0f} against {trained:.0f}). Novelty is read against the training cells, and the ELBO per count "
-            f"grows with depth, so {'deeper cells read as more typical: a type the reference lacked may stay below a cutoff' if here > trained else 'shallower cells read as more novel: known types may pass a cutoff'}. "
-            f"Rank cells by novelty within this data rather than trusting a fixed novelty_cutoff.")
+            f"is lower for shallower cells, so they read as more novel: known types may pass a cutoff. Rank cells by "
+            f"novelty within this data rather than trusting a fixed novelty_cutoff.")
 
 
 def novelty(elbo_per_count, components, reference) -> np.ndarray:

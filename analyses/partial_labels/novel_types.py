@@ -6,7 +6,10 @@ with its novelty (`predict_levels(novelty_cutoff=...)`) against the posterior ru
 
 The reference is fully labelled (run.py's query options, no batch covariate) and never holds the
 left-out type; the query holds it beside known types. Validation splits share no cell with the
-test splits (the same rule as readout_validation.py): cutoffs are chosen on them.
+test splits (the same rule as readout_validation.py): cutoffs are chosen on them. Query cells deeper
+than the training cells are scored after thinning to their depth (`scvae_hier.novelty`); the
+`_deep` validation split makes the query 2 times deeper than the training cells to check that.
+novel_types_before_thinning.jsonl: the same splits scored without the thinning (the first version).
 """
 import json
 import os
@@ -23,18 +26,22 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 import run  # noqa: E402
 import scvae_hier as sh  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
+from scvae_hier.novelty import thinned  # noqa: E402
 
 KANG_VALIDATION, KANG_TEST = ["101", "107", "1015", "1039"], ["101", "107", "1015", "1016", "1039", "1244"]
 SPLITS = {  # data, group column, label column, left-out type, reference groups, query groups
     "pbmc_val_cd14": ("pbmc", "source_dataset", "source_library", "cd14_monocytes", ["fastTopics"], ["scMINER"]),
     "kang_val_b": ("kang2018", "sample_id", "cluster_id", "B cells", KANG_VALIDATION, ["1016", "1244"]),
     "kang_val_fcgr3a": ("kang2018", "sample_id", "cluster_id", "FCGR3A+ Monocytes", KANG_VALIDATION, ["1016", "1244"]),
+    # validation with a depth shift: the reference's reads thinned to 40% (seeded), the query as read
+    "pbmc_val_cd14_deep": ("pbmc", "source_dataset", "source_library", "cd14_monocytes", ["fastTopics"], ["scMINER"]),
     "pbmc_test_cd14": ("pbmc", "source_dataset", "source_library", "cd14_monocytes", ["fastTopics", "scMINER"],
                        ["MUDAN"]),
     "kang_test_b": ("kang2018", "sample_id", "cluster_id", "B cells", KANG_TEST, ["1256", "1488"]),
     "kang_test_fcgr3a": ("kang2018", "sample_id", "cluster_id", "FCGR3A+ Monocytes", KANG_TEST, ["1256", "1488"]),
 }
 NOVELTY_CUTOFFS, POSTERIOR_CUTOFFS = (0.95, 0.99, 0.999), (0.5, 0.9)
+REFERENCE_THINNING = 0.4
 
 
 def main(split, seed):
@@ -42,11 +49,13 @@ def main(split, seed):
     adata = anndata.read_h5ad(run.ROOT / "data" / f"{data}.h5ad")
     group, novel = adata.obs[column].astype(str), (adata.obs[label] == novel_type).to_numpy()
     reference = adata[group.isin(reference_groups).to_numpy() & ~novel].copy()
+    if split.endswith("_deep"):
+        reference.X = thinned(reference.X, REFERENCE_THINNING, seed=1)
     query = adata[group.isin(query_groups).to_numpy()].copy()
     options = {k: v for k, v in run.PBMC.items()
                if k not in ("data", "model", "batch_key", "xla", "epochs", "patience", "exclude_labels")}
     sh.TreeVAE.setup_anndata(reference, hierarchy=Hierarchy.from_anndata(adata[~novel]))
-    model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
+    model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, drop_empty_cells=True, **options)
     model.train(max_epochs=run.PBMC["epochs"], patience=run.PBMC["patience"], progress_bar=False)
 
     table = model.predict_levels(query, prefix="")
