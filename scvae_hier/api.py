@@ -155,8 +155,7 @@ class HierarchyModel:
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
         the per-epoch terms in `self.history` (a DataFrame)."""
-        from .novelty import record_novelty_reference
-        from .training import check_enough_cells, compile_model, fit, in_scope, make_split, name_clusters
+        from .training import check_enough_cells, compile_model, describe_trained, fit, in_scope, make_split
 
         unknown = sorted(set(settings) - set(TRAIN_ARGUMENTS))
         if unknown:
@@ -179,8 +178,7 @@ class HierarchyModel:
         state = fit(self.module, self.cells, self.split, self.options, verbose=1 if progress_bar else 0, log=log)
         self.history = pd.DataFrame(state.state["history"]).set_index("epoch")
         self.is_trained = True
-        name_clusters(self.module, self.cells, self.split)
-        record_novelty_reference(self.module, self.cells, self.split, PREDICT_BATCH_SIZE)
+        describe_trained(self.module, self.cells, self.split)
         return self
 
     # ---------------------------------------------------------------------------- outputs
@@ -218,7 +216,7 @@ class HierarchyModel:
             raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
                             "call adata.obs_names_make_unique() first.")
         X, covariates, rows = self._model_cells(adata, batch)
-        return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata
+        return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata, (X, covariates)
 
     def _check_trained(self):
         if not self.is_trained:
@@ -226,7 +224,7 @@ class HierarchyModel:
 
     def get_latent_representation(self, adata=None, batch=None) -> np.ndarray:
         """Latent means E_q[z|x], [cells of adata, latent_dim] (NaN rows for cells left out)."""
-        out, rows, adata = self._outputs(adata, batch)
+        out, rows, adata, _ = self._outputs(adata, batch)
         latent = np.full((adata.n_obs, out["latent"].shape[1]), np.nan, dtype=np.float32)
         latent[rows] = out["latent"]
         return latent
@@ -301,8 +299,7 @@ class HierarchyModel:
                 raise ValueError(self._no_novelty())
             novel = (table["novelty"] > novelty_cutoff).to_numpy()
             if given is not None:  # cells given labels keep them
-                position = self.cells.adata.obs_names.get_indexer(table.index)
-                novel &= ~((position >= 0) & (given[np.maximum(position, 0)] >= 0).any(axis=1))
+                novel &= ~(self._given_labels(table.index, given) >= 0).any(axis=1)
             unassigned |= novel
         for level in levels:
             if unassigned_below > 0:
@@ -312,6 +309,12 @@ class HierarchyModel:
                 names[unassigned & table[level + "_probability"].notna().to_numpy()] = "unassigned"
                 table[level] = names.astype("category")
         return table.add_prefix(prefix)
+
+    def _given_labels(self, names, given) -> np.ndarray:
+        """[cells named, L] the label codes `given` to the training cells, by cell name (-1: a cell
+        the model did not train on, or unlabelled)."""
+        position = self.cells.adata.obs_names.get_indexer(names)
+        return np.where(position[:, None] >= 0, given[np.maximum(position, 0)], -1)
 
     def _no_novelty(self) -> str:
         """Why this model gives no novelty, and what to do."""
@@ -332,7 +335,7 @@ class HierarchyModel:
         takes the ancestors of that name, so its predictions nest."""
         if self.module.clustering == "none":
             raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
-        out, rows, adata = self._outputs(adata, batch)
+        out, rows, adata, inputs = self._outputs(adata, batch)
         names = self.module.metadata.get("cluster_names", {})
         levels = self.level_names or ["cluster"]
         if self.module.clustering == "flat":
@@ -343,8 +346,7 @@ class HierarchyModel:
             probabilities = [np.asarray(out[f"level_{i + 1}_probabilities"]) for i in range(len(levels))]
             # A semi-supervised model's training cells: the most probable path through their labels.
             if given is not None:  # aligned by cell name (cells the model left out have none)
-                position = self.cells.adata.obs_names.get_indexer(adata.obs_names[rows])
-                given = np.where(position[:, None] >= 0, given[np.maximum(position, 0)], -1)
+                given = self._given_labels(adata.obs_names[rows], given)
             clusters = self.module.level_predictions(probabilities, **({} if given is None else {"labels": given}))
             columns = []
             for level, p, cluster in zip(levels, probabilities, clusters):
@@ -360,10 +362,10 @@ class HierarchyModel:
         reference = self.module.metadata.get("novelty_reference")
         if reference is not None and "elbo_per_count" in out:
             table["novelty"] = np.nan
-            table.iloc[rows, table.columns.get_loc("novelty")] = self._novelty(out, adata, batch, reference)
+            table.iloc[rows, table.columns.get_loc("novelty")] = self._novelty(out, inputs, reference)
         return table
 
-    def _novelty(self, out, adata, batch, reference) -> np.ndarray:
+    def _novelty(self, out, inputs, reference) -> np.ndarray:
         """`novelty.novelty` of the cells at the training cells' depth: cells deeper than the training
         cells (median counts) are scored after binomial thinning to it; much shallower ones are warned of."""
         import warnings
@@ -375,8 +377,8 @@ class HierarchyModel:
         if message:
             warnings.warn(message, NoveltyDepthWarning, stacklevel=4)
         factor = thinning_factor(out["counts"], reference)
-        if factor < 1:
-            X, covariates, _ = self._model_cells(adata, batch)
+        if factor < 1:   # `inputs`: the cells' counts of the model's genes and covariates, as predicted
+            X, covariates = inputs
             out = predict_outputs(self.module, thinned(X, factor), PREDICT_BATCH_SIZE, covariates)
         return novelty(out["elbo_per_count"], out["component"], reference)
 

@@ -22,8 +22,6 @@ read the thinned cells as typical (14%). A much shallower query cannot be thicke
 """
 import numpy as np
 
-from .outputs import predict_outputs
-
 QUANTILES = np.linspace(0.0, 1.0, 201)  # the recorded quantiles of each component's scores
 MIN_CELLS = 20  # a component with fewer training cells is read against all training cells
 DEPTH_RATIO = 1.5  # cells this much shallower than the training cells (median counts): a warning
@@ -38,17 +36,15 @@ def gives_scores(model) -> bool:
     return getattr(model, "gives_elbo_per_count", False)
 
 
-def novelty_reference(elbo_per_count, components, n_components, counts=None) -> dict:
+def novelty_reference(elbo_per_count, components, n_components, counts) -> dict:
     """The quantiles (QUANTILES) of the training cells' negative ELBO per count, per component, and
-    their median counts (for `depth_warning`)."""
+    their median counts (for `thinning_factor` and `depth_warning`)."""
     misfit, components = -np.asarray(elbo_per_count, dtype=float), np.asarray(components)
     pooled = np.quantile(misfit, QUANTILES)
     per_component = [np.quantile(misfit[components == k], QUANTILES) if (components == k).sum() >= MIN_CELLS
                      else pooled for k in range(n_components)]
-    reference = {"quantiles": [[float(f"{v:.6g}") for v in q] for q in per_component], "n_cells": int(len(misfit))}
-    if counts is not None:
-        reference["median_counts"] = float(np.median(counts))
-    return reference
+    return {"quantiles": [[float(f"{v:.6g}") for v in q] for q in per_component], "n_cells": int(len(misfit)),
+            "median_counts": float(np.median(counts))}
 
 
 def thinning_factor(counts, reference) -> float:
@@ -58,15 +54,13 @@ def thinning_factor(counts, reference) -> float:
     return min(1.0, trained / here) if trained and here else 1.0
 
 
-def thinned(X, factors, seed=0):
-    """Counts binomially thinned, each cell to its factor of its reads (seeded); a cell left with no
-    count keeps its own."""
+def thinned(X, factor, seed=0):
+    """Counts binomially thinned to `factor` of their reads (seeded); a cell left with no count keeps its own."""
     import scipy.sparse as sp
 
     original = sp.csr_matrix(X, dtype=np.float32)
     X = original.copy()
-    keep = np.repeat(np.broadcast_to(np.asarray(factors, dtype=float), (X.shape[0],)), np.diff(X.indptr))
-    X.data = np.random.default_rng(seed).binomial(X.data.astype(np.int64), keep).astype(np.float32)
+    X.data = np.random.default_rng(seed).binomial(X.data.astype(np.int64), factor).astype(np.float32)
     empty = np.flatnonzero(np.asarray(X.sum(axis=1)).ravel() == 0)
     if len(empty):
         X = X.tolil()
@@ -99,12 +93,9 @@ def novelty(elbo_per_count, components, reference) -> np.ndarray:
     return out
 
 
-def record_novelty_reference(model, cells, split, batch_size) -> None:
-    """Store the training cells' quantiles in model.metadata (for models that give the scores)."""
-    if not gives_scores(model):
-        return
-    train = np.asarray(split) == "train"
-    covariates = None if cells.covariates is None else cells.covariates[train]
-    out = predict_outputs(model, cells.adata.X[train], batch_size, covariates)
-    model.metadata["novelty_reference"] = novelty_reference(out["elbo_per_count"], out["component"], model.n_components,
-                                                            out["counts"])
+def record_novelty_reference(model, training_outputs) -> None:
+    """Store the training cells' quantiles in model.metadata (for models whose outputs give the scores)."""
+    if training_outputs is not None and "elbo_per_count" in training_outputs:
+        model.metadata["novelty_reference"] = novelty_reference(
+            training_outputs["elbo_per_count"], training_outputs["component"], model.n_components,
+            training_outputs["counts"])

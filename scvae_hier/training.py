@@ -508,12 +508,30 @@ def fit(model, cells: Cells, split, options: TrainOptions, run=None, state=None,
     return tracker
 
 
-def name_clusters(model, cells: Cells, split) -> None:
+def training_outputs(model, cells: Cells, split):
+    """The model's outputs for its training cells (None for a model without clusters): read once
+    by `name_clusters` and `record_novelty_reference`."""
+    if model.clustering == "none":
+        return None
+    train = np.asarray(split) == "train"
+    covariates = None if cells.covariates is None else cells.covariates[train]
+    return predict_outputs(model, cells.adata.X[train], PREDICT_BATCH_SIZE, covariates)
+
+
+def describe_trained(model, cells: Cells, split) -> None:
+    """What a trained model records about its training cells before it is saved: its clusters'
+    names and the reference its novelty is read against."""
+    out = training_outputs(model, cells, split)
+    name_clusters(model, cells, split, out)
+    record_novelty_reference(model, out)
+
+
+def name_clusters(model, cells: Cells, split, out=None) -> None:
     """Name each cluster of every level after the class it recovers best on the training cells
     (one-to-one Hungarian matching, kept where that class is also the cluster's most common one,
     `metrics.cluster_names`; other clusters get None), in model.metadata, so that a
     saved model predicts class names and can sample a named node. A flat model's one clustering
-    is matched at every level."""
+    is matched at every level. `out`: the model's outputs for the training cells (`training_outputs`)."""
     hierarchy = cells.hierarchy
     if hierarchy is None or model.clustering == "none":
         return
@@ -524,8 +542,7 @@ def name_clusters(model, cells: Cells, split) -> None:
             for i, level in enumerate(tree.levels)}
         return
     train = split == "train"
-    covariates = None if cells.covariates is None else cells.covariates[train]
-    out = predict_outputs(model, cells.adata.X[train], PREDICT_BATCH_SIZE, covariates)
+    out = training_outputs(model, cells, split) if out is None else out
     truth = hierarchy.level_labels(cells.adata.obs[hierarchy.label_column].astype(str).to_numpy()[train])
     if model.clustering == "flat":
         probabilities = [out["cluster_probabilities"]] * hierarchy.n_levels
@@ -649,8 +666,7 @@ def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on
     """Name the trained model's clusters, save it, write its outputs and metrics.json (with
     `recorded`, the seconds since `started` and, if given, the seconds of each stage)."""
     clock = time.time()
-    name_clusters(model, cells, split)
-    record_novelty_reference(model, cells, split, PREDICT_BATCH_SIZE)
+    describe_trained(model, cells, split)
     save_model_atomically(model, run.model)
     if on_disk:
         metrics = ondisk.write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,

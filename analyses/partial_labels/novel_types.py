@@ -52,8 +52,7 @@ def main(split, seed):
     if split.endswith("_deep"):
         reference.X = thinned(reference.X, REFERENCE_THINNING, seed=1)
     query = adata[group.isin(query_groups).to_numpy()].copy()
-    options = {k: v for k, v in run.PBMC.items()
-               if k not in ("data", "model", "batch_key", "xla", "epochs", "patience", "exclude_labels")}
+    options = run.query_model_options(run.PBMC)
     sh.TreeVAE.setup_anndata(reference, hierarchy=Hierarchy.from_anndata(adata[~novel]))
     model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, drop_empty_cells=True, **options)
     model.train(max_epochs=run.PBMC["epochs"], patience=run.PBMC["patience"], progress_bar=False)

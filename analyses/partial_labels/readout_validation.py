@@ -38,10 +38,9 @@ if sys.argv[1] == "--query-inputs":  # add the validation splits to query_inputs
         adata = anndata.read_h5ad(base["data"])
         adata = adata[~adata.obs["source_library"].isin(base["exclude_labels"])] if base["exclude_labels"] else adata
         reference = adata[adata.obs[column].astype(str).isin(ref_groups).to_numpy()].copy()
-        genes = run.prepare_cells(reference, run.TrainOptions(n_genes=base["n_genes"]),
-                                  Hierarchy.from_anndata(adata)).adata.var_names
         inputs[name] = dict(data=str(Path(base["data"]).relative_to(run.ROOT)), exclude_labels=list(base["exclude_labels"]),
-                            column=column, reference=ref_groups, query=query_groups, genes=[str(g) for g in genes])
+                            column=column, reference=ref_groups, query=query_groups,
+                            genes=run.reference_genes(reference, base, Hierarchy.from_anndata(adata)))
     path.write_text(json.dumps(inputs, indent=1) + "\n")
     sys.exit()
 name, seed = sys.argv[1], int(sys.argv[2])
@@ -53,8 +52,7 @@ if base.get("exclude_labels"):
 hierarchy = Hierarchy.from_anndata(adata)
 group = adata.obs[column].astype(str)
 reference, target = adata[group.isin(ref_groups).to_numpy()].copy(), adata[group.isin(query_groups).to_numpy()].copy()
-options = {k: v for k, v in base.items() if k not in ("data", "model", "batch_key", "xla", "epochs", "patience", "exclude_labels")}
-options.update(changes)
+options = dict(run.query_model_options(base), **changes)
 sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy)
 model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
 t = time.time()

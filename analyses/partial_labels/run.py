@@ -233,12 +233,23 @@ def run_setting(name, seed):
     append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
 
 
+def query_model_options(base):
+    """The TreeVAE options of a query setting's base (what run.py's dicts hold besides the data,
+    the model, the training length and what query_split applies itself)."""
+    return {k: v for k, v in base.items()
+            if k not in ("data", "model", "batch_key", "xla", "epochs", "patience", "exclude_labels")}
+
+
+def reference_genes(reference, base, hierarchy):
+    """The genes TreeVAE chooses on the reference cells (seurat_v3, `prepare_cells`), as a list."""
+    return [str(g) for g in prepare_cells(reference, TrainOptions(n_genes=base["n_genes"]), hierarchy).adata.var_names]
+
+
 def query_split(name):
     """(spec, model options, reference cells, query cells, hierarchy, query group names) of a
     reference-to-query setting."""
     spec = QUERIES[name]
-    options = {k: v for k, v in spec["base"].items() if k not in ("data", "model", "batch_key", "xla", "epochs",
-                                                                   "patience", "exclude_labels")}
+    options = query_model_options(spec["base"])
     adata = anndata.read_h5ad(spec["base"]["data"])
     if spec["base"].get("exclude_labels"):
         adata = adata[~adata.obs["source_library"].isin(spec["base"]["exclude_labels"])].copy()
@@ -280,10 +291,9 @@ def write_query_inputs(path=HERE / "query_inputs.json"):
     inputs = {}
     for name in QUERIES:
         spec, options, reference, _, hierarchy, query = query_split(name)
-        genes = prepare_cells(reference, TrainOptions(n_genes=spec["base"]["n_genes"]), hierarchy).adata.var_names
         inputs[f"{name} ({'+'.join(query)})"] = dict(
             data=str(Path(spec["base"]["data"]).relative_to(ROOT)), exclude_labels=list(spec["base"].get("exclude_labels", ())),
-            column=spec["column"], query=query, genes=[str(g) for g in genes])
+            column=spec["column"], query=query, genes=reference_genes(reference, spec["base"], hierarchy))
     path.write_text(json.dumps(inputs, indent=1) + "\n")
     print(f"wrote {path}: " + ", ".join(f"{k} ({len(v['genes'])} genes)" for k, v in inputs.items()))
 

@@ -1359,7 +1359,10 @@ class TreeVAE(HierarchicalVAE):
         covariates = self.check_covariates(covariates)
         h = self.encoder_input(x, covariates)
         loc, scale = self.z_head(self.z_stack(h, training=training))                    # [B, D]
-        z = self.reparameterise(loc, scale, noise)
+        return self._terms_at(x, loc, scale, self.reparameterise(loc, scale, noise), covariates, labels, training)
+
+    def _terms_at(self, x, loc, scale, z, covariates, labels=None, training=False):
+        """`terms` given q(z|x)'s mean and scale and the latent draw z (covariates checked)."""
         # Decoded as [B, 1, D], the shape of the importance samples [B, S, D] (normalisation layers fix their rank).
         reconstruction = self.decoder.log_prob(x, self.decode(z[:, None], x, covariates, training))  # [B, 1]
         log_qc = self.component_log_posterior(loc, scale, z)
@@ -1399,8 +1402,8 @@ class TreeVAE(HierarchicalVAE):
         latent mean per count of the cell (`elbo_per_count`: how well the model explains the cell,
         read against its component's training cells by `scvae_hier.novelty`)."""
         covariates = self.check_covariates(covariates)
-        log_qc, loc, _ = self.encode(x, covariates=covariates)
-        elbo = self.terms(x, noise=tf.zeros_like(loc), covariates=covariates)["elbo"]
+        log_qc, loc, scale = self.encode(x, covariates=covariates)
+        elbo = self._terms_at(x, loc, scale, loc, covariates)["elbo"]                   # at z = the mean
         counts = tf.reduce_sum(x, axis=-1)
         return {"latent": loc, "component": tf.argmax(log_qc, axis=-1, output_type=tf.int32),
                 "elbo_per_count": elbo / tf.maximum(counts, 1.0), "counts": counts,
