@@ -149,8 +149,9 @@ class HierarchyModel:
         return [f"level_{i + 1}" for i in range(len(getattr(self.module, "level_sizes", ())))]
 
     # ---------------------------------------------------------------------------- training
-    def train(self, max_epochs=100, early_stopping=True, progress_bar=True, **settings) -> "HierarchyModel":
+    def train(self, max_epochs=None, early_stopping=True, progress_bar=True, **settings) -> "HierarchyModel":
         """Fit with KL warm-up and early stopping on the validation ELBO (best weights kept).
+        max_epochs: default 100, or 200 for a semi-supervised model (`TrainOptions.epochs`).
 
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
@@ -163,9 +164,10 @@ class HierarchyModel:
         if self.is_trained:
             raise RuntimeError("This model is trained already; build a new one to train again.")
         values = {TRAIN_ARGUMENTS[k]: v for k, v in settings.items()}
-        values["epochs"] = int(max_epochs)
+        if max_epochs is not None:
+            values["epochs"] = int(max_epochs)
         if not early_stopping:
-            values["patience"] = int(max_epochs) + 1
+            values["patience"] = int(values.get("epochs", self.options.epochs)) + 1
         if "split" in values:
             values["split"] = tuple(values["split"])
         self.options = TrainOptions.from_dict({**self.options.to_dict(), **values})

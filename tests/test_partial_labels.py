@@ -142,6 +142,24 @@ def test_label_aware_reseeding_keeps_labelled_cells_under_their_leaves():
     assert component[0] == 4
 
 
+def test_training_with_labels_runs_longer_by_default_unless_told(pbmc_slice):
+    """Semi-supervised runs default to 200 epochs at most (they still gained after 100 on validation
+    cells), in the options the CLI builds and in the Python API; unsupervised runs keep 100, and an
+    explicit number of epochs wins."""
+    import scvae_hier as sh
+    from scvae_hier.options import TrainOptions
+
+    assert TrainOptions(data="x.h5ad", model="tree").epochs == 100
+    assert TrainOptions(data="x.h5ad", model="tree", labelled=("level_4=0.1",)).epochs == 200
+    assert TrainOptions(data="x.h5ad", model="mixture", semi_supervised=True).epochs == 200
+    assert TrainOptions(data="x.h5ad", model="tree", hide_labels=("cd14_monocytes",)).epochs == 200
+    assert TrainOptions(data="x.h5ad", model="tree", labelled=("level_4=0.1",), epochs=7).epochs == 7
+    adata = anndata.read_h5ad(pbmc_slice)
+    sh.TreeVAE.setup_anndata(adata)
+    assert sh.TreeVAE(adata, semi_supervised=True, n_genes=200).options.epochs == 200
+    assert sh.TreeVAE(adata, n_genes=200).options.epochs == 100
+
+
 def test_hierarchical_f1_by_hand():
     truth = np.array([["A", "Aa", "a1"], ["C", "Cc", "c1"]], dtype=object)
     guess = np.array([["A", "Ab", "b1"], ["C", "unassigned", "unassigned"]], dtype=object)

@@ -49,7 +49,7 @@ RUNS = ROOT / "runs" / "partial"
 PBMC = dict(data=str(ROOT / "data/pbmc.h5ad"), model="tree", exclude_labels=("cd14_monocytes",),
             batch_key="source_dataset", library_size="observed", dispersion="gene", n_genes=500,
             usage_level_weights=(0.1, 0.1, 1.0, 1.0), prior_probabilities="learnable", xla=False,
-            epochs=60, patience=10)
+            epochs=200, patience=20)
 if os.environ.get("PARTIAL_SMOKE"):  # a quick end-to-end check of this script: 3 epochs, results in /tmp
     PBMC.update(epochs=3, patience=3)
     RUNS, RESULTS = Path("/tmp/partial_smoke"), Path("/tmp/partial_smoke.csv")

@@ -11,7 +11,8 @@ For every finished TreeVAE run folder of analyses/partial_labels/run.py (one wit
 labels.csv) it takes the same cells (outputs.h5ad), genes (config.json) and label mask (labels.csv)
 from the raw counts, trains scVI (scvi-tools defaults except 20 latent dimensions as our runs, at
 most 100 epochs with early stopping off, batch covariate source_dataset as our runs), then scANVI
-from it (20 epochs, default classification ratio), and scores the cells that are unlabelled at
+from it (20 epochs, default classification ratio; `--scvi-epochs 400`, scvi-tools' own default
+for this many cells, gives the rows "scanvi_scvi400"), and scores the cells that are unlabelled at
 every level, like run.py scores TreeVAE. One row per run is appended to scanvi_results.csv (the
 columns of results.csv, method "scanvi"); a rerun skips the runs already there.
 """
@@ -83,13 +84,13 @@ def scanvi_batch_size(model, batch_size=128):
         batch_size += 1
 
 
-def train_scanvi(adata, seed):
+def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS):
     """scVI, then scANVI from it; the predicted class of every cell (labels in obs "scanvi_label")."""
     scvi.settings.seed = seed
     torch.set_num_threads(1)
     scvi.model.SCVI.setup_anndata(adata, batch_key="source_dataset")
     vae = scvi.model.SCVI(adata, n_latent=20)
-    vae.train(max_epochs=SCVI_EPOCHS, early_stopping=False, accelerator="cpu", enable_progress_bar=False)
+    vae.train(max_epochs=scvi_epochs, early_stopping=False, accelerator="cpu", enable_progress_bar=False)
     model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN, labels_key="scanvi_label")
     batch_size = scanvi_batch_size(model)
     if batch_size != 128:
@@ -115,7 +116,7 @@ def level_scores(truth, predicted, paths):
     return row
 
 
-def score_folder(folder, pbmc, levels, paths):
+def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS):
     """Train on one run folder's cells, genes and mask; its results row."""
     config = json.loads((folder / "config.json").read_text())
     labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False)[levels]
@@ -128,7 +129,7 @@ def score_folder(folder, pbmc, levels, paths):
     finest = max(i for i in range(len(levels)) if (labels.iloc[:, i] != "").any())
     adata.obs["scanvi_label"] = pd.Categorical(labels.iloc[:, finest].replace("", UNKNOWN).to_numpy())
     start = time.time()
-    guess = train_scanvi(adata, config["options"]["seed"])
+    guess = train_scanvi(adata, config["options"]["seed"], scvi_epochs)
     seconds = time.time() - start
 
     # Score the cells unlabelled at every level whose true leaf is in the hierarchy (as run.py).
@@ -147,7 +148,11 @@ def score_folder(folder, pbmc, levels, paths):
         print("cd14_monocytes cells given a labelled class:", float(np.mean(given != "unassigned")),
               pd.Series(given).value_counts().to_dict(), flush=True)
     return dict(row, n_scored=int(scored.sum()), n_labelled=int((labels != "").any(axis=1).sum()),
-                seconds=round(seconds, 1), method="scanvi")
+                seconds=round(seconds, 1), method=method_name(scvi_epochs))
+
+
+def method_name(scvi_epochs):
+    return "scanvi" if scvi_epochs == SCVI_EPOCHS else f"scanvi_scvi{scvi_epochs}"
 
 
 def finished_folders(runs):
@@ -162,13 +167,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--only", nargs="+", default=None, help="run folder names")
+    parser.add_argument("--scvi-epochs", type=int, default=SCVI_EPOCHS, help="scVI's epochs before scANVI")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pbmc = anndata.read_h5ad(DATA)
     levels = [str(level) for level in pbmc.uns["hierarchy"]["levels"]]
     paths = {leaf: [str(c) for c in path] for leaf, path in pbmc.uns["hierarchy"]["paths"].items()}
     for setting, seed, folder in finished_folders(args.runs):
-        if (setting, "scanvi", seed) in done_keys() or (args.only and folder.name not in args.only):
+        if (setting, method_name(args.scvi_epochs), seed) in done_keys() or (args.only and folder.name not in args.only):
             continue
         print(f"== {folder.name}", flush=True)
-        append(dict(score_folder(folder, pbmc, levels, paths), setting=setting, seed=seed))
+        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs), setting=setting, seed=seed))
