@@ -1,8 +1,9 @@
 """Mean and spread over seeds of the partial-labels results, as the README's Markdown table.
 
-    python analyses/partial_labels/summarise.py [--seeds 0 1 2] > analyses/partial_labels/results.md
+    python analyses/partial_labels/summarise.py [--seeds 0 1 2] [--results results_60_epochs.csv]
 
---seeds keeps those seeds only (the README's tables are seeds 0-2; some settings have more).
+--seeds keeps those seeds only (the README's tables are seeds 0-2; some settings have more);
+--results reads another results file of this folder beside scanvi_results.csv (the 60-epoch rows).
 """
 import argparse
 from pathlib import Path
@@ -23,8 +24,8 @@ def cell(values):
     return f"{values.mean():.2f} ({values.min():.2f}-{values.max():.2f})"
 
 
-def main(seeds=None):
-    tables = [pd.read_csv(path) for path in (HERE / "results.csv", HERE / "scanvi_results.csv") if path.exists()]
+def main(seeds=None, results="results.csv"):
+    tables = [pd.read_csv(path) for path in (HERE / results, HERE / "scanvi_results.csv") if path.exists()]
     results = pd.concat(tables, ignore_index=True)
     if seeds:
         results = results[results["seed"].isin(seeds)]
@@ -42,4 +43,6 @@ def main(seeds=None):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    main(parser.parse_args().seeds)
+    parser.add_argument("--results", default="results.csv")
+    args = parser.parse_args()
+    main(args.seeds, args.results)
