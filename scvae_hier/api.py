@@ -151,7 +151,7 @@ class HierarchyModel:
     # ---------------------------------------------------------------------------- training
     def train(self, max_epochs=None, early_stopping=True, progress_bar=True, **settings) -> "HierarchyModel":
         """Fit with KL warm-up and early stopping on the validation ELBO (best weights kept).
-        max_epochs: default 100, or 200 for a semi-supervised model (`TrainOptions.epochs`).
+        max_epochs: default 100, or 200 for a semi-supervised TreeVAE (`TrainOptions.epochs`).
 
         settings: batch_size, learning_rate, warm_up, patience, split (train, validation, test
         fractions), seed, xla, init ("random" or "pca-kmeans"). The split is in `self.split`,
