@@ -526,7 +526,7 @@ def describe_trained(model, cells: Cells, split) -> None:
     record_novelty_reference(model, out)
 
 
-def name_clusters(model, cells: Cells, split, out=None) -> None:
+def name_clusters(model, cells: Cells, split, out) -> None:
     """Name each cluster of every level after the class it recovers best on the training cells
     (one-to-one Hungarian matching, kept where that class is also the cluster's most common one,
     `metrics.cluster_names`; other clusters get None), in model.metadata, so that a
@@ -542,7 +542,6 @@ def name_clusters(model, cells: Cells, split, out=None) -> None:
             for i, level in enumerate(tree.levels)}
         return
     train = split == "train"
-    out = training_outputs(model, cells, split) if out is None else out
     truth = hierarchy.level_labels(cells.adata.obs[hierarchy.label_column].astype(str).to_numpy()[train])
     if model.clustering == "flat":
         probabilities = [out["cluster_probabilities"]] * hierarchy.n_levels
