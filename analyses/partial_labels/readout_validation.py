@@ -71,7 +71,8 @@ for tag, clf in (("lr", LogisticRegression(max_iter=2000)),
     out[tag] = np.array([up[g] for g in guess], dtype=object)
 for tag, predicted in out.items():
     row = run.scores(truth, predicted, hierarchy.levels, hierarchy)
-    line = dict(split=name, seed=seed, readout=tag, options=changes, n_ref=reference.n_obs, n_query=target.n_obs, train_seconds=round(seconds),
+    line = dict(split=name, seed=seed, readout=tag, options=changes, epochs=base["epochs"], n_ref=reference.n_obs,
+                n_query=target.n_obs, train_seconds=round(seconds),
                 **{k: round(v, 4) for k, v in row.items()})
     print(json.dumps(line), flush=True)
     with open(run.HERE / "readout_validation.jsonl", "a") as f:
