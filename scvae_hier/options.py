@@ -103,11 +103,11 @@ class TrainOptions:
                                  "every level compact (least sum of squares; the rule before 2026-12-02, and the only one with "
                                  "labels before this version). With labels, only the leaves the labels leave free move.",
                                  list(LEAF_PLACEMENTS))
-    grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE without labels: when the final refit groups k-means clusters into "
+    grouping_decay: float = option(DEFAULT_GROUPING_DECAY, "TreeVAE: when the final refit groups k-means clusters into "
                                    "the tree's leaves, level l's compactness counts DECAY^(l-1), so coarse levels "
                                    "come first, kept if the leaves stay within 1.2x as compact as with every level "
                                    "alike (1 = every level alike, the rule before 2026-12-02).")
-    top_level_decay: float = option(DEFAULT_TOP_LEVEL_DECAY, "TreeVAE without labels: in that coarse-first grouping, "
+    top_level_decay: float = option(DEFAULT_TOP_LEVEL_DECAY, "TreeVAE: in that coarse-first grouping, "
                                     "each k-means cluster's top-level class is fixed first by a grouping where level "
                                     "l counts DECAY^(l-1); the levels below follow --grouping-decay inside those "
                                     "classes (1 = no such first step, the rule of the second change of 2026-12-02).")

@@ -469,11 +469,30 @@ def test_top_level_fixed_first_then_the_levels_below_grouped_inside_it():
     assert (permutations[within([1, 0.5, 0.25]).argmin()] == plain).all()
 
 
+def test_labels_hold_in_both_steps_of_the_coarse_first_grouping():
+    """Kang-shaped pieces, a CD14 piece labelled Myeloid and a dendritic piece (700 cells) labelled
+    B (a lymphoid leaf): the top-level step must honour the labels too, or the second step would
+    keep the dendritic piece under Myeloid (700 cells outside their fixed top class outweigh three
+    labelled cells). With both labels it goes to the B leaf (and the CD14 piece stays myeloid);
+    with the Myeloid label alone every piece stays in its lineage."""
+    top = leaf_ancestors(KANG_PARENTS, 8)[0]
+    myeloid = np.zeros((9, 8))
+    myeloid[5, top == 0] = 2.0                                    # piece 5 (CD14): two cells labelled Myeloid
+    both = myeloid.copy()
+    both[7, 1:] = 3.0                                             # piece 7 (DC): three cells labelled B (leaf 0)
+    for seed in range(3):
+        kwargs = dict(seed=seed, grouping_decay=0.85, top_level_decay=0.5)
+        plain = coarse_first_grouping(KANG_PIECES, KANG_COUNTS, KANG_PARENTS, 8, labels_penalty=myeloid, **kwargs)
+        labelled = coarse_first_grouping(KANG_PIECES, KANG_COUNTS, KANG_PARENTS, 8, labels_penalty=both, **kwargs)
+        assert (top[plain] == KANG_LINEAGE).all()
+        assert labelled[7] == 0 and top[labelled[5]] == 1
+
+
 @pytest.mark.parametrize("tolerance, kept", [(1.3, True), (1.1, False)])
 def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypatch, tolerance, kept):
-    """Without labels tree_clustering groups the clusters twice, levels alike and coarse levels
-    first, and keeps the second only if its within-leaf sum of squares (computed here cell by cell)
-    is at most LEAF_TOLERANCE times the first's; with labels it groups once, levels alike. The
+    """tree_clustering groups the clusters twice, levels alike and coarse levels first, and keeps
+    the second only if its within-leaf sum of squares (computed here cell by cell) is at most
+    LEAF_TOLERANCE times the first's; with labels too, their penalty reaching both groupings. The
     coarse-first grouping is stood in for by one that merges two overlapping blobs, which costs
     about a fifth more within-leaf sum of squares."""
     from scvae_hier.models import tree
@@ -482,7 +501,7 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
     latent = np.concatenate([c + rng.normal(scale=0.5, size=(40, 2)) for c in centres])
     blob = np.repeat(np.arange(5), 40)
     merged = np.where(blob == 1, 0, blob)
-    calls = []
+    calls, penalties = [], []
 
     class Blobs:  # k-means stand-in: the blobs themselves
         def __init__(self, *args, **kwargs):
@@ -493,6 +512,7 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
 
     def grouping(centres_, counts, parents, n_leaves, seed=0, penalty=None, level_weights=None):
         calls.append(level_weights)
+        penalties.append(penalty)
         return np.arange(5) if level_weights is None else np.array([0, 0, 2, 3, 4])
 
     monkeypatch.setattr(tree, "KMeans", Blobs)
@@ -504,9 +524,13 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
     leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5)
     assert calls[0] is None and np.allclose(calls[1], [1, 0.5, 0.25])
     assert (leaf == (merged if kept else blob)).all()
-    calls.clear()
-    tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5, allowed=np.ones((200, 5), bool))
-    assert calls == [None]
+    calls.clear(), penalties.clear()
+    allowed = np.ones((200, 5), bool)
+    allowed[0, 1:] = False                                       # one cell of blob 0 labelled for leaf 0
+    leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5, allowed=allowed)
+    assert calls[0] is None and np.allclose(calls[1], [1, 0.5, 0.25])
+    assert all(p is not None and p[0, 1:].sum() == 4 and p[1:].sum() == 0 for p in penalties)
+    assert (leaf == (merged if kept else blob)).all()
     with pytest.raises(ValueError, match="grouping_decay must be in"):
         small_model(grouping_decay=0)
     with pytest.raises(ValueError, match="top_level_decay must be in"):

@@ -769,15 +769,17 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     labels only, the leaves under each level-1 class. top_level "linkage" (graph placement only):
     the top level's classes set as far apart as possible by average linkage instead of compactness.
 
-    grouping_decay < 1 (without labels only): the clusters are also grouped with level l's
+    grouping_decay < 1: the clusters are also grouped with level l's
     compactness counting decay^(l-1) (`coarse_first_weights`), and that grouping is kept if its
     leaves stay nearly as compact (within-leaf sum of squares at most LEAF_TOLERANCE times the
     equal-weight grouping's). With equal weights the leaf level, where splitting a big type gains
     most, can outweigh a wrong lineage above it: on Kang, CD4 T cells split over three leaves put B
     cells under the Myeloid node. With the coarse levels first and no limit, the top level can
     win at the leaves' cost: on PBMC every T cell went into the one-leaf Stem class (NOTES.md).
-    top_level_decay < 1 (without labels only): in that coarse-first grouping, the top level's
-    classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`).
+    top_level_decay < 1: in that coarse-first grouping, the top level's
+    classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`). With
+    labels, their penalty holds in both groupings (until 2026-12-05 labelled runs grouped once,
+    levels alike: on Kang with level-1 labels a lineage's piece then filled the other lineage's leaf).
 
     empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the
     clustering is that of the tree without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
@@ -815,9 +817,9 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             unexplained = (onehot.sum(axis=0) == 0) & (expected >= NOVEL_EVIDENCE)
             penalty[unexplained, :n_leaves - novel] += expected[unexplained, None]
     leaf = assign_to_tree(fit.cluster_centers_, counts, parents, n_leaves, seed, penalty=penalty)[fit.labels_]
-    if allowed is None and min(grouping_decay, top_level_decay) < 1:
+    if min(grouping_decay, top_level_decay) < 1:
         coarse = coarse_first_grouping(fit.cluster_centers_, counts, parents, n_leaves, seed, grouping_decay,
-                                       top_level_decay)[fit.labels_]
+                                       top_level_decay, labels_penalty=penalty)[fit.labels_]
         if _within_leaves(latent, coarse) <= LEAF_TOLERANCE * _within_leaves(latent, leaf):
             leaf = coarse
     if allowed is not None:
@@ -969,20 +971,25 @@ def _pruned_markers(markers, parents, n_leaves, pruned, kept):
     return np.asarray(scores)[:, keep], renamed
 
 
-def coarse_first_grouping(centres, counts, parents, n_leaves, seed=0, grouping_decay=1.0, top_level_decay=1.0):
+def coarse_first_grouping(centres, counts, parents, n_leaves, seed=0, grouping_decay=1.0, top_level_decay=1.0,
+                          labels_penalty=None):
     """Clusters (centres [K, D], sizes [K]) grouped into leaves with the coarse levels first:
     with top_level_decay < 1, a grouping whose level l counts top_level_decay^(l-1) fixes each
     cluster's top-level class, and the levels below are then grouped inside those classes with
     level l counting grouping_decay^(l-1). A strong decay is what gets the lineages right (the top
     level), and a mild one what keeps the finer classes whole: with decay 0.5 for every level,
-    PBMC's CD4 / CD8 split went wrong in more runs (NOTES.md). Returns leaf_of_cluster [K]."""
+    PBMC's CD4 / CD8 split went wrong in more runs (NOTES.md). `labels_penalty` [K, n_leaves] (as
+    in `assign_to_tree`) holds in both steps, so labels come before compactness in each. Returns
+    leaf_of_cluster [K]."""
     n_levels = len(parents) + 1
-    penalty = None
+    penalty = labels_penalty
     if top_level_decay < 1:
-        first = assign_to_tree(centres, counts, parents, n_leaves, seed,
+        first = assign_to_tree(centres, counts, parents, n_leaves, seed, penalty=labels_penalty,
                                level_weights=coarse_first_weights(n_levels, top_level_decay))
         top = leaf_ancestors(parents, n_leaves)[0]
         penalty = (top[None, :] != top[first][:, None]) * np.asarray(counts, float)[:, None]
+        if labels_penalty is not None:
+            penalty = penalty + labels_penalty
     return assign_to_tree(centres, counts, parents, n_leaves, seed, penalty=penalty,
                           level_weights=coarse_first_weights(n_levels, grouping_decay))
 
