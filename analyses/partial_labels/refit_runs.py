@@ -13,6 +13,7 @@ folder takes the run's place (the old one kept as runs/partial_refit/NAME_before
 with a line already are skipped.
 """
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -23,10 +24,9 @@ for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREAD
     os.environ[name] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anndata  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from run import HERE, RESULTS, RUNS, ROOT, score_run  # noqa: E402
+from run import HERE, RESULTS, ROOT, RUNS, setting_scores  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.refit import refit_run  # noqa: E402
 
@@ -43,17 +43,13 @@ def labelled_tree_runs():
                 yield folder
 
 
-def cluster_columns(folder):
-    obs = anndata.read_h5ad(Path(folder) / "outputs.h5ad").obs
-    return obs[[c for c in obs.columns if c.startswith("scvae_level_")]].astype(str)
+@functools.lru_cache(maxsize=None)
+def hierarchy_of(data):
+    return Hierarchy.from_anndata(anndata.read_h5ad(data, backed="r"))
 
 
-def scored(folder, hierarchy, setting):
-    row, adata = score_run(folder, hierarchy)
-    if setting == "unknown_cd14":
-        novel = adata.obs[hierarchy.label_column].astype(str).to_numpy() == "cd14_monocytes"
-        row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
-    return row
+def cluster_columns(adata):
+    return adata.obs[[c for c in adata.obs.columns if c.startswith("scvae_level_")]].astype(str).to_numpy()
 
 
 def replace_row(setting, seed, row):
@@ -82,16 +78,15 @@ def main(folders):
         if folder.name in done:
             continue
         setting, seed = folder.name.rsplit("_s", 1)
-        options = json.loads((folder / "config.json").read_text())["options"]
-        hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
+        hierarchy = hierarchy_of(json.loads((folder / "config.json").read_text())["options"]["data"])
         new = REFITS / folder.name
         refit_run(folder, new, log=lambda *args: None, overwrite=True)
-        changed = int((cluster_columns(folder).to_numpy() != cluster_columns(new).to_numpy()).any(axis=1).sum())
-        line = dict(run=folder.name, setting=setting, seed=int(seed), cells_changed=changed)
-        before = scored(folder, hierarchy, setting)
-        line["before"] = [round(before[f"ari_{i}"], 4) for i in range(1, 5)]
+        before, old_cells = setting_scores(folder, hierarchy, setting)
+        after, new_cells = setting_scores(new, hierarchy, setting)
+        changed = int((cluster_columns(old_cells) != cluster_columns(new_cells)).any(axis=1).sum())
+        line = dict(run=folder.name, setting=setting, seed=int(seed), cells_changed=changed,
+                    before=[round(before[f"ari_{i}"], 4) for i in range(1, 5)])
         if changed:
-            after = scored(new, hierarchy, setting)
             line["after"] = [round(after[f"ari_{i}"], 4) for i in range(1, 5)]
             replace_row(setting, int(seed), after)
             old = REFITS / f"{folder.name}_before"

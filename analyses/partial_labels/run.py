@@ -220,16 +220,22 @@ def baseline_rows(name, seed, done):
                     n_labelled=n_labelled))
 
 
-def run_setting(name, seed):
-    options = dict(PBMC, **SETTINGS[name], seed=seed)
-    folder = trained(f"{name}_s{seed}", options)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    adata_full = anndata.read_h5ad(options["data"], backed="r")
-    hierarchy = Hierarchy.from_anndata(adata_full)
+def setting_scores(folder, hierarchy, name):
+    """score_run of a setting's TreeVAE run, plus (unknown_cd14) the share of the never-labelled
+    type's cells called unassigned."""
     row, adata = score_run(folder, hierarchy)
     if name == "unknown_cd14":
         novel = adata.obs[hierarchy.label_column].astype(str).to_numpy() == "cd14_monocytes"
         row["novel_unassigned"] = float((adata.obs["scvae_level_4"].astype(str).to_numpy()[novel] == "unassigned").mean())
+    return row, adata
+
+
+def run_setting(name, seed):
+    options = dict(PBMC, **SETTINGS[name], seed=seed)
+    folder = trained(f"{name}_s{seed}", options)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
+    row, _ = setting_scores(folder, hierarchy, name)
     append(dict(row, setting=name, method="treevae", seed=seed, seconds=metrics["seconds"]))
 
 
