@@ -116,8 +116,9 @@ def level_scores(truth, predicted, paths):
     return row
 
 
-def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS):
-    """Train on one run folder's cells, genes and mask; its results row."""
+def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offset=0):
+    """Train on one run folder's cells, genes and mask (scANVI's training seed: the mask's seed
+    plus `seed_offset`); its results row."""
     config = json.loads((folder / "config.json").read_text())
     labels = pd.read_csv(folder / "labels.csv", index_col="cell", keep_default_na=False)[levels]
     cells = anndata.read_h5ad(folder / "outputs.h5ad", backed="r").obs_names
@@ -129,7 +130,7 @@ def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS):
     finest = max(i for i in range(len(levels)) if (labels.iloc[:, i] != "").any())
     adata.obs["scanvi_label"] = pd.Categorical(labels.iloc[:, finest].replace("", UNKNOWN).to_numpy())
     start = time.time()
-    guess = train_scanvi(adata, config["options"]["seed"], scvi_epochs)
+    guess = train_scanvi(adata, config["options"]["seed"] + seed_offset, scvi_epochs)
     seconds = time.time() - start
 
     # Score the cells unlabelled at every level whose true leaf is in the hierarchy (as run.py).
@@ -148,11 +149,12 @@ def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS):
         print("cd14_monocytes cells given a labelled class:", float(np.mean(given != "unassigned")),
               pd.Series(given).value_counts().to_dict(), flush=True)
     return dict(row, n_scored=int(scored.sum()), n_labelled=int((labels != "").any(axis=1).sum()),
-                seconds=round(seconds, 1), method=method_name(scvi_epochs))
+                seconds=round(seconds, 1))
 
 
-def method_name(scvi_epochs):
-    return "scanvi" if scvi_epochs == SCVI_EPOCHS else f"scanvi_scvi{scvi_epochs}"
+def method_name(scvi_epochs, seed_offset=0):
+    name = "scanvi" if scvi_epochs == SCVI_EPOCHS else f"scanvi_scvi{scvi_epochs}"
+    return name if not seed_offset else f"{name}_seed+{seed_offset}"
 
 
 def finished_folders(runs):
@@ -168,13 +170,21 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--only", nargs="+", default=None, help="run folder names")
     parser.add_argument("--scvi-epochs", type=int, default=SCVI_EPOCHS, help="scVI's epochs before scANVI")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="train scANVI with the mask's seed plus this (rows 'scanvi_seed+N'): its own training "
+                             "noise on one mask, which one run per mask leaves in the comparison")
+    parser.add_argument("--method", default=None,
+                        help="the rows' method name instead of the default (e.g. scanvi_rerun: the same seed again "
+                             "on another machine)")
     args = parser.parse_args()
+    method = args.method or method_name(args.scvi_epochs, args.seed_offset)
     torch.set_num_threads(1)
     pbmc = anndata.read_h5ad(DATA)
     levels = [str(level) for level in pbmc.uns["hierarchy"]["levels"]]
     paths = {leaf: [str(c) for c in path] for leaf, path in pbmc.uns["hierarchy"]["paths"].items()}
     for setting, seed, folder in finished_folders(args.runs):
-        if (setting, method_name(args.scvi_epochs), seed) in done_keys() or (args.only and folder.name not in args.only):
+        if (setting, method, seed) in done_keys() or (args.only and folder.name not in args.only):
             continue
         print(f"== {folder.name}", flush=True)
-        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs), setting=setting, seed=seed))
+        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs, args.seed_offset),
+                    setting=setting, seed=seed, method=method))
