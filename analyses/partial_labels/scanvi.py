@@ -15,6 +15,9 @@ from it (20 epochs, default classification ratio; `--scvi-epochs 400`, scvi-tool
 for this many cells, gives the rows "scanvi_scvi400"), and scores the cells that are unlabelled at
 every level, like run.py scores TreeVAE. One row per run is appended to scanvi_results.csv (the
 columns of results.csv, method "scanvi"); a rerun skips the runs already there.
+`--seed-offset N` trains scANVI with the mask's seed plus N (rows "scanvi_seed+N") and `--method
+NAME` names the rows (the same seed again on another machine: "scanvi_rerun"), so that scANVI's own
+training noise on a mask can be averaged out (`against_scanvi.py`).
 """
 import argparse
 import csv
