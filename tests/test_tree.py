@@ -524,7 +524,8 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
     leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5)
     assert calls[0] is None and np.allclose(calls[1], [1, 0.5, 0.25])
     assert (leaf == (merged if kept else blob)).all()
-    calls.clear(), penalties.clear()
+    calls.clear()
+    penalties.clear()
     allowed = np.ones((200, 5), bool)
     allowed[0, 1:] = False                                       # one cell of blob 0 labelled for leaf 0
     leaf = tree_clustering(latent, SMALL_PARENTS, 5, clusters_per_leaf=1, grouping_decay=0.5, allowed=allowed)

@@ -33,9 +33,10 @@ cannot place a type that links to nothing (analyses/tuning/tree/NOTES.md). The f
 after training does the same with `final_refit_clusters` per leaf (by default 4 without labels:
 finer pieces let a small, separate type such as 0.8% megakaryocytes get its own piece instead of
 a half of a big class; with labels, `reseed_clusters`, the setting the partial-label results were
-measured with), and without labels it groups the clusters into leaves with the coarse levels
-counting more (`grouping_decay`), as long as the leaves stay nearly as compact: equal weights let a
-big type split over several leaves push a small one into the wrong lineage (Kang). The top level's
+measured with), and it groups the clusters into leaves with the coarse levels counting more
+(`grouping_decay`; with labels, their penalty in every step), as long as the leaves stay nearly
+as compact: equal weights let a big type split over several leaves push a small one into the
+wrong lineage (Kang). The top level's
 classes are fixed first, with a stronger decay (`top_level_decay`): the lineages need it, the
 finer levels lose by it. The final refit's placement splits the top level by average linkage
 (`top_level_split`), which sets the most distant leaves apart whatever their size.
@@ -778,8 +779,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     win at the leaves' cost: on PBMC every T cell went into the one-leaf Stem class (NOTES.md).
     top_level_decay < 1: in that coarse-first grouping, the top level's
     classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`). With
-    labels, their penalty holds in both groupings (until 2026-12-05 labelled runs grouped once,
-    levels alike: on Kang with level-1 labels a lineage's piece then filled the other lineage's leaf).
+    labels, their penalty holds in both groupings (grouped once, levels alike, a Kang run with
+    level-1 labels put a lymphoid piece in a myeloid leaf).
 
     empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the
     clustering is that of the tree without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
