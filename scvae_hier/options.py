@@ -6,9 +6,9 @@ option documented here is an option the CLI has and a run remembers.
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 
-from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_LABEL_GROUPING, DEFAULT_TOP_LEVEL_DECAY,
-                      DEFAULT_TOP_LEVEL_SPLIT, DISPERSIONS, INFERENCE_MODES, INITIALISATIONS, INPUT_TRANSFORMS,
-                      LABEL_GROUPINGS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES,
+from .choices import (COMPONENT_MEANS, DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DEFAULT_TOP_LEVEL_SPLIT,
+                      DISPERSIONS, INFERENCE_MODES,
+                      INITIALISATIONS, INPUT_TRANSFORMS, LEAF_PLACEMENTS, LIBRARY_SIZES, LIKELIHOOD_NAMES,
                       NORMALISATIONS, OUT_OF_CORE, OUTLIER_HANDLING, PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS,
                       TRANSITIONS, USAGE_TARGETS)
 from .markers import parse as parse_markers
@@ -118,12 +118,6 @@ class TrainOptions:
                                   "below it where avoidable (under 5%% of its even share); 'compact', "
                                   "least sum of squares (the rule before 2026-12-03, which sets the biggest distinct "
                                   "type apart). The epoch re-seeds always use 'compact'.", list(TOP_LEVEL_SPLITS))
-    label_grouping: str = option(DEFAULT_LABEL_GROUPING, "TreeVAE with partial labels: how the final refit groups "
-                                 "the cells into the tree: 'labelled', a clustering that keeps labelled cells under "
-                                 "their classes; 'named', the same clustering made without the labels, its classes "
-                                 "named by them (the tree's symmetry that fits them best), kept where at most 2%% of "
-                                 "the labelled cells fall under a class their labels exclude, else 'labelled'.",
-                                 list(LABEL_GROUPINGS))
     empty_leaves: tuple = option((), "TreeVAE: leaves of the hierarchy (finest class names) that the "
                                  "final clustering leaves empty: types absent from the data, or too rare to find "
                                  "without labels (e.g. Kang's 0.8%% megakaryocytes); otherwise every leaf takes "
@@ -201,7 +195,7 @@ class TrainOptions:
 # Options that only TreeVAE's final refit reads (`scvae-hier refit` changes them on a trained run;
 # experiment entries that differ in nothing else share their training).
 REFIT_OPTIONS = ("final_refit", "final_refit_clusters", "grouping_decay", "top_level_decay", "empty_leaves",
-                 "markers", "top_level_split", "label_grouping")
+                 "markers", "top_level_split")
 MINIMUMS = {"n_genes": 0, "n_components": 2, "level_sizes": 2, "marginal_usage": 0.0, "usage_level_weights": 0.0,
             "latent_dim": 1, "hidden": 1, "batch_size": 1, "learning_rate": 0.0, "epochs": 1, "warm_up": 0,
             "patience": 1, "devices": 1, "split": 0.0, "folds": 0, "fold": 0, "seed": 0, "components_per_leaf": 1,

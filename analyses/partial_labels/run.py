@@ -40,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 from scvae_hier.data import read_counts  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.metrics import hierarchical_f1  # noqa: E402
-from scvae_hier.options import REFIT_OPTIONS, TrainOptions  # noqa: E402
-from scvae_hier.refit import refit_run  # noqa: E402
+from scvae_hier.options import TrainOptions  # noqa: E402
 from scvae_hier.training import labels_table, prepare_cells, resolve_hierarchy, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -156,14 +155,11 @@ def trained(name, options):
 # The other semi-supervised models on the same settings (method name in results.csv, options), with
 # XLA: they decode every cluster per cell, where XLA halves the time of a step (README, Benchmark);
 # and TreeVAE with the rule before 2026-12-02's change, side by side: labels switched the graph
-# placement off, so compactness placed the leaves the labels leave free; and TreeVAE with the final
-# refit's label-free grouping named by the labels (2026-12-05), a refit option only: its run is the
-# setting's TreeVAE run refitted (`scvae-hier refit`, what training with it writes, no training).
+# placement off, so compactness placed the leaves the labels leave free.
 OTHER_MODELS = {"mixture": ("mixturevae", dict(model="mixture", xla=True)),
                 "indmom": ("indmomvae", dict(model="indmom", xla=True)),
                 "momix": ("momixvae", dict(model="momix", xla=True)),
-                "tree_compact": ("treevae_compact", dict(model="tree", leaf_placement="compact")),
-                "tree_named": ("treevae_named_grouping", dict(model="tree", label_grouping="named"))}
+                "tree_compact": ("treevae_compact", dict(model="tree", leaf_placement="compact"))}
 
 
 def run_other_model(name, seed, model, done):
@@ -171,14 +167,7 @@ def run_other_model(name, seed, model, done):
     setting's TreeVAE run has it, on the same labelled cells)."""
     method, extra = OTHER_MODELS[model]
     options = dict(PBMC, **SETTINGS[name], seed=seed, **extra)
-    refit_only = {key: value for key, value in extra.items() if key != "model"}
-    if extra["model"] == "tree" and set(refit_only) <= set(REFIT_OPTIONS):
-        folder = RUNS / f"{name}_{model}_s{seed}"
-        if not (folder / "metrics.json").exists():
-            source = trained(f"{name}_s{seed}", dict(PBMC, **SETTINGS[name], seed=seed))
-            refit_run(source, folder, overwrite=True, **refit_only)
-    else:
-        folder = trained(f"{name}_{model}_s{seed}", options)
+    folder = trained(f"{name}_{model}_s{seed}", options)
     metrics = json.loads((folder / "metrics.json").read_text())
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(options["data"], backed="r"))
     row, _ = score_run(folder, hierarchy)

@@ -55,16 +55,14 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
-from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DEFAULT_LABEL_GROUPING, DEFAULT_TOP_LEVEL_SPLIT,
-                       LABEL_GROUPINGS,
-                       LEAF_PLACEMENTS, PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS, check_choice)
+from ..choices import (DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY, DEFAULT_TOP_LEVEL_SPLIT, LEAF_PLACEMENTS,
+                       PRIOR_LAWS, PRIOR_PROBABILITIES, TOP_LEVEL_SPLITS, check_choice)
 from ..distributions import mixture_prior
 from ..labels import allowed_components
 from ..markers import scores as cell_marker_scores
 from .hierarchical import HierarchicalVAE
 from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
-from .naming import least_conflict_naming
 from .paths import perplexity
 from .supervision import (check_parents, class_log_marginals, component_level_masks, default_parents,
                           hierarchy_parents, label_log_mask, leaf_ancestors, path_predictions, restrict)
@@ -98,10 +96,6 @@ NEAR_TIE = 0.01
 # across CD4 T pieces and 0.2-0.3 across NK pieces, and a cut of the plain means put a CD4 piece of low
 # counts under NK. Below OFF_SCORE (about one count in a hundred cells) a marker counts as off.
 OFF_SCORE = 0.01
-# label_grouping "named": the share of labelled cells the label-free grouping may leave under a leaf
-# their labels exclude and still be kept (Kang, level-1 labels: 0-2% where it was right; PBMC's
-# sort labels, which the latent does not split by itself: 24-30%).
-NAMED_TOLERANCE = 0.02
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)
 NOVEL_EVIDENCE = 5.0    # labelled cells a cluster should hold (size x labelled share) before holding none
                         # makes it a type nobody labelled (P(0 | Poisson 5) < 0.007)
@@ -757,7 +751,7 @@ def describe_margin(margin, leaf_names=None, level_names=None):
 
 def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_leaf=2, n_init=10, allowed=None,
                     novel=0, placement="compact", grouping_decay=1.0, top_level_decay=1.0, empty_leaves=(),
-                    markers=None, top_level="compact", label_grouping="labelled"):
+                    markers=None, top_level="compact"):
     """Nested clustering of latent points [n, D] in the tree's shape: k-means into
     clusters_per_leaf x n_leaves clusters, assigned to leaves by `assign_to_tree` (a cell type that
     k-means splits in two, and two that it merges, are both common: more clusters than leaves let
@@ -795,13 +789,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
 
     markers (scores [n, S], classes [S] as (level, class); graph placement only): the leaves are
     placed so that marked classes hold their markers' leaves (`place_leaves`), as far as labels
-    leave them free.
-
-    label_grouping "named" (with labels): the clustering is also made without the labels and its
-    leaves named by them (`named_grouping`); that one is kept where it leaves at most
-    NAMED_TOLERANCE of the labelled points under a leaf their labels exclude."""
+    leave them free."""
     check_choice("leaf placement", placement, LEAF_PLACEMENTS)
-    check_choice("label grouping", label_grouping, LABEL_GROUPINGS)
     check_choice("top-level split", top_level, TOP_LEVEL_SPLITS)
     if len(empty_leaves):
         pruned, kept = prune_leaves(parents, n_leaves, empty_leaves)
@@ -815,7 +804,7 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             markers = _pruned_markers(markers, parents, n_leaves, pruned, kept)
         component = tree_clustering(latent, pruned, len(kept), per_leaf, seed, clusters_per_leaf, n_init, allowed,
                                     novel, placement, grouping_decay, top_level_decay, markers=markers,
-                                    top_level=top_level, label_grouping=label_grouping)
+                                    top_level=top_level)
         return kept[component // per_leaf] * per_leaf + component % per_leaf
     fit = KMeans(n_clusters=clusters_per_leaf * n_leaves, n_init=n_init, random_state=seed).fit(latent)
     counts = np.bincount(fit.labels_, minlength=clusters_per_leaf * n_leaves)
@@ -844,10 +833,6 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
             leaf = regroup_by_markers(latent, leaf, fit.labels_, parents, n_leaves, markers, seed, allowed)
             if allowed is not None:
                 leaf = _move_labelled(latent, leaf, np.asarray(allowed), n_leaves)
-    if allowed is not None and label_grouping == "named":
-        free = tree_clustering(latent, parents, n_leaves, 1, seed, clusters_per_leaf, n_init, None, 0, placement,
-                               grouping_decay, top_level_decay, markers=markers, top_level=top_level)
-        leaf = named_grouping(free, leaf, np.asarray(allowed), parents, n_leaves, novel)
     if per_leaf == 1:
         return leaf
     component = leaf * per_leaf
@@ -1032,23 +1017,6 @@ def label_conflicts(leaf, allowed, n_leaves, novel=0):
     return conflicts
 
 
-def named_grouping(free, labelled_leaf, allowed, parents, n_leaves, novel=0):
-    """The leaves [n] of a clustering made without labels (`free`), renamed by the tree symmetry
-    that fits the labels best (`least_conflict_naming`), if it leaves at most NAMED_TOLERANCE of
-    the labelled points (allowed [n, n_leaves]) under a leaf their labels exclude; else the
-    clustering made with them (`labelled_leaf`). Sparse coarse labels pull a few cells each and can
-    drag a grouping away from the latent's own (Kang, level-1 labels on 1% of the cells: the
-    lineages split wrongly in one seed of three); where the label-free grouping already agrees with
-    them, the labels are better used as names."""
-    naming, conflicts = least_conflict_naming(parents, n_leaves, label_conflicts(free, allowed, n_leaves, novel))
-    n_labelled = int((~allowed.all(axis=1)).sum())
-    kept = conflicts <= NAMED_TOLERANCE * n_labelled
-    print(f"Label-free grouping named by the labels: {conflicts} of {n_labelled} labelled cells under a leaf "
-          f"their labels exclude; {'kept' if kept else 'the grouping made with the labels kept'} "
-          f"(tolerance {NAMED_TOLERANCE:.0%}).")
-    return naming[free] if kept else labelled_leaf
-
-
 def _move_labelled(latent, leaf, allowed, n_leaves):
     """Put each labelled point whose leaf its labels exclude under the nearest allowed leaf."""
     wrong = ~allowed[np.arange(len(leaf)), leaf]
@@ -1182,15 +1150,13 @@ class TreeVAE(HierarchicalVAE):
                     leaf_placement=getattr(options, "leaf_placement", "graph"),
                     grouping_decay=getattr(options, "grouping_decay", DEFAULT_GROUPING_DECAY),
                     top_level_decay=getattr(options, "top_level_decay", DEFAULT_TOP_LEVEL_DECAY), empty_leaves=empty,
-                    top_level_split=getattr(options, "top_level_split", DEFAULT_TOP_LEVEL_SPLIT),
-                    label_grouping=getattr(options, "label_grouping", DEFAULT_LABEL_GROUPING))
+                    top_level_split=getattr(options, "top_level_split", DEFAULT_TOP_LEVEL_SPLIT))
 
     def __init__(self, n_genes, level_sizes=(2, 4, 5, 9), parents=None, components_per_leaf=1,
                  prior="normal", prior_probabilities="learnable", reseed_epochs=(5,), reseed_clusters=None, final_refit=10,
                  final_refit_clusters=None, semi_supervised=False, label_weight=5.0, novel_classes=0,
                  leaf_placement="graph", grouping_decay=DEFAULT_GROUPING_DECAY, top_level_decay=DEFAULT_TOP_LEVEL_DECAY,
-                 empty_leaves=(), markers=(), top_level_split=DEFAULT_TOP_LEVEL_SPLIT,
-                 label_grouping=DEFAULT_LABEL_GROUPING, **kwargs):
+                 empty_leaves=(), markers=(), top_level_split=DEFAULT_TOP_LEVEL_SPLIT, **kwargs):
         super().__init__(n_genes, level_sizes=level_sizes, prior=prior, **kwargs)
         check_choice("prior", prior, PRIOR_LAWS)
         check_choice("prior probabilities", prior_probabilities, PRIOR_PROBABILITIES)
@@ -1207,7 +1173,7 @@ class TreeVAE(HierarchicalVAE):
         self.novel_classes = int(novel_classes)
         self.leaf_placement = check_choice("leaf placement", leaf_placement, LEAF_PLACEMENTS)
         self.configure_final_refit(final_refit, final_refit_clusters, grouping_decay, top_level_decay, empty_leaves,
-                                   markers, top_level_split, label_grouping, semi_supervised)
+                                   markers, top_level_split, semi_supervised)
         n_leaves = self.level_sizes[-1]
         self.n_components = n_leaves * self.components_per_leaf
         leaf_of_component = np.repeat(np.arange(n_leaves), self.components_per_leaf)
@@ -1225,8 +1191,7 @@ class TreeVAE(HierarchicalVAE):
 
     def configure_final_refit(self, final_refit=10, final_refit_clusters=None, grouping_decay=DEFAULT_GROUPING_DECAY,
                               top_level_decay=DEFAULT_TOP_LEVEL_DECAY, empty_leaves=(), markers=(),
-                              top_level_split=DEFAULT_TOP_LEVEL_SPLIT, label_grouping=DEFAULT_LABEL_GROUPING,
-                              semi_supervised=None):
+                              top_level_split=DEFAULT_TOP_LEVEL_SPLIT, semi_supervised=None):
         """Check and set what only the final refit reads (none of it changes training), so that a
         trained model can redo its final refit with other settings (`scvae_hier.refit`)."""
         semi_supervised = getattr(self, "semi_supervised", False) if semi_supervised is None else semi_supervised
@@ -1235,7 +1200,6 @@ class TreeVAE(HierarchicalVAE):
             final_refit_clusters = self.reseed_clusters if semi_supervised else 4
         self.final_refit_clusters = int(final_refit_clusters)
         self.top_level_split = check_choice("top-level split", top_level_split, TOP_LEVEL_SPLITS)
-        self.label_grouping = check_choice("label grouping", label_grouping, LABEL_GROUPINGS)
         for name, decay in (("grouping_decay", grouping_decay), ("top_level_decay", top_level_decay)):
             if not 0 < float(decay) <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (1 = no coarse-first weighting), got {decay}.")
@@ -1296,7 +1260,7 @@ class TreeVAE(HierarchicalVAE):
         return allowed_components(labels, self.component_ancestors)
 
     def reseed(self, latent, latent_scale=None, labels=None, clusters=None, grouping_decay=1.0, top_level_decay=1.0,
-               empty_leaves=(), marker_scores=None, top_level="compact", label_grouping="labelled"):
+               empty_leaves=(), marker_scores=None, top_level="compact"):
         """Set components (and learnable p(c)) from a tree-shaped clustering of latent means [n, D]
         (`clusters` k-means clusters per leaf; default `reseed_clusters`): each at its cells' mean,
         with variance the spread of their means plus their mean posterior variance (latent_scale
@@ -1317,7 +1281,7 @@ class TreeVAE(HierarchicalVAE):
                                     placement=self.leaf_placement, grouping_decay=grouping_decay,
                                     top_level_decay=top_level_decay, empty_leaves=empty_leaves,
                                     top_level=top_level, markers=None if marker_scores is None else
-                                    (marker_scores, self.marker_classes), label_grouping=label_grouping)
+                                    (marker_scores, self.marker_classes))
         posterior_variance = np.zeros_like(latent) if latent_scale is None else np.asarray(latent_scale, "float64") ** 2
         means, scales = np.zeros((self.n_components, self.latent_dim)), np.ones((self.n_components, self.latent_dim))
         for c in range(self.n_components):
@@ -1353,7 +1317,7 @@ class TreeVAE(HierarchicalVAE):
             component = self.reseed(loc, scale, labels, clusters=self.final_refit_clusters,
                                     grouping_decay=self.grouping_decay, top_level_decay=self.top_level_decay,
                                     empty_leaves=self.empty_leaves, marker_scores=marker_scores,
-                                    top_level=self.top_level_split, label_grouping=self.label_grouping)
+                                    top_level=self.top_level_split)
             if marker_scores is not None and self.markers:
                 sides = marker_sides(component // self.components_per_leaf, self.parents, self.level_sizes[-1],
                                      self.marker_classes)
@@ -1536,7 +1500,7 @@ class TreeVAE(HierarchicalVAE):
                 "final_refit_clusters": self.final_refit_clusters, "novel_classes": self.novel_classes,
                 "leaf_placement": self.leaf_placement, "grouping_decay": self.grouping_decay,
                 "top_level_decay": self.top_level_decay, "empty_leaves": self.empty_leaves, "markers": self.markers,
-                "top_level_split": self.top_level_split, "label_grouping": self.label_grouping}
+                "top_level_split": self.top_level_split}
 
 
 class TreeReseeding(keras.callbacks.Callback):
