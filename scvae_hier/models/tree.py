@@ -779,8 +779,8 @@ def tree_clustering(latent, parents, n_leaves, per_leaf=1, seed=0, clusters_per_
     win at the leaves' cost: on PBMC every T cell went into the one-leaf Stem class (NOTES.md).
     top_level_decay < 1: in that coarse-first grouping, the top level's
     classes are fixed first by a grouping with the stronger decay (`coarse_first_grouping`). With
-    labels, their penalty holds in both groupings (grouped once, levels alike, a Kang run with
-    level-1 labels put a lymphoid piece in a myeloid leaf).
+    labels, their penalty holds in both groupings (before 2026-12-05 labelled runs were grouped
+    once, levels alike, and a Kang run with level-1 labels put a lymphoid piece in a myeloid leaf).
 
     empty_leaves: leaves that get no point (a labelled point must be allowed another leaf); the
     clustering is that of the tree without them (`prune_leaves`). Every leaf otherwise takes at least one cluster, so a type too
