@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from scanvi_methods import is_default_scanvi
+
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["ari_1", "ari_2", "ari_3", "ari_4", "macro_f1_4"]
 
 
-def is_scanvi_run(method):
-    """The default scANVI (scVI 100 epochs) under any training seed; not scanvi_scvi400."""
-    return method == "scanvi" or method == "scanvi_rerun" or method.startswith("scanvi_seed+")
-
-
 def compare(results, scanvi, setting):
     tree = results[(results.setting == setting) & (results.method == "treevae")].set_index("seed")[COLUMNS]
-    runs = scanvi[(scanvi.setting == setting) & scanvi.method.map(is_scanvi_run)]
+    runs = scanvi[(scanvi.setting == setting) & scanvi.method.map(is_default_scanvi)]
     per_mask = runs.groupby("seed")[COLUMNS].mean()
     masks = tree.index.intersection(per_mask.index).sort_values()
     difference = tree.loc[masks] - per_mask.loc[masks]

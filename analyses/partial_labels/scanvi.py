@@ -41,6 +41,7 @@ from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score  # noq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from scvae_hier.metrics import hierarchical_f1  # noqa: E402  (numpy only: no TensorFlow)
+from scanvi_methods import DEFAULT_SCVI_EPOCHS, RERUN, method_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = ROOT / "data" / "pbmc.h5ad"
@@ -49,7 +50,7 @@ RUNS = Path("/work/partial_snapshot/runs/partial")
 COLUMNS = ["setting", "method", "seed", "n_scored", "n_labelled"] + \
     [f"{m}_{i}" for m in ("ari", "accuracy", "macro_f1") for i in range(1, 5)] + \
     ["hierarchical_f1", "consistency", "novel_unassigned", "seconds"]
-SCVI_EPOCHS, SCANVI_EPOCHS = 100, 20
+SCVI_EPOCHS, SCANVI_EPOCHS = DEFAULT_SCVI_EPOCHS, 20
 if os.environ.get("SCANVI_SMOKE"):  # a quick end-to-end check of this script: 2 epochs, results in /tmp
     SCVI_EPOCHS, SCANVI_EPOCHS, RESULTS = 2, 2, Path("/tmp/scanvi_smoke.csv")
 UNKNOWN = "Unknown"
@@ -155,11 +156,6 @@ def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offs
                 seconds=round(seconds, 1))
 
 
-def method_name(scvi_epochs, seed_offset=0):
-    name = "scanvi" if scvi_epochs == SCVI_EPOCHS else f"scanvi_scvi{scvi_epochs}"
-    return name if not seed_offset else f"{name}_seed+{seed_offset}"
-
-
 def finished_folders(runs):
     """(setting, seed, folder) of every finished labelled run folder <setting>_s<seed>."""
     for folder in sorted(runs.iterdir()):
@@ -180,7 +176,7 @@ if __name__ == "__main__":
                         help="the rows' method name instead of the default (e.g. scanvi_rerun: the same seed again "
                              "on another machine)")
     args = parser.parse_args()
-    method = args.method or method_name(args.scvi_epochs, args.seed_offset)
+    method = args.method or method_name(args.scvi_epochs, args.seed_offset, SCVI_EPOCHS)
     torch.set_num_threads(1)
     pbmc = anndata.read_h5ad(DATA)
     levels = [str(level) for level in pbmc.uns["hierarchy"]["levels"]]
