@@ -153,9 +153,16 @@ def run_refit(args) -> int:
 
 
 def _print_scores(path, metrics) -> None:
+    counts = metrics.get("ari_scored_cells", {})
     for subset, scores in metrics.get("ari", {}).items():
-        print(f"ARI of clusters vs hierarchy levels ({subset} cells): "
+        scored = (f"; {counts[subset]['cells']} with a true label, {counts[subset]['labelled']} of them given it "
+                  "in training" if subset in counts else "")
+        print(f"ARI of clusters vs hierarchy levels ({subset} cells{scored}): "
               + ", ".join(f"{level} {value:.3f}" for level, value in scores.items()))
+    if counts and "unlabelled" not in counts:
+        print("No never-labelled cell has a true label to score against, so these ARIs mostly show the fit to the "
+              "given labels, not how well the model names new cells. To measure that, keep all labels and hide some "
+              "with --labelled LEVEL=FRACTION (the README's partial-labels experiments).")
     if "placement_margin" in metrics:
         print(metrics["placement_margin"]["reading"])
     print(f"Load it in Python with scvae_hier.load_model({str(path)!r}); per-cell outputs: {path}/outputs.h5ad")

@@ -434,7 +434,10 @@ def batch_covariates(obs, batch_key, categories=None):
     unknown = sorted(set(values) - set(categories))
     if unknown:
         raise DataError(f"obs[{batch_key!r}] has categories {unknown} that the model was not trained with "
-                        f"({categories}); a batch covariate only corrects batches it has seen.")
+                        f"({categories}); a batch covariate only corrects batches it has seen. To name such cells with "
+                        f"a trained model, read them as a trained batch (`scvae-hier annotate --batch NAME`) or fit "
+                        f"their batches with the rest of the model frozen (`--fit-new-batches`, "
+                        f"`model.fit_new_batches(query)`).")
     codes = pd.Index(categories).get_indexer(values)
     return np.eye(len(categories), dtype=np.float32)[codes], categories
 

@@ -137,8 +137,12 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
     if hierarchy is not None and clusters_by_level:
         labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
         known = np.isin(labels, list(hierarchy.paths))  # cells without a true label are not scored
-        metrics["ari"] = {subset: level_ari(hierarchy, labels[mask & known], [c[mask & known] for c in clusters_by_level])
-                          for subset, mask in subsets if (mask & known).sum() > 1}
+        scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
+        metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])
+                          for subset, cells in scored.items()}
+        if given is not None:  # labelled cells' clusters follow their labels: say how many of the scored are
+            metrics["ari_scored_cells"] = {subset: {"cells": int(cells.sum()), "labelled": int((cells & labelled).sum())}
+                                           for subset, cells in scored.items()}
     if "placement_margin" in model.metadata:
         metrics["placement_margin"] = named_margin(model, names)
     adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,

@@ -2,6 +2,8 @@
 refused by cell, seeded stratified masks, the semi-supervised TreeVAE objective against a
 computation by hand, label-aware re-seeding, hierarchical F1 by hand, and the API / CLI end to
 end (given labels kept, names that nest, label transfer to a new file)."""
+import json
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -258,11 +260,35 @@ def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys
     assert ((labels["level_1"] != "") == (labels["level_4"] != "")).all()
     outputs = anndata.read_h5ad(run / "outputs.h5ad")
     assert outputs.obs["labelled"].sum() == 60 and "scvae_level_4" in outputs.obs
+    scored = json.loads((run / "metrics.json").read_text())["ari_scored_cells"]   # the mask keeps every truth
+    assert scored["all"] == {"cells": 600, "labelled": 60} and scored["unlabelled"] == {"cells": 540, "labelled": 0}
+    printed = capsys.readouterr().out
+    assert "(unlabelled cells; 540 with a true label, 0 of them given it in training)" in printed
+    assert "No never-labelled cell" not in printed
     for flags, message in ((["--labelled", "level_7=0.1"], "no level named 'level_7'"),
                            (["--labelled", "level_4=0.1", "--model", "vae"], "plain vae has none"),
                            (["--hide-labels", "not_a_label"], "--hide-labels \\['not_a_label'\\]")):
         assert main([*common[:-1], str(tmp_path / "bad"), *flags]) == 2
         assert any(part in capsys.readouterr().err for part in message.split("\\"))
+
+
+def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, tmp_path, capsys):
+    """With labels that have holes, the cells with a true label are the labelled ones: the printed
+    ARI is a fit to the given labels, and the CLI says so instead of passing it off as accuracy."""
+    from scvae_hier.cli import main
+
+    data = tmp_path / "holes.h5ad"
+    adata = _partial_adata(pbmc_slice)
+    adata.write_h5ad(data)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--model", "tree", *FAST, "--epochs", "2", "--semi-supervised",
+                 "--levels", "level_1", "level_2", "level_3", "level_4", "--output", str(run)]) == 0
+    scored = json.loads((run / "metrics.json").read_text())["ari_scored_cells"]
+    fine = int(adata.obs["level_4"].notna().sum())
+    assert scored["all"] == {"cells": fine, "labelled": fine} and "unlabelled" not in scored
+    printed = capsys.readouterr().out
+    assert f"(all cells; {fine} with a true label, {fine} of them given it in training)" in printed
+    assert "No never-labelled cell has a true label" in printed and "--labelled LEVEL=FRACTION" in printed
 
 
 def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():

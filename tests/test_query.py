@@ -136,8 +136,9 @@ def test_a_query_batch_the_model_never_saw_is_refused_unless_read_as_a_training_
     model, reference, _ = reference_and_query
     query = reference[:20].copy()
     query.obs["source_dataset"] = "new_study"
-    with pytest.raises(DataError, match="new_study"):
+    with pytest.raises(DataError, match="new_study") as refused:
         model.predict_levels(query)
+    assert "--batch NAME" in str(refused.value) and "fit_new_batches" in str(refused.value)   # the fixes, named
     with pytest.raises(sh.api.SetupError, match="not one of the model's training batches"):
         model.predict_levels(query, batch="nope")
     named = model.predict_levels(query, batch="scMINER")
