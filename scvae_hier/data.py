@@ -237,15 +237,23 @@ def cells_kept(obs, label_column, exclude_labels) -> np.ndarray:
     return cells
 
 
-def gene_positions(var_names, genes) -> np.ndarray:
+def gene_positions(var_names, genes, var=None) -> np.ndarray:
     """Column of each of `genes` (a trained model's, in its order) in `var_names`, refusing the
-    data when any is missing, with their names."""
+    data when any is missing, with their names, and, when a column of `var` (the data's gene
+    table) holds the genes instead (symbols there, Ensembl IDs as names), that column."""
     genes = [str(g) for g in genes]
     position = {g: i for i, g in enumerate(var_names)}
     missing = [g for g in genes if g not in position]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing from the data: {shown}")
+        hint = ""
+        for column in ([] if var is None else var.columns):
+            found = len(set(genes) & set(var[column].astype(str)))
+            if found > len(genes) - len(missing):
+                hint = (f". var[{column!r}] holds {found} of them: use it as the gene names "
+                        f"(adata.var_names = adata.var[{column!r}].astype(str); adata.var_names_make_unique())")
+                break
+        raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing from the data: {shown}{hint}")
     return np.array([position[g] for g in genes], dtype=int)
 
 
@@ -272,7 +280,7 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
                   n_cells_excluded=int(adata.n_obs - len(cells)))
 
     if genes is not None:
-        selected = gene_positions(adata.var_names, genes)
+        selected = gene_positions(adata.var_names, genes, adata.var)
         record.update(gene_selection="given", n_genes_all_zero_dropped=0)
     else:
         nonzero = np.flatnonzero(X.getnnz(axis=0) > 0)

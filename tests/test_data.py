@@ -243,6 +243,20 @@ def test_prepare_with_given_genes_keeps_their_order(pbmc_1000):
         prepare(pbmc_1000, genes=genes[:2] + ["NOT_A_GENE", "ALSO_MISSING"])
 
 
+def test_genes_under_another_var_column_are_pointed_to(pbmc_1000):
+    """A query whose gene names are IDs while its symbols sit in a var column (Kang's file has
+    both): the refusal names the column that holds the model's genes and how to use it."""
+    genes = list(pbmc_1000.var_names[[40, 3, 900, 12]])
+    query = pbmc_1000.copy()
+    query.var["symbol"] = query.var_names.astype(str)
+    query.var["id"] = [f"ENSG{i:011d}" for i in range(query.n_vars)]
+    query.var_names = query.var["id"].to_numpy()
+    with pytest.raises(DataError, match=r"4 of the 4 required genes are missing.*var\['symbol'\] holds 4 of them"):
+        prepare(query, genes=genes)
+    query.var_names = query.var["symbol"].astype(str).to_numpy()                  # the fix it names
+    assert list(prepare(query, genes=genes, drop_empty_cells=True).var_names) == genes
+
+
 def test_prepare_excludes_labels(pbmc_1000):
     n_mono = int((pbmc_1000.obs["source_library"] == "cd14_monocytes").sum())
     assert n_mono > 0
