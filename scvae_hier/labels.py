@@ -24,6 +24,15 @@ def missing_labels(values: pd.Series, unlabelled_category=None) -> np.ndarray:
     return missing
 
 
+def cells_with_truth(obs, label_column, options) -> np.ndarray:
+    """[n] bool: the cells with a true leaf label to score a run against. A run trained on labels
+    with holes (`options["semi_supervised"]`) has cells without one (NaN, empty or its unlabelled
+    category); for any other run every cell counts (a label outside the hierarchy is refused)."""
+    if not options.get("semi_supervised"):
+        return np.ones(len(obs), bool)
+    return ~missing_labels(obs[label_column], options.get("unlabelled_category"))
+
+
 def _check_category(hierarchy, unlabelled_category):
     if unlabelled_category is None:
         return

@@ -140,7 +140,7 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
         scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
         metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])
                           for subset, cells in scored.items()}
-        if given is not None:  # labelled cells' clusters follow their labels: say how many of the scored are
+        if given is not None:  # the model was trained on the labelled cells' labels: say how many of the scored are
             metrics["ari_scored_cells"] = {subset: {"cells": int(cells.sum()), "labelled": int((cells & labelled).sum())}
                                            for subset, cells in scored.items()}
     if "placement_margin" in model.metadata:

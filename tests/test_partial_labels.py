@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from conftest import FAST
 from scipy.special import logsumexp
+from sklearn.metrics import adjusted_rand_score
 from test_tree import SMALL_PARENTS, small_model
 
 from scvae_hier.hierarchy import Hierarchy, HierarchyError
@@ -272,9 +273,11 @@ def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys
         assert any(part in capsys.readouterr().err for part in message.split("\\"))
 
 
-def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, tmp_path, capsys):
+def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, tmp_path, capsys, drawn_figures):
     """With labels that have holes, the cells with a true label are the labelled ones: the printed
-    ARI is a fit to the given labels, and the CLI says so instead of passing it off as accuracy."""
+    ARI is a fit to the given labels, and the CLI says so instead of passing it off as accuracy.
+    `evaluate` and `analyse` score and draw the cells with a true label (they refused the unlabelled
+    category as a label outside the hierarchy before)."""
     from scvae_hier.cli import main
 
     data = tmp_path / "holes.h5ad"
@@ -289,6 +292,20 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     printed = capsys.readouterr().out
     assert f"(all cells; {fine} with a true label, {fine} of them given it in training)" in printed
     assert "No never-labelled cell has a true label" in printed and "--labelled LEVEL=FRACTION" in printed
+    assert main(["evaluate", str(run), "--iwae-samples", "2"]) == 0
+    cells = anndata.read_h5ad(run / "evaluation" / "test" / "cells.h5ad")
+    truth = cells.obs["level_4"].notna().to_numpy()
+    assert 0 < truth.sum() < len(truth)
+    np.testing.assert_array_equal(cells.obs["scvae_scored"].to_numpy(bool), truth)
+    table = pd.read_csv(run / "evaluation" / "test" / "level_metrics.csv", index_col="level")
+    clusters = cells.obs["scvae_level_2_cluster"].astype(int).to_numpy()[truth]
+    assert table.loc["level_2", "ari"] == pytest.approx(adjusted_rand_score(cells.obs["level_2"][truth], clusters))
+    printed = capsys.readouterr().out
+    assert f"Scored on the {truth.sum()} of these cells with a true label, {truth.sum()} of them given it" in printed
+    assert main(["analyse", str(run), "--iwae-samples", "2"]) == 0
+    confusion = [ax for ax in drawn_figures["confusion_matrices.png"].axes if ax.images]
+    assert all(sum(int(t.get_text()) for t in ax.texts) == fine for ax in confusion)   # every cell with a truth
+    assert f"have no true leaf label; the figures show the other {fine}" in capsys.readouterr().out
 
 
 def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():

@@ -28,6 +28,7 @@ from ..choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, check_choic
 from ..data import DataError, batch_covariates, file_checksum, prepare, read_counts
 from ..files import write_h5ad
 from ..hierarchy import Hierarchy
+from ..labels import cells_with_truth
 from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
 
@@ -113,10 +114,12 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
             prepared = prepared[prepared.obs["split"] == subset].copy()
     if prepared.n_obs == 0:
         raise DataError(f"The run has no {subset} cells to evaluate; choose another --set.")
-    if has_labels:
-        labels = prepared.obs[hierarchy.label_column].astype(str).to_numpy()
+    if has_labels:  # a run trained on labels with holes: cells without a leaf label have no truth to score
+        scored = cells_with_truth(prepared.obs, hierarchy.label_column, options)
+        prepared.obs["scvae_scored"] = scored
+        labels = prepared.obs[hierarchy.label_column].astype(str).to_numpy()[scored]
         hierarchy.validate(labels)
-        hierarchy = hierarchy.restrict(labels)
+        hierarchy = hierarchy.restrict(labels) if scored.sum() > 1 else None
     else:
         hierarchy = None
     name = subset if same_file or subset != "all" else f"{path.name.split('.')[0]}-{subset}"
@@ -183,11 +186,18 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
               "seconds": round(time.time() - started, 1)}
     levels = latent_leiden = None
     if hierarchy is not None and clusters_by_level:
-        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
-        levels = level_table(hierarchy, labels, clusters_by_level, flat=model.clustering == "flat",
-                             parents=getattr(model, "parents", None))
+        scored = adata.obs["scvae_scored"].to_numpy(bool)
+        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()[scored]
+        levels = level_table(hierarchy, labels, [c[scored] for c in clusters_by_level],
+                             flat=model.clustering == "flat", parents=getattr(model, "parents", None))
         from .peers import leiden_table
-        latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"], seed=seed, max_cells=DIAGNOSTIC_CELLS)
+        latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"][scored], seed=seed,
+                                     max_cells=DIAGNOSTIC_CELLS)
+        bounds["n_scored"] = int(scored.sum())
+        if run.path.joinpath("labels.csv").is_file():  # cells the model was trained on the labels of
+            given = pd.read_csv(run.path / "labels.csv", index_col="cell", dtype=str, keep_default_na=False)
+            labelled = given.index[(given != "").any(axis=1)]
+            bounds["n_scored_labelled"] = int(adata.obs_names[scored].isin(labelled).sum())
         levels["ari_latent_leiden"] = latent_leiden["ari"]
     adata.uns["scvae"] = {"model": type(model).__name__, "clustering": model.clustering}
     adata.uns["scvae_evaluation"] = {
@@ -241,6 +251,17 @@ COLUMNS = {"n_classes": "classes", "n_clusters_used": "clusters", "ari": "ARI", 
            "nesting": "nested", "ari_latent_leiden": "ARI Leiden(z)"}
 
 
+def scored_note(bounds) -> str:
+    """The sentence that says which cells the per-level scores are on, when that is not simply all
+    the evaluated cells (labels with holes, or cells whose labels the model was trained on); else ""."""
+    scored, given = bounds.get("n_scored", bounds["n_cells"]), bounds.get("n_scored_labelled", 0)
+    if scored == bounds["n_cells"] and not given:
+        return ""
+    return (f"Scored on the {scored} of these cells with a true label"
+            + (f", {given} of them given it in training (the model was trained on it, so for them the scores show "
+               f"the fit to the labels, not a prediction)" if given else "") + ".")
+
+
 def format_evaluation(evaluation: Evaluation) -> str:
     """The text `scvae-hier evaluate` prints."""
     b = evaluation.bounds
@@ -256,6 +277,8 @@ def format_evaluation(evaluation: Evaluation) -> str:
         lines.append("No per-level scores: the data has no labels of the run's hierarchy, or the model no clusters.")
     else:
         table = evaluation.levels[[c for c in COLUMNS if c in evaluation.levels]].rename(columns=COLUMNS)
+        if scored_note(b):
+            lines.append(scored_note(b))
         lines.append("Per-level clustering (the model's own: argmax q(y_l|x), or its nested path rule for TreeVAE and "
                      "semi-supervised models; Hungarian matching, unmatched clusters count as wrong):")
         lines.append(table.to_string(float_format=lambda v: f"{v:.3f}"))

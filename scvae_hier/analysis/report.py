@@ -13,7 +13,7 @@ import pandas as pd
 from . import compare
 from .figures import figures_for_run
 from ..hierarchy import Hierarchy
-from .evaluate import (COLUMNS, DEFAULT_IWAE_SAMPLES, evaluate_run, read_evaluation,
+from .evaluate import (COLUMNS, DEFAULT_IWAE_SAMPLES, evaluate_run, read_evaluation, scored_note,
                                        write_evaluation)
 from ..runs import RunDirectory
 
@@ -93,7 +93,7 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
                   "Clusters are the model's own argmax q(y|x) (a flat model's one clustering is scored against "
                   "every level). F1 and accuracy 'H' use a one-to-one Hungarian matching in which cells of "
                   "unmatched clusters count as wrong; 'acc maj' maps each cluster to its majority class "
-                  "(scVAE's accuracy).", ""]
+                  "(scVAE's accuracy)." + (" " + scored_note(bounds) if scored_note(bounds) else ""), ""]
         lines += _level_markdown(levels)
         if levels.attrs.get("hierarchy_consistency") is not None:
             lines += ["", f"Hierarchy consistency (cells whose mapped per-level labels form a path of the "
