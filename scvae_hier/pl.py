@@ -10,6 +10,9 @@ import numpy as np
 from .analysis.figures import _palette, _save, _scatter, hierarchy_matrix as _hierarchy_matrix, plt
 from .api import SETUP_KEY
 from .hierarchy import Hierarchy
+from .labels import label_codes
+
+UNLABELLED_NAME = "unlabelled"  # the true-class panels' name for a cell with no label at a level
 
 
 def _hierarchy_of(adata, hierarchy):
@@ -24,6 +27,21 @@ def _hierarchy_of(adata, hierarchy):
     return Hierarchy.from_dict(dict(stored))
 
 
+def _true_classes(adata, tree):
+    """[cells, levels] each cell's true class per level, "unlabelled" where its labels have a hole
+    (the per-level columns of `setup_anndata(levels=...)` when adata has them, else the leaf column;
+    a fine label implies its ancestors), as the model was trained on them."""
+    setup = adata.uns.get(SETUP_KEY, {})
+    columns = setup.get("levels")
+    columns = list(columns) if columns is not None and all(c in adata.obs for c in columns) else None
+    codes = label_codes(adata.obs, tree, columns, setup.get("unlabelled_category", "Unknown"))
+    truth = np.full(codes.shape, UNLABELLED_NAME, dtype=object)
+    for i in range(tree.n_levels):
+        known = codes[:, i] >= 0
+        truth[known, i] = np.asarray(tree.classes(i), dtype=object)[codes[known, i]]
+    return truth
+
+
 def _embedding(adata, basis):
     key = basis if basis in adata.obsm else f"X_{basis}"
     if key not in adata.obsm:
@@ -36,14 +54,17 @@ def _embedding(adata, basis):
 def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
     """Per hierarchy level, the true classes (top row) and the model's predicted class names
     (bottom row) on the embedding obsm[basis]; predicted names share the true classes' colours,
-    clusters matched to no class are grey, cells the model left out are not drawn below."""
+    clusters matched to no class are grey, cells the model left out are not drawn below. Labels with
+    holes (as for a semi-supervised model) show as "unlabelled" above and are left out of the share
+    that agrees (labelled cells agree by construction unless the predictions were made with
+    `predict_levels(keep_labels=False)`)."""
     tree = _hierarchy_of(adata, hierarchy)
     embedding, key = _embedding(adata, basis)
     missing = [f"{prefix}{level}" for level in tree.levels if f"{prefix}{level}" not in adata.obs]
     if missing:
         raise ValueError(f"adata.obs lacks {missing}: join the predictions first, "
                          f"adata.obs = adata.obs.join(model.predict_levels()).")
-    truth = tree.level_labels(adata.obs[tree.label_column].astype(str).to_numpy())
+    truth = _true_classes(adata, tree)
     fig, axes = plt.subplots(2, tree.n_levels, figsize=(4 * tree.n_levels, 9), squeeze=False, layout="constrained")
     for i, level in enumerate(tree.levels):
         classes = [c for c in tree.classes(i) if c in set(truth[:, i])]
@@ -51,11 +72,12 @@ def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
         modelled = predicted.notna().to_numpy()
         names = predicted[modelled].astype(str).to_numpy()
         others = sorted(set(names) - set(classes))
-        colours = _palette(classes, others)
-        _scatter(axes[0, i], embedding, truth[:, i], classes, colours, f"{level}: true classes")
-        agree = np.mean(names == truth[modelled, i])
+        colours = _palette(classes, others + [UNLABELLED_NAME])
+        _scatter(axes[0, i], embedding, truth[:, i], classes + [UNLABELLED_NAME], colours, f"{level}: true classes")
+        scored = truth[modelled, i] != UNLABELLED_NAME
+        agree = np.mean(names[scored] == truth[modelled, i][scored]) if scored.any() else np.nan
         _scatter(axes[1, i], embedding[modelled], names, classes + others, colours,
-                 f"{level}: predicted ({agree:.0%} agree)")
+                 f"{level}: predicted ({agree:.0%} of {scored.sum()} labelled agree)")
     fig.suptitle(f"True classes (top) and scvae-hier predictions (bottom) on {key}")
     return _save(fig, save)
 

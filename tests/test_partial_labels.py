@@ -308,6 +308,40 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     assert f"have no true leaf label; the figures show the other {fine}" in capsys.readouterr().out
 
 
+def test_pl_levels_draws_holes_as_unlabelled_and_scores_only_labelled_cells(pbmc_slice):
+    """sh.pl.levels on labels with holes (it refused "Unknown" as a label outside the hierarchy):
+    the true panels show every cell, holes as "unlabelled", a fine label's ancestors filled in; the
+    share that agrees counts only cells labelled at that level, checked by hand."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scvae_hier as sh
+
+    adata = _partial_adata(pbmc_slice)
+    levels = ["level_1", "level_2", "level_3", "level_4"]
+    for level in levels[2:]:                        # the unlabelled category as well as NaN
+        adata.obs[level] = adata.obs[level].astype(object).where(adata.obs[level].notna(), "Unknown")
+    sh.TreeVAE.setup_anndata(adata, levels=levels)
+    truth = anndata.read_h5ad(pbmc_slice).obs
+    rng = np.random.default_rng(3)
+    for level in levels:                            # predictions: the truth with 20% of the cells rotated
+        names = truth[level].astype(str).to_numpy().copy()
+        wrong = rng.random(len(names)) < 0.2
+        names[wrong] = np.roll(names, 7)[wrong]
+        adata.obs[f"scvae_{level}"] = names
+    adata.obsm["X_umap"] = rng.normal(size=(adata.n_obs, 2))
+    figure = sh.pl.levels(adata)
+    labelled = np.column_stack([adata.obs[level].notna() & (adata.obs[level].astype(str) != "Unknown")
+                                for level in levels])
+    for i, level in enumerate(levels):
+        known = labelled[:, i:].any(axis=1)         # labelled at this level or below it
+        expected = np.mean(adata.obs[f"scvae_{level}"].to_numpy()[known] == truth[level].astype(str).to_numpy()[known])
+        assert figure.axes[4 + i].get_title() == f"{level}: predicted ({expected:.0%} of {known.sum()} labelled agree)"
+        legend = [t.get_text() for t in figure.axes[i].get_legend().get_texts()]
+        assert f"unlabelled ({(~known).sum()})" in legend and 0 < known.sum() < adata.n_obs
+        assert figure.axes[i].collections[0].get_offsets().shape[0] == adata.n_obs
+
+
 def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():
     """Five labelled types (10% labelled) and a sixth, never labelled, far from them: with one
     novel leaf, the sixth type's clusters (no labelled cell where about 8 were expected) go under
