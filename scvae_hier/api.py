@@ -284,7 +284,8 @@ class HierarchyModel:
         unassigned_below: from the first level whose probability is below this, the name is
         "unassigned" (0: never). novelty_cutoff: cells whose novelty is above this are "unassigned"
         at every level (None: never; the README says what 0.99 found and missed). keep_labels:
-        the training cells of a semi-supervised model keep the labels they were given. batch: a
+        the training cells of a semi-supervised model keep the labels they were given (and
+        `scvae_labelled` says which cells those are). batch: a
         training batch to read query cells as (new batches are refused)."""
         if not 0 <= unassigned_below <= 1:
             raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
@@ -310,6 +311,8 @@ class HierarchyModel:
                 names = table[level].astype(object)
                 names[unassigned & table[level + "_probability"].notna().to_numpy()] = "unassigned"
                 table[level] = names.astype("category")
+        if given is not None:  # whose names are the labels it was given, not the model's call
+            table["labelled"] = (self._given_labels(table.index, given) >= 0).any(axis=1)
         return table.add_prefix(prefix)
 
     def _given_labels(self, names, given) -> np.ndarray:

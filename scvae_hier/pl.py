@@ -55,9 +55,9 @@ def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
     """Per hierarchy level, the true classes (top row) and the model's predicted class names
     (bottom row) on the embedding obsm[basis]; predicted names share the true classes' colours,
     clusters matched to no class are grey, cells the model left out are not drawn below. Labels with
-    holes (as for a semi-supervised model) show as "unlabelled" above and are left out of the share
-    that agrees (labelled cells agree by construction unless the predictions were made with
-    `predict_levels(keep_labels=False)`)."""
+    holes (as for a semi-supervised model) show as "unlabelled" above; the share that agrees counts
+    the cells with a true class at that level that the model was not given the labels of
+    (`scvae_labelled` from `predict_levels`: those keep their labels, so they agree by construction)."""
     tree = _hierarchy_of(adata, hierarchy)
     embedding, key = _embedding(adata, basis)
     missing = [f"{prefix}{level}" for level in tree.levels if f"{prefix}{level}" not in adata.obs]
@@ -65,6 +65,9 @@ def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
         raise ValueError(f"adata.obs lacks {missing}: join the predictions first, "
                          f"adata.obs = adata.obs.join(model.predict_levels()).")
     truth = _true_classes(adata, tree)
+    given = adata.obs[f"{prefix}labelled"].eq(True).to_numpy() if f"{prefix}labelled" in adata.obs \
+        else np.zeros(adata.n_obs, bool)             # cells named by the labels they were given
+    scope = " labelled cells not given their labels" if given.any() else " labelled"
     fig, axes = plt.subplots(2, tree.n_levels, figsize=(4 * tree.n_levels, 9), squeeze=False, layout="constrained")
     for i, level in enumerate(tree.levels):
         classes = [c for c in tree.classes(i) if c in set(truth[:, i])]
@@ -74,10 +77,10 @@ def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
         others = sorted(set(names) - set(classes))
         colours = _palette(classes, others + [UNLABELLED_NAME])
         _scatter(axes[0, i], embedding, truth[:, i], classes + [UNLABELLED_NAME], colours, f"{level}: true classes")
-        scored = truth[modelled, i] != UNLABELLED_NAME
-        agree = np.mean(names[scored] == truth[modelled, i][scored]) if scored.any() else np.nan
-        _scatter(axes[1, i], embedding[modelled], names, classes + others, colours,
-                 f"{level}: predicted ({agree:.0%} of {scored.sum()} labelled agree)")
+        scored = (truth[modelled, i] != UNLABELLED_NAME) & ~given[modelled]
+        agree = (f"{np.mean(names[scored] == truth[modelled, i][scored]):.0%} of {scored.sum()}{scope} agree"
+                 if scored.any() else "no labelled cell that was not given its label")
+        _scatter(axes[1, i], embedding[modelled], names, classes + others, colours, f"{level}: predicted ({agree})")
     fig.suptitle(f"True classes (top) and scvae-hier predictions (bottom) on {key}")
     return _save(fig, save)
 

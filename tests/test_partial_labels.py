@@ -219,6 +219,9 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     model.train(max_epochs=2, batch_size=64, progress_bar=False)
     assert "classification" in model.history.columns
     table = model.predict_levels()
+    labelled = adata.obs[levels].notna().any(axis=1).to_numpy()
+    np.testing.assert_array_equal(table["scvae_labelled"].to_numpy(bool), labelled)   # which names are given ones
+    assert "scvae_labelled" not in model.predict_levels(keep_labels=False)
     truth = anndata.read_h5ad(pbmc_slice).obs
     paths = {tuple(p) for p in model.hierarchy.paths.values()}
     predicted = table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy()
@@ -340,6 +343,13 @@ def test_pl_levels_draws_holes_as_unlabelled_and_scores_only_labelled_cells(pbmc
         legend = [t.get_text() for t in figure.axes[i].get_legend().get_texts()]
         assert f"unlabelled ({(~known).sum()})" in legend and 0 < known.sum() < adata.n_obs
         assert figure.axes[i].collections[0].get_offsets().shape[0] == adata.n_obs
+    # Cells named by the labels they were given (predict_levels' scvae_labelled) agree by
+    # construction: the share leaves them out and says so.
+    adata.obs["scvae_labelled"] = labelled[:, 0] & (rng.random(adata.n_obs) < 0.5)
+    title = sh.pl.levels(adata).axes[4].get_title()
+    known = labelled.any(axis=1) & ~adata.obs["scvae_labelled"].to_numpy()
+    expected = np.mean(adata.obs["scvae_level_1"].to_numpy()[known] == truth["level_1"].astype(str).to_numpy()[known])
+    assert title == f"level_1: predicted ({expected:.0%} of {known.sum()} labelled cells not given their labels agree)"
 
 
 def test_reseeding_puts_a_type_nobody_labelled_under_the_novel_leaf():
