@@ -1124,7 +1124,9 @@ class TreeVAE(HierarchicalVAE):
     def arguments_from(cls, options, hierarchy) -> dict:
         if hierarchy is None:
             raise ValueError("--model tree needs a hierarchy (--hierarchy, --levels, or the data's uns['hierarchy']): "
-                             "its components are the hierarchy's leaves, under their classes.")
+                             "its components are the hierarchy's leaves, under their classes. Without one, "
+                             "--model mixture --n-components K clusters the cells into K flat clusters, or "
+                             "--model momix / indmom --level-sizes K1 K2 ... learns a hierarchy of those sizes.")
         if options.level_sizes and list(options.level_sizes) != list(hierarchy.sizes):
             raise ValueError(f"--model tree takes its level sizes from the hierarchy ({hierarchy.sizes}); leave out "
                              f"--level-sizes, or use --components-per-leaf for more components than leaves.")
