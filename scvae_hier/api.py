@@ -295,6 +295,8 @@ class HierarchyModel:
         if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
             given = self.cells.labels
         table = self._predict_levels(adata, batch, given)
+        if given is not None:  # whose names are the labels they were given, not the model's call
+            table["labelled"] = (self._given_labels(table.index, given) >= 0).any(axis=1)
         levels = self.level_names or ["cluster"]
         unassigned = np.zeros(len(table), dtype=bool)
         if novelty_cutoff is not None:
@@ -302,7 +304,7 @@ class HierarchyModel:
                 raise ValueError(self._no_novelty())
             novel = (table["novelty"] > novelty_cutoff).to_numpy()
             if given is not None:  # cells given labels keep them
-                novel &= ~(self._given_labels(table.index, given) >= 0).any(axis=1)
+                novel &= ~table["labelled"].to_numpy()
             unassigned |= novel
         for level in levels:
             if unassigned_below > 0:
@@ -311,8 +313,6 @@ class HierarchyModel:
                 names = table[level].astype(object)
                 names[unassigned & table[level + "_probability"].notna().to_numpy()] = "unassigned"
                 table[level] = names.astype("category")
-        if given is not None:  # whose names are the labels it was given, not the model's call
-            table["labelled"] = (self._given_labels(table.index, given) >= 0).any(axis=1)
         return table.add_prefix(prefix)
 
     def _given_labels(self, names, given) -> np.ndarray:

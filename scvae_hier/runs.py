@@ -27,6 +27,7 @@ class RunDirectory:
     config = property(lambda self: self.path / "config.json")
     history = property(lambda self: self.path / "history.csv")
     split = property(lambda self: self.path / "split.csv")
+    labels = property(lambda self: self.path / "labels.csv")  # the labels a semi-supervised run was given
     outputs = property(lambda self: self.path / "outputs.h5ad")
     metrics = property(lambda self: self.path / "metrics.json")
     checkpoint_dir = property(lambda self: self.path / "checkpoint")

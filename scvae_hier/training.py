@@ -656,7 +656,7 @@ def write_run_start(run: RunDirectory, cells: Cells, split, config: dict) -> Non
     """What a run folder holds before its model: the split, the labels it was given, its config."""
     write_csv(pd.DataFrame({"cell": cells.adata.obs_names, "set": split}), run.split, index=False)
     if cells.labels is not None:
-        write_csv(labels_table(cells), run.path / "labels.csv", index_label="cell")
+        write_csv(labels_table(cells), run.labels, index_label="cell")
     write_json(run.config, config)
 
 

@@ -306,6 +306,7 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     printed = capsys.readouterr().out
     assert f"Scored on the {truth.sum()} of these cells with a true label, {truth.sum()} of them given it" in printed
     assert main(["analyse", str(run), "--iwae-samples", "2"]) == 0
+    assert f"(scVAE's accuracy). Scored on the {truth.sum()} of these cells" in (run / "report.md").read_text()
     confusion = [ax for ax in drawn_figures["confusion_matrices.png"].axes if ax.images]
     assert all(sum(int(t.get_text()) for t in ax.texts) == fine for ax in confusion)   # every cell with a truth
     assert f"have no true leaf label; the figures show the other {fine}" in capsys.readouterr().out

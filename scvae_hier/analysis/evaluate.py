@@ -194,8 +194,8 @@ def evaluate_run(run_path, data=None, subset=None, iwae_samples=DEFAULT_IWAE_SAM
         latent_leiden = leiden_table(hierarchy, labels, adata.obsm["X_scvae"][scored], seed=seed,
                                      max_cells=DIAGNOSTIC_CELLS)
         bounds["n_scored"] = int(scored.sum())
-        if run.path.joinpath("labels.csv").is_file():  # cells the model was trained on the labels of
-            given = pd.read_csv(run.path / "labels.csv", index_col="cell", dtype=str, keep_default_na=False)
+        if run.labels.is_file():  # cells the model was trained on the labels of
+            given = pd.read_csv(run.labels, index_col="cell", dtype=str, keep_default_na=False)
             labelled = given.index[(given != "").any(axis=1)]
             bounds["n_scored_labelled"] = int(adata.obs_names[scored].isin(labelled).sum())
         levels["ari_latent_leiden"] = latent_leiden["ari"]
@@ -277,8 +277,9 @@ def format_evaluation(evaluation: Evaluation) -> str:
         lines.append("No per-level scores: the data has no labels of the run's hierarchy, or the model no clusters.")
     else:
         table = evaluation.levels[[c for c in COLUMNS if c in evaluation.levels]].rename(columns=COLUMNS)
-        if scored_note(b):
-            lines.append(scored_note(b))
+        note = scored_note(b)
+        if note:
+            lines.append(note)
         lines.append("Per-level clustering (the model's own: argmax q(y_l|x), or its nested path rule for TreeVAE and "
                      "semi-supervised models; Hungarian matching, unmatched clusters count as wrong):")
         lines.append(table.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -89,11 +89,11 @@ def run_report(run, subset="test", iwae_samples=DEFAULT_IWAE_SAMPLES, embedding=
     lines += [f"| {term} | {value['mean']:.3f} | {value['standard_error']:.3f} |"
               for term, value in bounds["terms"].items()]
     if levels is not None:
-        lines += ["", f"## Per-level clustering ({subset} cells)", "",
-                  "Clusters are the model's own argmax q(y|x) (a flat model's one clustering is scored against "
-                  "every level). F1 and accuracy 'H' use a one-to-one Hungarian matching in which cells of "
-                  "unmatched clusters count as wrong; 'acc maj' maps each cluster to its majority class "
-                  "(scVAE's accuracy)." + (" " + scored_note(bounds) if scored_note(bounds) else ""), ""]
+        about = ("Clusters are the model's own argmax q(y|x) (a flat model's one clustering is scored against "
+                 "every level). F1 and accuracy 'H' use a one-to-one Hungarian matching in which cells of "
+                 "unmatched clusters count as wrong; 'acc maj' maps each cluster to its majority class "
+                 "(scVAE's accuracy).")
+        lines += ["", f"## Per-level clustering ({subset} cells)", "", f"{about} {scored_note(bounds)}".strip(), ""]
         lines += _level_markdown(levels)
         if levels.attrs.get("hierarchy_consistency") is not None:
             lines += ["", f"Hierarchy consistency (cells whose mapped per-level labels form a path of the "
