@@ -284,8 +284,9 @@ class HierarchyModel:
         unassigned_below: from the first level whose probability is below this, the name is
         "unassigned" (0: never). novelty_cutoff: cells whose novelty is above this are "unassigned"
         at every level (None: never; the README says what 0.99 found and missed). keep_labels:
-        the training cells of a semi-supervised model keep the labels they were given (and
-        `scvae_labelled` says which cells those are). batch: a
+        the training cells of a semi-supervised model keep the labels they were given, at the levels
+        they were given (neither rule makes them "unassigned" there; `scvae_labelled` says which
+        cells those are). batch: a
         training batch to read query cells as (new batches are refused)."""
         if not 0 <= unassigned_below <= 1:
             raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
@@ -295,23 +296,24 @@ class HierarchyModel:
         if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
             given = self.cells.labels
         table = self._predict_levels(adata, batch, given)
-        if given is not None:  # whose names are the labels they were given, not the model's call
-            table["labelled"] = (self._given_labels(table.index, given) >= 0).any(axis=1)
         levels = self.level_names or ["cluster"]
+        # Levels a cell was given labels at (completed upwards, so the first `depth`) keep them.
+        depth = np.zeros(len(table), dtype=int)
+        if given is not None:
+            depth = (self._given_labels(table.index, given) >= 0).sum(axis=1)
+            table["labelled"] = depth > 0  # whose names are the labels they were given, not the model's call
         unassigned = np.zeros(len(table), dtype=bool)
         if novelty_cutoff is not None:
             if "novelty" not in table:
                 raise ValueError(self._no_novelty())
-            novel = (table["novelty"] > novelty_cutoff).to_numpy()
-            if given is not None:  # cells given labels keep them
-                novel &= ~table["labelled"].to_numpy()
-            unassigned |= novel
-        for level in levels:
+            unassigned |= (table["novelty"] > novelty_cutoff).to_numpy()
+        for i, level in enumerate(levels):
             if unassigned_below > 0:
                 unassigned |= (table[level + "_probability"] < unassigned_below).to_numpy()
-            if unassigned.any():
+            called = unassigned & table[level + "_probability"].notna().to_numpy() & (depth <= i)
+            if called.any():
                 names = table[level].astype(object)
-                names[unassigned & table[level + "_probability"].notna().to_numpy()] = "unassigned"
+                names[called] = "unassigned"
                 table[level] = names.astype("category")
         return table.add_prefix(prefix)
 

@@ -233,6 +233,14 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     # With a threshold of 1 every cell is unassigned from level 1 on (probabilities are below 1).
     cautious = model.predict_levels(keep_labels=False, unassigned_below=1.0)
     assert (cautious["scvae_level_4"].astype(str) == "unassigned").mean() > 0.9
+    # Kept labels stay kept under either rule; "unassigned" starts below a cell's deepest given label.
+    depth = (model.cells.labels >= 0).sum(axis=1)                      # labels are completed upwards
+    for rule in ({"unassigned_below": 1.0}, {"novelty_cutoff": 0.0}):
+        kept = model.predict_levels(**rule)
+        for i, level in enumerate(levels):
+            names = kept[f"scvae_{level}"].astype(str).to_numpy()
+            np.testing.assert_array_equal(names[depth > i], table[f"scvae_{level}"].astype(str).to_numpy()[depth > i])
+            assert (names[depth <= i] == "unassigned").mean() > 0.9
     # Label transfer through the CLI: the saved model annotates a query file with genes shuffled.
     model.save(tmp_path / "model")
     query = anndata.read_h5ad(pbmc_slice)[:50]
