@@ -13,10 +13,12 @@ from .files import write_h5ad
 
 
 def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False, fit_batches_epochs=0,
-                  save_model=None, novelty_cutoff=None):
+                  save_model=None, novelty_cutoff=None, layer=None):
     """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad).
     fit_batches_epochs > 0: first fit the query's new batches for that many epochs (then `batch`
-    must be None); save_model: a folder for that extended model; novelty_cutoff: as predict_levels."""
+    must be None); save_model: a folder for that extended model; novelty_cutoff: as predict_levels;
+    layer: the query's layer of counts ("X" for X; default: the model's training layer, as a query
+    is often laid out as the reference was)."""
     from .api import load
 
     output = Path(output)
@@ -25,7 +27,8 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     if output.resolve() == Path(query).resolve():
         raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
     model = load(run)
-    adata = read_counts(query, layer=model.module.metadata.get("layer"))
+    layer = model.module.metadata.get("layer") if layer is None else (None if layer == "X" else layer)
+    adata = read_counts(query, layer=layer)
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
     if fit_batches_epochs:

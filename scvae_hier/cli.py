@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Call a cell 'unassigned' at every level when its novelty (the share of the training "
                                "cells of its component that the model explains better; TreeVAE) is above this, "
                                "e.g. 0.99 for types the reference lacked (default: never).")
+    annotate.add_argument("--layer", help="The query's layer of raw counts, or X (default: where the model's "
+                                          "training counts were, X unless it was trained with --layer).")
     annotate.add_argument("--batch", help="Read every query cell as this training batch (a model trained with a batch "
                                           "covariate refuses batches it never saw).")
     annotate.add_argument("--drop-empty-cells", action="store_true",
@@ -214,7 +216,7 @@ def run_annotate(args) -> int:
 
     adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells,
                           fit_batches_epochs=args.query_epochs if args.fit_new_batches else 0,
-                          save_model=args.save_model, novelty_cutoff=args.novelty_cutoff)
+                          save_model=args.save_model, novelty_cutoff=args.novelty_cutoff, layer=args.layer)
     levels = [c for c in adata.obs.columns if c.startswith("scvae_") and c != "scvae_novelty"
               and not c.endswith(("_cluster", "_probability"))]
     for column in levels:

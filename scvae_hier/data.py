@@ -217,9 +217,10 @@ def _with_kept_genes(selected, keep_genes, var_names):
     return np.union1d(selected, [position[str(g)] for g in keep_genes]).astype(int)
 
 
-def cells_kept(obs, label_column, exclude_labels) -> np.ndarray:
+def cells_kept(obs, label_column, exclude_labels, exclude_cells=None) -> np.ndarray:
     """Indices of the cells left when the labels `exclude_labels` of obs[label_column] are left
-    out (all cells without any), refusing a missing column, an absent label or no cell left."""
+    out (all cells without any), refusing a missing column, an absent label or no cell left.
+    exclude_cells: [n] bool, cells left out with them (labelled only above excluded leaves)."""
     cells = np.arange(len(obs))
     if label_column is not None and label_column not in obs:
         raise DataError(f"obs has no label column {label_column!r}; available obs columns: {list(obs.columns)}")
@@ -231,7 +232,10 @@ def cells_kept(obs, label_column, exclude_labels) -> np.ndarray:
         if absent:
             raise DataError(f"excluded label(s) {absent} do not occur in obs[{label_column!r}]; its labels "
                             f"are {sorted(set(labels))}")
-        cells = np.flatnonzero(~np.isin(labels, exclude_labels))
+        left_out = np.isin(labels, exclude_labels)
+        if exclude_cells is not None:
+            left_out |= np.asarray(exclude_cells, bool)
+        cells = np.flatnonzero(~left_out)
         if len(cells) == 0:
             raise DataError(f"excluding {exclude_labels} leaves no cells")
     return cells
@@ -258,7 +262,7 @@ def gene_positions(var_names, genes, var=None) -> np.ndarray:
 
 
 def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=(),
-            drop_empty_cells=False, outlier_counts="keep", keep_genes=()):
+            drop_empty_cells=False, outlier_counts="keep", keep_genes=(), exclude_cells=None):
     """Checked raw counts of the chosen cells and genes, ready for training or evaluation.
 
     outlier_counts: entries far above their gene's range (see `find_outliers`) are always
@@ -273,7 +277,7 @@ def prepare(adata, n_genes=500, genes=None, label_column=None, exclude_labels=()
     exclude_labels = [str(lab) for lab in exclude_labels]
     record = {"n_cells_input": int(adata.n_obs), "n_genes_input": int(adata.n_vars)}
 
-    cells = cells_kept(adata.obs, label_column, exclude_labels)
+    cells = cells_kept(adata.obs, label_column, exclude_labels, exclude_cells)
     if exclude_labels:
         X = X[cells]
     record.update(label_column=label_column or "", excluded_labels=",".join(exclude_labels),

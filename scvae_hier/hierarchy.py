@@ -22,6 +22,39 @@ def _names(values):
     return [str(v) for v in values]
 
 
+def _coarse_only_paths(obs, columns, unlabelled_category=None) -> dict:
+    """Paths for the classes that cells are labelled with at a coarse level but that no cell is
+    labelled below: such a class is its own leaf, its name repeated down to the finest level (as
+    "B cells" at levels 2-4 of a tree whose B cells have no subtypes), under the ancestors its cells
+    name. Without it the class would have no path and its labels would be refused. Finest level
+    first, so a class that gains a child this way is not also made a leaf."""
+    from .labels import missing_labels  # labels builds on this module
+    given = np.column_stack([~missing_labels(obs[c], unlabelled_category) for c in columns])
+    text = np.column_stack([obs[c].astype(str).to_numpy() for c in columns])
+    below = np.zeros_like(given)  # labelled at some finer level
+    for level in range(len(columns) - 2, -1, -1):
+        below[:, level] = below[:, level + 1] | given[:, level + 1]
+    paths = {}
+    for level in range(len(columns) - 2, -1, -1):
+        has_child = set(text[given[:, level] & below[:, level], level]) | {p[level] for p in paths.values()}
+        for name in dict.fromkeys(text[given[:, level], level]):
+            if name in has_child:
+                continue
+            rows = given[:, level] & (text[:, level] == name) & given[:, :level].all(axis=1)
+            prefixes = list(dict.fromkeys(map(tuple, text[rows, :level])))
+            if len(prefixes) != 1:
+                n_cells = int((given[:, level] & (text[:, level] == name)).sum())
+                raise HierarchyError(
+                    f"class {name!r} of level {columns[level]!r} ({n_cells} cells) has no finer label, so it is its "
+                    f"own leaf, but its place in the tree is "
+                    + (f"ambiguous: its cells name {len(prefixes)} different paths above it, {[list(p) for p in prefixes]}. "
+                       f"Fix those cells' coarse labels." if prefixes else
+                       f"unknown: no cell labelled {name!r} is labelled at every coarser level {columns[:level]}. "
+                       f"Label them on at least one such cell."))
+            paths[name] = (*prefixes[0], *[name] * (len(columns) - level))
+    return paths
+
+
 class Hierarchy:
     """A cell-type hierarchy: levels (coarse->fine), the classes per level, and each leaf label's path."""
 
@@ -183,19 +216,23 @@ class Hierarchy:
         """Read paths from per-level obs columns; the leaf label column defaults to the last.
 
         partial: cells may lack labels (NaN, empty, or `unlabelled_category`) at some levels; the
-        paths come from the fully labelled cells (`labels.label_codes` then reads the rest)."""
+        paths come from the fully labelled cells (`labels.label_codes` then reads the rest), and a
+        class no cell is labelled below is its own leaf (`_coarse_only_paths`)."""
         columns = list(columns)
         label_column = columns[-1] if label_column is None else label_column
         missing = [c for c in dict.fromkeys(columns + [label_column]) if c not in obs.columns]
         if missing:
             raise HierarchyError(
                 f"obs has no column(s) {missing}; available columns: {list(obs.columns)}")
+        coarse_only = {}
+        if partial and label_column == columns[-1]:
+            coarse_only = _coarse_only_paths(obs, columns, unlabelled_category)
         table = obs[list(dict.fromkeys([label_column] + columns))]
         if partial:
             from .labels import missing_labels  # labels builds on this module
             missing = np.column_stack([missing_labels(table[c], unlabelled_category) for c in table.columns])
             table = table[~missing.any(axis=1)]
-            if table.empty:
+            if table.empty and not coarse_only:
                 raise HierarchyError(f"no cell is labelled at every level {columns}; the hierarchy's paths come from "
                                      f"fully labelled cells: give a hierarchy file (--hierarchy) instead.")
         if table.isna().any().any():
@@ -217,7 +254,12 @@ class Hierarchy:
                               for lab, ps in list(conflicts.items())[:10])
             raise HierarchyError(
                 f"{len(conflicts)} label(s) of {label_column!r} map to more than one path: {shown}")
-        return cls(label_column, columns, paths)
+        for label, path in coarse_only.items():
+            if label in paths:
+                raise HierarchyError(f"{label!r} names a leaf of path {list(paths[label])} and, at level "
+                                     f"{columns[path.index(label)]!r}, a class no cell is labelled below; use "
+                                     f"different names for the two.")
+        return cls(label_column, columns, {**paths, **coarse_only})
 
     @classmethod
     def from_file(cls, path):

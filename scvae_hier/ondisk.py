@@ -345,7 +345,7 @@ def _clip_in_store(counts: DiskCounts, rows, columns, threshold):
 
 
 def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None, exclude_labels=(),
-            drop_empty_cells=False, outlier_counts="keep", keep_genes=()) -> DiskData:
+            drop_empty_cells=False, outlier_counts="keep", keep_genes=(), exclude_cells=None) -> DiskData:
     """`data.prepare` for a file read in chunks: the same checks, cells, genes, record and
     warnings, with the chosen counts written to the store folder `store`."""
     seconds = {}
@@ -355,7 +355,7 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
     _check_unique(source.obs_names, "cell", "make them unique first (adata.obs_names_make_unique())")
     exclude_labels = [str(lab) for lab in exclude_labels]
     record = {"n_cells_input": int(source.n_obs), "n_genes_input": int(source.n_vars)}
-    cells = cells_kept(source.obs, label_column, exclude_labels)
+    cells = cells_kept(source.obs, label_column, exclude_labels, exclude_cells)
     record.update(label_column=label_column or "", excluded_labels=",".join(exclude_labels),
                   n_cells_excluded=int(source.n_obs - len(cells)))
 
@@ -363,7 +363,7 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
     seconds["gene_statistics"] = time.time() - clock
     clock = time.time()
     if genes is not None:
-        selected = gene_positions(source.var_names, genes)
+        selected = gene_positions(source.var_names, genes, source.var)
         record.update(gene_selection="given", n_genes_all_zero_dropped=0)
     else:
         present = np.flatnonzero(nonzeros > 0)

@@ -22,7 +22,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
                    split_cells)
 from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
-from .labels import UNLABELLED, label_codes, parse_reveal, reveal
+from .labels import UNLABELLED, allowed_components, label_codes, parse_reveal, reveal
 from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class
@@ -302,9 +302,13 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None, store=Non
     prepare_counts = prepare
     if getattr(adata, "on_disk", False):
         prepare_counts = lambda *args, **kwargs: ondisk.prepare(*args, store=store, **kwargs)  # noqa: E731
+    under_excluded = None
+    if hierarchy is not None and semi_supervised(options) and options.exclude_labels:
+        under_excluded = only_excluded_leaves(adata.obs, hierarchy, options)
     prepared = prepare_counts(adata, n_genes=options.n_genes, genes=genes, label_column=label_column,
                        exclude_labels=list(options.exclude_labels), drop_empty_cells=options.drop_empty_cells,
-                       outlier_counts=options.outlier_counts, keep_genes=genes_of(options.markers))
+                       outlier_counts=options.outlier_counts, keep_genes=genes_of(options.markers),
+                       exclude_cells=under_excluded)
     covariates, categories = batch_covariates(prepared.obs, options.batch_key)
     if hierarchy is not None and semi_supervised(options):
         return _labelled_cells(prepared, options, hierarchy, covariates, categories)
@@ -315,6 +319,21 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None, store=Non
     return Cells(prepared, hierarchy, covariates, categories)
 
 
+def _allowed_leaves(obs, hierarchy, options: TrainOptions):
+    """(codes [n, L], allowed [n, n_leaves]): each cell's labels, and the leaves they leave open."""
+    codes = label_codes(obs, hierarchy, list(options.levels) if options.levels else None, options.unlabelled_category)
+    return codes, allowed_components(codes, hierarchy.level_codes(list(hierarchy.paths)).T)
+
+
+def only_excluded_leaves(obs, hierarchy, options: TrainOptions) -> np.ndarray:
+    """[n] bool: labelled cells whose labels leave open only excluded leaves (--exclude-labels), such
+    as cells labelled "Monocyte" at level 2 and nothing below when its one leaf is excluded: they are
+    left out with the cells of the excluded labels."""
+    codes, allowed = _allowed_leaves(obs, hierarchy, options)
+    excluded = np.isin(list(hierarchy.paths), [str(label) for label in options.exclude_labels])
+    return (codes >= 0).any(axis=1) & ~(allowed & ~excluded).any(axis=1)
+
+
 def _labelled_cells(prepared, options: TrainOptions, hierarchy, covariates, categories) -> Cells:
     """Cells with partial labels: the given labels (with holes), or for experiments the true labels
     hidden as --labelled and --hide-labels say. The whole hierarchy is kept (a class without
@@ -322,9 +341,10 @@ def _labelled_cells(prepared, options: TrainOptions, hierarchy, covariates, cate
     obs = prepared.obs
     column = hierarchy.label_column
     truth = obs[column].astype(object).where(obs[column].notna(), "nan").astype(str).to_numpy()
-    present = truth[np.isin(truth, list(hierarchy.paths))]
-    if len(present):  # classes of none of these cells (e.g. all excluded) are not classes here
-        hierarchy = hierarchy.restrict(present)
+    _, allowed = _allowed_leaves(obs, hierarchy, options)
+    named = allowed[allowed.sum(axis=1) == 1].any(axis=0)  # the one leaf some cell's labels leave open
+    if named.any():  # leaves no cell is labelled with (e.g. all excluded) are not classes here
+        hierarchy = hierarchy.restrict(np.array(list(hierarchy.paths))[named])
     hidden = [str(label) for label in options.hide_labels]
     unknown = sorted(set(hidden) - set(hierarchy.paths))
     if unknown:

@@ -243,7 +243,7 @@ def test_prepare_with_given_genes_keeps_their_order(pbmc_1000):
         prepare(pbmc_1000, genes=genes[:2] + ["NOT_A_GENE", "ALSO_MISSING"])
 
 
-def test_genes_under_another_var_column_are_pointed_to(pbmc_1000):
+def test_genes_under_another_var_column_are_pointed_to(pbmc_1000, tmp_path):
     """A query whose gene names are IDs while its symbols sit in a var column (Kang's file has
     both): the refusal names the column that holds the model's genes and how to use it."""
     genes = list(pbmc_1000.var_names[[40, 3, 900, 12]])
@@ -253,6 +253,11 @@ def test_genes_under_another_var_column_are_pointed_to(pbmc_1000):
     query.var_names = query.var["id"].to_numpy()
     with pytest.raises(DataError, match=r"4 of the 4 required genes are missing.*var\['symbol'\] holds 4 of them"):
         prepare(query, genes=genes)
+    from scvae_hier import ondisk                                                  # out of core: the same
+    query.X = sp.csr_matrix(query.X)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    with pytest.raises(DataError, match=r"4 of the 4 required genes are missing.*var\['symbol'\] holds 4 of them"):
+        ondisk.prepare(ondisk.read(tmp_path / "query.h5ad"), tmp_path / "store", genes=genes)
     query.var_names = query.var["symbol"].astype(str).to_numpy()                  # the fix it names
     assert list(prepare(query, genes=genes, drop_empty_cells=True).var_names) == genes
 

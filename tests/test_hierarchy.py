@@ -90,6 +90,33 @@ def test_from_obs_errors(pbmc_obs):
         Hierarchy.from_obs(obs, ["top"], label_column="lab")
 
 
+def test_a_class_nobody_labelled_below_is_its_own_leaf():
+    """Labels with holes: "Mono" is named at level 2 only, "DC" at level 3 with no leaf label; each
+    becomes a path of its own (name repeated down), under the ancestors its cells name."""
+    nan = np.nan
+    obs = pd.DataFrame({"l1": ["Lym", "Lym", "Mye", nan, "Mye", "Mye", "Mye"],
+                        "l2": ["T", "T", "Mono", "Mono", "Phago", "Phago", nan],
+                        "l3": ["CD4", "CD8", nan, nan, "DC", nan, nan],
+                        "l4": ["CD4n", "CD8n", nan, nan, nan, nan, nan]})
+    h = Hierarchy.from_obs(obs, ["l1", "l2", "l3", "l4"], partial=True)
+    assert h.paths == {"CD4n": ("Lym", "T", "CD4", "CD4n"), "CD8n": ("Lym", "T", "CD8", "CD8n"),
+                       "DC": ("Mye", "Phago", "DC", "DC"), "Mono": ("Mye", "Mono", "Mono", "Mono")}
+    # "Phago" has a child ("DC"), so it is not made a leaf too; without partial=True nothing changes.
+    assert "Phago" not in h.paths
+    with pytest.raises(HierarchyError, match="missing values"):
+        Hierarchy.from_obs(obs, ["l1", "l2", "l3", "l4"])
+    # Its place must be named by some cell, and only one place.
+    unknown = obs.assign(l1=[nan if v == "Mono" else l1 for v, l1 in zip(obs["l2"], obs["l1"])])
+    with pytest.raises(HierarchyError, match=r"'Mono' of level 'l2' \(2 cells\).*unknown.*\['l1'\]"):
+        Hierarchy.from_obs(unknown, ["l1", "l2", "l3", "l4"], partial=True)
+    twice = obs.assign(l1=["Lym", "Lym", "Mye", "Lym", "Mye", "Mye", "Mye"])
+    with pytest.raises(HierarchyError, match=r"'Mono'.*ambiguous.*\[\['Mye'\], \['Lym'\]\]"):
+        Hierarchy.from_obs(twice, ["l1", "l2", "l3", "l4"], partial=True)
+    clash = obs.assign(l4=["CD4n", "Mono", nan, nan, nan, nan, nan])
+    with pytest.raises(HierarchyError, match="'Mono' names a leaf"):
+        Hierarchy.from_obs(clash, ["l1", "l2", "l3", "l4"], partial=True)
+
+
 def test_dict_json_yaml_and_h5ad_round_trips(pbmc_h, tmp_path):
     d = pbmc_h.to_dict()
     json.dumps(d)

@@ -253,12 +253,49 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     expected = model.predict_levels(anndata.read_h5ad(pbmc_slice)[:50].copy())
     np.testing.assert_array_equal(annotated.obs["scvae_level_4"].astype(str), expected["scvae_level_4"].astype(str))
     assert annotated.obsm["X_scvae"].shape == (50, 4)
+    # A query laid out as scanpy leaves it: log-normalised X, raw counts in a layer. Refused with
+    # the fix named, and the fix works (same names as from the counts themselves).
+    import scanpy as sc
+    layered = query.copy()
+    layered.layers["counts"] = layered.X.copy()
+    sc.pp.normalize_total(layered)
+    sc.pp.log1p(layered)
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    capsys.readouterr()
+    assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "layered.h5ad"),
+                 "--output", str(tmp_path / "x.h5ad")]) == 2
+    assert "non-integer" in capsys.readouterr().err
+    assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "layered.h5ad"), "--layer", "counts",
+                 "--output", str(tmp_path / "layered_annotated.h5ad")]) == 0
+    np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "layered_annotated.h5ad").obs["scvae_level_4"].astype(str),
+                                  expected["scvae_level_4"].astype(str))
     # A query without the model's genes is refused by name.
     dropped = model.module.metadata["genes"][:3]
     query[:, ~query.var_names.isin(dropped)].copy().write_h5ad(tmp_path / "missing.h5ad")
     assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "missing.h5ad"),
                  "--output", str(tmp_path / "x.h5ad")]) == 2
     assert dropped[0] in capsys.readouterr().err
+
+
+def test_a_type_labelled_only_at_a_coarse_level_is_its_own_leaf(pbmc_slice):
+    """Monocytes labelled "Monocyte" at level 2 and never below: their class is a leaf of its own
+    (it was refused as "not a class of level 2"), the model has a leaf for it, and the cells keep
+    the name down to the finest level."""
+    import scvae_hier as sh
+
+    adata = _partial_adata(pbmc_slice)
+    levels = ["level_1", "level_2", "level_3", "level_4"]
+    monocytes = (adata.obs["source_library"] == "cd14_monocytes").to_numpy()
+    adata.obs.loc[monocytes, "level_2"] = "Monocyte"
+    adata.obs.loc[monocytes, ["level_3", "level_4"]] = np.nan
+    sh.TreeVAE.setup_anndata(adata, levels=levels)
+    model = sh.TreeVAE(adata, semi_supervised=True, n_genes=80, latent_dim=4, hidden=(16, 16), xla=False)
+    assert model.hierarchy.paths["Monocyte"] == ("Non-stem", "Monocyte", "Monocyte", "Monocyte")
+    assert model.hierarchy.sizes == [2, 5, 6, 10]
+    model.train(max_epochs=1, batch_size=64, progress_bar=False)
+    table = model.predict_levels()
+    assert (table.loc[monocytes, "scvae_level_4"].astype(str) == "Monocyte").all()
+    assert (table.loc[~monocytes, "scvae_level_2"].astype(str) != "Monocyte").mean() > 0.5
 
 
 def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys):
@@ -296,7 +333,17 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     adata.write_h5ad(data)
     run = tmp_path / "run"
     assert main(["train", str(data), "--model", "tree", *FAST, "--epochs", "2", "--semi-supervised",
-                 "--levels", "level_1", "level_2", "level_3", "level_4", "--output", str(run)]) == 0
+                 "--levels", "level_1", "level_2", "level_3", "level_4", "--output", str(run),
+                 "--exclude-labels", "CD14+ monocyte"]) == 0    # the nine populations of the scVAE run below
+    monocytes = adata.obs["source_library"] == "cd14_monocytes"
+    named = monocytes & adata.obs["level_2"].notna()
+    assert (named & adata.obs["level_4"].isna()).sum() > 0
+    # Cells labelled "Monocyte" above the excluded leaf (its only one) are left out with it; cells
+    # whose labels do not say so (none, or "Non-stem" only) stay, unlabelled below.
+    trained = pd.read_csv(run / "split.csv")["cell"]
+    assert not trained.isin(adata.obs_names[named]).any()
+    assert trained.isin(adata.obs_names[monocytes & ~named]).sum() == (monocytes & ~named).sum() > 0
+    adata = adata[~monocytes]
     scored = json.loads((run / "metrics.json").read_text())["ari_scored_cells"]
     fine = int(adata.obs["level_4"].notna().sum())
     assert scored["all"] == {"cells": fine, "labelled": fine} and "unlabelled" not in scored
@@ -318,6 +365,16 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     confusion = [ax for ax in drawn_figures["confusion_matrices.png"].axes if ax.images]
     assert all(sum(int(t.get_text()) for t in ax.texts) == fine for ax in confusion)   # every cell with a truth
     assert f"have no true leaf label; the figures show the other {fine}" in capsys.readouterr().out
+    # The original scVAE, compared on the same cells: those with a truth (it refused the holes before).
+    from test_evaluate_cli import FIXTURE
+    from scvae_hier.analysis.scvae_runs import read_scvae_run
+    assert main(["analyse", str(run), "--scvae", str(FIXTURE), "--output", str(tmp_path / "c"),
+                 "--no-figures", "--iwae-samples", "2"]) == 0
+    rows = pd.read_csv(tmp_path / "c" / "runs.csv")
+    scvae = rows[(rows["group"] == "original scVAE") & (rows["level"] == "level_2")].iloc[0]
+    theirs = read_scvae_run(FIXTURE).cluster_ids.loc[cells.obs_names[truth]].to_numpy()
+    assert scvae["n_cells"] == truth.sum()
+    assert scvae["ari"] == pytest.approx(adjusted_rand_score(cells.obs["level_2"][truth], theirs))
 
 
 def test_pl_levels_draws_holes_as_unlabelled_and_scores_only_labelled_cells(pbmc_slice):

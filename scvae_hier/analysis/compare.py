@@ -176,5 +176,10 @@ def figure_one(rows: pd.DataFrame, level: str, path) -> Path:
 
 
 def evaluated_cells(run_path, name) -> anndata.AnnData:
-    """The AnnData `scvae-hier evaluate` wrote for a run (cells.h5ad)."""
-    return anndata.read_h5ad(RunDirectory(run_path).evaluation(name) / "cells.h5ad")
+    """The cells `scvae-hier evaluate` scored for a run (from its cells.h5ad). A run trained on labels
+    with holes scored only the cells with a true leaf label (obs["scvae_scored"]); peers and the
+    original scVAE are scored on those same cells, since the others have no truth."""
+    cells = anndata.read_h5ad(RunDirectory(run_path).evaluation(name) / "cells.h5ad")
+    if "scvae_scored" in cells.obs:
+        cells = cells[cells.obs["scvae_scored"].to_numpy(bool)].copy()
+    return cells

@@ -29,6 +29,7 @@ from ..data import DataError, batch_covariates, file_checksum, prepare, read_cou
 from ..files import write_h5ad
 from ..hierarchy import Hierarchy
 from ..labels import cells_with_truth
+from ..options import TrainOptions
 from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
 
@@ -84,8 +85,14 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     adata = ondisk.read(path, options.get("layer")) if on_disk else read_counts(path, layer=options.get("layer"))
     hierarchy = Hierarchy.from_dict(config["hierarchy"]) if config.get("hierarchy") else None
     has_labels = hierarchy is not None and hierarchy.label_column in adata.obs
+    exclude_cells = None
+    if has_labels and options.get("semi_supervised") and options.get("exclude_labels"):
+        from ..training import only_excluded_leaves, resolve_hierarchy  # the cells training left out with them
+        trained = TrainOptions.from_dict(options)
+        exclude_cells = only_excluded_leaves(adata.obs, resolve_hierarchy(adata, trained), trained)
     settings = dict(genes=config["genes"], label_column=hierarchy.label_column if has_labels else None,
                     exclude_labels=list(options.get("exclude_labels") or ()) if has_labels else (),
+                    exclude_cells=exclude_cells,
                     drop_empty_cells=options.get("drop_empty_cells", False) if drop_empty_cells is None
                     else drop_empty_cells, outlier_counts=options.get("outlier_counts", "keep"))
     prepared = _prepare_on_disk(adata, settings, run, subset) if on_disk else prepare(adata, **settings)
