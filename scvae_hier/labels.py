@@ -24,13 +24,38 @@ def missing_labels(values: pd.Series, unlabelled_category=None) -> np.ndarray:
     return missing
 
 
-def cells_with_truth(obs, label_column, options) -> np.ndarray:
-    """[n] bool: the cells with a true leaf label to score a run against. A run trained on labels
-    with holes (`options["semi_supervised"]`) has cells without one (NaN, empty or its unlabelled
-    category); for any other run every cell counts (a label outside the hierarchy is refused)."""
+def fill_true_leaf_labels(obs, hierarchy, options) -> np.ndarray:
+    """[n] bool: the cells with a true leaf label to score a run against. Every cell for a run
+    without holes (a label outside the hierarchy is refused where it is scored). A run trained on
+    labels with holes (`options["semi_supervised"]`): the cells with a leaf label, or per-level labels
+    (`options["levels"]`) that leave one leaf open (a cell labelled "B cells" at level 2 when that
+    class has one leaf, or with a class no cell is labelled below, its own leaf, `Hierarchy.from_obs`);
+    obs's label column is set to those leaves in place (NaN where none), so that what reads the
+    column scores the same cells."""
     if not options.get("semi_supervised"):
         return np.ones(len(obs), bool)
-    return ~missing_labels(obs[label_column], options.get("unlabelled_category"))
+    column = obs[hierarchy.label_column]
+    truth = np.where(missing_labels(column, options.get("unlabelled_category")), "", column.astype(str)).astype(object)
+    if options.get("levels") and (truth == "").any():
+        codes = label_codes(obs, hierarchy, list(options["levels"]), options.get("unlabelled_category"))
+        truth[truth == ""] = implied_leaves(codes[truth == ""], hierarchy)
+    scored = truth != ""
+    obs[hierarchy.label_column] = pd.Categorical(np.where(scored, truth, None))
+    return scored
+
+
+def allowed_leaves(codes, hierarchy) -> np.ndarray:
+    """[n, n_leaves] bool: the leaves (in the order of `hierarchy.paths`) that each cell's labelled
+    levels (codes [n, L]) leave open."""
+    return allowed_components(codes, hierarchy.level_codes(list(hierarchy.paths)).T)
+
+
+def implied_leaves(codes, hierarchy) -> np.ndarray:
+    """[n] the leaf label of each cell whose labelled levels (codes [n, L]) leave one leaf open, else ""."""
+    leaves = np.array(list(hierarchy.paths), dtype=object)
+    allowed = allowed_leaves(codes, hierarchy)
+    one = (np.asarray(codes) >= 0).any(axis=1) & (allowed.sum(axis=1) == 1)
+    return np.where(one, leaves[allowed.argmax(axis=1)], "").astype(object)
 
 
 def _check_category(hierarchy, unlabelled_category):

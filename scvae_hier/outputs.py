@@ -118,9 +118,11 @@ def named_margin(model, level_names) -> dict:
             "reading": describe_margin(margin, leaf_names, level_names)}
 
 
-def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None, given=None) -> dict:
+def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None, given=None,
+                  truth=None) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics (ARI of the model's
-    own clusters on all, test and, with partial labels `given`, never-labelled cells)."""
+    own clusters on all, test and, with partial labels `given`, never-labelled cells). truth [n]:
+    the leaf labels to score against (default: the hierarchy's label column)."""
     outputs = predict_outputs(model, prepared.X, batch_size, covariates)
     adata = prepared.copy()
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
@@ -135,7 +137,7 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
             adata.obs[f"scvae_{level}"] = pd.Categorical(values)
     metrics = {"model": type(model).__name__}
     if hierarchy is not None and clusters_by_level:
-        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy()
+        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy() if truth is None else np.asarray(truth, str)
         known = np.isin(labels, list(hierarchy.paths))  # cells without a true label are not scored
         scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
         metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])

@@ -22,7 +22,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
                    split_cells)
 from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
-from .labels import UNLABELLED, allowed_components, label_codes, parse_reveal, reveal
+from .labels import UNLABELLED, allowed_leaves, implied_leaves, label_codes, parse_reveal, reveal
 from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class
@@ -322,7 +322,7 @@ def prepare_cells(adata, options: TrainOptions, hierarchy, genes=None, store=Non
 def _allowed_leaves(obs, hierarchy, options: TrainOptions):
     """(codes [n, L], allowed [n, n_leaves]): each cell's labels, and the leaves they leave open."""
     codes = label_codes(obs, hierarchy, list(options.levels) if options.levels else None, options.unlabelled_category)
-    return codes, allowed_components(codes, hierarchy.level_codes(list(hierarchy.paths)).T)
+    return codes, allowed_leaves(codes, hierarchy)
 
 
 def only_excluded_leaves(obs, hierarchy, options: TrainOptions) -> np.ndarray:
@@ -336,8 +336,9 @@ def only_excluded_leaves(obs, hierarchy, options: TrainOptions) -> np.ndarray:
 
 def _labelled_cells(prepared, options: TrainOptions, hierarchy, covariates, categories) -> Cells:
     """Cells with partial labels: the given labels (with holes), or for experiments the true labels
-    hidden as --labelled and --hide-labels say. The whole hierarchy is kept (a class without
-    labelled cells is still a class), less the hidden labels' classes for the model."""
+    hidden as --labelled and --hide-labels say. The hierarchy keeps the leaves some cell's labels
+    name (its leaf label, or a labelled class with one leaf below it), less the hidden labels'
+    classes for the model."""
     obs = prepared.obs
     column = hierarchy.label_column
     truth = obs[column].astype(object).where(obs[column].notna(), "nan").astype(str).to_numpy()
@@ -365,6 +366,18 @@ def _labelled_cells(prepared, options: TrainOptions, hierarchy, covariates, cate
         raise DataError("Semi-supervised training, but no cell has a label at any level; label some cells, or "
                         "train without --semi-supervised.")
     return Cells(prepared, hierarchy, covariates, categories, labels=codes, model_hierarchy=model_hierarchy)
+
+
+def leaf_truth(cells: Cells):
+    """[n] the leaf label each cell is scored against: its label column, or where that has none, the
+    one leaf its given per-level labels leave open (`labels.implied_leaves`); None without labels."""
+    if cells.hierarchy is None:
+        return None
+    labels = cells.adata.obs[cells.hierarchy.label_column].astype(str).to_numpy().astype(object)
+    if cells.labels is not None:
+        missing = ~np.isin(labels, list(cells.hierarchy.paths))
+        labels[missing] = implied_leaves(cells.labels[missing], cells.model_hierarchy)
+    return labels
 
 
 def labels_table(cells: Cells) -> pd.DataFrame:
@@ -692,7 +705,7 @@ def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on
                                        cells.covariates)
     else:
         metrics = write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,
-                                cells.covariates, cells.labels)
+                                cells.covariates, cells.labels, truth=leaf_truth(cells))
     metrics.update(recorded, seconds=round(time.time() - started, 1), out_of_core=on_disk)
     if stages is not None:
         metrics["stage_seconds"] = {k: round(v, 2) for k, v in {**stages, "outputs": time.time() - clock}.items()}

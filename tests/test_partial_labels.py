@@ -343,18 +343,29 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     trained = pd.read_csv(run / "split.csv")["cell"]
     assert not trained.isin(adata.obs_names[named]).any()
     assert trained.isin(adata.obs_names[monocytes & ~named]).sum() == (monocytes & ~named).sum() > 0
-    adata = adata[~monocytes]
+    adata = adata[~named]                                            # the cells the run holds
+    levels = ["level_1", "level_2", "level_3", "level_4"]
+    # A cell has a truth when its labels leave one leaf open (a fine label, or "B cell" at level 2:
+    # one leaf below it), by brute force over the hierarchy's paths.
+    paths = [p for p in anndata.read_h5ad(pbmc_slice).obs[levels].drop_duplicates().to_numpy()
+             if p[-1] != "CD14+ monocyte"]
+    given = adata.obs[levels].to_numpy()
+    open_leaves = [[p[-1] for p in paths if all(pd.isna(g) or g == c for g, c in zip(row, p))] for row in given]
+    implied = pd.Series([leaves[0] if len(leaves) == 1 and pd.notna(row).any() else None
+                         for leaves, row in zip(open_leaves, given)], index=adata.obs_names)
+    assert (implied.notna() & adata.obs["level_4"].isna()).sum() > 0          # cells scored through coarse labels
     scored = json.loads((run / "metrics.json").read_text())["ari_scored_cells"]
-    fine = int(adata.obs["level_4"].notna().sum())
+    fine = int(implied.notna().sum())
     assert scored["all"] == {"cells": fine, "labelled": fine} and "unlabelled" not in scored
     printed = capsys.readouterr().out
     assert f"(all cells; {fine} with a true label, {fine} of them given it in training)" in printed
     assert "No never-labelled cell has a true label" in printed and "--labelled LEVEL=FRACTION" in printed
     assert main(["evaluate", str(run), "--iwae-samples", "2"]) == 0
     cells = anndata.read_h5ad(run / "evaluation" / "test" / "cells.h5ad")
-    truth = cells.obs["level_4"].notna().to_numpy()
+    truth = implied[cells.obs_names].notna().to_numpy()
     assert 0 < truth.sum() < len(truth)
     np.testing.assert_array_equal(cells.obs["scvae_scored"].to_numpy(bool), truth)
+    np.testing.assert_array_equal(cells.obs["level_4"].astype(str)[truth], implied[cells.obs_names][truth])
     table = pd.read_csv(run / "evaluation" / "test" / "level_metrics.csv", index_col="level")
     clusters = cells.obs["scvae_level_2_cluster"].astype(int).to_numpy()[truth]
     assert table.loc["level_2", "ari"] == pytest.approx(adjusted_rand_score(cells.obs["level_2"][truth], clusters))

@@ -28,7 +28,7 @@ from ..choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, check_choic
 from ..data import DataError, batch_covariates, file_checksum, prepare, read_counts
 from ..files import write_h5ad
 from ..hierarchy import Hierarchy
-from ..labels import cells_with_truth
+from ..labels import fill_true_leaf_labels
 from ..options import TrainOptions
 from ..outputs import annotate, level_names, predict_outputs
 from ..runs import RunDirectory, load_model, write_json
@@ -122,7 +122,7 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     if prepared.n_obs == 0:
         raise DataError(f"The run has no {subset} cells to evaluate; choose another --set.")
     if has_labels:  # a run trained on labels with holes: cells without a leaf label have no truth to score
-        scored = cells_with_truth(prepared.obs, hierarchy.label_column, options)
+        scored = fill_true_leaf_labels(prepared.obs, hierarchy, options)
         prepared.obs["scvae_scored"] = scored
         labels = prepared.obs[hierarchy.label_column].astype(str).to_numpy()[scored]
         hierarchy.validate(labels)

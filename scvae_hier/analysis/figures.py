@@ -265,7 +265,7 @@ def figures_for_run(run_folder, out_folder=None, method="umap", progress=print):
     import anndata as ad
 
     from ..hierarchy import Hierarchy
-    from ..labels import cells_with_truth
+    from ..labels import fill_true_leaf_labels
 
     run_folder = Path(run_folder)
     out = Path(out_folder) if out_folder is not None else run_folder / "figures"
@@ -274,7 +274,7 @@ def figures_for_run(run_folder, out_folder=None, method="umap", progress=print):
         raise ValueError(f"{run_folder}/config.json has no hierarchy; the figures compare with one")
     adata = ad.read_h5ad(run_folder / "outputs.h5ad")
     hierarchy = Hierarchy.from_dict(config["hierarchy"])
-    truth = cells_with_truth(adata.obs, hierarchy.label_column, config.get("options", {}))
+    truth = fill_true_leaf_labels(adata.obs, hierarchy, config.get("options", {}))
     if not truth.all():  # labels with holes: the figures compare with labels, so they show the labelled cells
         progress(f"{int((~truth).sum())} of {adata.n_obs} cells have no true leaf label; the figures show the "
                  f"other {int(truth.sum())}.")
