@@ -36,8 +36,9 @@ def fill_true_leaf_labels(obs, hierarchy, options) -> np.ndarray:
         return np.ones(len(obs), bool)
     column = obs[hierarchy.label_column]
     truth = np.where(missing_labels(column, options.get("unlabelled_category")), "", column.astype(str)).astype(object)
-    if options.get("levels") and (truth == "").any():
-        codes = label_codes(obs, hierarchy, list(options["levels"]), options.get("unlabelled_category"))
+    levels = list(options.get("levels") or ())
+    if levels and all(level in obs for level in levels) and (truth == "").any():  # (another file may lack them)
+        codes = label_codes(obs, hierarchy, levels, options.get("unlabelled_category"))
         truth[truth == ""] = implied_leaves(codes[truth == ""], hierarchy)
     scored = truth != ""
     obs[hierarchy.label_column] = pd.Categorical(np.where(scored, truth, None))

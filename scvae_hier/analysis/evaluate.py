@@ -86,7 +86,8 @@ def load_cells(run: RunDirectory, data=None, subset=None, drop_empty_cells=None)
     hierarchy = Hierarchy.from_dict(config["hierarchy"]) if config.get("hierarchy") else None
     has_labels = hierarchy is not None and hierarchy.label_column in adata.obs
     exclude_cells = None
-    if has_labels and options.get("semi_supervised") and options.get("exclude_labels"):
+    if (has_labels and options.get("semi_supervised") and options.get("exclude_labels")
+            and all(level in adata.obs for level in options.get("levels") or ())):
         from ..training import only_excluded_leaves, resolve_hierarchy  # the cells training left out with them
         trained = TrainOptions.from_dict(options)
         exclude_cells = only_excluded_leaves(adata.obs, resolve_hierarchy(adata, trained), trained)
