@@ -3,10 +3,13 @@
 The query's genes are matched to the model's by name (missing genes are refused by name); a batch
 the model never saw is refused unless the user says which training batch to read it as, or asks
 for it to be fitted with the rest of the model frozen (`fit_batches_epochs`, scvae_hier.query). The
-output is the query AnnData as read, with per-level names, clusters and probabilities in obs and
-the latent in obsm["X_scvae"] (NaN rows for cells without counts on the model's genes).
+output is the query AnnData as read (its own X kept when the counts came from a layer), with
+per-level names, clusters and probabilities in obs and the latent in obsm["X_scvae"] (NaN rows for
+cells without counts on the model's genes).
 """
 from pathlib import Path
+
+import anndata
 
 from .data import read_counts
 from .files import write_h5ad
@@ -50,5 +53,7 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
                                      "batch": "" if batch is None else str(batch),
                                      "fitted_batches": list(model.module.metadata.get("query_batches", [])),
                                      "query_epochs": int(fit_batches_epochs)}
+    if layer is not None and Path(query).suffix.lower() == ".h5ad":  # counts from a layer: keep the query's X
+        adata.X = anndata.read_h5ad(query).X
     write_h5ad(adata, output)
     return adata
