@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anndata
 
-from .data import read_counts
+from .data import file_counts, read_file
 from .files import write_h5ad
 
 
@@ -31,29 +31,28 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
         raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
     model = load(run)
     layer = model.module.metadata.get("layer") if layer is None else (None if layer == "X" else layer)
-    adata = read_counts(query, layer=layer)
+    adata = read_file(query)  # the query as its user keeps it (X too), annotated below; the model reads `counts`
+    counts = anndata.AnnData(file_counts(adata, layer, query), obs=adata.obs, var=adata.var)
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
     if fit_batches_epochs:
         if batch is not None:
             raise ValueError("Give either --batch (read the query as a training batch) or --fit-new-batches, not both.")
-        model = model.fit_new_batches(adata, max_epochs=fit_batches_epochs)
+        model = model.fit_new_batches(counts, max_epochs=fit_batches_epochs)
         if save_model:
             model.save(save_model)
     elif save_model:
         raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
     if model.module.clustering != "none":
-        table = model.predict_levels(adata, unassigned_below=unassigned_below, batch=batch,
+        table = model.predict_levels(counts, unassigned_below=unassigned_below, batch=batch,
                                      novelty_cutoff=novelty_cutoff)
         for column in table.columns:
             adata.obs[column] = table[column]
-    adata.obsm["X_scvae"] = model.get_latent_representation(adata, batch=batch)
+    adata.obsm["X_scvae"] = model.get_latent_representation(counts, batch=batch)
     adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
                                      "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),
                                      "fitted_batches": list(model.module.metadata.get("query_batches", [])),
                                      "query_epochs": int(fit_batches_epochs)}
-    if layer is not None and Path(query).suffix.lower() == ".h5ad":  # counts from a layer: keep the query's X
-        adata.X = anndata.read_h5ad(query).X
     write_h5ad(adata, output)
     return adata

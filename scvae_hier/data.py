@@ -82,6 +82,13 @@ def _read_loom(path):
 
 def read_counts(path, layer=None):
     """Read a count matrix into AnnData with CSR float32 X (counts from X or `layer`)."""
+    adata = read_file(path)
+    adata.X = file_counts(adata, layer, path)
+    return adata
+
+
+def read_file(path):
+    """Any supported count file as AnnData, as stored (X untouched), with string, unique gene names."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{str(path)!r} does not exist; supported formats: {SUPPORTED_FORMATS}")
@@ -108,17 +115,22 @@ def read_counts(path, layer=None):
     except Exception as err:
         raise DataError(f"cannot read {str(path)!r} ({type(err).__name__}: {err}); supported "
                         f"formats: {SUPPORTED_FORMATS}") from err
-    if layer is not None:
-        if layer not in adata.layers:
-            raise DataError(f"{str(path)!r} has no layer {layer!r}; available layers: "
-                            f"{list(adata.layers)} (leave out --layer to use X)")
-        adata.X = adata.layers[layer]
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.obs_names = adata.obs_names.astype(str)
     adata.var_names = adata.var_names.astype(str)
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
     return adata
+
+
+def file_counts(adata, layer, path):
+    """The counts of `adata` (read from `path`): X, or its `layer`, as CSR float32; a missing layer
+    is refused by name."""
+    if layer is None:
+        return sp.csr_matrix(adata.X, dtype=np.float32)
+    if layer not in adata.layers:
+        raise DataError(f"{str(path)!r} has no layer {layer!r}; available layers: "
+                        f"{list(adata.layers)} (leave out --layer to use X)")
+    return sp.csr_matrix(adata.layers[layer], dtype=np.float32)
 
 
 # -- checking ------------------------------------------------------------------------------
