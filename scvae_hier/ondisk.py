@@ -424,15 +424,16 @@ def prepare(source: DiskData, store, n_genes=500, genes=None, label_column=None,
 OUTPUT_CHUNK_CELLS = 65536
 
 
-def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: int, covariates=None) -> dict:
+def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: int, covariates=None, given=None,
+                  truth=None) -> dict:
     """`outputs.write_outputs` a chunk of cells at a time: each chunk's latent and probabilities go
-    straight into outputs.h5ad's obsm, its counts into X; only the clusters stay in memory."""
+    straight into outputs.h5ad's obsm, its counts into X; only the clusters (and, with partial labels
+    `given`, the class names) stay in memory."""
     from .files import atomic_path
-    from .outputs import annotate, level_ari, level_names, named_margin, predict_outputs
+    from .outputs import annotate, class_names, level_names, predict_outputs, run_metrics
 
     n = prepared.n_obs
-    columns = {}
-    metrics = {"model": type(model).__name__}
+    columns, named = {}, {}
     with atomic_path(run.outputs) as tmp:
         with h5py.File(tmp, "w") as handle:
             handle.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -453,6 +454,9 @@ def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: 
                     obsm[key][start:stop] = values
                 for key in part.obs.columns:
                     columns.setdefault(key, []).append(part.obs[key])
+                if given is not None:
+                    for level, values in class_names(model, names, outputs, given[start:stop]).items():
+                        named.setdefault(level, []).append(np.asarray(values, dtype=object))
                 if start == 0:
                     write_elem(handle, "X", chunk)
                 else:
@@ -462,14 +466,11 @@ def write_outputs(run, model, prepared: DiskData, split, hierarchy, batch_size: 
             for key, parts in columns.items():
                 obs[key] = pd.Categorical(np.concatenate([p.astype(str).to_numpy() for p in parts]),
                                           categories=parts[0].cat.categories)
-            clusters_by_level = _clusters(obs, names, model)
-            if hierarchy is not None and clusters_by_level:
-                labels = obs[hierarchy.label_column].astype(str).to_numpy()
-                metrics["ari"] = {subset: level_ari(hierarchy, labels[mask], [c[mask] for c in clusters_by_level])
-                                  for subset, mask in (("all", np.ones(len(split), bool)), ("test", split == "test"))
-                                  if mask.any()}
-            if "placement_margin" in model.metadata:
-                metrics["placement_margin"] = named_margin(model, names)
+            if given is not None:
+                obs["labelled"] = (given >= 0).any(axis=1)
+                for level, parts in named.items():
+                    obs[f"scvae_{level}"] = pd.Categorical(np.concatenate(parts))
+            metrics = run_metrics(model, names, _clusters(obs, names, model), obs, hierarchy, truth, given)
             uns = dict(prepared.uns)
             uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                             "metrics": {k: v for k, v in metrics.items() if k != "model"}}

@@ -118,6 +118,31 @@ def named_margin(model, level_names) -> dict:
             "reading": describe_margin(margin, leaf_names, level_names)}
 
 
+def run_metrics(model, names, clusters_by_level, obs, hierarchy, truth=None, given=None) -> dict:
+    """First-look metrics of a run's outputs (`obs` with its split): ARI of the model's own clusters
+    on all, test and, with partial labels `given` [n, L], never-labelled cells, the scored cells'
+    counts, and TreeVAE's named placement margin. truth [n]: the leaf labels to score against
+    (default: the hierarchy's label column); cells without one are not scored."""
+    split = obs["split"].to_numpy()
+    subsets = [("all", np.ones(len(split), bool)), ("test", split == "test")]
+    if given is not None:
+        labelled = (given >= 0).any(axis=1)
+        subsets.append(("unlabelled", ~labelled))
+    metrics = {"model": type(model).__name__}
+    if hierarchy is not None and clusters_by_level:
+        labels = obs[hierarchy.label_column].astype(str).to_numpy() if truth is None else np.asarray(truth, str)
+        known = np.isin(labels, list(hierarchy.paths))
+        scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
+        metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])
+                          for subset, cells in scored.items()}
+        if given is not None:  # the model was trained on the labelled cells' labels: say how many of the scored are
+            metrics["ari_scored_cells"] = {subset: {"cells": int(cells.sum()), "labelled": int((cells & labelled).sum())}
+                                           for subset, cells in scored.items()}
+    if "placement_margin" in model.metadata:
+        metrics["placement_margin"] = named_margin(model, names)
+    return metrics
+
+
 def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covariates=None, given=None,
                   truth=None) -> dict:
     """Write outputs.h5ad into the run folder and return first-look metrics (ARI of the model's
@@ -128,25 +153,11 @@ def write_outputs(run, model, prepared, split, hierarchy, batch_size: int, covar
     adata.obs["split"] = pd.Categorical(split, categories=["train", "validation", "test"])
     names = level_names(hierarchy, outputs)
     clusters_by_level = annotate(adata, outputs, names, model)
-    subsets = [("all", np.ones(len(split), bool)), ("test", split == "test")]
     if given is not None:
-        labelled = (given >= 0).any(axis=1)
-        adata.obs["labelled"] = labelled
-        subsets.append(("unlabelled", ~labelled))
+        adata.obs["labelled"] = (given >= 0).any(axis=1)
         for level, values in class_names(model, names, outputs, given).items():
             adata.obs[f"scvae_{level}"] = pd.Categorical(values)
-    metrics = {"model": type(model).__name__}
-    if hierarchy is not None and clusters_by_level:
-        labels = adata.obs[hierarchy.label_column].astype(str).to_numpy() if truth is None else np.asarray(truth, str)
-        known = np.isin(labels, list(hierarchy.paths))  # cells without a true label are not scored
-        scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
-        metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])
-                          for subset, cells in scored.items()}
-        if given is not None:  # the model was trained on the labelled cells' labels: say how many of the scored are
-            metrics["ari_scored_cells"] = {subset: {"cells": int(cells.sum()), "labelled": int((cells & labelled).sum())}
-                                           for subset, cells in scored.items()}
-    if "placement_margin" in model.metadata:
-        metrics["placement_margin"] = named_margin(model, names)
+    metrics = run_metrics(model, names, clusters_by_level, adata.obs, hierarchy, truth, given)
     adata.uns["scvae"] = {"model": metrics["model"], "clustering": model.clustering,
                           "metrics": {k: v for k, v in metrics.items() if k != "model"}}
     write_h5ad(adata, run.outputs)

@@ -700,12 +700,9 @@ def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on
     clock = time.time()
     describe_trained(model, cells, split)
     save_model_atomically(model, run.model)
-    if on_disk:
-        metrics = ondisk.write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,
-                                       cells.covariates)
-    else:
-        metrics = write_outputs(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE,
-                                cells.covariates, cells.labels, truth=leaf_truth(cells))
+    write = ondisk.write_outputs if on_disk else write_outputs
+    metrics = write(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE, cells.covariates,
+                    cells.labels, truth=leaf_truth(cells))
     metrics.update(recorded, seconds=round(time.time() - started, 1), out_of_core=on_disk)
     if stages is not None:
         metrics["stage_seconds"] = {k: round(v, 2) for k, v in {**stages, "outputs": time.time() - clock}.items()}

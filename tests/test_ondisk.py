@@ -93,16 +93,20 @@ def test_refusals_name_the_fix(pbmc_slice, tmp_path, monkeypatch):
     assert ondisk.use_out_of_core(pbmc_slice, "auto") and not ondisk.use_out_of_core(pbmc_slice, "off")
 
 
-def test_training_out_of_core_equals_in_memory(pbmc_slice, tmp_path, small_chunks):
+@pytest.mark.parametrize("model, labels", [
+    ("mixture", {}),
+    # partial labels: given-label names, the never-labelled cells' scores and the scored-cell counts too
+    ("tree", {"labelled": ("level_2=0.2", "level_4=0.05"), "exclude_labels": ("cd14_monocytes",)})])
+def test_training_out_of_core_equals_in_memory(pbmc_slice, tmp_path, small_chunks, model, labels):
     """The whole pipeline both ways: loss history, latent, clusters, counts and scores agree."""
     from scvae_hier.options import TrainOptions
     from scvae_hier.training import train
 
     runs = {}
     for setting in ("off", "on"):
-        options = TrainOptions(data=str(pbmc_slice), model="mixture", output=str(tmp_path / setting),
+        options = TrainOptions(data=str(pbmc_slice), model=model, output=str(tmp_path / setting),
                                n_genes=80, latent_dim=4, hidden=(16, 16), batch_size=64, xla=False,
-                               epochs=2, warm_up=1, out_of_core=setting)  # conftest.FAST's settings
+                               epochs=2, warm_up=1, out_of_core=setting, **labels)  # conftest.FAST's settings
         runs[setting] = train(options, log=lambda *_: None)
     assert (runs["on"] / "counts" / "data.npy").is_file() and not (runs["off"] / "counts").exists()
     assert not list(tmp_path.glob("tmp-counts-*"))
@@ -116,9 +120,13 @@ def test_training_out_of_core_equals_in_memory(pbmc_slice, tmp_path, small_chunk
     for column in outputs["off"].obs.columns:
         assert (outputs["on"].obs[column].astype(str) == outputs["off"].obs[column].astype(str)).all(), column
     np.testing.assert_array_equal(outputs["on"].X.toarray(), outputs["off"].X.toarray())
-    scores = {k: v.uns["scvae"]["metrics"]["ari"] for k, v in outputs.items()}
-    for subset in scores["off"]:
-        assert scores["on"][subset] == pytest.approx(scores["off"][subset])
+    scores = {k: v.uns["scvae"]["metrics"] for k, v in outputs.items()}
+    assert scores["on"].keys() == scores["off"].keys() and scores["on"]["ari"].keys() == scores["off"]["ari"].keys()
+    for subset in scores["off"]["ari"]:
+        assert scores["on"]["ari"][subset] == pytest.approx(scores["off"]["ari"][subset])
+    if labels:
+        assert "unlabelled" in scores["off"]["ari"] and "scvae_level_4" in outputs["off"].obs
+        assert scores["on"]["ari_scored_cells"] == scores["off"]["ari_scored_cells"]
     from scvae_hier.analysis.evaluate import evaluate_run  # out of core too: the run's --out-of-core
     evaluations = {k: evaluate_run(v, iwae_samples=3, batch_size=128) for k, v in runs.items()}
     assert list(evaluations["on"].adata.obs_names) == list(evaluations["off"].adata.obs_names)

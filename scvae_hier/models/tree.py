@@ -1458,9 +1458,8 @@ class TreeVAE(HierarchicalVAE):
               f"{self.final_refit} EM steps{held}.")
         self.metadata.pop("placement_margin", None)
         margin = self.placement_margin(loc, component, reseeding.labels)
-        if margin is not None:
+        if margin is not None:  # read out with the clusters' names once they are named (`outputs.named_margin`)
             self.metadata["placement_margin"] = margin
-            print(describe_margin(margin))
 
     def placement_margin(self, loc, component, labels=None):
         """How clearly the refitted prior's leaves (the `component` [n] of training cells with latent
