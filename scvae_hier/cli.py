@@ -161,6 +161,9 @@ def _print_scores(path, metrics) -> None:
                   "in training" if subset in counts else "")
         print(f"ARI of clusters vs hierarchy levels ({subset} cells{scored}): "
               + ", ".join(f"{level} {value:.3f}" for level, value in scores.items()))
+    for subset, levels in metrics.get("ari_one_class_levels", {}).items():
+        print(f"{', '.join(levels)} ({subset} cells): one true class among the scored cells, so ARI says nothing "
+              "there (0 for any split of them, 1 where they share one cluster).")
     if counts and "unlabelled" not in counts:
         print("No never-labelled cell has a true label to score against, so these ARIs mostly show the fit to the "
               "given labels, not how well the model names new cells. To measure that, keep all labels and hide some "

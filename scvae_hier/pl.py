@@ -79,7 +79,7 @@ def levels(adata, hierarchy=None, basis="umap", prefix="scvae_", save=None):
         _scatter(axes[0, i], embedding, truth[:, i], classes + [UNLABELLED_NAME], colours, f"{level}: true classes")
         scored = (truth[modelled, i] != UNLABELLED_NAME) & ~given[modelled]
         agree = (f"{np.mean(names[scored] == truth[modelled, i][scored]):.0%} of {scored.sum()}{scope} agree"
-                 if scored.any() else "no labelled cell that was not given its label")
+                 if scored.any() else "no check: every labelled cell was given its label")
         _scatter(axes[1, i], embedding[modelled], names, classes + others, colours, f"{level}: predicted ({agree})")
     fig.suptitle(f"True classes (top) and scvae-hier predictions (bottom) on {key}")
     return _save(fig, save)

@@ -182,3 +182,28 @@ def test_write_scores_round_trip(tiny, tmp_path):
     assert record["levels"]["l2"]["ari"] == pytest.approx(df.loc["l2", "ari"])
     back = pd.read_csv(csv_path, index_col="level")
     assert back.loc["l1", "f1_macro"] == pytest.approx(df.loc["l1", "f1_macro"])
+
+
+def test_run_metrics_score_each_subset_on_its_cells_with_a_true_label(tiny):
+    """A run's first-look metrics (in memory and out of core alike): ARI per subset against sklearn on
+    the cells with a true leaf, the scored cells counted, and a level with one true class among the
+    scored cells (ARI 0 for any split, 1 for one cluster: it says nothing) flagged."""
+    from types import SimpleNamespace
+    from scvae_hier.outputs import run_metrics
+    h, labels, pred = tiny
+    truth = labels.copy()
+    truth[6] = "nan"                                                      # no true leaf: never scored
+    obs = pd.DataFrame({"leaf": labels, "split": ["test", "test", "train", "train", "test", "test", "train"]})
+    given = np.full((7, 2), -1)
+    given[[4, 5], 0] = 1                                                  # cells 4, 5 labelled Y
+    model = SimpleNamespace(metadata={})
+    metrics = run_metrics(model, h.levels, pred, obs, h, truth=truth, given=given)
+    subsets = {"all": [0, 1, 2, 3, 4, 5], "test": [0, 1, 4, 5], "unlabelled": [0, 1, 2, 3]}
+    assert metrics["ari"].keys() == subsets.keys()
+    for subset, cells in subsets.items():
+        for i, level in enumerate(h.levels):
+            expected = adjusted_rand_score(h.level_labels(truth[cells])[:, i], pred[i][cells])
+            assert metrics["ari"][subset][level] == pytest.approx(expected)
+        assert metrics["ari_scored_cells"][subset] == {"cells": len(cells), "labelled": len(set(cells) & {4, 5})}
+    assert metrics["ari_one_class_levels"] == {"unlabelled": ["l1"]}      # cells 0-3 are all X
+    assert "ari_one_class_levels" not in run_metrics(model, h.levels, pred, obs, h)   # every cell scored: two classes
