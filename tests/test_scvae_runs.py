@@ -147,3 +147,18 @@ def test_cells_that_do_not_match(model_run, hierarchy_and_labels):
     # a few missing cells are tolerated and scored on the rest
     most = labels.drop(model_run.cluster_ids.index[:100])
     assert scvae_level_scores(model_run, hierarchy, most).attrs["n_cells"] == 8291
+
+
+def test_the_kang_reference_run_is_of_kangs_cells_and_its_scores_reproduce():
+    """The shipped scVAE run on Kang (data/scvae_reference_kang) holds every cell of the shipped
+    Kang file by obs_name, and our level scores give scVAE's own logged level-4 ARI and AMI."""
+    import anndata
+    root = Path(__file__).resolve().parents[1] / "data"
+    kang = anndata.read_h5ad(root / "kang2018.h5ad", backed="r")
+    run = read_scvae_run(root / "scvae_reference_kang" / "analyses_s0_model")
+    assert set(run.cluster_ids.index) == set(kang.obs_names) and run.cluster_ids.nunique() <= 8
+    hierarchy = Hierarchy.from_anndata(kang)
+    levels = scvae_level_scores(run, hierarchy, kang.obs[hierarchy.label_column].astype(str))
+    assert levels.attrs["n_cells"] == 12261 and list(levels["n_classes"]) == [2, 4, 6, 8]
+    assert round(levels.loc["level_4", "ari"], 4) == round(run.prediction_metrics["ARI_clusters"], 4) == 0.4271
+    assert round(levels.loc["level_4", "ami"], 3) == round(run.prediction_metrics["AMI_clusters"], 3)
