@@ -181,9 +181,9 @@ class HierarchyModel:
         self.history = pd.DataFrame(state.state["history"]).set_index("epoch")
         self.is_trained = True
         describe_trained(self.module, self.cells, self.split)
-        if "placement_margin" in self.module.metadata:
-            from .outputs import level_names, named_margin
-            log(named_margin(self.module, level_names(self.cells.hierarchy, {}))["reading"])
+        if "placement_margin" in self.module.metadata:  # TreeVAE: how clearly its leaves are grouped, named
+            from .outputs import named_margin
+            log(named_margin(self.module, list(self.cells.hierarchy.levels))["reading"])
         return self
 
     # ---------------------------------------------------------------------------- outputs

@@ -3,7 +3,7 @@ experiment (`analyses/kang.yaml`: the same prepared cells, folds and seed), besi
 committed summary (`analyses/results_kang/summary.csv`). The scVAE run saw every cell in training
 (as the shipped PBMC reference did), which favours it on these cells.
 
-    python analyses/scvae_kang/score.py data/scvae_reference_kang/analyses_s0_model
+    python analyses/scvae_kang/score.py data/scvae_reference_kang/analyses_s*_model   # one or more runs
 
 Writes analyses/results_kang/original_scvae_runs.csv (one row per fold and level) and
 original_scvae.md (the level means beside TreeVAE's and the peers'), and prints the table.
@@ -38,10 +38,11 @@ def fold_test_cells(config):
     return tests, hierarchy
 
 
-def main(scvae_folder):
+def main(scvae_folders):
     config = yaml.safe_load(open("analyses/kang.yaml"))
     tests, hierarchy = fold_test_cells(config)
-    rows = compare.scvae_rows(scvae_folder, tests, {name: hierarchy for name in tests})
+    rows = pd.concat([compare.scvae_rows(folder, tests, {name: hierarchy for name in tests}) for folder in scvae_folders],
+                     ignore_index=True)   # every run on every fold's test cells
     rows.to_csv(RESULTS / "original_scvae_runs.csv", index=False)
     committed = pd.read_csv(RESULTS / "runs.csv")
     for name, test in tests.items():   # the same cells as the committed runs of that fold
@@ -54,11 +55,16 @@ def main(scvae_folder):
     cells = table.map("{:.3f}".format) + " ± " + spread.map("{:.3f}".format)
     cells["L4 weighted F1"] = summary[summary["level"] == "level_4"].set_index("group")["f1_weighted_mean"].map(
         "{:.3f}".format)
-    text = ("ARI of each method's own clusters on the test cells of Kang's 5 folds (mean ± 95% half-width; "
-            "`python analyses/scvae_kang/score.py " + str(scvae_folder) + "`)\n\n" + compare.markdown(cells.reset_index()))
+    text = ("ARI of each method's own clusters on the test cells of Kang's 5 folds (mean ± 95% half-width; the "
+            f"original scVAE: {len(scvae_folders)} training run(s) x 5 folds; `python analyses/scvae_kang/score.py "
+            + " ".join(map(str, scvae_folders)) + "`)\n\n" + compare.markdown(cells.reset_index()))
+    training = rows.assign(training=rows["run"].str.split(" (cells of", regex=False).str[0])
+    per_run = training.pivot_table(index="training", columns="level", values="ari", sort=False).map("{:.3f}".format)
+    text += ("\n\nThe original scVAE per training run (ARI, mean over the 5 folds' test cells):\n\n"
+             + compare.markdown(per_run.reset_index()))
     (RESULTS / "original_scvae.md").write_text(text + "\n", encoding="utf-8")
     print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
