@@ -88,7 +88,7 @@ def scanvi_batch_size(model, batch_size=128):
         batch_size += 1
 
 
-def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS):
+def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS, scanvi_epochs=None):
     """scVI, then scANVI from it; the predicted class of every cell (labels in obs "scanvi_label")."""
     scvi.settings.seed = seed
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS):
     batch_size = scanvi_batch_size(model)
     if batch_size != 128:
         print(f"scANVI minibatch size {batch_size} (128 would leave a 1- or 2-cell minibatch)", flush=True)
-    model.train(max_epochs=SCANVI_EPOCHS, batch_size=batch_size, accelerator="cpu", enable_progress_bar=False)
+    model.train(max_epochs=scanvi_epochs or SCANVI_EPOCHS, batch_size=batch_size, accelerator="cpu", enable_progress_bar=False)
     return np.asarray(model.predict(adata), dtype=str)
 
 
@@ -120,7 +120,7 @@ def level_scores(truth, predicted, paths):
     return row
 
 
-def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offset=0):
+def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offset=0, scanvi_epochs=None):
     """Train on one run folder's cells, genes and mask (scANVI's training seed: the mask's seed
     plus `seed_offset`); its results row."""
     config = json.loads((folder / "config.json").read_text())
@@ -134,7 +134,7 @@ def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offs
     finest = max(i for i in range(len(levels)) if (labels.iloc[:, i] != "").any())
     adata.obs["scanvi_label"] = pd.Categorical(labels.iloc[:, finest].replace("", UNKNOWN).to_numpy())
     start = time.time()
-    guess = train_scanvi(adata, config["options"]["seed"] + seed_offset, scvi_epochs)
+    guess = train_scanvi(adata, config["options"]["seed"] + seed_offset, scvi_epochs, scanvi_epochs)
     seconds = time.time() - start
 
     # Score the cells unlabelled at every level whose true leaf is in the hierarchy (as run.py).
@@ -169,6 +169,8 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--only", nargs="+", default=None, help="run folder names")
     parser.add_argument("--scvi-epochs", type=int, default=SCVI_EPOCHS, help="scVI's epochs before scANVI")
+    parser.add_argument("--scanvi-epochs", type=int, default=SCANVI_EPOCHS,
+                        help="scANVI's epochs after scVI (20, the issue's protocol; pass --method to name the rows)")
     parser.add_argument("--seed-offset", type=int, default=0,
                         help="train scANVI with the mask's seed plus this (rows 'scanvi_seed+N'): its own training "
                              "noise on one mask, which one run per mask leaves in the comparison")
@@ -185,5 +187,5 @@ if __name__ == "__main__":
         if (setting, method, seed) in done_keys() or (args.only and folder.name not in args.only):
             continue
         print(f"== {folder.name}", flush=True)
-        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs, args.seed_offset),
+        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs, args.seed_offset, args.scanvi_epochs),
                     setting=setting, seed=seed, method=method))
