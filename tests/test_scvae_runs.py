@@ -155,10 +155,12 @@ def test_the_kang_reference_run_is_of_kangs_cells_and_its_scores_reproduce():
     import anndata
     root = Path(__file__).resolve().parents[1] / "data"
     kang = anndata.read_h5ad(root / "kang2018.h5ad", backed="r")
-    run = read_scvae_run(root / "scvae_reference_kang" / "analyses_s0_model")
-    assert set(run.cluster_ids.index) == set(kang.obs_names) and run.cluster_ids.nunique() <= 8
     hierarchy = Hierarchy.from_anndata(kang)
-    levels = scvae_level_scores(run, hierarchy, kang.obs[hierarchy.label_column].astype(str))
-    assert levels.attrs["n_cells"] == 12261 and list(levels["n_classes"]) == [2, 4, 6, 8]
-    assert round(levels.loc["level_4", "ari"], 4) == round(run.prediction_metrics["ARI_clusters"], 4) == 0.4271
-    assert round(levels.loc["level_4", "ami"], 3) == round(run.prediction_metrics["AMI_clusters"], 3)
+    logged = {"s0": 0.4271, "s1": 0.4262, "s2": 0.4042}          # its evaluate_<run>_model.log, "Clusters"
+    for name, ari in logged.items():
+        run = read_scvae_run(root / "scvae_reference_kang" / f"analyses_{name}_model")
+        assert set(run.cluster_ids.index) == set(kang.obs_names) and run.cluster_ids.nunique() <= 8
+        levels = scvae_level_scores(run, hierarchy, kang.obs[hierarchy.label_column].astype(str))
+        assert levels.attrs["n_cells"] == 12261 and list(levels["n_classes"]) == [2, 4, 6, 8]
+        assert round(levels.loc["level_4", "ari"], 4) == round(run.prediction_metrics["ARI_clusters"], 4) == ari
+        assert round(levels.loc["level_4", "ami"], 3) == round(run.prediction_metrics["AMI_clusters"], 3)
