@@ -3,7 +3,7 @@ that issue 12's Kang experiment (`analyses/kang.yaml`) prepares, every cell, Cel
 ClusterName = level 4. Two steps, since loompy lives in the scVAE venv (Python 3.7):
 
     python analyses/scvae_kang/build_loom.py OUT.npz                   # this package's venv
-    /work/scvae_venv/bin/python analyses/scvae_kang/build_loom.py OUT.npz OUT.loom   # loompy writes it
+    V/bin/python analyses/scvae_kang/build_loom.py OUT.npz OUT.loom   # V: the scVAE venv; its loompy writes it
 """
 import json
 import sys
