@@ -135,8 +135,9 @@ def run_metrics(model, names, clusters_by_level, obs, hierarchy, truth=None, giv
         scored = {subset: mask & known for subset, mask in subsets if (mask & known).sum() > 1}
         metrics["ari"] = {subset: level_ari(hierarchy, labels[cells], [c[cells] for c in clusters_by_level])
                           for subset, cells in scored.items()}
-        one_class = {subset: [level for level, column in zip(hierarchy.levels, hierarchy.level_labels(labels[cells]).T)
-                              if len(set(column)) == 1] for subset, cells in scored.items()}
+        paths = {subset: hierarchy.level_labels(np.unique(labels[cells])) for subset, cells in scored.items()}
+        one_class = {subset: [level for level, column in zip(hierarchy.levels, rows.T) if len(set(column)) == 1]
+                     for subset, rows in paths.items()}   # from the paths of the leaves scored, not every cell
         if any(one_class.values()):  # ARI says nothing there: 0, or 1 for one cluster (one lineage labelled)
             metrics["ari_one_class_levels"] = {subset: levels for subset, levels in one_class.items() if levels}
         if given is not None:  # the model was trained on the labelled cells' labels: say how many of the scored are

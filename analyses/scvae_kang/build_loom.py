@@ -13,16 +13,9 @@ import numpy as np
 
 def export(npz):
     import yaml
-    from scvae_hier.data import read_counts
-    from scvae_hier.hierarchy import Hierarchy
-    from scvae_hier.options import TrainOptions
-    from scvae_hier.training import prepare_cells
+    from score import experiment_cells   # the Kang experiment's cells and genes, as score.py scores them
 
-    config = yaml.safe_load(open("analyses/kang.yaml"))
-    options = TrainOptions(data=config["data"], **{k: v for k, v in config["options"].items()
-                                                   if k in ("n_genes", "batch_key", "library_size", "dispersion")})
-    adata = read_counts(options.data)
-    cells = prepare_cells(adata, options, Hierarchy.from_anndata(adata))
+    cells, _, _ = experiment_cells(yaml.safe_load(open("analyses/kang.yaml")))
     prepared = cells.adata
     np.savez_compressed(npz, counts=prepared.X.toarray().T.astype(np.float32))
     json.dump({"genes": list(prepared.var_names), "cells": list(prepared.obs_names),

@@ -25,12 +25,18 @@ SHOWN = ("TreeVAE Normal", "TreeVAE, megakaryocytes left empty", "scanpy PCA + L
          "Leiden on TreeVAE Normal's latent", compare.SCVAE_GROUP)
 
 
-def fold_test_cells(config):
-    """{fold name: AnnData of that fold's test cells}, prepared as every run of the experiment was."""
+def experiment_cells(config):
+    """(Cells, hierarchy, option values): every cell prepared as each run of the experiment was
+    (its genes too: `build_loom.py` writes the original scVAE's input from these)."""
     values = {**config["options"], "data": config["data"], "folds": int(config["folds"]), "seed": int(config["seed"])}
     adata = read_counts(config["data"])
     hierarchy = Hierarchy.from_anndata(adata)
-    cells = prepare_cells(adata, TrainOptions.from_dict(values), hierarchy)
+    return prepare_cells(adata, TrainOptions.from_dict(values), hierarchy), hierarchy, values
+
+
+def fold_test_cells(config):
+    """{fold name: AnnData of that fold's test cells}, prepared as every run of the experiment was."""
+    cells, hierarchy, values = experiment_cells(config)
     tests = {}
     for fold in range(int(config["folds"])):
         split = make_split(cells, TrainOptions.from_dict({**values, "fold": fold}))
