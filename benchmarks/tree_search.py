@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-import scvae_hier.models.tree as tree
+import scvae_hier.tree_clustering as tree
 
 
 def grouping(n_leaves, starts, repeats, seed=0):

@@ -106,7 +106,7 @@ def class_names(model, level_names, outputs, given=None) -> dict:
 def named_margin(model, level_names) -> dict:
     """TreeVAE's placement margin (`TreeVAE.placement_margin`) with levels and leaves named (leaves by
     their cluster names where they have one, else "cluster K"), and its one-line reading."""
-    from .models.tree import describe_margin
+    from .tree_clustering import describe_margin
 
     margin = model.metadata["placement_margin"]
     finest = model.metadata.get("cluster_names", {}).get(level_names[-1]) or []

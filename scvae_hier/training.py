@@ -26,7 +26,7 @@ from .labels import UNLABELLED, allowed_leaves, implied_leaves, label_codes, par
 from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class
-from .models.tree import stranded_by_empty_leaves
+from .tree_clustering import stranded_by_empty_leaves
 from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import cluster_names

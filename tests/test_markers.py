@@ -10,7 +10,8 @@ from scvae_hier.data import DataError, prepare
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.markers import genes_of, parse, resolve, scores
 from scvae_hier.models import TreeVAE
-from scvae_hier.models.tree import (high_group, leaf_ancestors, marker_relatives, marker_violations, permutation_blocks,
+from scvae_hier.models.supervision import leaf_ancestors
+from scvae_hier.tree_clustering import (high_group, marker_relatives, marker_violations, permutation_blocks,
                                     marker_sides, place_leaves, regroup_by_markers,
                                     tree_clustering)
 from scvae_hier.options import TrainOptions
@@ -168,7 +169,7 @@ def test_a_run_places_its_leaves_by_the_markers_given(pbmc_slice, tmp_path, monk
 
     import anndata
 
-    import scvae_hier.models.tree as tree
+    import scvae_hier.tree_clustering as tree
     from conftest import FAST
     from scvae_hier.cli import main
     seen = []

@@ -17,7 +17,8 @@ from test_tree import SMALL_PARENTS, small_model
 from scvae_hier.hierarchy import Hierarchy, HierarchyError
 from scvae_hier.labels import allowed_components, complete, label_codes, parse_reveal, reveal
 from scvae_hier.metrics import hierarchical_f1
-from scvae_hier.models.tree import leaf_ancestors, tree_clustering
+from scvae_hier.models.supervision import leaf_ancestors
+from scvae_hier.tree_clustering import tree_clustering
 
 TREE = Hierarchy("leaf", ["coarse", "mid", "fine"],
                  {"a1": ("A", "Aa", "a1"), "a2": ("A", "Aa", "a2"), "b1": ("A", "Ab", "b1"),

@@ -17,11 +17,13 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
-import scvae_hier.models.tree as tree_module
-from scvae_hier.models.tree import (MARKERS_FIRST, NEAR_TIE, TreeReseeding, TreeVAE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _placement_objective, _too_small, _tree_scores,
+import scvae_hier.tree_clustering as clustering
+from scvae_hier.models.supervision import leaf_ancestors, path_predictions
+from scvae_hier.models.tree import TreeReseeding, TreeVAE
+from scvae_hier.tree_clustering import (MARKERS_FIRST, NEAR_TIE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _placement_objective, _too_small, _tree_scores,
                                     describe_margin, fragment_classes, nearest_other_grouping, regrouped_leaves, same_grouping,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
-                                    exchanges, interchangeable_slots, leaf_ancestors, least_exchange_cost, leaf_distances, leaf_links, match_to_tree, path_predictions, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
+                                    exchanges, interchangeable_slots, least_exchange_cost, leaf_distances, leaf_links, match_to_tree, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
 
 RNG = np.random.default_rng(0)
@@ -178,7 +180,7 @@ def test_match_to_tree_finds_the_tree_of_permuted_clusters():
         if exhaustive:
             leaf = match_to_tree(centres[order], counts[order], PBMC_PARENTS)
         else:  # the pairwise-swap search used beyond ten leaves
-            from scvae_hier.models import tree
+            from scvae_hier import tree_clustering as tree
             limit, tree.EXHAUSTIVE_LEAVES = tree.EXHAUSTIVE_LEAVES, 3
             try:
                 leaf = match_to_tree(centres[order], counts[order], PBMC_PARENTS)
@@ -309,10 +311,10 @@ def test_place_leaves_groups_distinct_types_by_distance_where_no_link_tells(sear
     leaves come in, for both top levels and for the pairwise-swap search used beyond ten leaves."""
     parents = [[0, 0, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3]]
     latent, truth, ancestors = distinct_types(parents)
-    links = tree_module.leaf_links(latent, truth, 8)
+    links = clustering.leaf_links(latent, truth, 8)
     assert links[~np.eye(8, dtype=bool)].sum() == 0                  # no link between two leaves
     if search == "swaps":
-        monkeypatch.setattr(tree_module, "EXHAUSTIVE_LEAVES", 3)
+        monkeypatch.setattr(clustering, "EXHAUSTIVE_LEAVES", 3)
     for seed in range(3):
         shuffled = np.random.default_rng(seed).permutation(8)[truth]
         for top in ("compact", "linkage"):
@@ -495,7 +497,7 @@ def test_coarse_first_grouping_is_kept_only_if_its_leaves_stay_compact(monkeypat
     LEAF_TOLERANCE times the first's; with labels too, their penalty reaching both groupings. The
     coarse-first grouping is stood in for by one that merges two overlapping blobs, which costs
     about a fifth more within-leaf sum of squares."""
-    from scvae_hier.models import tree
+    from scvae_hier import tree_clustering as tree
     rng = np.random.default_rng(0)
     centres = np.array([[0, 0], [0, 1], [20, 0], [20, 20], [40, 0]], float)
     latent = np.concatenate([c + rng.normal(scale=0.5, size=(40, 2)) for c in centres])
@@ -655,10 +657,10 @@ def test_final_refit_reseeds_with_its_own_cluster_count(monkeypatch):
     import scvae_hier.models.tree as tree_module
 
     asked = []
-    clustering = tree_module.tree_clustering
+    original = tree_module.tree_clustering
     monkeypatch.setattr(tree_module, "tree_clustering", lambda *args, **kwargs: (
         asked.append((args[5], kwargs["grouping_decay"], kwargs["top_level_decay"], kwargs["top_level"])),
-        clustering(*args, **kwargs))[1])
+        original(*args, **kwargs))[1])
     model = small_model(reseed_clusters=2, final_refit_clusters=3, grouping_decay=0.7, top_level_decay=0.4)
     model.build()
     rng = np.random.default_rng(2)
@@ -828,7 +830,7 @@ def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
     ancestors = leaf_ancestors(ONE_ONE_THREE, 5)
     counts = np.bincount(blob, minlength=5)
     assignments = np.array(list(itertools.permutations(range(5))))
-    found = fragment_classes(counts, ancestors[1:-1], assignments, tree_module.MIN_CLASS_SHARE)
+    found = fragment_classes(counts, ancestors[1:-1], assignments, clustering.MIN_CLASS_SHARE)
     for a, n in zip(assignments, found):
         held = [counts[ancestors[1][a] == j].sum() for j in range(3)]
         even = np.bincount(ancestors[1], minlength=3) / 5 * counts.sum()
@@ -843,7 +845,7 @@ def test_no_fragment_takes_a_class_below_the_top(far_cells, alone):
 
 def test_without_the_guard_a_fragment_takes_a_class_below_the_top(monkeypatch):
     """The case above with no guard: the 20-cell far blob gets the one-leaf class (what the guard prevents)."""
-    monkeypatch.setattr(tree_module, "MIN_CLASS_SHARE", 0.0)
+    monkeypatch.setattr(clustering, "MIN_CLASS_SHARE", 0.0)
     latent, blob = far_blob_beside_nk_like(20)
     placed = place_leaves(latent, blob, ONE_ONE_THREE, 5, top_level="linkage")
     assert set(blob[leaf_ancestors(ONE_ONE_THREE, 5)[1][placed] == 1]) == {4}
@@ -912,14 +914,14 @@ def test_place_leaves_searches_one_placement_per_set_of_exchanged_slots_and_find
     in their last bits between exchanged slots, which the rescoring of the near sets settles as
     the full search does. The latent lies far from its origin, where those differences are largest."""
     searched = []
-    full_search = tree_module._best_permutation
+    full_search = clustering._best_permutation
 
     def both(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0, costs=None):
         full = full_search(k, scored, seed, chunk)
         np.testing.assert_array_equal(full_search(k, scored, seed, chunk, groups, tolerance, costs), full)
         searched.append(len(np.unique(groups)) < k)
         return full
-    monkeypatch.setattr(tree_module, "_best_permutation", both)
+    monkeypatch.setattr(clustering, "_best_permutation", both)
     rng = np.random.default_rng(seed)
     leaf = rng.integers(0, 7, 400)
     latent = rng.normal(size=(7, 3))[leaf] * 3 + rng.normal(size=(400, 3)) + 40.0
@@ -988,10 +990,10 @@ def test_step_gains_are_the_full_scores_differences():
         centres, counts = rng.normal(size=(k, 4)) * 3, rng.integers(1, 50, k).astype(float)
         penalty = rng.integers(0, 3, (k, 12)) * 7.5
         current = np.concatenate([np.arange(12), rng.integers(0, 12, k - 12)])[rng.permutation(k)]
-        candidates = tree_module._one_step_away(current, 12)
+        candidates = clustering._one_step_away(current, 12)
         full = lambda a: (_tree_scores(centres, counts, ancestors, a, weights)  # noqa: E731
                           - penalty[np.arange(k), a].sum(-1))
-        gains = tree_module._step_gains(centres, counts, ancestors, current, candidates, weights, penalty)
+        gains = clustering._step_gains(centres, counts, ancestors, current, candidates, weights, penalty)
         np.testing.assert_allclose(gains, full(candidates) - full(current[None]), rtol=0, atol=1e-8)
         assert np.ptp(gains) > 1.0
 
@@ -1006,7 +1008,7 @@ def test_assign_to_tree_beyond_ten_leaves_finds_what_full_scores_find(monkeypatc
     for labels in (None, penalty):
         fast = assign_to_tree(centres, counts, parents, 12, starts=4, penalty=labels, level_weights=[0.5, 0.8, 1.0])
         with monkeypatch.context() as patched:
-            patched.setattr(tree_module, "EXHAUSTIVE_LEAVES", 12)
+            patched.setattr(clustering, "EXHAUSTIVE_LEAVES", 12)
             full = assign_to_tree(centres, counts, parents, 12, starts=4, penalty=labels, level_weights=[0.5, 0.8, 1.0])
         np.testing.assert_array_equal(fast, full)
 

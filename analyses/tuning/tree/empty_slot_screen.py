@@ -20,17 +20,18 @@ import anndata  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-import scvae_hier.models.tree as tree  # noqa: E402
+import scvae_hier.tree_clustering as tree  # noqa: E402
+from scvae_hier.models.tree import TreeVAE  # noqa: E402
 from scvae_hier.runs import load_model  # noqa: E402
 
-_init = tree.TreeVAE.__init__
+_init = TreeVAE.__init__
 
 
 def _init_without_reverted_options(self, *args, label_grouping=None, **kwargs):  # runs saved at 99f8849
     _init(self, *args, **kwargs)
 
 
-tree.TreeVAE.__init__ = _init_without_reverted_options
+TreeVAE.__init__ = _init_without_reverted_options
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "empty_slots.jsonl")  # a rerun skips its lines
 
 

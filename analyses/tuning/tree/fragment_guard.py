@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import scvae_hier.models.tree as tree  # noqa: E402
+import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.refit import refit_run  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import scvae_hier.models.tree as tree
+import scvae_hier.tree_clustering as tree
 from scvae_hier.refit import refit_run
 
 OUT = Path(__file__).with_name("grouped_search.jsonl")

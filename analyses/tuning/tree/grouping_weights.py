@@ -41,7 +41,7 @@ import anndata  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import scvae_hier.models.tree as tree  # noqa: E402
+import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.markers import resolve as resolve_markers, scores as marker_scores  # noqa: E402
 

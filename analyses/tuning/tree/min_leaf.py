@@ -16,7 +16,7 @@ import anndata as ad
 import numpy as np
 
 from fragment_guard import level_aris   # also puts the repository on sys.path
-import scvae_hier.models.tree as T  # noqa: E402
+import scvae_hier.tree_clustering as T  # noqa: E402
 from scvae_hier.refit import refit_run  # noqa: E402
 
 

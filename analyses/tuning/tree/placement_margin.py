@@ -16,7 +16,7 @@ import anndata
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from scvae_hier.models.tree import nearest_other_grouping, regrouped_leaves  # noqa: E402
+from scvae_hier.tree_clustering import nearest_other_grouping, regrouped_leaves  # noqa: E402
 
 
 def main():

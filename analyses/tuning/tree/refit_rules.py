@@ -32,7 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 
-import scvae_hier.models.tree as tree  # noqa: E402
+import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.analysis.leiden import leiden, leiden_at_k, neighbour_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,8 @@ import tensorflow as tf
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 sys.path.insert(0, str(HERE))
-import scvae_hier.models.tree as tree  # noqa: E402
+import scvae_hier.tree_clustering as tree  # noqa: E402
+from scvae_hier.models.tree import TreeVAE  # noqa: E402
 from fragment_guard import level_aris  # noqa: E402
 from scvae_hier.refit import refit_run  # noqa: E402
 
@@ -58,7 +59,7 @@ def replace_leaves(model, loc, component, labels, marker_scores):
         model.prior_logits.assign(model.prior_logits.numpy()[old_of_new])
     MOVED["leaves"] = int((new_leaf != np.arange(n_leaves)).sum())
 
-original = tree.TreeVAE.refit_prior
+original = TreeVAE.refit_prior
 
 
 def refit_then_replace(self, loc, scale, steps=10, reseed=True, labels=None, marker_scores=None):
@@ -75,7 +76,7 @@ def main():
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--unlabelled", action="store_true", help="score the cells never labelled, not the test cells")
     args = parser.parse_args()
-    tree.TreeVAE.refit_prior = refit_then_replace
+    TreeVAE.refit_prior = refit_then_replace
     for run in map(Path, args.runs):
         target = Path(args.out) / run.name
         MOVED.clear()
