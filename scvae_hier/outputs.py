@@ -14,6 +14,8 @@ Keys written by `scvae-hier train` into outputs.h5ad:
 - uns["scvae"]: the model name, its kind of clustering ("none", "flat" or "levels") and the
   first-look ARI per hierarchy level.
 """
+import logging
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
@@ -22,13 +24,26 @@ from .data import CountBatches
 from .files import write_h5ad
 
 
+class _ExpectedRetracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning. Every model traces its own
+    predict function, for full batches and for the shorter last one, and TensorFlow counts the
+    traces of all models' predict functions together (they share Keras' code), so predicting with
+    three models or more warns although each traced only what it must, once."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def predict_outputs(model, X, batch_size: int, covariates=None) -> dict:
     """Model outputs for every row of X (with its covariate row, for a model trained with a batch
     covariate), in order, as numpy arrays."""
     batches = CountBatches(X, batch_size, covariates=covariates)
+    tensorflow_log, expected = logging.getLogger("tensorflow"), _ExpectedRetracing()
+    tensorflow_log.addFilter(expected)
     try:
         return model.predict(batches, verbose=0)
     finally:
+        tensorflow_log.removeFilter(expected)
         batches.release()
 
 

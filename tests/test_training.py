@@ -258,3 +258,35 @@ def test_wrong_format_version_is_refused(tmp_path):
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(ModelFileError, match="corrupt"):
         load_model(truncated)
+
+
+# Four models predicting two sizes each, in a fresh process: TensorFlow warns of retracing at most
+# twice per process, so a test in this one could find the warnings spent by earlier tests.
+SEVERAL_MODELS = (
+    "import sys, numpy as np\n"
+    "from scvae_hier.data import CountBatches\n"
+    "from scvae_hier.models.mixture import MixtureVAE\n"
+    "from scvae_hier.outputs import predict_outputs\n"
+    "x = np.random.default_rng(0).poisson(2.0, size=(70, 12)).astype('float32')\n"
+    "for seed in range(4):\n"
+    "    model = MixtureVAE(12, n_components=3, latent_dim=2, hidden=(8,), seed=seed)\n"
+    "    for n in (50, 70):  # batches of 32: a last batch of 18, then of 6\n"
+    "        if sys.argv[1] == 'outputs':\n"
+    "            assert predict_outputs(model, x[:n], 32)['latent'].shape == (n, 2)\n"
+    "        else:\n"
+    "            batches = CountBatches(x[:n], 32)\n"
+    "            model.predict(batches, verbose=0)\n"
+    "            batches.release()\n"
+    "print('PREDICTED')\n")
+
+
+@pytest.mark.parametrize("through, warns", [("outputs", False), ("keras", True)])
+def test_predicting_with_several_models_does_not_warn_of_retracing(through, warns):
+    """Each model traces its predict function for full batches and the shorter last one, and
+    TensorFlow counts all models' traces together: from the third model on it warns of "excessive"
+    retracing. predict_outputs drops that one warning; the same predictions through model.predict
+    directly (the control) do warn, so the check would see it."""
+    done = subprocess.run([sys.executable, "-c", SEVERAL_MODELS, through], capture_output=True, text=True,
+                          timeout=300)
+    assert "PREDICTED" in done.stdout, done.stderr[-2000:]
+    assert ("triggered tf.function retracing" in done.stderr) == warns, done.stderr[-2000:]
