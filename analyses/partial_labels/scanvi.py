@@ -15,6 +15,9 @@ from it (20 epochs, default classification ratio; `--scvi-epochs 400`, scvi-tool
 for this many cells, gives the rows "scanvi_scvi400"), and scores the cells that are unlabelled at
 every level, like run.py scores TreeVAE. One row per run is appended to scanvi_results.csv (the
 columns of results.csv, method "scanvi"); a rerun skips the runs already there.
+`--samples-per-label N` passes scANVI's `n_samples_per_label`: each epoch it draws at most N labelled
+cells of every class (a cap on the large classes, no oversampling of the small ones; N at the smallest
+labelled class's count balances them).
 `--seed-offset N` trains scANVI with the mask's seed plus N (rows "scanvi_seed+N") and `--method
 NAME` names the rows (the same seed again on another machine: "scanvi_rerun"), so that scANVI's own
 training noise on a mask can be averaged out (`against_scanvi.py`).
@@ -73,33 +76,43 @@ def append(row):
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
 
-def scanvi_batch_size(model, batch_size=128):
+def scanvi_batch_size(model, batch_size=128, samples_per_label=None):
     """scvi-tools' default minibatch size (128), unless scANVI's last training minibatch (of all
     training cells or of the labelled ones) would have 1 or 2 cells: a 1-cell minibatch breaks
     BatchNorm, and scvi-tools guards the labelled and unlabelled splits only one at a time (it
     happens with 83 labelled cells: 75 + 7478 = 7553 = 59 * 128 + 1). Then the next size that
-    leaves no such minibatch. The splitter below is the one scANVI.train builds (same split)."""
+    leaves no such minibatch. The splitter below is the one scANVI.train builds (same split). With
+    `samples_per_label` scANVI draws at most that many labelled cells of each class an epoch, so the
+    labelled minibatches come from that many."""
     while True:
         splitter = SemiSupervisedDataSplitter(model.adata_manager, train_size=0.9, batch_size=batch_size)
         splitter.setup()
-        sizes = len(splitter.train_idx), len(np.intersect1d(splitter.train_idx, splitter._labeled_indices))
+        labelled = np.intersect1d(splitter.train_idx, splitter._labeled_indices)
+        n_labelled = len(labelled)
+        if samples_per_label:
+            classes = model.adata.obs["scanvi_label"].to_numpy()[labelled]
+            n_labelled = sum(min(count, samples_per_label) for count in np.unique(classes, return_counts=True)[1])
+        sizes = len(splitter.train_idx), n_labelled
         if not any(0 < n % batch_size < 3 for n in sizes):
             return batch_size
         batch_size += 1
 
 
-def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS, scanvi_epochs=None):
-    """scVI, then scANVI from it; the predicted class of every cell (labels in obs "scanvi_label")."""
+def train_scanvi(adata, seed, scvi_epochs=SCVI_EPOCHS, scanvi_epochs=None, samples_per_label=None):
+    """scVI, then scANVI from it; the predicted class of every cell (labels in obs "scanvi_label").
+    `samples_per_label`: scANVI's `n_samples_per_label` (each epoch draws at most that many labelled
+    cells of every class: classes larger than it are subsampled, smaller ones are not repeated)."""
     scvi.settings.seed = seed
     torch.set_num_threads(1)
     scvi.model.SCVI.setup_anndata(adata, batch_key="source_dataset")
     vae = scvi.model.SCVI(adata, n_latent=20)
     vae.train(max_epochs=scvi_epochs, early_stopping=False, accelerator="cpu", enable_progress_bar=False)
     model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNKNOWN, labels_key="scanvi_label")
-    batch_size = scanvi_batch_size(model)
+    batch_size = scanvi_batch_size(model, samples_per_label=samples_per_label)
     if batch_size != 128:
         print(f"scANVI minibatch size {batch_size} (128 would leave a 1- or 2-cell minibatch)", flush=True)
-    model.train(max_epochs=scanvi_epochs or SCANVI_EPOCHS, batch_size=batch_size, accelerator="cpu", enable_progress_bar=False)
+    model.train(max_epochs=scanvi_epochs or SCANVI_EPOCHS, batch_size=batch_size, accelerator="cpu", enable_progress_bar=False,
+                n_samples_per_label=samples_per_label)
     return np.asarray(model.predict(adata), dtype=str)
 
 
@@ -120,7 +133,8 @@ def level_scores(truth, predicted, paths):
     return row
 
 
-def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offset=0, scanvi_epochs=None):
+def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offset=0, scanvi_epochs=None,
+                 samples_per_label=None):
     """Train on one run folder's cells, genes and mask (scANVI's training seed: the mask's seed
     plus `seed_offset`); its results row."""
     config = json.loads((folder / "config.json").read_text())
@@ -134,7 +148,7 @@ def score_folder(folder, pbmc, levels, paths, scvi_epochs=SCVI_EPOCHS, seed_offs
     finest = max(i for i in range(len(levels)) if (labels.iloc[:, i] != "").any())
     adata.obs["scanvi_label"] = pd.Categorical(labels.iloc[:, finest].replace("", UNKNOWN).to_numpy())
     start = time.time()
-    guess = train_scanvi(adata, config["options"]["seed"] + seed_offset, scvi_epochs, scanvi_epochs)
+    guess = train_scanvi(adata, config["options"]["seed"] + seed_offset, scvi_epochs, scanvi_epochs, samples_per_label)
     seconds = time.time() - start
 
     # Score the cells unlabelled at every level whose true leaf is in the hierarchy (as run.py).
@@ -174,6 +188,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed-offset", type=int, default=0,
                         help="train scANVI with the mask's seed plus this (rows 'scanvi_seed+N'): its own training "
                              "noise on one mask, which one run per mask leaves in the comparison")
+    parser.add_argument("--samples-per-label", type=int, default=None,
+                        help="scANVI's n_samples_per_label (at most N labelled cells of each class per epoch; default: "
+                             "none, the issue's protocol; pass --method to name the rows)")
     parser.add_argument("--method", default=None,
                         help="the rows' method name instead of the default (e.g. scanvi_rerun: the same seed again "
                              "on another machine)")
@@ -187,5 +204,6 @@ if __name__ == "__main__":
         if (setting, method, seed) in done_keys() or (args.only and folder.name not in args.only):
             continue
         print(f"== {folder.name}", flush=True)
-        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs, args.seed_offset, args.scanvi_epochs),
+        append(dict(score_folder(folder, pbmc, levels, paths, args.scvi_epochs, args.seed_offset, args.scanvi_epochs,
+                                 args.samples_per_label),
                     setting=setting, seed=seed, method=method))
