@@ -18,9 +18,7 @@ import anndata
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-
-def within_sum_of_squares(latent, classes):
-    return sum(((latent[classes == k] - latent[classes == k].mean(axis=0)) ** 2).sum() for k in np.unique(classes))
+from scvae_hier.tree_clustering import _within_leaves as within_sum_of_squares  # what the grouping minimises
 
 
 def gaussian_cost(latent, classes):
