@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import scvae_hier.tree_clustering as tree
+from scvae_hier.tree_shape import leaf_ancestors
 
 
 def grouping(n_leaves, starts, repeats, seed=0):
@@ -59,7 +60,7 @@ def labelled_placement(repeats, seed=0):
 
     def slots_apart(k, scored, seed=0, chunk=40320, groups=None, tolerance=0.0, costs=None):
         """The search before: a slot's conflicts column part of what groups it (so none group)."""
-        columns = tree.interchangeable_slots(tree.leaf_ancestors(parents, 10)[:-1], conflicts)
+        columns = tree.interchangeable_slots(leaf_ancestors(parents, 10)[:-1], conflicts)
         return plain_search(k, scored, seed, chunk, columns, tolerance)
     times, found = {"conflicts as a cost": [], "slots kept apart": []}, {}
     for _ in range(repeats):

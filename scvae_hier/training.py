@@ -22,7 +22,7 @@ from .data import (CountBatches, DataError, batch_covariates, file_checksum, fol
                    split_cells)
 from .files import atomic_path, write_csv
 from .hierarchy import Hierarchy
-from .labels import UNLABELLED, allowed_leaves, implied_leaves, label_codes, parse_reveal, reveal
+from .labels import allowed_leaves, implied_leaves, label_codes, parse_reveal, reveal
 from .markers import genes_of, resolve as resolve_markers
 from .initialisation import initialise_prior
 from .models import model_class

@@ -17,8 +17,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
 from .choices import LEAF_PLACEMENTS, TOP_LEVEL_SPLITS, check_choice
-from .models.layers import TREE_SHRINK
-from .models.supervision import leaf_ancestors
+from .tree_shape import TREE_SHRINK, leaf_ancestors
 
 EXHAUSTIVE_LEAVES = 10  # leaves up to which match_to_tree tries every assignment (10! = 3.6M)
 GRAPH_NEIGHBOURS = 15   # neighbours per cell in the graph that places leaves (scanpy's default)

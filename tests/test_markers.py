@@ -10,7 +10,7 @@ from scvae_hier.data import DataError, prepare
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.markers import genes_of, parse, resolve, scores
 from scvae_hier.models import TreeVAE
-from scvae_hier.models.supervision import leaf_ancestors
+from scvae_hier.tree_shape import leaf_ancestors
 from scvae_hier.tree_clustering import (high_group, marker_relatives, marker_violations, permutation_blocks,
                                     marker_sides, place_leaves, regroup_by_markers,
                                     tree_clustering)

@@ -1,5 +1,5 @@
-"""Packaging and layering: the wheel installs only `scvae_hier`; the command line's help loads no
-TensorFlow; the core never imports the analysis layer or a top-level `analyses` package; the pinned
+"""Packaging and layering: the wheel installs only `scvae_hier`; the command line's help and the
+tree clustering load no TensorFlow; the core never imports the analysis layer or a top-level `analyses` package; the pinned
 set runs scanpy's neighbours on a large latent."""
 import re
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["bounds", "choices", "data", "distributions", "files", "hierarchy", "initialisation", "metrics", "options",
-        "outputs", "runs", "sampling", "training"]
+        "outputs", "runs", "sampling", "training", "tree_clustering", "tree_shape"]
 
 
 def test_wheel_installs_only_the_scvae_hier_package(tmp_path):
@@ -23,6 +23,15 @@ def test_wheel_installs_only_the_scvae_hier_package(tmp_path):
 def test_help_loads_no_tensorflow():
     code = ("import sys; from scvae_hier.cli import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'scanpy')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_tree_clustering_loads_no_tensorflow():
+    """The clustering of a latent into the tree is numpy / scikit-learn: analyses that regroup
+    stored latents (and the tests of it) should not pay for TensorFlow's start-up."""
+    code = ("import sys; import scvae_hier.tree_clustering, scvae_hier.tree_shape; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
 

@@ -17,7 +17,7 @@ from test_tree import SMALL_PARENTS, small_model
 from scvae_hier.hierarchy import Hierarchy, HierarchyError
 from scvae_hier.labels import allowed_components, complete, label_codes, parse_reveal, reveal
 from scvae_hier.metrics import hierarchical_f1
-from scvae_hier.models.supervision import leaf_ancestors
+from scvae_hier.tree_shape import leaf_ancestors
 from scvae_hier.tree_clustering import tree_clustering
 
 TREE = Hierarchy("leaf", ["coarse", "mid", "fine"],

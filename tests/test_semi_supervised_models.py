@@ -17,7 +17,8 @@ from scvae_hier.labels import allowed_components
 from scvae_hier.models.indmom import IndMoMVAE
 from scvae_hier.models.mixture import MixtureVAE
 from scvae_hier.models.momix import MoMixVAE
-from scvae_hier.models.supervision import leaf_ancestors, level_masks, most_probable_path
+from scvae_hier.models.supervision import level_masks, most_probable_path
+from scvae_hier.tree_shape import leaf_ancestors
 
 SIZES = (2, 3, 5)
 LEAVES = leaf_ancestors(SMALL_PARENTS, 5)          # [3, 5]: the class of every leaf at every level

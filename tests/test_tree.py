@@ -18,13 +18,14 @@ from test_models import dense, nb_log_likelihood, softplus, stack_forward
 from scvae_hier.hierarchy import Hierarchy
 from scvae_hier.models import model_class
 import scvae_hier.tree_clustering as clustering
-from scvae_hier.models.supervision import leaf_ancestors, path_predictions
+from scvae_hier.models.supervision import path_predictions
 from scvae_hier.models.tree import TreeReseeding, TreeVAE
 from scvae_hier.tree_clustering import (MARKERS_FIRST, NEAR_TIE, _best_permutation, _graph_scores, _linkage_scores, _one_step_away, _placement_objective, _too_small, _tree_scores,
                                     describe_margin, fragment_classes, nearest_other_grouping, regrouped_leaves, same_grouping,
                                     assign_to_tree, coarse_first_grouping, coarse_first_weights, label_conflicts,
                                     exchanges, interchangeable_slots, least_exchange_cost, leaf_distances, leaf_links, match_to_tree, permutation_blocks, place_leaves, prune_leaves, tree_clustering)
 from scvae_hier.training import KLWarmUp
+from scvae_hier.tree_shape import leaf_ancestors
 
 RNG = np.random.default_rng(0)
 # The PBMC tree of nine leaves: Stem / Non-stem; CD34, B, NK, T; CD34, B, NK, CD4 T, CD8 T.

@@ -44,7 +44,7 @@ from sklearn.metrics import accuracy_score, adjusted_rand_score, f1_score  # noq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from scvae_hier.metrics import hierarchical_f1  # noqa: E402  (numpy only: no TensorFlow)
-from scanvi_methods import DEFAULT_SCVI_EPOCHS, RERUN, method_name  # noqa: E402
+from scanvi_methods import DEFAULT_SCVI_EPOCHS, method_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = ROOT / "data" / "pbmc.h5ad"

@@ -18,7 +18,6 @@ from run import PBMC, ROOT, score_run  # noqa: E402
 
 import anndata  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.options import TrainOptions  # noqa: E402

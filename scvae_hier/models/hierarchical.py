@@ -17,9 +17,10 @@ import keras
 import tensorflow as tf
 
 from ..choices import USAGE_TARGETS, check_choice
+from ..tree_shape import check_parents, default_parents
 from .base import BaseVAE
 from .paths import perplexity, usage_kl
-from .supervision import check_parents, default_parents, level_masks, most_probable_path, supervision_arguments
+from .supervision import level_masks, most_probable_path, supervision_arguments
 
 
 

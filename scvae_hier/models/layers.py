@@ -7,10 +7,10 @@ import tensorflow as tf
 
 from ..distributions import (LOG_R_RANGE, component_law, dense_lgamma_ratio_sum, get_likelihood, lgamma_ratio_sum,
                              nested_mixture_prior, rising_lgamma_ratio, rising_lgamma_ratio_sum)
+from ..tree_shape import TREE_SHRINK
 
 NORMALISATIONS = ("batch", "layer", "none")
 DISPERSIONS = ("cell", "gene")
-TREE_SHRINK = 0.5  # each level's offsets count half as much as its parent level's
 
 
 def _normalisation(kind: str):

@@ -18,11 +18,12 @@ import tensorflow_probability as tfp
 
 from ..choices import PRIOR_LAWS, PRIOR_PROBABILITIES, check_choice
 from ..distributions import mixture_prior
+from ..tree_shape import leaf_ancestors
 from .base import BaseVAE
 from .layers import DenseStack, GaussianHead, PriorComponents
 from .paths import perplexity
-from .supervision import (class_log_marginals, component_level_masks, label_log_mask, leaf_ancestors,
-                          path_predictions, restrict, supervision_arguments)
+from .supervision import (class_log_marginals, component_level_masks, label_log_mask, path_predictions, restrict,
+                          supervision_arguments)
 
 
 @keras.saving.register_keras_serializable("scvae_hier")

@@ -56,11 +56,12 @@ from ..labels import allowed_components
 from ..markers import scores as cell_marker_scores
 from ..tree_clustering import (label_conflicts, marker_sides, match_to_tree, nearest_other_grouping, prune_leaves,
                                regrouped_leaves, tree_clustering)
+from ..tree_shape import TREE_SHRINK, check_parents, default_parents, leaf_ancestors
 from .hierarchical import HierarchicalVAE
-from .layers import TREE_SHRINK, ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
+from .layers import ComponentLaw, DenseStack, GaussianHead, _inverse_softplus
 from .mixture import mixture_log_weights, mixture_terms
-from .supervision import (check_parents, class_log_marginals, component_level_masks, default_parents,
-                          hierarchy_parents, label_log_mask, leaf_ancestors, path_predictions, restrict)
+from .supervision import (class_log_marginals, component_level_masks, hierarchy_parents, label_log_mask,
+                          path_predictions, restrict)
 
 
 EMPTY_WEIGHT = 1e-12    # prior weight of an empty leaf's components (exactly 0 would make log p(c) -inf)

@@ -23,6 +23,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.models.tree import TreeVAE  # noqa: E402
 from scvae_hier.runs import load_model  # noqa: E402
+from scvae_hier.tree_shape import leaf_ancestors  # noqa: E402
 
 _init = TreeVAE.__init__
 
@@ -64,7 +65,7 @@ for run in sys.argv[1:]:
     latent = np.asarray(a.obsm["X_scvae"], "float64")
     model = load_model(run)
     parents, n_leaves = model.parents, model.level_sizes[-1]
-    ancestors = tree.leaf_ancestors(parents, n_leaves)
+    ancestors = leaf_ancestors(parents, n_leaves)
     truth = [a.obs[f"level_{l}"].astype(str).to_numpy() for l in range(1, len(ancestors) + 1)]
     for empty in [None] + one_leaf_slots(ancestors):
         if (run, str(empty)) in done:

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.markers import resolve as resolve_markers, scores as marker_scores  # noqa: E402
+from scvae_hier.tree_shape import leaf_ancestors  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grouping_weights.jsonl"
@@ -113,7 +114,7 @@ def ratios(decay, folders):
         model = keras.saving.load_model(folder / "model.keras")
         _, loc, _, split, _ = load_run(folder)
         latent = loc[split == "train"].astype("float64")
-        n_leaves, ancestors = model.level_sizes[-1], tree.leaf_ancestors(model.parents, model.level_sizes[-1])
+        n_leaves, ancestors = model.level_sizes[-1], leaf_ancestors(model.parents, model.level_sizes[-1])
         fit = KMeans(n_clusters=model.final_refit_clusters * n_leaves, n_init=10, random_state=model.seed).fit(latent)
         counts = np.bincount(fit.labels_, minlength=len(fit.cluster_centers_))
         within = []

@@ -33,8 +33,9 @@ from sklearn.metrics import adjusted_rand_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from restarts import ROOT, RUNS, run_predictions  # noqa: E402
 
-from scvae_hier.models.supervision import hierarchy_parents, leaf_ancestors  # noqa: E402
+from scvae_hier.models.supervision import hierarchy_parents  # noqa: E402
 from scvae_hier.tree_clustering import place_leaves, tree_clustering  # noqa: E402
+from scvae_hier.tree_shape import leaf_ancestors  # noqa: E402
 
 
 def expression(folder, drop_ribosomal):

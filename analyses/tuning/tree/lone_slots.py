@@ -17,12 +17,11 @@ from pathlib import Path
 
 for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
     os.environ[name] = "1"
-import numpy as np  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 import scvae_hier.tree_clustering as tree  # noqa: E402
 from scvae_hier.choices import DEFAULT_GROUPING_DECAY, DEFAULT_TOP_LEVEL_DECAY  # noqa: E402
-from scvae_hier.models.supervision import leaf_ancestors  # noqa: E402
+from scvae_hier.tree_shape import leaf_ancestors  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "lone_slots.jsonl"

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import anndata
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from scvae_hier.tree_clustering import nearest_other_grouping, regrouped_leaves  # noqa: E402

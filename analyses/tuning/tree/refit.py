@@ -25,7 +25,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 import scvae_hier.models.tree  # noqa: E402,F401  (registers TreeVAE)
 from scvae_hier.data import batch_covariates  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
-from scvae_hier.models.tree import leaf_ancestors, path_predictions  # noqa: E402
+from scvae_hier.models.supervision import path_predictions  # noqa: E402
 
 from scvae_hier.models.tree import TreeVAE  # noqa: E402
 
