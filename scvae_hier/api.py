@@ -208,9 +208,8 @@ class HierarchyModel:
         covariates, _ = batch_covariates(prepared.obs, meta.get("batch_key"), list(meta.get("batch_counts", {})))
         return prepared.X, covariates, rows
 
-    def _outputs(self, adata, batch=None):
-        from .outputs import predict_outputs
-
+    def _cells_of(self, adata, batch=None):
+        """(adata or the training AnnData, counts of the model's genes, covariates, row of each cell)."""
         self._check_trained()
         if adata is None:
             adata = self.adata
@@ -220,8 +219,22 @@ class HierarchyModel:
         if not adata.obs_names.is_unique:
             raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
                             "call adata.obs_names_make_unique() first.")
-        X, covariates, rows = self._model_cells(adata, batch)
+        return (adata, *self._model_cells(adata, batch))
+
+    def _outputs(self, adata, batch=None):
+        from .outputs import predict_outputs
+
+        adata, X, covariates, rows = self._cells_of(adata, batch)
         return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata, (X, covariates)
+
+    @staticmethod
+    def _per_cell(values, rows, n_obs, return_mean):
+        """The mean over the model's cells, or one value per cell of adata (NaN for cells left out)."""
+        if return_mean:
+            return float(np.mean(values))
+        out = np.full(n_obs, np.nan)
+        out[rows] = values
+        return out
 
     def _check_trained(self):
         if not self.is_trained:
@@ -233,6 +246,79 @@ class HierarchyModel:
         latent = np.full((adata.n_obs, out["latent"].shape[1]), np.nan, dtype=np.float32)
         latent[rows] = out["latent"]
         return latent
+
+    def get_elbo(self, adata=None, batch=None, return_mean=True):
+        """The evidence lower bound log p(x) >= ELBO in nats (higher is better; not negated, as in
+        scvi-tools), with the KL terms at full weight whatever the warm-up left: the mean over the
+        cells, or one value per cell of adata (NaN for cells left out) with return_mean=False.
+        The same bound `scvae-hier evaluate` reports; cells are read as unlabelled."""
+        from .bounds import elbo_terms
+
+        adata, X, covariates, rows = self._cells_of(adata, batch)
+        elbo = elbo_terms(self.module, X, batch_size=PREDICT_BATCH_SIZE, covariates=covariates)["elbo"]
+        return self._per_cell(elbo, rows, adata.n_obs, return_mean)
+
+    def get_marginal_ll(self, adata=None, n_samples=100, batch=None, seed=0, return_mean=True):
+        """The importance-weighted bound on log p(x) with `n_samples` draws from q(z|x) (Burda et
+        al.'s IWAE; tighter than the ELBO and reaching log p(x) as n_samples grows), in nats: the
+        mean over the cells, or per cell with return_mean=False. Seeded: the same arguments give
+        the same numbers. scvi-tools' `get_marginal_ll` estimates the same quantity."""
+        from .bounds import iwae
+
+        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+            raise ValueError(f"n_samples must be a whole number of draws, 1 or more; got {n_samples!r}.")
+        adata, X, covariates, rows = self._cells_of(adata, batch)
+        bound = iwae(self.module, X, n_samples=int(n_samples), batch_size=PREDICT_BATCH_SIZE, seed=seed,
+                     covariates=covariates)
+        return self._per_cell(bound, rows, adata.n_obs, return_mean)
+
+    def get_normalized_expression(self, adata=None, library_size=1.0, transform_batch=None, gene_list=None,
+                                  batch=None) -> pd.DataFrame:
+        """Denoised expression: the count law's mean decoded at each cell's latent mean E_q[z|x],
+        as shares of the cell's expected total, times `library_size` (1: proportions, as scVI's
+        default; 1e4: per 10,000 counts), [cells of adata, genes of the model or gene_list], NaN rows
+        for cells left out. With a zero-inflated law the mean includes the structural zeros.
+
+        transform_batch: decode every cell as if it came from this training batch, so cells from
+        different batches are compared on one footing (the encoder still reads each cell's own
+        batch). batch: read query cells from a batch the model never saw as this training batch."""
+        import tensorflow as tf
+
+        if not np.isfinite(library_size) or library_size <= 0:
+            raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
+        genes = list(self.module.metadata["genes"])
+        columns = np.arange(len(genes))
+        if gene_list is not None:
+            missing = [g for g in gene_list if g not in genes]
+            if missing:
+                raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
+                                 f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
+            columns = pd.Index(genes).get_indexer(list(gene_list))
+        out, rows, adata, (X, covariates) = self._outputs(adata, batch)
+        if transform_batch is not None:
+            known = list(self.module.metadata.get("batch_counts", {}))
+            if not self.module.n_covariates:
+                raise SetupError("transform_batch was given, but the model was trained without a batch covariate.")
+            if str(transform_batch) not in known:
+                raise SetupError(f"transform_batch={transform_batch!r} is not one of the model's training batches "
+                                 f"{known}.")
+            covariates = np.zeros_like(covariates)
+            covariates[:, known.index(str(transform_batch))] = 1.0
+        clustered = self.module.clustering != "none"
+        shares = []
+        for start in range(0, X.shape[0], PREDICT_BATCH_SIZE):
+            part = slice(start, start + PREDICT_BATCH_SIZE)
+            z = tf.constant(out["latent"][part])
+            c = None if covariates is None else tf.constant(covariates[part], tf.float32)
+            # The log library is a placeholder: the shares below do not depend on it.
+            params = self.module.decode(z[:, None] if clustered else z, None, c,
+                                        log_library=tf.zeros(z.shape[0]))
+            mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)
+            mean = mean[:, 0] if clustered else mean
+            shares.append(mean / mean.sum(axis=1, keepdims=True))
+        values = np.full((adata.n_obs, len(columns)), np.nan, dtype=np.float32)
+        values[rows] = (np.concatenate(shares) * library_size)[:, columns]
+        return pd.DataFrame(values, index=adata.obs_names, columns=[genes[i] for i in columns])
 
     def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
                         progress_bar=False) -> "HierarchyModel":

@@ -118,6 +118,85 @@ def test_sample_cells_of_a_hierarchy_node(momix):
         momix.sample(n=5, node=node, batch="x")
 
 
+def _decoded_shares(module, latent, onehot):
+    """The decoder by hand: [z, batch one-hot] -> (dense, batch norm at its moving statistics,
+    ReLU) x 2 -> NB mean exp(log r + logits), each cell's row divided by its sum."""
+    h = np.concatenate([latent, onehot], axis=1).astype(np.float64)
+    stack = module.decoder.stack
+    for dense, norm in zip(stack.dense, stack.norms):
+        h = h @ dense.kernel.numpy() + dense.bias.numpy()
+        h = (h - norm.moving_mean.numpy()) / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+        h = np.maximum(h * norm.gamma.numpy() + norm.beta.numpy(), 0.0)
+    heads = module.decoder.heads
+    log_r = np.clip(h @ heads["log_r"].kernel.numpy() + heads["log_r"].bias.numpy(), -10, 10)
+    mean = np.exp(log_r + h @ heads["logits"].kernel.numpy() + heads["logits"].bias.numpy())
+    return mean / mean.sum(axis=1, keepdims=True)
+
+
+def test_normalized_expression_is_the_decoder_mean_at_the_latent(momix):
+    adata, module = momix.adata, momix.module
+    genes, batches = module.metadata["genes"], list(module.metadata["batch_counts"])
+    modelled = adata.obs_names.isin(momix.cells.adata.obs_names)
+    latent = momix.get_latent_representation()[modelled]
+    own = np.eye(len(batches))[pd.Index(batches).get_indexer(adata.obs["source_dataset"][modelled].astype(str))]
+
+    expression = momix.get_normalized_expression(library_size=1e4)
+    assert list(expression.index) == list(adata.obs_names) and list(expression.columns) == genes
+    assert expression[~modelled].isna().all().all()                       # left-out cells: NaN, not shifted
+    np.testing.assert_allclose(expression[modelled].to_numpy(), 1e4 * _decoded_shares(module, latent, own),
+                               rtol=2e-4)
+    # Every cell decoded as from one batch: the same hand computation with that batch's one-hot.
+    target = batches[1]
+    moved = momix.get_normalized_expression(transform_batch=target)
+    as_target = np.zeros_like(own)
+    as_target[:, 1] = 1.0
+    np.testing.assert_allclose(moved[modelled].to_numpy(), _decoded_shares(module, latent, as_target), rtol=2e-4)
+    others = (adata.obs["source_dataset"][modelled] != target).to_numpy()
+    assert not np.allclose(moved[modelled].to_numpy()[others], expression[modelled].to_numpy()[others] / 1e4)
+    # Genes picked by name and order; cells matched by name, whatever order adata has them in.
+    picked = momix.get_normalized_expression(gene_list=[genes[5], genes[0]], library_size=1e4)
+    pd.testing.assert_frame_equal(picked, expression[[genes[5], genes[0]]])
+    reversed_cells = adata[::-1].copy()
+    np.testing.assert_allclose(momix.get_normalized_expression(reversed_cells, library_size=1e4).to_numpy(),
+                               expression.loc[reversed_cells.obs_names].to_numpy(), rtol=1e-5)
+    with pytest.raises(SetupError, match="not trained on.*NOT_A_GENE"):
+        momix.get_normalized_expression(gene_list=["NOT_A_GENE"])
+    with pytest.raises(SetupError, match="transform_batch='nowhere' is not one of the model's training batches"):
+        momix.get_normalized_expression(transform_batch="nowhere")
+    with pytest.raises(ValueError, match="library_size must be a positive"):
+        momix.get_normalized_expression(library_size=0)
+
+
+def test_elbo_and_marginal_likelihood_bound_the_same_quantity(momix):
+    adata = momix.adata
+    modelled = adata.obs_names.isin(momix.cells.adata.obs_names)
+    elbo = momix.get_elbo(return_mean=False)
+    assert elbo.shape == (adata.n_obs,) and np.isnan(elbo[~modelled]).all() and np.isfinite(elbo[modelled]).all()
+    assert momix.get_elbo() == pytest.approx(elbo[modelled].mean())
+    assert (elbo[modelled] < 0).all()                                     # a log-probability of counts
+    # The importance-weighted bound sums the clusters out of q too, so even one draw is at least
+    # the ELBO (up to its noise, a fraction of a nat over 540 cells), and more draws tighten it.
+    one_draw = momix.get_marginal_ll(n_samples=1)
+    many = momix.get_marginal_ll(n_samples=200, return_mean=False)
+    assert np.isnan(many[~modelled]).all()
+    assert elbo[modelled].mean() - 0.5 < one_draw < many[modelled].mean() - 1.0
+    assert momix.get_marginal_ll(n_samples=200) == pytest.approx(many[modelled].mean())   # seeded
+    with pytest.raises(ValueError, match="n_samples must be a whole number"):
+        momix.get_marginal_ll(n_samples=0)
+
+
+def test_marginal_likelihood_with_one_draw_is_the_elbo_of_a_plain_vae(cells):
+    """Without discrete variables the one-draw importance weight is the ELBO's integrand: both
+    estimate the same number (about -115 nats a cell here; one draw moves the mean by about a
+    nat, so eight seeds are averaged), which a per-count or negated ELBO would not."""
+    adata = cells.copy()
+    sh.VAE.setup_anndata(adata, layer="counts")
+    model = sh.VAE(adata, **TINY).train(**TRAIN)
+    elbo = model.get_elbo()
+    one_draw = np.mean([model.get_marginal_ll(n_samples=1, seed=seed) for seed in range(8)])
+    assert abs(one_draw - elbo) < 1.5 and model.get_marginal_ll(n_samples=200) > elbo + 5.0
+
+
 def test_flat_mixture_names_nest_in_the_hierarchy(cells):
     adata = cells.copy()
     sh.MixtureVAE.setup_anndata(adata, layer="counts")  # the shipped uns['hierarchy']
