@@ -195,11 +195,7 @@ class HierarchyModel:
         meta = self.module.metadata
         counts = self._counts_view(adata, meta.get("layer"))
         if batch is not None:
-            known = list(meta.get("batch_counts", {}))
-            if not meta.get("batch_key"):
-                raise SetupError("batch= was given, but the model was trained without a batch covariate.")
-            if str(batch) not in known:
-                raise SetupError(f"batch={batch!r} is not one of the model's training batches {known}.")
+            self._training_batch(batch, "batch")
             counts.obs = counts.obs.copy()
             counts.obs[meta["batch_key"]] = str(batch)
         prepared = prepare(counts, genes=meta["genes"], drop_empty_cells=meta.get("drop_empty_cells", False),
@@ -220,6 +216,16 @@ class HierarchyModel:
             raise DataError("adata.obs_names are not unique, so results cannot be matched to cells; "
                             "call adata.obs_names_make_unique() first.")
         return (adata, *self._model_cells(adata, batch))
+
+    def _training_batch(self, value, argument) -> int:
+        """The index of a training batch the caller named (`batch=`, `transform_batch=`), refused
+        by name when the model has no batch covariate or never saw that batch."""
+        known = list(self.module.metadata.get("batch_counts", {}))
+        if not self.module.metadata.get("batch_key"):
+            raise SetupError(f"{argument}= was given, but the model was trained without a batch covariate.")
+        if str(value) not in known:
+            raise SetupError(f"{argument}={value!r} is not one of the model's training batches {known}.")
+        return known.index(str(value))
 
     def _outputs(self, adata, batch=None):
         from .outputs import predict_outputs
@@ -296,14 +302,9 @@ class HierarchyModel:
             columns = pd.Index(genes).get_indexer(list(gene_list))
         out, rows, adata, (X, covariates) = self._outputs(adata, batch)
         if transform_batch is not None:
-            known = list(self.module.metadata.get("batch_counts", {}))
-            if not self.module.n_covariates:
-                raise SetupError("transform_batch was given, but the model was trained without a batch covariate.")
-            if str(transform_batch) not in known:
-                raise SetupError(f"transform_batch={transform_batch!r} is not one of the model's training batches "
-                                 f"{known}.")
+            index = self._training_batch(transform_batch, "transform_batch")
             covariates = np.zeros_like(covariates)
-            covariates[:, known.index(str(transform_batch))] = 1.0
+            covariates[:, index] = 1.0
         clustered = self.module.clustering != "none"
         shares = []
         for start in range(0, X.shape[0], PREDICT_BATCH_SIZE):

@@ -195,6 +195,8 @@ def test_marginal_likelihood_with_one_draw_is_the_elbo_of_a_plain_vae(cells):
     elbo = model.get_elbo()
     one_draw = np.mean([model.get_marginal_ll(n_samples=1, seed=seed) for seed in range(8)])
     assert abs(one_draw - elbo) < 1.5 and model.get_marginal_ll(n_samples=200) > elbo + 5.0
+    with pytest.raises(SetupError, match="transform_batch= was given, but the model was trained without a batch"):
+        model.get_normalized_expression(transform_batch="MUDAN")
 
 
 def test_flat_mixture_names_nest_in_the_hierarchy(cells):
