@@ -234,13 +234,19 @@ class HierarchyModel:
         return predict_outputs(self.module, X, PREDICT_BATCH_SIZE, covariates), rows, adata, (X, covariates)
 
     @staticmethod
-    def _per_cell(values, rows, n_obs, return_mean):
-        """The mean over the model's cells, or one value per cell of adata (NaN for cells left out)."""
-        if return_mean:
-            return float(np.mean(values))
-        out = np.full(n_obs, np.nan)
+    def _by_cell(values, rows, n_obs):
+        """Rows of the model's cells placed at their rows of adata; NaN for cells it left out."""
+        out = np.full((n_obs, *np.shape(values)[1:]), np.nan, dtype=np.result_type(values, np.float32))
         out[rows] = values
         return out
+
+    def _decode(self, z, covariates=None, log_library=None) -> dict:
+        """Decoder parameters at one latent per cell, z [n, D]. The decoder's batch normalisation
+        fixed the rank it was built on: [B, K, D] for models with clusters (one decode per
+        cluster), [B, D] for the plain VAE."""
+        clustered = self.module.clustering != "none"
+        params = self.module.decode(z[:, None] if clustered else z, None, covariates, log_library=log_library)
+        return {k: v[:, 0] if clustered else v for k, v in params.items()}
 
     def _check_trained(self):
         if not self.is_trained:
@@ -249,9 +255,7 @@ class HierarchyModel:
     def get_latent_representation(self, adata=None, batch=None) -> np.ndarray:
         """Latent means E_q[z|x], [cells of adata, latent_dim] (NaN rows for cells left out)."""
         out, rows, adata, _ = self._outputs(adata, batch)
-        latent = np.full((adata.n_obs, out["latent"].shape[1]), np.nan, dtype=np.float32)
-        latent[rows] = out["latent"]
-        return latent
+        return self._by_cell(out["latent"], rows, adata.n_obs)
 
     def get_elbo(self, adata=None, batch=None, return_mean=True):
         """The evidence lower bound log p(x) >= ELBO in nats (higher is better; not negated, as in
@@ -262,7 +266,7 @@ class HierarchyModel:
 
         adata, X, covariates, rows = self._cells_of(adata, batch)
         elbo = elbo_terms(self.module, X, batch_size=PREDICT_BATCH_SIZE, covariates=covariates)["elbo"]
-        return self._per_cell(elbo, rows, adata.n_obs, return_mean)
+        return float(np.mean(elbo)) if return_mean else self._by_cell(elbo, rows, adata.n_obs)
 
     def get_marginal_ll(self, adata=None, n_samples=100, batch=None, seed=0, return_mean=True):
         """The importance-weighted bound on log p(x) with `n_samples` draws from q(z|x) (Burda et
@@ -276,7 +280,7 @@ class HierarchyModel:
         adata, X, covariates, rows = self._cells_of(adata, batch)
         bound = iwae(self.module, X, n_samples=int(n_samples), batch_size=PREDICT_BATCH_SIZE, seed=seed,
                      covariates=covariates)
-        return self._per_cell(bound, rows, adata.n_obs, return_mean)
+        return float(np.mean(bound)) if return_mean else self._by_cell(bound, rows, adata.n_obs)
 
     def get_normalized_expression(self, adata=None, library_size=1.0, transform_batch=None, gene_list=None,
                                   batch=None) -> pd.DataFrame:
@@ -292,34 +296,27 @@ class HierarchyModel:
 
         if not np.isfinite(library_size) or library_size <= 0:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
-        genes = list(self.module.metadata["genes"])
-        columns = np.arange(len(genes))
-        if gene_list is not None:
-            missing = [g for g in gene_list if g not in genes]
-            if missing:
-                raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
-                                 f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
-            columns = pd.Index(genes).get_indexer(list(gene_list))
+        genes = pd.Index(self.module.metadata["genes"])
+        columns = np.arange(len(genes)) if gene_list is None else genes.get_indexer(list(gene_list))
+        missing = [g for g, c in zip(gene_list or [], columns) if c < 0]
+        if missing:
+            raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
+                             f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
         out, rows, adata, (X, covariates) = self._outputs(adata, batch)
         if transform_batch is not None:
             index = self._training_batch(transform_batch, "transform_batch")
             covariates = np.zeros_like(covariates)
             covariates[:, index] = 1.0
-        clustered = self.module.clustering != "none"
         shares = []
         for start in range(0, X.shape[0], PREDICT_BATCH_SIZE):
             part = slice(start, start + PREDICT_BATCH_SIZE)
-            z = tf.constant(out["latent"][part])
             c = None if covariates is None else tf.constant(covariates[part], tf.float32)
             # The log library is a placeholder: the shares below do not depend on it.
-            params = self.module.decode(z[:, None] if clustered else z, None, c,
-                                        log_library=tf.zeros(z.shape[0]))
+            params = self._decode(tf.constant(out["latent"][part]), c, log_library=tf.zeros(len(out["latent"][part])))
             mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)
-            mean = mean[:, 0] if clustered else mean
             shares.append(mean / mean.sum(axis=1, keepdims=True))
-        values = np.full((adata.n_obs, len(columns)), np.nan, dtype=np.float32)
-        values[rows] = (np.concatenate(shares) * library_size)[:, columns]
-        return pd.DataFrame(values, index=adata.obs_names, columns=[genes[i] for i in columns])
+        values = (np.concatenate(shares) * library_size)[:, columns].astype(np.float32)
+        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
 
     def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
                         progress_bar=False) -> "HierarchyModel":
@@ -592,11 +589,7 @@ class HierarchyModel:
             covariates = np.eye(len(categories), dtype=np.float32)[pd.Index(categories).get_indexer(batches)]
         mean, sd = meta.get("log_library", [0.0, 0.0])
         log_library = tf.constant(rng.normal(mean, sd, int(n)), tf.float32)
-        # The decoder's batch normalisation fixed the rank it was built on: [B, K, D] for models
-        # with clusters (one decode per cluster), [B, D] for the plain VAE.
-        clustered = self.module.clustering != "none"
-        params = self.module.decode(z[:, None] if clustered else z, None, covariates, log_library=log_library)
-        params = {k: (v[:, 0] if clustered else v).numpy().astype(np.float64) for k, v in params.items()}
+        params = {k: v.numpy().astype(np.float64) for k, v in self._decode(z, covariates, log_library).items()}
         counts = sample_counts(params, rng)
         obs = pd.DataFrame({"node": [str(node) if node is not None else "prior"] * int(n)},
                            index=[f"sample_{i}" for i in range(int(n))])

@@ -35,16 +35,12 @@ def done():
 
 
 def run(name, data, folds, nb=False, n_latent=None, seed=0):
-    import anndata
     import scvi
     import torch
+    from scvi_leiden import fold_cells
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    folder = HERE / "folds" / name
-    cells = pd.read_csv(folder / "cells.csv", index_col="cell")
-    genes = (folder / "genes.txt").read_text().split()
-    adata = anndata.read_h5ad(data)[cells.index, genes].copy()
-    adata.obs["batch"] = pd.Categorical(cells["batch"])
+    cells, adata = fold_cells(name, data)
     model_name = ("scVI, negative binomial" if nb else "scVI (defaults: ZINB)") + \
         (f", {n_latent} latent dimensions" if n_latent else "")
     settings = {**({"gene_likelihood": "nb"} if nb else {}), **({"n_latent": n_latent} if n_latent else {})}

@@ -65,14 +65,20 @@ def scvi_latent(train, test, seed):
     return model.get_latent_representation(test), seconds, model.history["elbo_train"].shape[0]
 
 
-def run(name, data, folds, seed=0):
+def fold_cells(name, data):
+    """(the exported table of cells: label, batch, split per fold; the experiment's cells x genes
+    of `data` as an AnnData with obs["batch"]), from `export_folds.py`'s folder for `name`."""
     folder = HERE / "folds" / name
     cells = pd.read_csv(folder / "cells.csv", index_col="cell")
     genes = (folder / "genes.txt").read_text().split()
-    hierarchy = Hierarchy.from_dict(json.loads((folder / "hierarchy.json").read_text()))
-    adata = anndata.read_h5ad(data)
-    adata = adata[cells.index, genes].copy()
+    adata = anndata.read_h5ad(data)[cells.index, genes].copy()
     adata.obs["batch"] = pd.Categorical(cells["batch"])
+    return cells, adata
+
+
+def run(name, data, folds, seed=0):
+    cells, adata = fold_cells(name, data)
+    hierarchy = Hierarchy.from_dict(json.loads((HERE / "folds" / name / "hierarchy.json").read_text()))
     for fold in folds:
         finished = done()   # read per fold: two processes may share the folds
         split = cells[f"fold_{fold}"].to_numpy()
