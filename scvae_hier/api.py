@@ -241,12 +241,18 @@ class HierarchyModel:
         return out
 
     def _decode(self, z, covariates=None, log_library=None) -> dict:
-        """Decoder parameters at one latent per cell, z [n, D]. The decoder's batch normalisation
-        fixed the rank it was built on: [B, K, D] for models with clusters (one decode per
-        cluster), [B, D] for the plain VAE."""
-        clustered = self.module.clustering != "none"
-        params = self.module.decode(z[:, None] if clustered else z, None, covariates, log_library=log_library)
-        return {k: v[:, 0] if clustered else v for k, v in params.items()}
+        """Decoder parameters [n, S, G] for S latents per cell, z [n, S, D]. The decoder's batch
+        normalisation fixed the rank it was built on: [B, K, D] for models with clusters, [B, D]
+        for the plain VAE, which decodes the S latents flattened."""
+        import tensorflow as tf
+
+        if self.module.clustering != "none":
+            return self.module.decode(z, None, covariates, log_library=log_library)
+        n, draws = tf.shape(z)[0], tf.shape(z)[1]
+        repeat = lambda t: None if t is None else tf.repeat(t, draws, axis=0)  # noqa: E731  rows of z
+        params = self.module.decode(tf.reshape(z, [n * draws, -1]), None, repeat(covariates),
+                                    log_library=repeat(log_library))
+        return {k: tf.reshape(v, [n, draws, -1]) for k, v in params.items()}
 
     def _check_trained(self):
         if not self.is_trained:
@@ -283,19 +289,30 @@ class HierarchyModel:
         return float(np.mean(bound)) if return_mean else self._by_cell(bound, rows, adata.n_obs)
 
     def get_normalized_expression(self, adata=None, library_size=1.0, transform_batch=None, gene_list=None,
-                                  batch=None) -> pd.DataFrame:
-        """Denoised expression: the count law's mean decoded at each cell's latent mean E_q[z|x],
-        as shares of the cell's expected total, times `library_size` (1: proportions, as scVI's
-        default; 1e4: per 10,000 counts), [cells of adata, genes of the model or gene_list], NaN rows
-        for cells left out. With a zero-inflated law the mean includes the structural zeros.
+                                  n_samples=None, seed=0, batch=None) -> pd.DataFrame:
+        """Denoised expression: the count law's mean as shares of the cell's expected total, times
+        `library_size` (1: proportions, as scVI's default; 1e4: per 10,000 counts), [cells of adata,
+        genes of the model or gene_list], NaN rows for cells left out. With a zero-inflated law
+        the mean includes the structural zeros.
 
+        n_samples: None decodes each cell's latent mean E_q[z|x] once (fast, deterministic); a
+        number S averages the shares over S draws z ~ q(z|x) (seeded by `seed`), as scvi-tools
+        does. Prefer draws for the mixture models: a cell whose q(y|x) is split between clusters
+        has its latent mean between them, where the decoder may have seen no cell.
         transform_batch: decode every cell as if it came from this training batch, so cells from
         different batches are compared on one footing (the encoder still reads each cell's own
         batch). batch: read query cells from a batch the model never saw as this training batch."""
         import tensorflow as tf
 
+        from .bounds import CELLS_TIMES_SAMPLES
+        from .models.mixture import draw_latent
+
         if not np.isfinite(library_size) or library_size <= 0:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer))
+                                      or n_samples < 1):
+            raise ValueError(f"n_samples must be None (decode the latent mean) or a whole number of draws, "
+                             f"1 or more; got {n_samples!r}.")
         genes = pd.Index(self.module.metadata["genes"])
         columns = np.arange(len(genes)) if gene_list is None else genes.get_indexer(list(gene_list))
         missing = [g for g, c in zip(gene_list or [], columns) if c < 0]
@@ -303,18 +320,27 @@ class HierarchyModel:
             raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
                              f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
         out, rows, adata, (X, covariates) = self._outputs(adata, batch)
+        decode_covariates = covariates
         if transform_batch is not None:
             index = self._training_batch(transform_batch, "transform_batch")
-            covariates = np.zeros_like(covariates)
-            covariates[:, index] = 1.0
+            decode_covariates = np.zeros_like(covariates)
+            decode_covariates[:, index] = 1.0
+        draws = 1 if n_samples is None else int(n_samples)
+        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // draws))   # bounds memory whatever S is
+        constant = lambda a, part: None if a is None else tf.constant(a[part], tf.float32)  # noqa: E731
         shares = []
-        for start in range(0, X.shape[0], PREDICT_BATCH_SIZE):
-            part = slice(start, start + PREDICT_BATCH_SIZE)
-            c = None if covariates is None else tf.constant(covariates[part], tf.float32)
+        for start in range(0, X.shape[0], step):
+            part = slice(start, start + step)
+            if n_samples is None:
+                z = tf.constant(out["latent"][part])[:, None]
+            else:
+                x = tf.constant(np.asarray(X[part].todense() if hasattr(X, "todense") else X[part]), tf.float32)
+                z = draw_latent(*self.module.posterior_mixture(x, constant(covariates, part)), draws,
+                                tf.constant([seed, start], tf.int64))
             # The log library is a placeholder: the shares below do not depend on it.
-            params = self._decode(tf.constant(out["latent"][part]), c, log_library=tf.zeros(len(out["latent"][part])))
-            mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)
-            shares.append(mean / mean.sum(axis=1, keepdims=True))
+            params = self._decode(z, constant(decode_covariates, part), log_library=tf.zeros(tf.shape(z)[0]))
+            mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)   # [cells, S, G]
+            shares.append((mean / mean.sum(axis=-1, keepdims=True)).mean(axis=1))
         values = (np.concatenate(shares) * library_size)[:, columns].astype(np.float32)
         return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
 
@@ -589,7 +615,8 @@ class HierarchyModel:
             covariates = np.eye(len(categories), dtype=np.float32)[pd.Index(categories).get_indexer(batches)]
         mean, sd = meta.get("log_library", [0.0, 0.0])
         log_library = tf.constant(rng.normal(mean, sd, int(n)), tf.float32)
-        params = {k: v.numpy().astype(np.float64) for k, v in self._decode(z, covariates, log_library).items()}
+        params = {k: v[:, 0].numpy().astype(np.float64) for k, v in self._decode(z[:, None], covariates,
+                                                                                  log_library).items()}
         counts = sample_counts(params, rng)
         obs = pd.DataFrame({"node": [str(node) if node is not None else "prior"] * int(n)},
                            index=[f"sample_{i}" for i in range(int(n))])

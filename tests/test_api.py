@@ -167,6 +167,74 @@ def test_normalized_expression_is_the_decoder_mean_at_the_latent(momix):
         momix.get_normalized_expression(library_size=0)
 
 
+def test_posterior_mixture_is_the_law_the_latent_is_the_mean_of(cells, momix):
+    """q(z|x) as a mixture (what denoised expression draws from) has the reported latent as its
+    mean, for every model kind; MoMixVAE in both of its inference modes."""
+    models = {"momix": momix}
+    for cls, options in [(sh.MixtureVAE, {}), (sh.IndMoMVAE, {}), (sh.TreeVAE, {}), (sh.VAE, None),
+                         (sh.MoMixVAE, {"inference": "scalable"})]:
+        adata = cells.copy()
+        cls.setup_anndata(adata, layer="counts", batch_key="source_dataset",
+                          **({} if options is None else {"levels": ["level_1", "level_2", "level_3", "level_4"]}))
+        models[cls.__name__ + str(options or "")] = cls(adata, **TINY, **(options or {})).train(**TRAIN)
+    for name, model in models.items():
+        adata, X, covariates, rows = model._cells_of(None)
+        log_q, loc, scale = (t.numpy() for t in model.module.posterior_mixture(
+            np.asarray(X.todense() if sp.issparse(X) else X, np.float32), covariates))
+        assert log_q.shape == loc.shape[:2] and loc.shape == scale.shape and (scale > 0).all(), name
+        np.testing.assert_allclose(np.exp(log_q).sum(axis=1), 1.0, rtol=1e-5, err_msg=name)
+        mean = np.einsum("bk,bkd->bd", np.exp(log_q), loc)
+        np.testing.assert_allclose(mean, model.get_latent_representation()[rows], rtol=1e-4, atol=1e-5, err_msg=name)
+        # Denoised expression from draws stays with its own cell (the plain VAE decodes them flattened).
+        drawn = model.get_normalized_expression(n_samples=50).to_numpy()[rows]
+        at_mean = model.get_normalized_expression().to_numpy()[rows]
+        shuffled = at_mean[np.random.default_rng(0).permutation(len(rows))]
+        assert np.abs(drawn - at_mean).mean() < 0.5 * np.abs(drawn - shuffled).mean(), name
+
+
+def test_latent_draws_follow_the_mixture():
+    """draw_latent against the law it draws from: two far-apart components weighted 0.3 / 0.7."""
+    from scvae_hier.models.mixture import draw_latent
+    log_q = np.log([[0.3, 0.7]], dtype=np.float32)
+    loc = np.array([[[-5.0, 1.0], [5.0, 2.0]]], np.float32)
+    scale = np.array([[[0.5, 1.5], [1.0, 0.25]]], np.float32)              # never across z_0 = 0
+    z = draw_latent(log_q, loc, scale, 20000, np.array([4, 0], np.int64)).numpy()[0]
+    first = z[:, 0] < 0
+    assert abs(first.mean() - 0.3) < 0.015                                   # 5 standard errors
+    for k, cells_of_k in enumerate([first, ~first]):
+        np.testing.assert_allclose(z[cells_of_k].mean(axis=0), loc[0, k], atol=0.05)
+        np.testing.assert_allclose(z[cells_of_k].std(axis=0), scale[0, k], rtol=0.03)
+    again = draw_latent(log_q, loc, scale, 20000, np.array([4, 0], np.int64)).numpy()[0]
+    np.testing.assert_array_equal(z, again)                                   # stateless: seeded
+
+
+def test_normalized_expression_averages_the_decoder_over_posterior_draws(momix):
+    """n_samples=S: the shares averaged over z ~ q(z|x), against the decoder by hand on draws made
+    here with numpy (y ~ q(y|x), z ~ N(loc_y, scale_y)): they agree within the Monte Carlo noise,
+    which is well below how far the latent-mean decode lies from both."""
+    module = momix.module
+    adata, X, covariates, rows = momix._cells_of(None)
+    log_q, loc, scale = (t.numpy().astype(np.float64) for t in module.posterior_mixture(
+        np.asarray(X.todense() if sp.issparse(X) else X, np.float32), covariates))
+    rng = np.random.default_rng(1)
+    draws = 1000
+    by_hand = np.zeros((len(rows), len(module.metadata["genes"])))
+    for _ in range(draws):
+        y = (rng.random((len(rows), 1)) > np.cumsum(np.exp(log_q), axis=1)).sum(axis=1).clip(max=log_q.shape[1] - 1)
+        picked = np.arange(len(rows))
+        z = loc[picked, y] + scale[picked, y] * rng.standard_normal(loc[picked, y].shape)
+        by_hand += _decoded_shares(module, z, covariates) / draws
+    drawn = momix.get_normalized_expression(n_samples=draws, seed=2).to_numpy()[rows]
+    at_mean = momix.get_normalized_expression().to_numpy()[rows]
+    monte_carlo = np.abs(drawn - by_hand).mean()
+    assert monte_carlo < 0.2 * np.abs(at_mean - by_hand).mean()
+    np.testing.assert_allclose(drawn.sum(axis=1), 1.0, rtol=1e-4)
+    assert np.array_equal(momix.get_normalized_expression(n_samples=draws, seed=2).to_numpy()[rows], drawn)
+    assert not np.array_equal(momix.get_normalized_expression(n_samples=draws, seed=3).to_numpy()[rows], drawn)
+    with pytest.raises(ValueError, match="n_samples must be None"):
+        momix.get_normalized_expression(n_samples=0)
+
+
 def test_elbo_and_marginal_likelihood_bound_the_same_quantity(momix):
     adata = momix.adata
     modelled = adata.obs_names.isin(momix.cells.adata.obs_names)

@@ -222,6 +222,11 @@ class BaseVAE(keras.Model):
         variable summed out of both, so that log-mean-exp over S bounds log p(x) (the IWAE)."""
         raise NotImplementedError
 
+    def posterior_mixture(self, x, covariates=None):
+        """q(z|x) as a mixture of diagonal Gaussians: log weights [B, K] and loc, scale [B, K, D]
+        (K = 1 where q(z|x) has no discrete part), for drawing latents (`mixture.draw_latent`)."""
+        raise NotImplementedError
+
     def level_predictions(self, level_probabilities, labels=None) -> list:
         """Each level's cluster per cell from its posterior q(y_l|x) ([n, K_l] numpy arrays, coarse
         to fine): the argmax of each level on its own. A model whose predictions must nest

@@ -118,6 +118,10 @@ class IndMoMVAE(HierarchicalVAE):
             weights.append(mixture_log_weights(self, x, covariates, log_qy, loc, scale, prior, n_samples, seeds[level]))
         return tf.reduce_logsumexp(tf.stack(weights), axis=0) - tf.math.log(float(self.n_levels))
 
+    def posterior_mixture(self, x, covariates=None):
+        """The finest branch's q(z|x): the branch whose latent `outputs` reports."""
+        return self.encode(x, covariates=self.check_covariates(covariates))[-1]
+
     def outputs(self, x, covariates=None):
         out = {}
         for level, (log_qy, loc, _) in enumerate(self.encode(x, covariates=self.check_covariates(covariates)),

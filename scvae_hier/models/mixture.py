@@ -141,8 +141,11 @@ class MixtureVAE(BaseVAE):
     def log_importance_weights(self, x, n_samples, seed=(0, 0), covariates=None):
         """log p(x, z) - log q(z|x), [S, B], for z ~ q(z|x) = sum_y q(y|x) q(z|x,y) (stateless draws)."""
         covariates = self.check_covariates(covariates)
-        log_qy, loc, scale = self.encode(x, covariates=covariates)
-        return mixture_log_weights(self, x, covariates, log_qy, loc, scale, self.prior(), n_samples, seed)
+        return mixture_log_weights(self, x, covariates, *self.posterior_mixture(x, covariates), self.prior(),
+                                   n_samples, seed)
+
+    def posterior_mixture(self, x, covariates=None):
+        return self.encode(x, covariates=self.check_covariates(covariates))
 
     def get_config(self):
         return {**super().get_config(), "n_components": self.n_components, "prior": self.prior_law,
@@ -163,16 +166,23 @@ def mixture_terms(log_qy, loc, scale, z, reconstruction, components, log_py) -> 
             "kl_z": kl_z, "kl_y": kl_y}
 
 
+def draw_latent(log_qy, loc, scale, n_samples, seed):
+    """S stateless draws z ~ q(z|x) = sum_y q(y|x) N(loc_y, scale_y), [B, S, D]: y first, then z.
+
+    Shapes: log_qy [B, K]; loc, scale [B, K, D]; seed a stateless seed pair."""
+    y_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    y = tf.random.stateless_categorical(log_qy, n_samples, y_seed)                    # [B, S]
+    loc_y, scale_y = tf.gather(loc, y, batch_dims=1), tf.gather(scale, y, batch_dims=1)  # [B, S, D]
+    return loc_y + scale_y * tf.random.stateless_normal(tf.shape(loc_y), z_seed)
+
+
 def mixture_log_weights(model, x, covariates, log_qy, loc, scale, prior, n_samples, seed):
     """Importance log-weights [S, B] of a mixture with y summed out of both p(z) (`prior`, the
     marginal mixture) and q(z|x) = sum_y q(y|x) q(z|x,y): the proposal draws y, then z, but the
     weight never conditions on the drawn y, so its log-mean-exp bounds log p(x).
 
     Shapes: log_qy [B, K]; loc, scale [B, K, D]; seed a stateless seed pair; `model` decodes."""
-    y_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    y = tf.random.stateless_categorical(log_qy, n_samples, y_seed)                    # [B, S]
-    loc_y, scale_y = tf.gather(loc, y, batch_dims=1), tf.gather(scale, y, batch_dims=1)  # [B, S, D]
-    z = loc_y + scale_y * tf.random.stateless_normal(tf.shape(loc_y), z_seed)
+    z = draw_latent(log_qy, loc, scale, n_samples, seed)                              # [B, S, D]
     log_px = model.decoder.log_prob(x, model.decode(z, x, covariates))                # [B, S]
     q_components = tfp.distributions.Independent(
         tfp.distributions.Normal(loc[:, None], scale[:, None]), reinterpreted_batch_ndims=1)  # [B, 1, K]

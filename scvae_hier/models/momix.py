@@ -168,14 +168,18 @@ class MoMixVAE(HierarchicalVAE):
         q(z|x) = sum_path q(path|x) q(z|x, path). In scalable mode q(z|x, path) depends on the
         path through y_L alone, so the sum runs over y_L with the marginal q(y_L|x) (same law)."""
         covariates = self.check_covariates(covariates)
-        h = self.encoder_input(x, covariates)
+        return mixture_log_weights(self, x, covariates, *self.posterior_mixture(x, covariates), self.prior(),
+                                   n_samples, seed)
+
+    def posterior_mixture(self, x, covariates=None):
+        """q(z|x) over the paths (exact inference) or over y_L (scalable: q(z|x, path) depends on
+        the path through y_L alone, so the marginal q(y_L|x) weighs the same law)."""
+        h = self.encoder_input(x, self.check_covariates(covariates))
         log_q = self.log_q_paths(h)
         loc, scale = self.z_head(self.z_stack(h))                                 # [B, P or K_L, D]
         if self.inference == "exact":
-            log_q = tf.reshape(log_q, [tf.shape(x)[0], -1])
-        else:
-            log_q = level_marginals(log_q, self.n_levels)[-1]
-        return mixture_log_weights(self, x, covariates, log_q, loc, scale, self.prior(), n_samples, seed)
+            return tf.reshape(log_q, [tf.shape(x)[0], -1]), loc, scale
+        return level_marginals(log_q, self.n_levels)[-1], loc, scale
 
     def outputs(self, x, covariates=None):
         h = self.encoder_input(x, self.check_covariates(covariates))

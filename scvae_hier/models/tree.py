@@ -459,10 +459,13 @@ class TreeVAE(HierarchicalVAE):
         """[S, B] log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x), with p(z) the full mixture over
         components (c summed out of the prior; q(z|x) has no discrete part)."""
         covariates = self.check_covariates(covariates)
-        h = self.encoder_input(x, covariates)
-        loc, scale = self.z_head(self.z_stack(h))
-        return mixture_log_weights(self, x, covariates, tf.zeros_like(loc[:, :1]), loc[:, None], scale[:, None],
-                                   self.prior(), n_samples, seed)
+        return mixture_log_weights(self, x, covariates, *self.posterior_mixture(x, covariates), self.prior(),
+                                   n_samples, seed)
+
+    def posterior_mixture(self, x, covariates=None):
+        """q(z|x), one Gaussian: the discrete part lives in the prior only."""
+        loc, scale = self.z_head(self.z_stack(self.encoder_input(x, self.check_covariates(covariates))))
+        return tf.zeros_like(loc[:, :1]), loc[:, None], scale[:, None]
 
     # ---------------------------------------------------------------------------- training
     def fit(self, x=None, *args, callbacks=None, **kwargs):

@@ -51,6 +51,10 @@ class VAE(BaseVAE):
         log_w = self.decoder.log_prob(x, params) + self.prior().log_prob(z) - q.log_prob(z)
         return tf.transpose(log_w)
 
+    def posterior_mixture(self, x, covariates=None):
+        loc, scale = self.encode(x, covariates=self.check_covariates(covariates))
+        return tf.zeros_like(loc[:, :1]), loc[:, None], scale[:, None]
+
     def outputs(self, x, covariates=None):
         loc, _ = self.encode(x, covariates=self.check_covariates(covariates))
         return {"latent": loc}
