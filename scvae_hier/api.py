@@ -302,11 +302,6 @@ class HierarchyModel:
         transform_batch: decode every cell as if it came from this training batch, so cells from
         different batches are compared on one footing (the encoder still reads each cell's own
         batch). batch: read query cells from a batch the model never saw as this training batch."""
-        import tensorflow as tf
-
-        from .bounds import CELLS_TIMES_SAMPLES
-        from .models.mixture import draw_latent
-
         if not np.isfinite(library_size) or library_size <= 0:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
         if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer))
@@ -320,29 +315,158 @@ class HierarchyModel:
             raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
                              f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
         out, rows, adata, (X, covariates) = self._outputs(adata, batch)
-        decode_covariates = covariates
-        if transform_batch is not None:
-            index = self._training_batch(transform_batch, "transform_batch")
-            decode_covariates = np.zeros_like(covariates)
-            decode_covariates[:, index] = 1.0
+        shares = self._mean_shares(X, covariates, self._as_batch(covariates, transform_batch), n_samples, seed,
+                                   latent=out["latent"])
+        values = (shares * library_size)[:, columns].astype(np.float32)
+        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
+
+    def _as_batch(self, covariates, transform_batch):
+        """The covariates the decoder reads: every cell's as one training batch's (None: their own)."""
+        if transform_batch is None:
+            return covariates
+        index = self._training_batch(transform_batch, "transform_batch")
+        moved = np.zeros_like(covariates)
+        moved[:, index] = 1.0
+        return moved
+
+    def differential_expression(self, groupby, group1, group2=None, adata=None, delta=0.25, fdr_target=0.05,
+                                max_cells=2000, n_draws=4, n_replicates=200, transform_batch=None, seed=0,
+                                batch=None) -> pd.DataFrame:
+        """Genes whose denoised expression differs between two groups of cells, one row per gene of
+        the model, most probably DE first (`scvae_hier.differential`; the columns of scVI's
+        `differential_expression`: proba_de, bayes_factor, lfc_mean/median/std, scale1/2,
+        raw_mean1/2, non_zeros_proportion1/2, is_de_fdr).
+
+        groupby: a column of adata.obs (true labels, or predictions joined from predict_levels);
+        group1: a value of it (or a list), or a class above values of it ("T cell" takes the CD4 T
+        and CD8 T cells of a level-3 column). group2: None, group1's siblings in the hierarchy (the
+        other classes under its parent: "CD8 T" against "CD4 T", not against every other cell; an
+        only child meets its parent's siblings), else the rest; "rest": every other cell with a
+        value; or values / classes as for group1.
+        The fold change is that of the groups' mean log2 shares (geometric means; scale1 / scale2
+        are the arithmetic mean shares), and proba_de the share of n_replicates resamplings of each group's cells (at most max_cells of each, n_draws draws
+        from q(z|x) per cell) in which |log2 fold change| > delta. fdr_target: the expected false
+        discovery share of the genes called (`is_de_fdr`). transform_batch: decode both groups as
+        from one training batch, so groups from different batches are compared on one footing."""
+        from .differential import change_test, log_shares, resampled_means
+
+        for name, value in (("max_cells", max_cells), ("n_draws", n_draws), ("n_replicates", n_replicates)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a whole number, 1 or more; got {value!r}.")
+        adata, X, covariates, rows = self._cells_of(adata, batch)
+        if groupby not in adata.obs:
+            raise SetupError(f"groupby={groupby!r} is not a column of adata.obs (it has {list(adata.obs.columns)}); "
+                             f"join the predictions first (adata.obs = adata.obs.join(model.predict_levels())) "
+                             f"or name a label column.")
+        values = adata.obs[groupby].astype(object).to_numpy()[rows]
+        groups = self._groups(groupby, values, group1, group2)
+        rng = np.random.default_rng(seed)
+        decode = self._as_batch(covariates, transform_batch)
+        log_means, scales = [], []
+        for index, members in enumerate(groups[:2]):
+            cells = np.flatnonzero(members)
+            if len(cells) > max_cells:
+                cells = np.sort(rng.choice(cells, size=int(max_cells), replace=False))
+            take = lambda a: None if a is None else a[cells]  # noqa: E731
+            shares = np.stack([self._mean_shares(X[cells], take(covariates), take(decode), 1, seed * 1000 + 2 * d + index)
+                               for d in range(int(n_draws))], axis=1)                  # [cells, draws, genes]
+            log_means.append(resampled_means(log_shares(shares), n_replicates, rng))
+            scales.append(shares.mean(axis=(0, 1)))
+        genes = list(self.module.metadata["genes"])
+        table = change_test(log_means[0], log_means[1], genes, delta=delta, fdr_target=fdr_target)
+        for index, (members, scale) in enumerate(zip(groups[:2], scales), start=1):
+            table[f"scale{index}"] = pd.Series(scale, index=genes)
+            counts = X[members]
+            table[f"raw_mean{index}"] = pd.Series(np.asarray(counts.mean(axis=0)).ravel(), index=genes)
+            table[f"non_zeros_proportion{index}"] = pd.Series(np.asarray((counts > 0).mean(axis=0)).ravel(), index=genes)
+        table["group1"] = ", ".join(map(str, np.atleast_1d(group1)))
+        table["group2"] = groups[2]
+        table.attrs.update(cells1=int(groups[0].sum()), cells2=int(groups[1].sum()))
+        return table
+
+    def _groups(self, groupby, values, group1, group2):
+        """Boolean masks of the two groups' cells and a name for the second. A group is the cells
+        whose value is one of its names or lies under one in the hierarchy (so "T cell" takes the
+        CD4 T and CD8 T cells of a level-3 column); group2=None reads as group1's siblings in the
+        hierarchy (the rest where it has none)."""
+        text = np.array([str(v) if pd.notna(v) else "" for v in values], dtype=object)
+        wanted = [str(g) for g in np.atleast_1d(group1)]
+        first = self._under(text, wanted)
+        if not first.any():
+            raise SetupError(f"group1 {wanted} matches no value of adata.obs[{groupby!r}] among the model's cells "
+                             f"(it holds {sorted(set(text) - {''})}), nor a class above one.")
+        if group2 is None:
+            group2 = self._siblings(wanted) or "rest"
+        if isinstance(group2, str) and group2 == "rest":
+            second, name = (text != "") & ~first, "rest"
+        else:
+            others = [str(g) for g in np.atleast_1d(group2)]
+            second, name = self._under(text, others), ", ".join(others)
+        if (first & second).any():
+            raise SetupError(f"group1 {wanted} and group2 ({name}) share {int((first & second).sum())} cells; "
+                             f"a cell can be in one group only.")
+        if not second.any():
+            raise SetupError(f"group2 ({name}) matches no value of adata.obs[{groupby!r}] among the model's cells "
+                             f"(it holds {sorted(set(text) - {''})}), nor a class above one.")
+        return first, second, name
+
+    def _under(self, text, names) -> np.ndarray:
+        """Cells whose value is one of `names` or has one of them as an ancestor in the hierarchy."""
+        names = set(names)
+        above = {}
+        for path in (self.hierarchy.paths.values() if self.hierarchy is not None else []):
+            for depth, name in enumerate(path):
+                above.setdefault(name, set()).update(path[:depth + 1])
+        return np.array([bool(above.get(v, {v}) & names) for v in text])
+
+    def _siblings(self, classes) -> list:
+        """The other classes under the same parent as `classes` (at the finest level that has them
+        all); for an only child, its parent's siblings, and so on up (CD19+ B, alone under B cell,
+        is compared with the other lineages); [] where no level has them all, or they span parents."""
+        if self.hierarchy is None:
+            return []
+        holding = [level for level in range(self.hierarchy.n_levels) if set(classes) <= set(self.hierarchy.classes(level))]
+        if not holding:
+            return []
+        level, current = holding[-1], set(classes)
+        while level > 0:
+            names = self.hierarchy.classes(level)
+            parent_of = dict(zip(names, np.array(self.hierarchy.classes(level - 1))[self.hierarchy.parent_index(level)]))
+            parents = {parent_of[c] for c in current}
+            if len(parents) > 1:
+                return []
+            siblings = [c for c in names if c not in current and parent_of[c] in parents]
+            if siblings:
+                return siblings
+            level, current = level - 1, parents
+        return [c for c in self.hierarchy.classes(0) if c not in current]
+
+    def _mean_shares(self, X, covariates, decode_covariates, n_samples, seed, latent=None) -> np.ndarray:
+        """[cells, genes] decoded expression shares, averaged over n_samples draws z ~ q(z|x)
+        (None: decoded once at `latent`, the latent means). The encoder reads `covariates`, the
+        decoder `decode_covariates`; cells x draws per decoder call stay within CELLS_TIMES_SAMPLES."""
+        import tensorflow as tf
+
+        from .bounds import CELLS_TIMES_SAMPLES
+        from .models.mixture import draw_latent
+
         draws = 1 if n_samples is None else int(n_samples)
-        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // draws))   # bounds memory whatever S is
+        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // draws))
         constant = lambda a, part: None if a is None else tf.constant(a[part], tf.float32)  # noqa: E731
         shares = []
         for start in range(0, X.shape[0], step):
             part = slice(start, start + step)
             if n_samples is None:
-                z = tf.constant(out["latent"][part])[:, None]
+                z = tf.constant(latent[part])[:, None]
             else:
-                x = tf.constant(np.asarray(X[part].todense() if hasattr(X, "todense") else X[part]), tf.float32)
+                x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
                 z = draw_latent(*self.module.posterior_mixture(x, constant(covariates, part)), draws,
                                 tf.constant([seed, start], tf.int64))
             # The log library is a placeholder: the shares below do not depend on it.
             params = self._decode(z, constant(decode_covariates, part), log_library=tf.zeros(tf.shape(z)[0]))
             mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)   # [cells, S, G]
             shares.append((mean / mean.sum(axis=-1, keepdims=True)).mean(axis=1))
-        values = (np.concatenate(shares) * library_size)[:, columns].astype(np.float32)
-        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
+        return np.concatenate(shares)
 
     def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
                         progress_bar=False) -> "HierarchyModel":

@@ -235,6 +235,49 @@ def test_normalized_expression_averages_the_decoder_over_posterior_draws(momix):
         momix.get_normalized_expression(n_samples=0)
 
 
+def test_differential_expression_compares_a_node_with_its_siblings(momix):
+    """Groups by the hierarchy (siblings by default, a coarse node taking the cells under it),
+    counted by hand; raw means by hand; each group's mean share against the denoised expression
+    averaged over its cells (an independent path through get_normalized_expression)."""
+    adata = momix.adata
+    _, X, _, rows = momix._cells_of(None)
+    counts = X.toarray() if sp.issparse(X) else np.asarray(X)
+    obs = adata.obs.iloc[rows]
+    cd8, cd4 = (obs["level_3"] == "CD8 T").to_numpy(), (obs["level_3"] == "CD4 T").to_numpy()
+    de = momix.differential_expression("level_3", "CD8 T")
+    genes = momix.module.metadata["genes"]
+    assert sorted(de.index) == sorted(genes) and (de["group2"] == "CD4 T").all()
+    assert de.attrs == {"cells1": cd8.sum(), "cells2": cd4.sum()}
+    np.testing.assert_allclose(de.loc[genes, "raw_mean1"], counts[cd8].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(de.loc[genes, "non_zeros_proportion2"], (counts[cd4] > 0).mean(axis=0), rtol=1e-6)
+    expression = momix.get_normalized_expression(n_samples=20).to_numpy()[rows]
+    apart = np.abs(expression[cd8].mean(axis=0) - expression[cd4].mean(axis=0)).sum()    # the groups' own gap
+    for column, cells in (("scale1", cd8), ("scale2", cd4)):
+        reference = expression[cells].mean(axis=0)
+        assert np.abs(de.loc[genes, column].to_numpy() - reference).sum() < 0.3 * apart   # measured: 0.06 x
+    assert np.array_equal(momix.differential_expression("level_3", "CD8 T")["p_value"], de["p_value"])   # seeded
+    # A coarse class on a finer column takes the cells under it; an only child meets its parent's siblings.
+    lineage = momix.differential_expression("level_4", "T cell", n_replicates=20)
+    t_cells = (obs["level_2"] == "T cell").to_numpy()
+    others = obs["level_2"].isin(["B cell", "NK cell", "Monocyte"]).to_numpy()
+    assert lineage.attrs == {"cells1": t_cells.sum(), "cells2": others.sum()}
+    assert set(lineage["group2"].iloc[0].split(", ")) == {"B cell", "NK cell", "Monocyte"}
+    b_cells = momix.differential_expression("level_4", "CD19+ B", n_replicates=20)
+    assert set(b_cells["group2"].iloc[0].split(", ")) == {"NK cell", "T cell", "Monocyte"}
+    few = momix.differential_expression("level_3", "CD8 T", max_cells=10, n_replicates=20)
+    assert few.attrs == de.attrs and not np.allclose(few.loc[genes, "scale1"], de.loc[genes, "scale1"])
+    rest = momix.differential_expression("level_4", "CD19+ B", group2="rest", n_replicates=20)
+    assert rest.attrs["cells2"] == len(rows) - rest.attrs["cells1"]
+    with pytest.raises(SetupError, match="'nowhere' is not a column of adata.obs"):
+        momix.differential_expression("nowhere", "CD8 T")
+    with pytest.raises(SetupError, match=r"group1 \['Neuron'\] matches no value"):
+        momix.differential_expression("level_3", "Neuron")
+    with pytest.raises(SetupError, match="share .* cells; a cell can be in one group only"):
+        momix.differential_expression("level_4", "T cell", group2="CD8 T")
+    with pytest.raises(ValueError, match="n_draws must be a whole number"):
+        momix.differential_expression("level_3", "CD8 T", n_draws=0)
+
+
 def test_elbo_and_marginal_likelihood_bound_the_same_quantity(momix):
     adata = momix.adata
     modelled = adata.obs_names.isin(momix.cells.adata.obs_names)

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["bounds", "choices", "data", "distributions", "files", "hierarchy", "initialisation", "metrics", "options",
+CORE = ["bounds", "choices", "data", "differential", "distributions", "files", "hierarchy", "initialisation", "metrics", "options",
         "outputs", "runs", "sampling", "training", "tree_clustering", "tree_shape"]
 
 
