@@ -15,6 +15,19 @@ from .data import file_counts, read_file
 from .files import write_h5ad
 
 
+def read_counts(model, path, layer=None):
+    """(the file as its user keeps it, an AnnData of its raw counts for the model): `layer` is the
+    file's layer of counts ("X" for X; default: the model's training layer, as a query is often
+    laid out as the reference was)."""
+    trained_layer = model.module.metadata.get("layer")
+    layer = trained_layer if layer is None else (None if layer == "X" else layer)
+    adata = read_file(path)
+    counts = anndata.AnnData(file_counts(adata, layer, path), obs=adata.obs, var=adata.var)
+    if trained_layer:        # where the model reads its counts from (its training layout)
+        counts.layers[trained_layer] = counts.X
+    return adata, counts
+
+
 def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False, fit_batches_epochs=0,
                   save_model=None, novelty_cutoff=None, layer=None):
     """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad).
@@ -30,9 +43,7 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     if output.resolve() == Path(query).resolve():
         raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
     model = load(run)
-    layer = model.module.metadata.get("layer") if layer is None else (None if layer == "X" else layer)
-    adata = read_file(query)  # the query as its user keeps it (X too), annotated below; the model reads `counts`
-    counts = anndata.AnnData(file_counts(adata, layer, query), obs=adata.obs, var=adata.var)
+    adata, counts = read_counts(model, query, layer)
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
     if fit_batches_epochs:

@@ -133,6 +133,10 @@ class HierarchyModel:
     def _counts_view(adata, layer=None):
         """An AnnData sharing obs/var whose X holds the counts (X or the setup's layer)."""
         layer = layer if layer is not None else adata.uns.get(SETUP_KEY, {}).get("layer")
+        if layer and layer not in adata.layers:
+            raise DataError(f"adata has no layer {layer!r}, where the model reads raw counts (it was set up with "
+                            f"layer={layer!r}); its layers: {list(adata.layers)}. Put the counts there "
+                            f"(adata.layers[{layer!r}] = counts).")
         return anndata.AnnData(X=adata.layers[layer] if layer else adata.X, obs=adata.obs, var=adata.var)
 
     def __repr__(self):
@@ -383,6 +387,54 @@ class HierarchyModel:
         table["group2"] = groups[2]
         table.attrs.update(cells1=int(groups[0].sum()), cells2=int(groups[1].sum()))
         return table
+
+    def hierarchy_markers(self, adata=None, groupby=None, n_genes=10, batch=None, **options) -> pd.DataFrame:
+        """The marker genes of every node of the hierarchy against its siblings, one table: for each
+        class that splits from its siblings (coarse to fine; a class alone under its parent is the
+        same cells as its parent and is listed once), the genes called by `differential_expression`
+        and up in the node, at most n_genes, largest fold change first. Columns: level, node,
+        against, rank, gene, lfc_mean, p_value_adjusted, scale1, scale2, cells1, cells2.
+
+        groupby: an obs column of class names (any level; coarser nodes take the cells under
+        them); default: the model's finest-level predictions (`predict_levels`), so no labels are
+        needed. options: differential_expression's (delta, fdr_target, max_cells, transform_batch, ...)."""
+        if self.hierarchy is None:
+            raise SetupError("hierarchy_markers needs a model trained with a hierarchy (labels); use "
+                             "differential_expression with groups of your own.")
+        if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
+            raise ValueError(f"n_genes must be a whole number of genes, 1 or more; got {n_genes!r}.")
+        adata = self.adata if adata is None else adata
+        if groupby is None:
+            groupby = "scvae_" + self.hierarchy.levels[-1]
+            adata = adata.copy()
+            adata.obs[groupby] = self.predict_levels(adata, batch=batch)[groupby]
+        if groupby not in adata.obs:
+            raise SetupError(f"groupby={groupby!r} is not a column of adata.obs (it has {list(adata.obs.columns)}).")
+        _, _, _, rows = self._cells_of(adata, batch)
+        values = adata.obs[groupby].astype(object).to_numpy()[rows]
+        tables, seen = [], set()
+        for level, level_name in enumerate(self.hierarchy.levels):
+            for node in self.hierarchy.classes(level):
+                if not self._siblings([node]):
+                    continue
+                try:
+                    first, second, _ = self._groups(groupby, values, node, None)
+                except SetupError:                # a class with no cells here, or siblings without
+                    continue
+                key = (np.flatnonzero(first).tobytes(), np.flatnonzero(second).tobytes())
+                if key in seen:
+                    continue
+                seen.add(key)
+                de = self.differential_expression(groupby, node, adata=adata, batch=batch, **options)
+                up = de[de["is_de_fdr"] & (de["lfc_mean"] > 0)].sort_values("lfc_mean", ascending=False).head(n_genes)
+                tables.append(pd.DataFrame({
+                    "level": level_name, "node": node, "against": de["group2"].iloc[0],
+                    "rank": np.arange(1, len(up) + 1), "gene": up.index,
+                    **{c: up[c].to_numpy() for c in ("lfc_mean", "p_value_adjusted", "scale1", "scale2")},
+                    "cells1": de.attrs["cells1"], "cells2": de.attrs["cells2"]}))
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+            columns=["level", "node", "against", "rank", "gene", "lfc_mean", "p_value_adjusted", "scale1", "scale2",
+                     "cells1", "cells2"])
 
     def _groups(self, groupby, values, group1, group2):
         """Boolean masks of the two groups' cells and a name for the second. A group is the cells

@@ -108,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Epochs of --fit-new-batches over the query cells (default: %(default)s).")
     annotate.add_argument("--save-model", help="With --fit-new-batches, also save the extended model to this folder.")
 
+    markers = commands.add_parser(
+        "markers", help="Marker genes of every node of a trained model's hierarchy against its siblings "
+                        "(differential expression of its denoised expression), one CSV.")
+    markers.add_argument("run", help="Run folder (or saved model folder) of a model trained with a hierarchy.")
+    markers.add_argument("data", help="Count file whose cells to compare (e.g. the training file).")
+    markers.add_argument("--output", required=True, help="The .csv to write (a row per node and gene).")
+    markers.add_argument("--groupby", help="obs column of class names at any level (default: the model's own "
+                                           "finest-level predictions, so no labels are needed).")
+    markers.add_argument("--n-genes", type=int, default=10, help="Genes per node at most (default: %(default)s).")
+    markers.add_argument("--delta", type=float, default=0.25,
+                         help="|log2 fold change| a gene must exceed (default: %(default)s).")
+    markers.add_argument("--fdr", type=float, default=0.05, help="False discovery rate target (default: %(default)s).")
+    markers.add_argument("--transform-batch", help="Decode every cell as from this training batch.")
+    markers.add_argument("--layer", help="The file's layer of raw counts, or X (default: the model's training layer).")
+    markers.add_argument("--batch", help="Read every cell as this training batch (for a batch the model never saw).")
+
     refit = commands.add_parser(
         "refit", help="Redo a trained TreeVAE's final prior refit with other settings (top-level rule, marker genes, "
                       "empty leaves, grouping weights) into a new run folder, without training again.")
@@ -239,8 +255,29 @@ def run_annotate(args) -> int:
     return 0
 
 
+def run_markers(args) -> int:
+    from pathlib import Path
+
+    from .annotation import read_counts
+    from .api import load
+
+    output = Path(args.output)
+    if output.suffix != ".csv":
+        raise ValueError(f"--output must be a .csv file, got {str(output)!r}.")
+    model = load(args.run)
+    adata, counts = read_counts(model, args.data, args.layer)
+    table = model.hierarchy_markers(counts, groupby=args.groupby, n_genes=args.n_genes, batch=args.batch,
+                                    delta=args.delta, fdr_target=args.fdr, transform_batch=args.transform_batch)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
+    for (level, node, against), genes in table.groupby(["level", "node", "against"], sort=False)["gene"]:
+        print(f"{level}: {node} (against {against}): {' '.join(genes)}")
+    print(f"{len(table)} marker rows for {table['node'].nunique()} nodes written to {output}")
+    return 0
+
+
 COMMANDS = {"train": run_train, "refit": run_refit, "evaluate": run_evaluate, "analyse": run_analyse,
-            "experiment": run_experiment, "annotate": run_annotate}
+            "experiment": run_experiment, "annotate": run_annotate, "markers": run_markers}
 
 
 def typed_options(argv) -> set:

@@ -278,6 +278,29 @@ def test_differential_expression_compares_a_node_with_its_siblings(momix):
         momix.differential_expression("level_3", "CD8 T", n_draws=0)
 
 
+def test_hierarchy_markers_list_each_splitting_node_once(momix):
+    """Every class that splits from its siblings, once (a class alone under its parent is its
+    parent's cells), coarse to fine; each node's genes are differential_expression's calls, up in
+    the node, largest fold change first; the default reads the model's own predictions."""
+    # The test model trains for 2 epochs: small fold changes count here (delta 0.02).
+    table = momix.hierarchy_markers(groupby="level_4", n_genes=3, n_replicates=50, delta=0.02)
+    hierarchy = momix.hierarchy
+    nodes = list(dict.fromkeys(table["node"]))
+    assert all(momix._siblings([node]) for node in nodes) and {"T cell", "CD8 T"} <= set(nodes)
+    assert (table.groupby("node")["level"].nunique() == 1).all()            # each node listed once
+    # The same cells under several names (Stem = CD34 HSC = CD34+; B cell = CD19+ B) count once.
+    assert len({"Stem", "CD34 HSC", "CD34+"} & set(nodes)) <= 1 and len({"B cell", "CD19+ B"} & set(nodes)) <= 1
+    assert (table.groupby("node")["rank"].max() <= 3).all()
+    for node in ("T cell", "CD8 T"):
+        de = momix.differential_expression("level_4", node, n_replicates=50, delta=0.02)
+        calls = de[de["is_de_fdr"] & (de["lfc_mean"] > 0)].sort_values("lfc_mean", ascending=False)
+        assert list(table.loc[table["node"] == node, "gene"]) == list(calls.index[:3])
+    own = momix.hierarchy_markers(n_genes=2, n_replicates=20, delta=0.02)
+    assert len(own) and set(own["node"]) <= set(sum((hierarchy.classes(l) for l in range(4)), []))
+    with pytest.raises(SetupError, match="'nowhere' is not a column"):
+        momix.hierarchy_markers(groupby="nowhere")
+
+
 def test_elbo_and_marginal_likelihood_bound_the_same_quantity(momix):
     adata = momix.adata
     modelled = adata.obs_names.isin(momix.cells.adata.obs_names)
@@ -342,3 +365,19 @@ def test_command_line_trains_the_same_model(momix, cells, tmp_path):
     np.testing.assert_array_equal(latent.loc[outputs.obs_names].to_numpy(), outputs.obsm["X_scvae"])
     loaded = sh.load(run)
     assert loaded.module.metadata["cluster_names"] == momix.module.metadata["cluster_names"]
+    # `scvae-hier markers` on the file gives the API's table (the same model, cells and seeds).
+    table = tmp_path / "markers.csv"
+    assert main(["markers", str(run), str(path), "--output", str(table), "--groupby", "level_4", "--n-genes", "3",
+                 "--delta", "0.02"]) == 0
+    expected = momix.hierarchy_markers(groupby="level_4", n_genes=3, delta=0.02)
+    assert len(expected) > 10
+    pd.testing.assert_frame_equal(pd.read_csv(table), expected.reset_index(drop=True), check_dtype=False)
+    assert main(["markers", str(run), str(path), "--output", str(tmp_path / "markers.txt")]) == 2
+    # `scvae-hier annotate` reads a model trained on a layer from that layer of the file (it raised
+    # KeyError 'counts' before 2026-12-06); the API names a missing layer.
+    assert main(["annotate", str(run), str(path), "--output", str(tmp_path / "annotated.h5ad")]) == 0
+    annotated = anndata.read_h5ad(tmp_path / "annotated.h5ad")
+    np.testing.assert_array_equal(annotated.obs["scvae_level_4"].astype(str).to_numpy(),
+                                  momix.predict_levels(cells)["scvae_level_4"].astype(str).to_numpy())
+    with pytest.raises(DataError, match="adata has no layer 'counts'"):
+        momix.get_latent_representation(anndata.AnnData(cells.layers["counts"], obs=cells.obs, var=cells.var))
