@@ -135,6 +135,36 @@ class Hierarchy:
         parent = {p[l]: p[l - 1] for p in self.paths.values()}
         return np.array([self._index[l - 1][parent[c]] for c in self._classes[l]], dtype=int)
 
+    def siblings(self, classes) -> list:
+        """The other classes under the same parent as `classes` (at the finest level that has them
+        all); for an only child, its parent's siblings, and so on up (CD19+ B, alone under B cell,
+        meets the other lineages); [] where no level has them all, or they span parents."""
+        holding = [l for l in range(self.n_levels) if set(classes) <= set(self._classes[l])]
+        if not holding:
+            return []
+        level, current = holding[-1], set(classes)
+        while level > 0:
+            names = self._classes[level]
+            parent_of = {p[level]: p[level - 1] for p in self.paths.values()}
+            parents = {parent_of[c] for c in current}
+            if len(parents) > 1:
+                return []
+            siblings = [c for c in names if c not in current and parent_of[c] in parents]
+            if siblings:
+                return siblings
+            level, current = level - 1, parents
+        return [c for c in self._classes[0] if c not in current]
+
+    def under(self, values, names) -> np.ndarray:
+        """Boolean per value: it is one of `names`, or one of them is above it in the tree (a
+        level-3 "CD8 T" is under the level-2 "T cell"). Values outside the hierarchy match by name."""
+        names = set(names)
+        above = {}
+        for path in self.paths.values():
+            for depth, name in enumerate(path):
+                above.setdefault(name, set()).update(path[:depth + 1])
+        return np.array([bool(above.get(v, {v}) & names) for v in values], dtype=bool)
+
     # -- labels --------------------------------------------------------------------------
 
     def validate(self, labels):

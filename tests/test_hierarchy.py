@@ -234,3 +234,33 @@ def test_shipped_kang_data_carries_its_four_level_hierarchy():
     assert hierarchy.label_column == "cluster_id" and hierarchy.sizes == [2, 4, 6, 8]
     hierarchy.validate(adata.obs["cluster_id"].astype(str).to_numpy())
     assert adata.shape == (12261, 1287) and set(adata.obs["sample_id"].astype(str)).__len__() == 8
+
+
+def test_siblings_and_the_classes_under_a_node_by_brute_force(pbmc_h):
+    """siblings() against a search over the paths: the classes sharing the node's parent, climbing
+    while the node is an only child; under() against "the node is on the value's path"."""
+    levels = pbmc_h.paths.values()
+
+    def by_paths(node):
+        depth = max(i for p in levels for i, name in enumerate(p) if name == node)
+        current = {node}
+        while depth > 0:
+            parent = {p[depth - 1] for p in levels if p[depth] in current}
+            found = {p[depth] for p in levels if p[depth - 1] in parent} - current
+            if found:
+                return found
+            depth, current = depth - 1, parent
+        return {p[0] for p in levels} - current
+
+    for level in range(pbmc_h.n_levels):
+        for node in pbmc_h.classes(level):
+            assert set(pbmc_h.siblings([node])) == by_paths(node), node
+    assert pbmc_h.siblings(["CD8 T"]) == ["CD4 T"]
+    assert set(pbmc_h.siblings(["CD19+ B"])) == {"NK cell", "T cell", "Monocyte"}   # B cell splits no further
+    assert pbmc_h.siblings(["CD34+"]) == ["Non-stem"]
+    assert pbmc_h.siblings(["CD4 T", "CD8 T"]) == pbmc_h.siblings(["T cell"])
+    assert pbmc_h.siblings(["CD4+ helper", "CD8+ cytotoxic T"]) == [] and pbmc_h.siblings(["Neuron"]) == []
+    values = np.array(pbmc_h.classes(3) + ["T cell", "unassigned", ""], dtype=object)
+    for node in ("T cell", "CD8 T", "Non-stem", "CD34+", "unassigned"):
+        expected = [any(node in p[:p.index(v) + 1] for p in levels if v in p) or v == node for v in values]
+        np.testing.assert_array_equal(pbmc_h.under(values, [node]), expected, err_msg=node)

@@ -48,7 +48,7 @@ def groups_of(model, adata, column, group1, group2):
     """The model's own reading of the groups (as differential_expression makes them): boolean
     masks over adata's cells and the second group's name."""
     _, _, _, rows = model._cells_of(adata)
-    first, second, name = model._groups(column, adata.obs[column].astype(object).to_numpy()[rows], group1, group2)
+    first, second, name = model._groups(column, model._obs_values(adata, column, rows), group1, group2)
     masks = []
     for mask in (first, second):
         full = np.zeros(adata.n_obs, bool)
