@@ -15,7 +15,7 @@ from .data import file_counts, read_file
 from .files import write_h5ad
 
 
-def read_counts(model, path, layer=None):
+def counts_for_model(model, path, layer=None):
     """(the file as its user keeps it, an AnnData of its raw counts for the model): `layer` is the
     file's layer of counts ("X" for X; default: the model's training layer, as a query is often
     laid out as the reference was)."""
@@ -43,7 +43,7 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     if output.resolve() == Path(query).resolve():
         raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
     model = load(run)
-    adata, counts = read_counts(model, query, layer)
+    adata, counts = counts_for_model(model, query, layer)
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
     if fit_batches_epochs:

@@ -44,6 +44,16 @@ class SetupError(ValueError):
     """An AnnData was not set up for scvae-hier, or does not fit a trained model."""
 
 
+def _check_whole(name, value, minimum=1, unit="", none_means=None):
+    """Refuse a count argument that is not a whole number >= minimum (bools too; None when it
+    has a meaning, given by none_means)."""
+    if value is None and none_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        alternative = f"None ({none_means}) or " if none_means else ""
+        raise ValueError(f"{name} must be {alternative}a whole number{unit}, {minimum} or more; got {value!r}.")
+
+
 def _hierarchy_from(adata, hierarchy, levels, label_key, unlabelled_category=None):
     if hierarchy is not None and levels is not None:
         raise SetupError("Give either hierarchy= (a file, dict or Hierarchy) or levels= (obs columns), not both.")
@@ -285,8 +295,7 @@ class HierarchyModel:
         the same numbers. scvi-tools' `get_marginal_ll` estimates the same quantity."""
         from .bounds import iwae
 
-        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-            raise ValueError(f"n_samples must be a whole number of draws, 1 or more; got {n_samples!r}.")
+        _check_whole("n_samples", n_samples, unit=" of draws")
         adata, X, covariates, rows = self._cells_of(adata, batch)
         bound = iwae(self.module, X, n_samples=int(n_samples), batch_size=PREDICT_BATCH_SIZE, seed=seed,
                      covariates=covariates)
@@ -308,10 +317,7 @@ class HierarchyModel:
         batch). batch: read query cells from a batch the model never saw as this training batch."""
         if not np.isfinite(library_size) or library_size <= 0:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
-        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer))
-                                      or n_samples < 1):
-            raise ValueError(f"n_samples must be None (decode the latent mean) or a whole number of draws, "
-                             f"1 or more; got {n_samples!r}.")
+        _check_whole("n_samples", n_samples, unit=" of draws", none_means="decode the latent mean")
         genes = pd.Index(self.module.metadata["genes"])
         columns = np.arange(len(genes)) if gene_list is None else genes.get_indexer(list(gene_list))
         missing = [g for g, c in zip(gene_list or [], columns) if c < 0]
@@ -375,8 +381,7 @@ class HierarchyModel:
         from .differential import change_test, log_shares, resampled_means
 
         for name, value in (("max_cells", max_cells), ("n_draws", n_draws), ("n_replicates", n_replicates)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a whole number, 1 or more; got {value!r}.")
+            _check_whole(name, value)
         first, second, second_name = self._groups(groupby, values, group1, group2)
         rng = np.random.default_rng(seed)
         decode = self._as_batch(covariates, transform_batch)
@@ -386,8 +391,8 @@ class HierarchyModel:
             if len(cells) > max_cells:
                 cells = np.sort(rng.choice(cells, size=int(max_cells), replace=False))
             take = lambda a: None if a is None else a[cells]  # noqa: E731
-            shares = np.stack([self._mean_shares(X[cells], take(covariates), take(decode), 1, seed * 1000 + 2 * d + index)
-                               for d in range(int(n_draws))], axis=1)                  # [cells, draws, genes]
+            shares = self._mean_shares(X[cells], take(covariates), take(decode), int(n_draws), 2 * seed + index,
+                                       average=False)                                  # [cells, draws, genes]
             log_means.append(resampled_means(log_shares(shares), n_replicates, rng))
             scales.append(shares.mean(axis=(0, 1)))
         genes = list(self.module.metadata["genes"])
@@ -417,8 +422,7 @@ class HierarchyModel:
         if self.hierarchy is None:
             raise SetupError("hierarchy_markers needs a model trained with a hierarchy (labels); use "
                              "differential_expression with groups of your own.")
-        if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
-            raise ValueError(f"n_genes must be a whole number of genes, 1 or more; got {n_genes!r}.")
+        _check_whole("n_genes", n_genes, unit=" of genes")
         defaults = {name: p.default for name, p in inspect.signature(self.differential_expression).parameters.items()
                     if name not in ("groupby", "group1", "group2", "adata", "batch")}
         unknown = sorted(set(options) - set(defaults))
@@ -482,10 +486,11 @@ class HierarchyModel:
                              f"(it holds {held}), nor a class above one.")
         return first, second, name
 
-    def _mean_shares(self, X, covariates, decode_covariates, n_samples, seed, latent=None) -> np.ndarray:
+    def _mean_shares(self, X, covariates, decode_covariates, n_samples, seed, latent=None, average=True) -> np.ndarray:
         """[cells, genes] decoded expression shares, averaged over n_samples draws z ~ q(z|x)
-        (None: decoded once at `latent`, the latent means). The encoder reads `covariates`, the
-        decoder `decode_covariates`; cells x draws per decoder call stay within CELLS_TIMES_SAMPLES."""
+        (None: decoded once at `latent`, the latent means); [cells, draws, genes] with average=False.
+        The encoder reads `covariates`, the decoder `decode_covariates`; cells x draws per decoder
+        call stay within CELLS_TIMES_SAMPLES."""
         import tensorflow as tf
 
         from .bounds import CELLS_TIMES_SAMPLES
@@ -506,7 +511,8 @@ class HierarchyModel:
             # The log library is a placeholder: the shares below do not depend on it.
             params = self._decode(z, constant(decode_covariates, part), log_library=tf.zeros(tf.shape(z)[0]))
             mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)   # [cells, S, G]
-            shares.append((mean / mean.sum(axis=-1, keepdims=True)).mean(axis=1))
+            part_shares = mean / mean.sum(axis=-1, keepdims=True)
+            shares.append(part_shares.mean(axis=1) if average else part_shares)
         return np.concatenate(shares)
 
     def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
@@ -750,8 +756,7 @@ class HierarchyModel:
         from .sampling import sample_counts
 
         self._check_trained()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be a whole number of cells, 0 or more; got {n!r}.")
+        _check_whole("n", n, minimum=0, unit=" of cells")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if batch is not None and not self.module.n_covariates:

@@ -258,14 +258,14 @@ def run_annotate(args) -> int:
 def run_markers(args) -> int:
     from pathlib import Path
 
-    from .annotation import read_counts
+    from .annotation import counts_for_model
     from .api import load
 
     output = Path(args.output)
     if output.suffix != ".csv":
         raise ValueError(f"--output must be a .csv file, got {str(output)!r}.")
     model = load(args.run)
-    adata, counts = read_counts(model, args.data, args.layer)
+    _, counts = counts_for_model(model, args.data, args.layer)
     table = model.hierarchy_markers(counts, groupby=args.groupby, n_genes=args.n_genes, batch=args.batch,
                                     delta=args.delta, fdr_target=args.fdr, transform_batch=args.transform_batch)
     output.parent.mkdir(parents=True, exist_ok=True)
