@@ -24,34 +24,21 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .choices import check_choice
-from .data import DataError, validate_counts
+from .choices import check_choice, check_whole
+from .data import DataError, SetupError, validate_counts
+from .expression import ExpressionMixin
 from .hierarchy import Hierarchy
 from .labels import label_codes
+from .outputs import PREDICT_BATCH_SIZE
 from .options import TrainOptions
 
 SETUP_KEY = "_scvae_hier"  # adata.uns entry written by setup_anndata
-PREDICT_BATCH_SIZE = 1024
 # TrainOptions that are about files, runs or the command line, not the model or its training.
 NOT_MODEL_OPTIONS = {"data", "model", "output", "resume", "overwrite", "layer", "label_column", "hierarchy",
                      "levels", "batch_key", "folds", "fold", "out_of_core"}
 TRAIN_ARGUMENTS = {"max_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
                    "warm_up": "warm_up", "patience": "patience", "split": "split", "seed": "seed", "xla": "xla",
                    "init": "init"}
-
-
-class SetupError(ValueError):
-    """An AnnData was not set up for scvae-hier, or does not fit a trained model."""
-
-
-def _check_whole(name, value, minimum=1, unit="", none_means=None):
-    """Refuse a count argument that is not a whole number >= minimum (bools too; None when it
-    has a meaning, given by none_means)."""
-    if value is None and none_means:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        alternative = f"None ({none_means}) or " if none_means else ""
-        raise ValueError(f"{name} must be {alternative}a whole number{unit}, {minimum} or more; got {value!r}.")
 
 
 def _hierarchy_from(adata, hierarchy, levels, label_key, unlabelled_category=None):
@@ -73,7 +60,7 @@ def _hierarchy_from(adata, hierarchy, levels, label_key, unlabelled_category=Non
     return None
 
 
-class HierarchyModel:
+class HierarchyModel(ExpressionMixin):
     """Shared user API; each subclass names one model of `scvae_hier.models`."""
 
     model_name = None
@@ -295,225 +282,11 @@ class HierarchyModel:
         the same numbers. scvi-tools' `get_marginal_ll` estimates the same quantity."""
         from .bounds import iwae
 
-        _check_whole("n_samples", n_samples, unit=" of draws")
+        check_whole("n_samples", n_samples, unit=" of draws")
         adata, X, covariates, rows = self._cells_of(adata, batch)
         bound = iwae(self.module, X, n_samples=int(n_samples), batch_size=PREDICT_BATCH_SIZE, seed=seed,
                      covariates=covariates)
         return float(np.mean(bound)) if return_mean else self._by_cell(bound, rows, adata.n_obs)
-
-    def get_normalized_expression(self, adata=None, library_size=1.0, transform_batch=None, gene_list=None,
-                                  n_samples=None, seed=0, batch=None) -> pd.DataFrame:
-        """Denoised expression: the count law's mean as shares of the cell's expected total, times
-        `library_size` (1: proportions, as scVI's default; 1e4: per 10,000 counts), [cells of adata,
-        genes of the model or gene_list], NaN rows for cells left out. With a zero-inflated law
-        the mean includes the structural zeros.
-
-        n_samples: None decodes each cell's latent mean E_q[z|x] once (fast, deterministic); a
-        number S averages the shares over S draws z ~ q(z|x) (seeded by `seed`), as scvi-tools
-        does: the posterior mean of the expression, which the latent-mean decode approximates
-        (README: 3% apart over all genes, sharp markers' class means up to 15-25%).
-        transform_batch: decode every cell as if it came from this training batch, so cells from
-        different batches are compared on one footing (the encoder still reads each cell's own
-        batch). batch: read query cells from a batch the model never saw as this training batch."""
-        if not np.isfinite(library_size) or library_size <= 0:
-            raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
-        _check_whole("n_samples", n_samples, unit=" of draws", none_means="decode the latent mean")
-        genes = pd.Index(self.module.metadata["genes"])
-        columns = np.arange(len(genes)) if gene_list is None else genes.get_indexer(list(gene_list))
-        missing = [g for g, c in zip(gene_list or [], columns) if c < 0]
-        if missing:
-            raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
-                             f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
-        out, rows, adata, (X, covariates) = self._outputs(adata, batch)
-        shares = self._mean_shares(X, covariates, self._as_batch(covariates, transform_batch), n_samples, seed,
-                                   latent=out["latent"])
-        values = (shares * library_size)[:, columns].astype(np.float32)
-        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
-
-    def _as_batch(self, covariates, transform_batch):
-        """The covariates the decoder reads: every cell's as one training batch's (None: their own)."""
-        if transform_batch is None:
-            return covariates
-        index = self._training_batch(transform_batch, "transform_batch")
-        moved = np.zeros_like(covariates)
-        moved[:, index] = 1.0
-        return moved
-
-    def differential_expression(self, groupby, group1, group2=None, adata=None, delta=0.25, fdr_target=0.05,
-                                max_cells=2000, n_draws=4, n_replicates=200, transform_batch=None, seed=0,
-                                batch=None) -> pd.DataFrame:
-        """Genes whose denoised expression differs between two groups of cells, one row per gene of
-        the model, most significant first (`scvae_hier.differential`): lfc_mean / median / std,
-        p_value, p_value_adjusted, is_de_fdr, proba_de, bayes_factor, scale1 / 2, raw_mean1 / 2,
-        non_zeros_proportion1 / 2; the group sizes in `.attrs`.
-
-        groupby: a column of adata.obs (true labels, or predictions joined from predict_levels);
-        group1: a value of it (or a list), or a class above values of it ("T cell" takes the CD4 T
-        and CD8 T cells of a level-3 column). group2: None, group1's siblings in the hierarchy (the
-        other classes under its parent: "CD8 T" against "CD4 T", not against every other cell; an
-        only child meets its parent's siblings), else the rest; "rest": every other cell with a
-        value; or values / classes as for group1.
-        The log2 fold change is the difference of the groups' mean log2 expression (one count per
-        10,000 added); its spread comes from n_replicates resamplings of each group's cells (at most
-        max_cells of each, n_draws draws from q(z|x) per cell). p_value tests |LFC| <= delta;
-        is_de_fdr is Benjamini-Hochberg's adjusted p-value <= fdr_target. transform_batch: decode
-        both groups as from one training batch, so groups from different batches are compared on
-        one footing."""
-        adata, X, covariates, rows = self._cells_of(adata, batch)
-        values = self._obs_values(adata, groupby, rows)
-        return self._differential(X, covariates, values, groupby, group1, group2, delta=delta, fdr_target=fdr_target,
-                                  max_cells=max_cells, n_draws=n_draws, n_replicates=n_replicates,
-                                  transform_batch=transform_batch, seed=seed)
-
-    @staticmethod
-    def _obs_values(adata, groupby, rows) -> np.ndarray:
-        """The model's cells' values of an obs column, as text ("" for missing)."""
-        if groupby not in adata.obs:
-            raise SetupError(f"groupby={groupby!r} is not a column of adata.obs (it has {list(adata.obs.columns)}); "
-                             f"join the predictions first (adata.obs = adata.obs.join(model.predict_levels())) "
-                             f"or name a label column.")
-        values = adata.obs[groupby].astype(object).to_numpy()[rows]
-        return np.array([str(v) if pd.notna(v) else "" for v in values], dtype=object)
-
-    def _differential(self, X, covariates, values, groupby, group1, group2, delta, fdr_target, max_cells, n_draws,
-                      n_replicates, transform_batch, seed) -> pd.DataFrame:
-        """differential_expression on the model's prepared cells (counts X, covariates, values)."""
-        from .differential import change_test, log_shares, resampled_means
-
-        for name, value in (("max_cells", max_cells), ("n_draws", n_draws), ("n_replicates", n_replicates)):
-            _check_whole(name, value)
-        first, second, second_name = self._groups(groupby, values, group1, group2)
-        rng = np.random.default_rng(seed)
-        decode = self._as_batch(covariates, transform_batch)
-        log_means, scales = [], []
-        for index, members in enumerate((first, second)):
-            cells = np.flatnonzero(members)
-            if len(cells) > max_cells:
-                cells = np.sort(rng.choice(cells, size=int(max_cells), replace=False))
-            take = lambda a: None if a is None else a[cells]  # noqa: E731
-            shares = self._mean_shares(X[cells], take(covariates), take(decode), int(n_draws), 2 * seed + index,
-                                       average=False)                                  # [cells, draws, genes]
-            log_means.append(resampled_means(log_shares(shares), n_replicates, rng))
-            scales.append(shares.mean(axis=(0, 1)))
-        genes = list(self.module.metadata["genes"])
-        table = change_test(log_means[0], log_means[1], genes, delta=delta, fdr_target=fdr_target)
-        for index, (members, scale) in enumerate(zip((first, second), scales), start=1):
-            table[f"scale{index}"] = pd.Series(scale, index=genes)
-            counts = X[members]
-            table[f"raw_mean{index}"] = pd.Series(np.asarray(counts.mean(axis=0)).ravel(), index=genes)
-            table[f"non_zeros_proportion{index}"] = pd.Series(np.asarray((counts > 0).mean(axis=0)).ravel(), index=genes)
-        table["group1"] = ", ".join(map(str, np.atleast_1d(group1)))
-        table["group2"] = second_name
-        table.attrs.update(cells1=int(first.sum()), cells2=int(second.sum()))
-        return table
-
-    def hierarchy_markers(self, adata=None, groupby=None, n_genes=10, batch=None, **options) -> pd.DataFrame:
-        """The marker genes of every node of the hierarchy against its siblings, one table: for each
-        class that splits from its siblings (coarse to fine; a class alone under its parent is the
-        same cells as its parent and is listed once), the genes called by `differential_expression`
-        and up in the node, at most n_genes, largest fold change first. Columns: level, node,
-        against, rank, gene, lfc_mean, p_value_adjusted, scale1, scale2, cells1, cells2.
-
-        groupby: an obs column of class names (any level; coarser nodes take the cells under
-        them); default: the model's finest-level predictions (`predict_levels`), so no labels are
-        needed. options: differential_expression's (delta, fdr_target, max_cells, transform_batch, ...)."""
-        import inspect
-
-        if self.hierarchy is None:
-            raise SetupError("hierarchy_markers needs a model trained with a hierarchy (labels); use "
-                             "differential_expression with groups of your own.")
-        _check_whole("n_genes", n_genes, unit=" of genes")
-        defaults = {name: p.default for name, p in inspect.signature(self.differential_expression).parameters.items()
-                    if name not in ("groupby", "group1", "group2", "adata", "batch")}
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise TypeError(f"hierarchy_markers got unknown options {unknown}; it takes {sorted(defaults)}.")
-        settings = {**defaults, **options}
-        adata, X, covariates, rows = self._cells_of(adata, batch)
-        if groupby is None:
-            groupby = "scvae_" + self.hierarchy.levels[-1]
-            predicted = self.predict_levels(adata, batch=batch)[groupby].astype(object).to_numpy()[rows]
-            values = np.array([str(v) if pd.notna(v) else "" for v in predicted], dtype=object)
-        else:
-            values = self._obs_values(adata, groupby, rows)
-        tables, seen = [], set()
-        for level, level_name in enumerate(self.hierarchy.levels):
-            for node in self.hierarchy.classes(level):
-                if not self.hierarchy.siblings([node]):
-                    continue
-                try:
-                    first, second, _ = self._groups(groupby, values, node, None)
-                except SetupError:                # a class with no cells here, or siblings without
-                    continue
-                key = (np.flatnonzero(first).tobytes(), np.flatnonzero(second).tobytes())
-                if key in seen:
-                    continue
-                seen.add(key)
-                de = self._differential(X, covariates, values, groupby, node, None, **settings)
-                up = de[de["is_de_fdr"] & (de["lfc_mean"] > 0)].sort_values("lfc_mean", ascending=False).head(n_genes)
-                tables.append(pd.DataFrame({
-                    "level": level_name, "node": node, "against": de["group2"].iloc[0],
-                    "rank": np.arange(1, len(up) + 1), "gene": up.index,
-                    **{c: up[c].to_numpy() for c in ("lfc_mean", "p_value_adjusted", "scale1", "scale2")},
-                    "cells1": de.attrs["cells1"], "cells2": de.attrs["cells2"]}))
-        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-            columns=["level", "node", "against", "rank", "gene", "lfc_mean", "p_value_adjusted", "scale1", "scale2",
-                     "cells1", "cells2"])
-
-    def _groups(self, groupby, values, group1, group2):
-        """Boolean masks of the two groups' cells (values: text per model cell) and a name for the
-        second. A group is the cells whose value is one of its names or lies under one in the
-        hierarchy; group2=None reads as group1's siblings in the hierarchy (the rest where it has none)."""
-        under = self.hierarchy.under if self.hierarchy is not None else (lambda v, n: np.isin(v, list(n)))
-        wanted = [str(g) for g in np.atleast_1d(group1)]
-        held = sorted(set(values) - {""})
-        first = under(values, wanted)
-        if not first.any():
-            raise SetupError(f"group1 {wanted} matches no value of adata.obs[{groupby!r}] among the model's cells "
-                             f"(it holds {held}), nor a class above one.")
-        if group2 is None:
-            group2 = (self.hierarchy.siblings(wanted) if self.hierarchy is not None else []) or "rest"
-        if isinstance(group2, str) and group2 == "rest":
-            second, name = (values != "") & ~first, "rest"
-        else:
-            others = [str(g) for g in np.atleast_1d(group2)]
-            second, name = under(values, others), ", ".join(others)
-        if (first & second).any():
-            raise SetupError(f"group1 {wanted} and group2 ({name}) share {int((first & second).sum())} cells; "
-                             f"a cell can be in one group only.")
-        if not second.any():
-            raise SetupError(f"group2 ({name}) matches no value of adata.obs[{groupby!r}] among the model's cells "
-                             f"(it holds {held}), nor a class above one.")
-        return first, second, name
-
-    def _mean_shares(self, X, covariates, decode_covariates, n_samples, seed, latent=None, average=True) -> np.ndarray:
-        """[cells, genes] decoded expression shares, averaged over n_samples draws z ~ q(z|x)
-        (None: decoded once at `latent`, the latent means); [cells, draws, genes] with average=False.
-        The encoder reads `covariates`, the decoder `decode_covariates`; cells x draws per decoder
-        call stay within CELLS_TIMES_SAMPLES."""
-        import tensorflow as tf
-
-        from .bounds import CELLS_TIMES_SAMPLES
-        from .models.mixture import draw_latent
-
-        draws = 1 if n_samples is None else int(n_samples)
-        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // draws))
-        constant = lambda a, part: None if a is None else tf.constant(a[part], tf.float32)  # noqa: E731
-        shares = []
-        for start in range(0, X.shape[0], step):
-            part = slice(start, start + step)
-            if n_samples is None:
-                z = tf.constant(latent[part])[:, None]
-            else:
-                x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
-                z = draw_latent(*self.module.posterior_mixture(x, constant(covariates, part)), draws,
-                                tf.constant([seed, start], tf.int64))
-            # The log library is a placeholder: the shares below do not depend on it.
-            params = self._decode(z, constant(decode_covariates, part), log_library=tf.zeros(tf.shape(z)[0]))
-            mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)   # [cells, S, G]
-            part_shares = mean / mean.sum(axis=-1, keepdims=True)
-            shares.append(part_shares.mean(axis=1) if average else part_shares)
-        return np.concatenate(shares)
 
     def fit_new_batches(self, adata, max_epochs=50, batch_size=128, learning_rate=1e-3, seed=0,
                         progress_bar=False) -> "HierarchyModel":
@@ -756,7 +529,7 @@ class HierarchyModel:
         from .sampling import sample_counts
 
         self._check_trained()
-        _check_whole("n", n, minimum=0, unit=" of cells")
+        check_whole("n", n, minimum=0, unit=" of cells")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
         if batch is not None and not self.module.n_covariates:

@@ -1,8 +1,9 @@
-"""Every named choice a user can make, and the one function that checks them.
+"""Every named choice a user can make, and the functions that check them.
 
 Kept free of TensorFlow so that the command line can list choices (`scvae-hier --help`) without
 loading it; the models and laws import their names from here.
 """
+import numbers
 
 LIKELIHOOD_NAMES = ("negative_binomial", "poisson", "zero_inflated_negative_binomial", "zero_inflated_poisson")
 PRIOR_LAWS = ("normal", "student-t")
@@ -32,3 +33,13 @@ def check_choice(what: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}.")
     return value
+
+
+def check_whole(name, value, minimum=1, unit="", none_means=None):
+    """Refuse a count argument that is not a whole number >= minimum (bools too; None when it
+    has a meaning, given by none_means)."""
+    if value is None and none_means:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        alternative = f"None ({none_means}) or " if none_means else ""
+        raise ValueError(f"{name} must be {alternative}a whole number{unit}, {minimum} or more; got {value!r}.")

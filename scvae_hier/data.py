@@ -25,6 +25,10 @@ class DataError(ValueError):
     """Input data cannot be used as it is; the message says what is wrong and how to fix it."""
 
 
+class SetupError(ValueError):
+    """An AnnData was not set up for scvae-hier, or does not fit a trained model."""
+
+
 class OutlierCountWarning(UserWarning):
     """Counts far outside their gene's range (reported; --outlier-counts clip clips them)."""
 

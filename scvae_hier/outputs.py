@@ -23,6 +23,8 @@ from sklearn.metrics import adjusted_rand_score
 from .data import CountBatches
 from .files import write_h5ad
 
+PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
+
 
 class _ExpectedRetracing(logging.Filter):
     """Drops TensorFlow's "triggered tf.function retracing" warning. Every model traces its own

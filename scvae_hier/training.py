@@ -31,9 +31,8 @@ from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import cluster_names
 from .novelty import record_novelty_reference
-from .outputs import predict_outputs, write_outputs
+from .outputs import PREDICT_BATCH_SIZE, predict_outputs, write_outputs
 
-PREDICT_BATCH_SIZE = 1024  # fixed, so that reloaded models reproduce outputs bit for bit
 
 
 class KLWarmUp(keras.callbacks.Callback):
