@@ -15,7 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 __version__ = "0.2.0"
 
 _API = {"VAE", "MixtureVAE", "IndMoMVAE", "MoMixVAE", "TreeVAE", "load", "HierarchyModel"}
-__all__ = sorted(_API | {"pl", "load_model", "__version__"})
+__all__ = sorted(_API | {"pl", "load_model", "prepare_query_anndata", "__version__"})
 
 
 def load_model(run_or_file):
@@ -28,6 +28,8 @@ def load_model(run_or_file):
 def __getattr__(name):
     if name in _API:
         return getattr(importlib.import_module(".api", __name__), name)
+    if name == "prepare_query_anndata":
+        return importlib.import_module(".annotation", __name__).prepare_query_anndata
     if name == "pl":
         return importlib.import_module(".pl", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

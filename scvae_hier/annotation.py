@@ -1,18 +1,60 @@
 """Label transfer: a trained model names the cells of a new file (`scvae-hier annotate`).
 
-The query's genes are matched to the model's by name (missing genes are refused by name); a batch
+The query's genes are matched to the model's by name (missing genes are refused by name, or added
+as zero counts when the user asks: `prepare_query_anndata`, `--missing-genes zeros`); a batch
 the model never saw is refused unless the user says which training batch to read it as, or asks
 for it to be fitted with the rest of the model frozen (`fit_batches_epochs`, scvae_hier.query). The
 output is the query AnnData as read (its own X kept when the counts came from a layer), with
 per-level names, clusters and probabilities in obs and the latent in obsm["X_scvae"] (NaN rows for
 cells without counts on the model's genes).
 """
+import warnings
 from pathlib import Path
 
 import anndata
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
-from .data import file_counts, read_file
+from .choices import MISSING_GENES, check_choice
+from .data import DataError, file_counts, read_file
 from .files import write_h5ad
+
+
+class MissingGenesWarning(UserWarning):
+    """Genes of the model were absent from a query and were added as zero counts."""
+
+
+def prepare_query_anndata(adata, model) -> anndata.AnnData:
+    """`adata` with every gene of `model` (a trained scvae-hier model): the genes it lacks are
+    appended as zero counts in X and in every layer, with a MissingGenesWarning naming them, as
+    scvi-tools' `prepare_query_anndata` does for scArches. The encoder then reads those genes as
+    not expressed, so a cell that expresses them loses that evidence; the README ("Genes missing
+    from a query") measures what it costs. Returns `adata` itself when nothing is missing; refuses
+    a query that shares no gene with the model (names on another scheme, e.g. Ensembl IDs)."""
+    genes = [str(g) for g in model.module.metadata["genes"]]
+    names = adata.var_names.astype(str)
+    missing = [g for g in genes if g not in set(names)]
+    if not missing:
+        return adata
+    if len(missing) == len(genes):
+        raise DataError(f"The query shares none of the model's {len(genes)} genes (the model's start "
+                        f"{genes[:3]}, the query's {list(names[:3])}): gene names on another scheme? "
+                        f"Set adata.var_names to the scheme the model was trained on.")
+    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    warnings.warn(f"{len(missing)} of the model's {len(genes)} genes are missing from the query and were added as "
+                  f"zero counts: {shown}. The model reads them as not expressed; the README (\"Genes missing from "
+                  f"a query\") measures what that costs the predictions.", MissingGenesWarning, stacklevel=2)
+    zeros = sp.csr_matrix((adata.n_obs, len(missing)), dtype=np.float32)
+
+    def padded(matrix):
+        return sp.hstack([sp.csr_matrix(matrix), zeros.astype(matrix.dtype)], format="csr")
+
+    var = pd.concat([adata.var, pd.DataFrame(index=pd.Index(missing, name=adata.var_names.name))])
+    out = anndata.AnnData(padded(adata.X), obs=adata.obs.copy(), var=var, uns=dict(adata.uns),
+                          obsm=dict(adata.obsm), layers={k: padded(v) for k, v in adata.layers.items()})
+    out.var["missing_from_query"] = out.var_names.isin(missing)
+    return out
 
 
 def counts_for_model(model, path, layer=None):
@@ -29,13 +71,16 @@ def counts_for_model(model, path, layer=None):
 
 
 def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_empty_cells=False, fit_batches_epochs=0,
-                  save_model=None, novelty_cutoff=None, layer=None):
+                  save_model=None, novelty_cutoff=None, layer=None, missing_genes="refuse"):
     """Annotate the cells of `query` (a count file) with the model in `run`; write `output` (.h5ad).
     fit_batches_epochs > 0: first fit the query's new batches for that many epochs (then `batch`
     must be None); save_model: a folder for that extended model; novelty_cutoff: as predict_levels;
     layer: the query's layer of counts ("X" for X; default: the model's training layer, as a query
-    is often laid out as the reference was)."""
+    is often laid out as the reference was); missing_genes: "refuse" the query when it lacks some
+    of the model's genes, or add them as "zeros" (`prepare_query_anndata`)."""
     from .api import load
+
+    check_choice("missing_genes", missing_genes, MISSING_GENES)
 
     output = Path(output)
     if output.suffix != ".h5ad":
@@ -44,6 +89,10 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
         raise ValueError(f"--output {output} is the query file itself; write the annotation to another file.")
     model = load(run)
     adata, counts = counts_for_model(model, query, layer)
+    added = []
+    if missing_genes == "zeros":
+        counts = prepare_query_anndata(counts, model)
+        added = list(counts.var_names[counts.var["missing_from_query"]]) if "missing_from_query" in counts.var else []
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True
     if fit_batches_epochs:
@@ -64,6 +113,6 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
                                      "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),
                                      "fitted_batches": list(model.module.metadata.get("query_batches", [])),
-                                     "query_epochs": int(fit_batches_epochs)}
+                                     "query_epochs": int(fit_batches_epochs), "genes_added_as_zeros": added}
     write_h5ad(adata, output)
     return adata

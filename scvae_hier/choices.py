@@ -22,6 +22,7 @@ INITIALISATIONS = ("random", "pca-kmeans")
 OUTLIER_HANDLING = ("keep", "clip")
 OUT_OF_CORE = ("auto", "on", "off")
 EVALUATION_SETS = ("test", "validation", "train", "all")
+MISSING_GENES = ("refuse", "zeros")  # a query without some of the model's genes: refused, or read as zero counts
 DEFAULT_GROUPING_DECAY = 0.85  # TreeVAE's final refit: a level's compactness weight over its parent's (NOTES.md)
 DEFAULT_TOP_LEVEL_DECAY = 0.5  # ... and in the grouping that fixes the top level's classes first (NOTES.md)
 DEFAULT_TOP_LEVEL_SPLIT = "linkage"  # ... and how its placement splits the top level (NOTES.md)

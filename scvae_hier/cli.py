@@ -5,7 +5,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from .options import REFIT_OPTIONS, TrainOptions
-from .choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS
+from .choices import DEFAULT_IWAE_SAMPLES, EVALUATION_SETS as SETS, MISSING_GENES
 
 
 def _add_options(parser, dataclass, only=None):
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--query-epochs", type=int, default=50,
                           help="Epochs of --fit-new-batches over the query cells (default: %(default)s).")
     annotate.add_argument("--save-model", help="With --fit-new-batches, also save the extended model to this folder.")
+    annotate.add_argument("--missing-genes", choices=MISSING_GENES, default="refuse",
+                          help="A query without some of the model's genes: refuse it, naming them (default), or add "
+                               "them as zero counts, read as not expressed (the README measures the cost).")
 
     markers = commands.add_parser(
         "markers", help="Marker genes of every node of a trained model's hierarchy against its siblings "
@@ -235,7 +238,8 @@ def run_annotate(args) -> int:
 
     adata = annotate_file(args.run, args.query, args.output, args.unassigned_below, args.batch, args.drop_empty_cells,
                           fit_batches_epochs=args.query_epochs if args.fit_new_batches else 0,
-                          save_model=args.save_model, novelty_cutoff=args.novelty_cutoff, layer=args.layer)
+                          save_model=args.save_model, novelty_cutoff=args.novelty_cutoff, layer=args.layer,
+                          missing_genes=args.missing_genes)
     levels = [c for c in adata.obs.columns if c.startswith("scvae_") and c != "scvae_novelty"
               and not c.endswith(("_cluster", "_probability"))]
     for column in levels:
@@ -251,6 +255,10 @@ def run_annotate(args) -> int:
     if fitted:
         print(f"Fitted the query's new batch(es) {fitted} for {args.query_epochs} epochs, the rest of the model frozen"
               + (f"; extended model saved to {args.save_model}" if args.save_model else ""))
+    added = list(adata.uns["scvae_annotation"]["genes_added_as_zeros"])
+    if added:
+        print(f"{len(added)} of the model's genes were missing from the query and read as zero counts "
+              f"(uns['scvae_annotation']['genes_added_as_zeros'])")
     print(f"Annotated {adata.n_obs} cells; written to {args.output}")
     return 0
 

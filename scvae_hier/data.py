@@ -273,6 +273,9 @@ def gene_positions(var_names, genes, var=None) -> np.ndarray:
                 hint = (f". var[{column!r}] holds {found} of them: use it as the gene names "
                         f"(adata.var_names = adata.var[{column!r}].astype(str); adata.var_names_make_unique())")
                 break
+        if not hint:
+            hint = (". To read the data anyway with those genes as zero counts (not expressed), pad it: "
+                    "scvae_hier.prepare_query_anndata(adata, model), or `scvae-hier annotate --missing-genes zeros`")
         raise DataError(f"{len(missing)} of the {len(genes)} required genes are missing from the data: {shown}{hint}")
     return np.array([position[g] for g in genes], dtype=int)
 

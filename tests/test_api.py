@@ -390,3 +390,44 @@ def test_command_line_trains_the_same_model(momix, cells, tmp_path):
                                   momix.predict_levels(cells)["scvae_level_4"].astype(str).to_numpy())
     with pytest.raises(DataError, match="adata has no layer 'counts'"):
         momix.get_latent_representation(anndata.AnnData(cells.layers["counts"], obs=cells.obs, var=cells.var))
+
+
+def test_a_query_missing_genes_is_refused_unless_padded_with_zeros(momix, cells, tmp_path):
+    """A query without 5 of the model's genes is refused, naming them and the way out; padded
+    (prepare_query_anndata, or `annotate --missing-genes zeros`) it reads exactly as the full
+    query with those genes' counts set to zero, which is what the padding claims to be."""
+    from scvae_hier.annotation import MissingGenesWarning
+
+    genes = list(momix.module.metadata["genes"])
+    dropped = genes[3:8]
+    query = cells[:, ~cells.var_names.isin(dropped)].copy()
+    with pytest.raises(DataError, match=r"5 of the 80 required genes are missing.*prepare_query_anndata"):
+        momix.predict_levels(query)
+    with pytest.warns(MissingGenesWarning, match="5 of the model's 80 genes are missing"):
+        padded = sh.prepare_query_anndata(query, momix)
+    assert padded.n_vars == query.n_vars + 5 and padded.var["missing_from_query"].sum() == 5
+    assert padded.layers["counts"][:, padded.var_names.isin(dropped)].nnz == 0
+    zeroed = cells.copy()
+    counts = zeroed.layers["counts"].tolil()
+    counts[:, np.flatnonzero(zeroed.var_names.isin(dropped))] = 0
+    zeroed.layers["counts"] = counts.tocsr()
+    assert zeroed.layers["counts"].sum() < cells.layers["counts"].sum()          # the genes were expressed
+    np.testing.assert_array_equal(momix.get_latent_representation(padded), momix.get_latent_representation(zeroed))
+    assert not np.array_equal(momix.get_latent_representation(padded), momix.get_latent_representation(cells))
+    assert sh.prepare_query_anndata(cells, momix) is cells                       # nothing missing: as given
+    renamed = cells.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    with pytest.raises(DataError, match="shares none of the model's 80 genes"):
+        sh.prepare_query_anndata(renamed, momix)
+    # The command line: refused by default, padded when asked, the added genes recorded.
+    model_folder, path = tmp_path / "model", tmp_path / "query.h5ad"
+    momix.save(model_folder)
+    query.write_h5ad(path)
+    assert main(["annotate", str(model_folder), str(path), "--output", str(tmp_path / "refused.h5ad")]) == 2
+    with pytest.warns(MissingGenesWarning):
+        assert main(["annotate", str(model_folder), str(path), "--output", str(tmp_path / "padded.h5ad"),
+                     "--missing-genes", "zeros"]) == 0
+    annotated = anndata.read_h5ad(tmp_path / "padded.h5ad")
+    assert sorted(annotated.uns["scvae_annotation"]["genes_added_as_zeros"]) == sorted(dropped)
+    np.testing.assert_array_equal(annotated.obs["scvae_level_4"].astype(str).to_numpy(),
+                                  momix.predict_levels(zeroed)["scvae_level_4"].astype(str).to_numpy())
