@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .choices import MISSING_GENES, check_choice
-from .data import DataError, file_counts, read_file
+from .data import DataError, SetupError, file_counts, read_file
 from .files import write_h5ad
 
 
@@ -41,10 +41,6 @@ def prepare_query_anndata(adata, model) -> anndata.AnnData:
         raise DataError(f"The query shares none of the model's {len(genes)} genes (the model's start "
                         f"{genes[:3]}, the query's {list(names[:3])}): gene names on another scheme? "
                         f"Set adata.var_names to the scheme the model was trained on.")
-    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-    warnings.warn(f"{len(missing)} of the model's {len(genes)} genes are missing from the query and were added as "
-                  f"zero counts: {shown}. The model reads them as not expressed; the README (\"Genes missing from "
-                  f"a query\") measures what that costs the predictions.", MissingGenesWarning, stacklevel=2)
     zeros = sp.csr_matrix((adata.n_obs, len(missing)), dtype=np.float32)
 
     def padded(matrix):
@@ -54,7 +50,23 @@ def prepare_query_anndata(adata, model) -> anndata.AnnData:
     out = anndata.AnnData(padded(adata.X), obs=adata.obs.copy(), var=var, uns=dict(adata.uns),
                           obsm=dict(adata.obsm), layers={k: padded(v) for k, v in adata.layers.items()})
     out.var["missing_from_query"] = out.var_names.isin(missing)
+    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    warnings.warn(f"{len(missing)} of the model's {len(genes)} genes are missing from the query and were added as zero "
+                  f"counts: {shown}.{_expected_share(model, out, missing)} The model reads them as not expressed; what "
+                  f"that costs grows with the share of the counts they carry (README, \"Genes missing from a "
+                  f"query\").", MissingGenesWarning, stacklevel=2)
     return out
+
+
+def _expected_share(model, padded, missing) -> str:
+    """How much of these cells' counts the model expects on the missing genes (its denoised
+    expression of the padded query), as a sentence; "" where the model cannot read the query yet
+    (a batch it never saw, empty cells), which the caller's next step reports."""
+    try:
+        expression = model.get_normalized_expression(padded, gene_list=missing).to_numpy()
+    except (SetupError, DataError):
+        return ""
+    return f" The model expects {np.nanmean(expression.sum(axis=1)):.0%} of these cells' counts on them."
 
 
 def counts_for_model(model, path, layer=None):

@@ -403,8 +403,10 @@ def test_a_query_missing_genes_is_refused_unless_padded_with_zeros(momix, cells,
     query = cells[:, ~cells.var_names.isin(dropped)].copy()
     with pytest.raises(DataError, match=r"5 of the 80 required genes are missing.*prepare_query_anndata"):
         momix.predict_levels(query)
-    with pytest.warns(MissingGenesWarning, match="5 of the model's 80 genes are missing"):
+    with pytest.warns(MissingGenesWarning, match="5 of the model's 80 genes are missing") as warned:
         padded = sh.prepare_query_anndata(query, momix)
+    expected = np.nanmean(momix.get_normalized_expression(padded, gene_list=dropped).to_numpy().sum(axis=1))
+    assert 0 < expected < 1 and f"The model expects {expected:.0%} of these cells' counts on them" in str(warned[0].message)
     assert padded.n_vars == query.n_vars + 5 and padded.var["missing_from_query"].sum() == 5
     assert padded.layers["counts"][:, padded.var_names.isin(dropped)].nnz == 0
     zeroed = cells.copy()

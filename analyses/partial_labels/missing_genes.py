@@ -8,7 +8,8 @@ annotated): TreeVAE is trained on the reference as run.py does (saved in runs/mi
 loaded from there on a rerun), then the query is annotated with a share of the model's genes
 removed and padded back as zeros: chosen at random (3 draws per share), or the most expressed
 genes of the reference (the worst case: they carry most of the counts). Scores on the query cells
-as run.py's (per-level ARI, accuracy, macro F1); one row per case appended to missing_genes.csv as
+as run.py's (per-level ARI, accuracy, macro F1), beside the share of the reference's counts the
+removed genes carry and the share the model expects of the query's (what the warning says); one row per case appended to missing_genes.csv as
 it finishes, so a rerun skips what is done.
 """
 import argparse
@@ -101,8 +102,11 @@ def main():
             table = model.predict_levels(padded, prefix="")
             predicted = table[hierarchy.levels].astype(str).to_numpy()
             share_of_counts = float(mean_counts[np.isin(genes, dropped)].sum() / mean_counts.sum())
+            expected = (np.nanmean(model.get_normalized_expression(padded, gene_list=list(dropped)).to_numpy().sum(axis=1))
+                        if n_removed else 0.0)    # what the warning reports
             row = dict(setting=name, seed=args.seed, removed=removed, share=share, draw=draw, n_genes_removed=n_removed,
-                       share_of_reference_counts=round(share_of_counts, 4), n_query=query.n_obs,
+                       share_of_reference_counts=round(share_of_counts, 4),
+                       share_the_model_expects=round(float(expected), 4), n_query=query.n_obs,
                        **{k: round(v, 4) for k, v in scores(truth, predicted, hierarchy.levels, hierarchy).items()})
             append(row)
             aris = " / ".join(f"{row[f'ari_{i + 1}']:.3f}" for i in range(len(hierarchy.levels)))
