@@ -25,13 +25,14 @@ class MissingGenesWarning(UserWarning):
     """Genes of the model were absent from a query and were added as zero counts."""
 
 
-def prepare_query_anndata(adata, model) -> anndata.AnnData:
+def prepare_query_anndata(adata, model, batch=None) -> anndata.AnnData:
     """`adata` with every gene of `model` (a trained scvae-hier model): the genes it lacks are
     appended as zero counts in X and in every layer, with a MissingGenesWarning naming them, as
     scvi-tools' `prepare_query_anndata` does for scArches. The encoder then reads those genes as
     not expressed, so a cell that expresses them loses that evidence; the README ("Genes missing
     from a query") measures what it costs. Returns `adata` itself when nothing is missing; refuses
-    a query that shares no gene with the model (names on another scheme, e.g. Ensembl IDs)."""
+    a query that shares no gene with the model (names on another scheme, e.g. Ensembl IDs).
+    batch: the training batch the query will be read as, if any (for the warning's estimate)."""
     genes = [str(g) for g in model.module.metadata["genes"]]
     names = adata.var_names.astype(str)
     missing = [g for g in genes if g not in set(names)]
@@ -52,18 +53,18 @@ def prepare_query_anndata(adata, model) -> anndata.AnnData:
     out.var["missing_from_query"] = out.var_names.isin(missing)
     shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
     warnings.warn(f"{len(missing)} of the model's {len(genes)} genes are missing from the query and were added as zero "
-                  f"counts: {shown}.{_expected_share(model, out, missing)} The model reads them as not expressed; what "
+                  f"counts: {shown}.{_expected_share(model, out, missing, batch)} The model reads them as not expressed; what "
                   f"that costs grows with the share of the counts they carry (README, \"Genes missing from a "
                   f"query\").", MissingGenesWarning, stacklevel=2)
     return out
 
 
-def _expected_share(model, padded, missing) -> str:
+def _expected_share(model, padded, missing, batch=None) -> str:
     """How much of these cells' counts the model expects on the missing genes (its denoised
     expression of the padded query), as a sentence; "" where the model cannot read the query yet
     (a batch it never saw, empty cells), which the caller's next step reports."""
     try:
-        expression = model.get_normalized_expression(padded, gene_list=missing).to_numpy()
+        expression = model.get_normalized_expression(padded, gene_list=missing, batch=batch).to_numpy()
     except (SetupError, DataError):
         return ""
     return f" The model expects {np.nanmean(expression.sum(axis=1)):.0%} of these cells' counts on them."
@@ -103,7 +104,7 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     adata, counts = counts_for_model(model, query, layer)
     added = []
     if missing_genes == "zeros":
-        counts = prepare_query_anndata(counts, model)
+        counts = prepare_query_anndata(counts, model, batch=batch)
         added = list(counts.var_names[counts.var["missing_from_query"]]) if "missing_from_query" in counts.var else []
     if drop_empty_cells:
         model.module.metadata["drop_empty_cells"] = True

@@ -451,7 +451,10 @@ def batch_covariates(obs, batch_key, categories=None):
     if not batch_key:
         return None, []
     if batch_key not in obs:
-        raise DataError(f"The batch covariate {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.")
+        fix = "" if categories is None else (
+            f" The model was trained with batches {[str(c) for c in categories]}: add the column, or read every cell "
+            f"as one of them (`scvae-hier annotate --batch NAME`, `batch=NAME` in the API).")
+        raise DataError(f"The batch covariate {batch_key!r} is not an obs column; obs has {sorted(obs.columns)}.{fix}")
     values = obs[batch_key]
     if categories is None and pd.api.types.is_float_dtype(values):
         raise DataError(f"obs[{batch_key!r}] holds real numbers ({values.nunique()} distinct values), not batch "

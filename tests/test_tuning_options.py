@@ -125,8 +125,11 @@ def test_batch_covariates_are_one_hot_in_sorted_category_order():
     assert names == ["x", "y", "z"]
     np.testing.assert_array_equal(values, np.eye(3)[[1, 0, 1, 2]])
     assert batch_covariates(obs, None) == (None, [])
-    with pytest.raises(DataError, match="'batch' is not an obs column"):
+    with pytest.raises(DataError, match="'batch' is not an obs column") as refused:
         batch_covariates(obs, "batch")
+    assert "--batch NAME" not in str(refused.value)                 # training: no model to read cells as
+    with pytest.raises(DataError, match=r"trained with batches \['x', 'y'\]: add the column, or .*--batch NAME"):
+        batch_covariates(obs, "batch", ["x", "y"])                  # a trained model's query
     with pytest.raises(DataError, match="missing for 1 cells"):
         batch_covariates(pd.DataFrame({"source": ["x", None]}), "source")
     # Evaluation passes the model's categories: their order, not the data's, sets the columns.
