@@ -1,6 +1,6 @@
 """What a trained model says about expression: denoised expression (posterior means of the
-count law's shares), differential expression between groups of cells, and the marker genes of
-every node of the hierarchy. A mixin of the API's model class (as scvi-tools' RNASeqMixin): it
+count law's shares), counts drawn from its posterior predictive law, differential expression
+between groups of cells, and the marker genes of every node of the hierarchy. A mixin of the API's model class (as scvi-tools' RNASeqMixin): it
 reads cells through the model's `_cells_of` / `_outputs` / `_decode`; the statistics are in
 `differential.py`."""
 import numpy as np
@@ -13,7 +13,8 @@ from .outputs import PREDICT_BATCH_SIZE
 
 
 class ExpressionMixin:
-    """get_normalized_expression, differential_expression and hierarchy_markers."""
+    """get_normalized_expression, posterior_predictive_sample, differential_expression and
+    hierarchy_markers."""
 
     def get_normalized_expression(self, adata=None, library_size=1.0, transform_batch=None, gene_list=None,
                                   n_samples=None, seed=0, batch=None) -> pd.DataFrame:
@@ -32,17 +33,52 @@ class ExpressionMixin:
         if not np.isfinite(library_size) or library_size <= 0:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
         check_whole("n_samples", n_samples, unit=" of draws", none_means="decode the latent mean")
+        genes, columns = self._gene_columns(gene_list)
+        out, rows, adata, (X, covariates) = self._outputs(adata, batch)
+        shares = self._mean_shares(X, covariates, self._as_batch(covariates, transform_batch), n_samples, seed,
+                                   latent=out["latent"])
+        values = (shares * library_size)[:, columns].astype(np.float32)
+        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
+
+    def _gene_columns(self, gene_list):
+        """(the model's genes, the columns of those in gene_list; all of them for None)."""
         genes = pd.Index(self.module.metadata["genes"])
         columns = np.arange(len(genes)) if gene_list is None else genes.get_indexer(list(gene_list))
         missing = [g for g, c in zip(gene_list or [], columns) if c < 0]
         if missing:
             raise SetupError(f"gene_list names {len(missing)} gene(s) the model was not trained on: "
                              f"{missing[:10]}; the model's genes are in model.module.metadata['genes'].")
-        out, rows, adata, (X, covariates) = self._outputs(adata, batch)
-        shares = self._mean_shares(X, covariates, self._as_batch(covariates, transform_batch), n_samples, seed,
-                                   latent=out["latent"])
-        values = (shares * library_size)[:, columns].astype(np.float32)
-        return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
+        return genes, columns
+
+    def posterior_predictive_sample(self, adata=None, n_samples=1, gene_list=None, seed=0, batch=None) -> np.ndarray:
+        """Counts drawn for each cell from the model: z ~ q(z|x), then x' ~ p(x | z) with the cell's
+        own batch and (library_size="observed") its own total count, as scvi-tools' method of this
+        name: [cells of adata, genes] for n_samples=1, else [cells, genes, n_samples], float32 with
+        NaN rows for cells left out. Set beside the observed counts, they check the fit (a gene's
+        share of zeros, its variance: README, "Posterior predictive checks"). Seeded."""
+        import tensorflow as tf
+
+        from .bounds import CELLS_TIMES_SAMPLES
+        from .models.mixture import draw_latent
+        from .sampling import sample_counts
+
+        check_whole("n_samples", n_samples, unit=" of draws")
+        _, columns = self._gene_columns(gene_list)
+        adata, X, covariates, rows = self._cells_of(adata, batch)
+        rng = np.random.default_rng(seed)
+        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // int(n_samples)))
+        drawn = []
+        for start in range(0, X.shape[0], step):
+            part = slice(start, start + step)
+            x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
+            own = None if covariates is None else tf.constant(covariates[part], tf.float32)
+            z = draw_latent(*self.module.posterior_mixture(x, own), int(n_samples), tf.constant([seed, start], tf.int64))
+            log_library = tf.math.log(self.module.library(x))[:, 0]
+            params = {k: v.numpy().astype(np.float64)[:, :, columns] for k, v in self._decode(z, own, log_library).items()}
+            drawn.append(sample_counts(params, rng).transpose(0, 2, 1).astype(np.float32))    # [cells, genes, S]
+        values = np.concatenate(drawn) if drawn else np.zeros((0, len(columns), int(n_samples)), np.float32)
+        out = self._by_cell(values, rows, adata.n_obs)
+        return out[:, :, 0] if n_samples == 1 else out
 
     def _as_batch(self, covariates, transform_batch):
         """The covariates the decoder reads: every cell's as one training batch's (None: their own)."""
