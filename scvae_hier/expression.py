@@ -54,7 +54,8 @@ class ExpressionMixin:
         """Counts drawn for each cell from the model: z ~ q(z|x), then x' ~ p(x | z) with the cell's
         own batch and (library_size="observed") its own total count, as scvi-tools' method of this
         name: [cells of adata, genes] for n_samples=1, else [cells, genes, n_samples], float32 with
-        NaN rows for cells left out. Set beside the observed counts, they check the fit (a gene's
+        NaN rows for cells left out (dense: 4 bytes per cell, gene and draw; gene_list or a subset
+        of cells for large data). Set beside the observed counts, they check the fit (a gene's
         share of zeros, its variance: README, "Posterior predictive checks"). Seeded."""
         import tensorflow as tf
 
