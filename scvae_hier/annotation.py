@@ -35,7 +35,8 @@ def prepare_query_anndata(adata, model, batch=None) -> anndata.AnnData:
     batch: the training batch the query will be read as, if any (for the warning's estimate)."""
     genes = [str(g) for g in model.module.metadata["genes"]]
     names = adata.var_names.astype(str)
-    missing = [g for g in genes if g not in set(names)]
+    present = set(names)
+    missing = [g for g in genes if g not in present]
     if not missing:
         return adata
     if len(missing) == len(genes):
