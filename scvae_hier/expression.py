@@ -1,8 +1,8 @@
 """What a trained model says about expression: denoised expression (posterior means of the
 count law's shares), counts drawn from its posterior predictive law, differential expression
-between groups of cells, and the marker genes of every node of the hierarchy. A mixin of the API's model class (as scvi-tools' RNASeqMixin): it
-reads cells through the model's `_cells_of` / `_outputs` / `_decode`; the statistics are in
-`differential.py`."""
+between groups of cells, and the marker genes of every node of the hierarchy. A mixin of the
+API's model class (as scvi-tools' RNASeqMixin): it reads cells through the model's `_cells_of` /
+`_outputs` / `_decode`; the statistics are in `differential.py`."""
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -59,27 +59,36 @@ class ExpressionMixin:
         share of zeros, its variance: README, "Posterior predictive checks"). Seeded."""
         import tensorflow as tf
 
-        from .bounds import CELLS_TIMES_SAMPLES
-        from .models.mixture import draw_latent
         from .sampling import sample_counts
 
         check_whole("n_samples", n_samples, unit=" of draws")
         _, columns = self._gene_columns(gene_list)
         adata, X, covariates, rows = self._cells_of(adata, batch)
         rng = np.random.default_rng(seed)
-        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // int(n_samples)))
         drawn = []
-        for start in range(0, X.shape[0], step):
-            part = slice(start, start + step)
-            x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
+        for part, x, z in self._posterior_draws(X, covariates, int(n_samples), seed):
             own = None if covariates is None else tf.constant(covariates[part], tf.float32)
-            z = draw_latent(*self.module.posterior_mixture(x, own), int(n_samples), tf.constant([seed, start], tf.int64))
             log_library = tf.math.log(self.module.library(x))[:, 0]
             params = {k: v.numpy().astype(np.float64)[:, :, columns] for k, v in self._decode(z, own, log_library).items()}
             drawn.append(sample_counts(params, rng).transpose(0, 2, 1).astype(np.float32))    # [cells, genes, S]
         values = np.concatenate(drawn) if drawn else np.zeros((0, len(columns), int(n_samples)), np.float32)
         out = self._by_cell(values, rows, adata.n_obs)
         return out[:, :, 0] if n_samples == 1 else out
+
+    def _posterior_draws(self, X, covariates, n_samples, seed):
+        """(rows, counts, z [cells, n_samples, D] ~ q(z|x)) chunk by chunk, cells x draws per chunk
+        within CELLS_TIMES_SAMPLES; each chunk's draws are keyed by (seed, its first row)."""
+        import tensorflow as tf
+
+        from .bounds import CELLS_TIMES_SAMPLES
+        from .models.mixture import draw_latent
+
+        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // n_samples))
+        for start in range(0, X.shape[0], step):
+            part = slice(start, start + step)
+            x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
+            own = None if covariates is None else tf.constant(covariates[part], tf.float32)
+            yield part, x, draw_latent(*self.module.posterior_mixture(x, own), n_samples, tf.constant([seed, start], tf.int64))
 
     def _as_batch(self, covariates, transform_batch):
         """The covariates the decoder reads: every cell's as one training batch's (None: their own)."""
@@ -123,8 +132,7 @@ class ExpressionMixin:
             raise SetupError(f"groupby={groupby!r} is not a column of adata.obs (it has {list(adata.obs.columns)}); "
                              f"join the predictions first (adata.obs = adata.obs.join(model.predict_levels())) "
                              f"or name a label column.")
-        values = adata.obs[groupby].astype(object).to_numpy()[rows]
-        return np.array([str(v) if pd.notna(v) else "" for v in values], dtype=object)
+        return _as_text(adata.obs[groupby].astype(object).to_numpy()[rows])
 
     def _differential(self, X, covariates, values, groupby, group1, group2, delta, fdr_target, max_cells, n_draws,
                       n_replicates, transform_batch, seed) -> pd.DataFrame:
@@ -183,8 +191,7 @@ class ExpressionMixin:
         adata, X, covariates, rows = self._cells_of(adata, batch)
         if groupby is None:
             groupby = "scvae_" + self.hierarchy.levels[-1]
-            predicted = self.predict_levels(adata, batch=batch)[groupby].astype(object).to_numpy()[rows]
-            values = np.array([str(v) if pd.notna(v) else "" for v in predicted], dtype=object)
+            values = _as_text(self.predict_levels(adata, batch=batch)[groupby].astype(object).to_numpy()[rows])
         else:
             values = self._obs_values(adata, groupby, rows)
         tables, seen = [], set()
@@ -244,24 +251,22 @@ class ExpressionMixin:
         call stay within CELLS_TIMES_SAMPLES."""
         import tensorflow as tf
 
-        from .bounds import CELLS_TIMES_SAMPLES
-        from .models.mixture import draw_latent
-
-        draws = 1 if n_samples is None else int(n_samples)
-        step = max(1, min(PREDICT_BATCH_SIZE, CELLS_TIMES_SAMPLES // draws))
-        constant = lambda a, part: None if a is None else tf.constant(a[part], tf.float32)  # noqa: E731
+        if n_samples is None:
+            chunks = (slice(start, start + PREDICT_BATCH_SIZE) for start in range(0, X.shape[0], PREDICT_BATCH_SIZE))
+            parts = ((part, None, tf.constant(latent[part])[:, None]) for part in chunks)
+        else:
+            parts = self._posterior_draws(X, covariates, int(n_samples), seed)
         shares = []
-        for start in range(0, X.shape[0], step):
-            part = slice(start, start + step)
-            if n_samples is None:
-                z = tf.constant(latent[part])[:, None]
-            else:
-                x = tf.constant(np.asarray(X[part].todense() if sp.issparse(X) else X[part]), tf.float32)
-                z = draw_latent(*self.module.posterior_mixture(x, constant(covariates, part)), draws,
-                                tf.constant([seed, start], tf.int64))
+        for part, _, z in parts:
+            decode = None if decode_covariates is None else tf.constant(decode_covariates[part], tf.float32)
             # The log library is a placeholder: the shares below do not depend on it.
-            params = self._decode(z, constant(decode_covariates, part), log_library=tf.zeros(tf.shape(z)[0]))
+            params = self._decode(z, decode, log_library=tf.zeros(tf.shape(z)[0]))
             mean = self.module.decoder.likelihood.mean(params).numpy().astype(np.float64)   # [cells, S, G]
             part_shares = mean / mean.sum(axis=-1, keepdims=True)
             shares.append(part_shares.mean(axis=1) if average else part_shares)
         return np.concatenate(shares)
+
+
+def _as_text(values) -> np.ndarray:
+    """Class names as text, "" for missing (NaN, None)."""
+    return np.array([str(v) if pd.notna(v) else "" for v in values], dtype=object)

@@ -132,6 +132,13 @@ def test_sample_cells_of_a_hierarchy_node(momix):
         momix.sample(n=5, node=node, batch="x")
 
 
+def _numpy_draw(log_q, loc, scale, rng):
+    """One z per cell from q(z|x) = sum_y q(y|x) N(loc_y, scale_y), with numpy: y first, then z."""
+    y = (rng.random((len(log_q), 1)) > np.cumsum(np.exp(log_q), axis=1)).sum(axis=1).clip(max=log_q.shape[1] - 1)
+    picked = np.arange(len(log_q))
+    return loc[picked, y] + scale[picked, y] * rng.standard_normal(loc[picked, y].shape)
+
+
 def _decoded_shares(module, latent, onehot):
     """The decoder's NB means by hand (`_decoded_means`), each cell's row divided by its sum."""
     mean = _decoded_means(module, latent, onehot)
@@ -238,10 +245,7 @@ def test_normalized_expression_averages_the_decoder_over_posterior_draws(momix):
     draws = 1000
     by_hand = np.zeros((len(rows), len(module.metadata["genes"])))
     for _ in range(draws):
-        y = (rng.random((len(rows), 1)) > np.cumsum(np.exp(log_q), axis=1)).sum(axis=1).clip(max=log_q.shape[1] - 1)
-        picked = np.arange(len(rows))
-        z = loc[picked, y] + scale[picked, y] * rng.standard_normal(loc[picked, y].shape)
-        by_hand += _decoded_shares(module, z, covariates) / draws
+        by_hand += _decoded_shares(module, _numpy_draw(log_q, loc, scale, rng), covariates) / draws
     drawn = momix.get_normalized_expression(n_samples=draws, seed=2).to_numpy()[rows]
     at_mean = momix.get_normalized_expression().to_numpy()[rows]
     monte_carlo = np.abs(drawn - by_hand).mean()
@@ -453,9 +457,7 @@ def test_posterior_predictive_counts_follow_the_decoder_at_posterior_draws(momix
     by_hand = np.zeros(X.shape[1])
     draws = 400
     for _ in range(draws):
-        y = (rng.random((len(cells), 1)) > np.cumsum(np.exp(log_q), axis=1)).sum(axis=1).clip(max=log_q.shape[1] - 1)
-        z = loc[cells, y] + scale[cells, y] * rng.standard_normal(loc[cells, y].shape)
-        by_hand += _decoded_means(module, z, covariates[cells]).mean(axis=0) / draws
+        by_hand += _decoded_means(module, _numpy_draw(log_q, loc, scale, rng), covariates[cells]).mean(axis=0) / draws
     drawn = momix.posterior_predictive_sample(n_samples=draws, seed=1)
     assert drawn.shape == (adata.n_obs, X.shape[1], draws)
     modelled = np.zeros(adata.n_obs, bool)
