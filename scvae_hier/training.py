@@ -34,7 +34,6 @@ from .novelty import record_novelty_reference
 from .outputs import PREDICT_BATCH_SIZE, predict_outputs, write_outputs
 
 
-
 class KLWarmUp(keras.callbacks.Callback):
     """KL weight beta = min(epoch / W, 1), as scVAE (epoch counted from 0)."""
 
