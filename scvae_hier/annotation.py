@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .choices import MISSING_GENES, check_choice
+from .choices import MISSING_GENES, check_calling_rules, check_choice
 from .data import DataError, SetupError, file_counts, read_file
 from .files import write_h5ad
 
@@ -102,6 +102,7 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
     from .api import load
 
     check_choice("missing_genes", missing_genes, MISSING_GENES)
+    check_calling_rules(unassigned_below, novelty_cutoff)
 
     output = Path(output)
     if output.suffix != ".h5ad":
@@ -124,12 +125,14 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
             model.save(save_model)
     elif save_model:
         raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
+    outputs = model._outputs(counts, batch)     # one pass of the encoder gives the names and the latent
     if model.module.clustering != "none":
-        table = model.predict_levels(counts, unassigned_below=unassigned_below, batch=batch,
-                                     novelty_cutoff=novelty_cutoff)
+        table = model._named_levels(outputs, training_cells=False, unassigned_below=unassigned_below,
+                                    novelty_cutoff=novelty_cutoff)
         for column in table.columns:
             adata.obs[column] = table[column]
-    adata.obsm["X_scvae"] = model.get_latent_representation(counts, batch=batch)
+    out, rows, _, _ = outputs
+    adata.obsm["X_scvae"] = model._by_cell(out["latent"], rows, counts.n_obs)
     adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
                                      "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .choices import check_choice, check_whole
+from .choices import check_calling_rules, check_choice, check_whole
 from .data import DataError, SetupError, validate_counts
 from .expression import ExpressionMixin
 from .hierarchy import Hierarchy
@@ -343,16 +343,23 @@ class HierarchyModel(ExpressionMixin):
         at every level (None: never; the README says what 0.99 found and missed). keep_labels:
         the training cells of a semi-supervised model keep the labels they were given, at the levels
         they were given (neither rule makes them "unassigned" there; `scvae_labelled` says which
-        cells those are). batch: a
-        training batch to read query cells as (new batches are refused)."""
-        if not 0 <= unassigned_below <= 1:
-            raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
-        if novelty_cutoff is not None and not 0 <= novelty_cutoff <= 1:
-            raise ValueError(f"novelty_cutoff must be a share in [0, 1], got {novelty_cutoff}.")
+        cells those are). batch: a training batch to read query cells as (new batches are refused)."""
+        check_calling_rules(unassigned_below, novelty_cutoff)
+        training_cells = adata is None or adata is self.adata
+        return self._named_levels(self._outputs(adata, batch), training_cells, prefix, unassigned_below,
+                                  keep_labels, novelty_cutoff)
+
+    def _named_levels(self, outputs, training_cells, prefix="scvae_", unassigned_below=0.0, keep_labels=True,
+                      novelty_cutoff=None) -> pd.DataFrame:
+        """predict_levels from the encoder's outputs (`_outputs`), so that a caller that also needs
+        the latent or the counts reads the cells once (their callers check the rules' values first).
+        training_cells: the cells are the model's own."""
+        if self.module.clustering == "none":
+            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
         given = None
-        if keep_labels and (adata is None or adata is self.adata) and getattr(self.cells, "labels", None) is not None:
+        if keep_labels and training_cells and getattr(self.cells, "labels", None) is not None:
             given = self.cells.labels
-        table = self._predict_levels(adata, batch, given)
+        table = self._predict_levels(outputs, given)
         levels = self.level_names or ["cluster"]
         # Levels a cell was given labels at (completed upwards, so the first `depth`) keep them.
         depth = np.zeros(len(table), dtype=int)
@@ -390,16 +397,14 @@ class HierarchyModel(ExpressionMixin):
         return ("This model was saved without the training cells' scores that novelty is read against (saved "
                 "before novelty existed); record them with `scvae-hier refit RUN --output NEW`, or train again.")
 
-    def _predict_levels(self, adata=None, batch=None, given=None) -> pd.DataFrame:
-        """predict_levels without the prefix.
+    def _predict_levels(self, outputs, given=None) -> pd.DataFrame:
+        """predict_levels without the prefix and the unassigned rules, from `_outputs`.
 
         Names come from the Hungarian matching of clusters to classes on the training cells;
         a cluster no class was matched to (or a model trained without labels) gives "cluster <k>".
         A flat MixtureVAE's one clustering is named at the finest level and each coarser level
         takes the ancestors of that name, so its predictions nest."""
-        if self.module.clustering == "none":
-            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
-        out, rows, adata, inputs = self._outputs(adata, batch)
+        out, rows, adata, inputs = outputs
         names = self.module.metadata.get("cluster_names", {})
         levels = self.level_names or ["cluster"]
         if self.module.clustering == "flat":

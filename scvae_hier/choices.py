@@ -44,3 +44,11 @@ def check_whole(name, value, minimum=1, unit="", none_means=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         alternative = f"None ({none_means}) or " if none_means else ""
         raise ValueError(f"{name} must be {alternative}a whole number{unit}, {minimum} or more; got {value!r}.")
+
+
+def check_calling_rules(unassigned_below, novelty_cutoff):
+    """The thresholds that make a prediction "unassigned": a probability and a share (or None)."""
+    if not 0 <= unassigned_below <= 1:
+        raise ValueError(f"unassigned_below must be a probability in [0, 1], got {unassigned_below}.")
+    if novelty_cutoff is not None and not 0 <= novelty_cutoff <= 1:
+        raise ValueError(f"novelty_cutoff must be a share in [0, 1], got {novelty_cutoff}.")

@@ -188,11 +188,14 @@ class ExpressionMixin:
         if unknown:
             raise TypeError(f"hierarchy_markers got unknown options {unknown}; it takes {sorted(defaults)}.")
         settings = {**defaults, **options}
-        adata, X, covariates, rows = self._cells_of(adata, batch)
-        if groupby is None:
+        if groupby is None:                       # the model's own calls; the counts are read once
             groupby = "scvae_" + self.hierarchy.levels[-1]
-            values = _as_text(self.predict_levels(adata, batch=batch)[groupby].astype(object).to_numpy()[rows])
+            outputs = self._outputs(adata, batch)
+            _, rows, adata_read, (X, covariates) = outputs
+            table = self._named_levels(outputs, adata is None or adata is self.adata)
+            values, adata = _as_text(table[groupby].astype(object).to_numpy()[rows]), adata_read
         else:
+            adata, X, covariates, rows = self._cells_of(adata, batch)
             values = self._obs_values(adata, groupby, rows)
         tables, seen = [], set()
         for level, level_name in enumerate(self.hierarchy.levels):

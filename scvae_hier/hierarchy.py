@@ -66,6 +66,12 @@ class Hierarchy:
         self._classes = [list(dict.fromkeys(p[l] for p in self.paths.values()))
                          for l in range(self.n_levels)]
         self._index = [{c: i for i, c in enumerate(cs)} for cs in self._classes]
+        # Derived once: each class's parent (per level; level 0 has none) and every name above a class.
+        self._parent_of = [{}] + [{p[l]: p[l - 1] for p in self.paths.values()} for l in range(1, self.n_levels)]
+        self._above = {}
+        for path in self.paths.values():
+            for depth, name in enumerate(path):
+                self._above.setdefault(name, set()).update(path[:depth + 1])
 
     def _check(self):
         if not self.label_column.strip():
@@ -132,8 +138,7 @@ class Hierarchy:
         l = self._level(level)
         if l == 0:
             raise HierarchyError("the first level has no parents")
-        parent = {p[l]: p[l - 1] for p in self.paths.values()}
-        return np.array([self._index[l - 1][parent[c]] for c in self._classes[l]], dtype=int)
+        return np.array([self._index[l - 1][self._parent_of[l][c]] for c in self._classes[l]], dtype=int)
 
     def siblings(self, classes) -> list:
         """The other classes under the same parent as `classes` (at the finest level that has them
@@ -144,8 +149,7 @@ class Hierarchy:
             return []
         level, current = holding[-1], set(classes)
         while level > 0:
-            names = self._classes[level]
-            parent_of = {p[level]: p[level - 1] for p in self.paths.values()}
+            names, parent_of = self._classes[level], self._parent_of[level]
             parents = {parent_of[c] for c in current}
             if len(parents) > 1:
                 return []
@@ -159,11 +163,8 @@ class Hierarchy:
         """Boolean per value: it is one of `names`, or one of them is above it in the tree (a
         level-3 "CD8 T" is under the level-2 "T cell"). Values outside the hierarchy match by name."""
         names = set(names)
-        above = {}
-        for path in self.paths.values():
-            for depth, name in enumerate(path):
-                above.setdefault(name, set()).update(path[:depth + 1])
-        return np.array([bool(above.get(v, {v}) & names) for v in values], dtype=bool)
+        unique, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+        return np.array([bool(self._above.get(v, {v}) & names) for v in unique], dtype=bool)[inverse.ravel()]
 
     # -- labels --------------------------------------------------------------------------
 
