@@ -5,8 +5,9 @@ as zero counts when the user asks: `prepare_query_anndata`, `--missing-genes zer
 the model never saw is refused unless the user says which training batch to read it as, or asks
 for it to be fitted with the rest of the model frozen (`fit_batches_epochs`, scvae_hier.query). The
 output is the query AnnData as read (its own X kept when the counts came from a layer), with
-per-level names, clusters and probabilities in obs and the latent in obsm["X_scvae"] (NaN rows for
-cells without counts on the model's genes).
+per-level names, clusters and probabilities in obs, each level's probability of every class in
+obsm["scvae_<level>_probabilities"] (columns: uns["scvae_annotation"]["classes"][level]) and the
+latent in obsm["X_scvae"] (NaN rows for cells without counts on the model's genes).
 """
 import warnings
 from pathlib import Path
@@ -125,15 +126,20 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
             model.save(save_model)
     elif save_model:
         raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
-    outputs = model._outputs(counts, batch)     # one pass of the encoder gives the names and the latent
+    outputs = model._outputs(counts, batch)     # one pass of the encoder gives names, probabilities and latent
+    classes = {}
     if model.module.clustering != "none":
         table = model._named_levels(outputs, training_cells=False, unassigned_below=unassigned_below,
                                     novelty_cutoff=novelty_cutoff)
         for column in table.columns:
             adata.obs[column] = table[column]
+        for index, level in enumerate(model.level_names or ["cluster"]):
+            probabilities = model._class_probabilities(outputs, index)
+            adata.obsm[f"scvae_{level}_probabilities"] = probabilities.to_numpy()
+            classes[level] = list(probabilities.columns)
     out, rows, _, _ = outputs
     adata.obsm["X_scvae"] = model._by_cell(out["latent"], rows, counts.n_obs)
-    adata.uns["scvae_annotation"] = {"run": str(run), "unassigned_below": float(unassigned_below),
+    adata.uns["scvae_annotation"] = {"run": str(run), "classes": classes, "unassigned_below": float(unassigned_below),
                                      "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),
                                      "fitted_batches": list(model.module.metadata.get("query_batches", [])),

@@ -381,6 +381,42 @@ class HierarchyModel(ExpressionMixin):
                 table[level] = names.astype("category")
         return table.add_prefix(prefix)
 
+    def predict_probabilities(self, adata=None, level=-1, batch=None) -> pd.DataFrame:
+        """q(y_l | x) of one level by class: cells x the level's class names (scANVI's
+        `predict(soft=True)`), rows summing to 1, NaN rows for cells the model left out. Components
+        that share a name are summed (a flat MixtureVAE's clusters under one coarse class);
+        components no class was matched to are columns "cluster <k>". TreeVAE's levels nest: a
+        class's column is the sum of its children's; its calls (predict_levels) are the most
+        probable leaf and that leaf's ancestors, so a coarse call is not always its level's largest
+        column. This is the model's posterior for every cell, labelled training cells too
+        (predict_levels keeps their given labels instead).
+
+        level: a level name or index (default: the finest). batch: as for predict_levels."""
+        if self.module.clustering == "none":
+            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+        levels = self.level_names or ["cluster"]
+        if isinstance(level, str):
+            if level not in levels:
+                raise ValueError(f"level={level!r} is not one of the model's levels {levels}.")
+            index = levels.index(level)
+        elif isinstance(level, (int, np.integer)) and not isinstance(level, bool) and -len(levels) <= level < len(levels):
+            index = int(level) % len(levels)
+        else:
+            raise ValueError(f"level must be a level name {levels} or an index in [-{len(levels)}, {len(levels)}), "
+                             f"got {level!r}.")
+        return self._class_probabilities(self._outputs(adata, batch), index)
+
+    def _class_probabilities(self, outputs, index) -> pd.DataFrame:
+        """predict_probabilities of level `index` from the encoder's outputs (`_outputs`)."""
+        out, rows, adata, _ = outputs
+        key = "cluster_probabilities" if self.module.clustering == "flat" else f"level_{index + 1}_probabilities"
+        probabilities = np.asarray(out[key], dtype=np.float64)
+        names = self._component_names(index, probabilities.shape[1])
+        classes = list(dict.fromkeys(names))
+        by_class = np.stack([probabilities[:, names == c].sum(axis=1) for c in classes], axis=1)
+        return pd.DataFrame(self._by_cell(by_class, rows, adata.n_obs), index=adata.obs_names,
+                            columns=pd.Index(classes, name=(self.level_names or ["cluster"])[index]))
+
     def _given_labels(self, names, given) -> np.ndarray:
         """[cells named, L] the label codes `given` to the training cells, by cell name (-1: a cell
         the model did not train on, or unlabelled)."""
@@ -405,12 +441,9 @@ class HierarchyModel(ExpressionMixin):
         A flat MixtureVAE's one clustering is named at the finest level and each coarser level
         takes the ancestors of that name, so its predictions nest."""
         out, rows, adata, inputs = outputs
-        names = self.module.metadata.get("cluster_names", {})
         levels = self.level_names or ["cluster"]
         if self.module.clustering == "flat":
-            flat = np.asarray(out["cluster_probabilities"])
-            finest = names.get(levels[-1]) or [None] * flat.shape[1]
-            columns = self._flat_levels(flat, finest, levels)
+            columns = self._flat_levels(np.asarray(out["cluster_probabilities"]), levels)
         else:
             probabilities = [np.asarray(out[f"level_{i + 1}_probabilities"]) for i in range(len(levels))]
             # A semi-supervised model's training cells: the most probable path through their labels.
@@ -418,9 +451,8 @@ class HierarchyModel(ExpressionMixin):
                 given = self._given_labels(adata.obs_names[rows], given)
             clusters = self.module.level_predictions(probabilities, **({} if given is None else {"labels": given}))
             columns = []
-            for level, p, cluster in zip(levels, probabilities, clusters):
-                level_names = names.get(level) or [None] * p.shape[1]
-                label = [level_names[k] or f"cluster {k}" for k in cluster]
+            for i, (p, cluster) in enumerate(zip(probabilities, clusters)):
+                label = list(self._component_names(i, p.shape[1])[cluster])
                 columns.append((label, cluster, p[np.arange(len(cluster)), cluster]))
         table = pd.DataFrame(index=adata.obs_names)
         for level, (label, cluster, probability) in zip(levels, columns):
@@ -451,14 +483,26 @@ class HierarchyModel(ExpressionMixin):
             out = predict_outputs(self.module, thinned(X, factor), PREDICT_BATCH_SIZE, covariates)
         return novelty(out["elbo_per_count"], out["component"], reference)
 
-    def _flat_levels(self, probabilities, finest_names, levels) -> list:
+    def _component_names(self, level_index, n_components) -> np.ndarray:
+        """The name of each component of a level: the class its cluster was matched to, else
+        "cluster <k>"; a flat model's clusters are named by their finest class's ancestor at that
+        level, so several of them can share a name."""
+        levels = self.level_names or ["cluster"]
+        names = self.module.metadata.get("cluster_names", {})
+        if self.module.clustering == "flat":
+            finest = names.get(levels[-1]) or [None] * n_components
+            return np.array([self._ancestor(n, level_index) if n and self.hierarchy else (n or f"cluster {k}")
+                             for k, n in enumerate(finest)], dtype=object)
+        own = names.get(levels[level_index]) or [None] * n_components
+        return np.array([n or f"cluster {k}" for k, n in enumerate(own)], dtype=object)
+
+    def _flat_levels(self, probabilities, levels) -> list:
         """A flat clustering read at every level: the cluster's matched finest class and its
         ancestors (so the names nest), with the probability of every cluster under that name."""
         cluster = probabilities.argmax(axis=1)
         columns = []
         for i in range(len(levels)):
-            names = np.array([self._ancestor(n, i) if n and self.hierarchy else (n or f"cluster {k}")
-                              for k, n in enumerate(finest_names)], dtype=object)
+            names = self._component_names(i, probabilities.shape[1])
             label = names[cluster]
             same = names[None, :] == label[:, None]                        # [cells, clusters]
             columns.append((list(label), cluster, (probabilities * same).sum(axis=1)))

@@ -374,6 +374,42 @@ def test_flat_mixture_names_nest_in_the_hierarchy(flat_mixture):
     assert sample.n_obs == 20 and (sample.obs["node"] == node).all() and sample.X.sum() > 0
 
 
+def test_class_probabilities_are_the_posterior_summed_by_name(momix, flat_mixture, plain_vae):
+    """predict_probabilities: rows sum to 1, predict_levels' call has its column's probability (and
+    is the largest where the model calls each level's argmax); a flat model's coarse classes sum its
+    clusters under them (by hand from the hierarchy's paths)."""
+    for model in (momix, flat_mixture):
+        calls = model.predict_levels(keep_labels=False)
+        modelled = calls["scvae_level_4"].notna().to_numpy()
+        for level in model.hierarchy.levels:
+            soft = model.predict_probabilities(level=level)
+            assert soft.index.equals(model.adata.obs_names) and soft[~modelled].isna().all().all()
+            soft = soft[modelled]
+            np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+            called = calls.loc[modelled, f"scvae_{level}"].astype(str).to_numpy()
+            column = soft.columns.get_indexer(called)
+            assert (column >= 0).all()
+            np.testing.assert_allclose(soft.to_numpy()[np.arange(len(called)), column],
+                                       calls.loc[modelled, f"scvae_{level}_probability"], rtol=1e-5)
+            # MoMixVAE calls each level's argmax; the flat model the ancestors of its argmax cluster.
+            if model is momix or level == model.hierarchy.levels[-1]:
+                np.testing.assert_array_equal(soft.idxmax(axis=1).to_numpy(), called)
+    finest = flat_mixture.predict_probabilities()                        # one column per cluster
+    assert finest.shape[1] == len(flat_mixture.module.metadata["cluster_names"]["level_4"])
+    for i, level in enumerate(flat_mixture.hierarchy.levels[:-1]):
+        soft = flat_mixture.predict_probabilities(level=i)
+        ancestor = {path[-1]: path[i] for path in flat_mixture.hierarchy.paths.values()}
+        for name in soft.columns:
+            under = [c for c in finest.columns if ancestor.get(c, c) == name]
+            np.testing.assert_allclose(soft[name], finest[under].sum(axis=1), atol=1e-6, err_msg=name)
+    assert momix.predict_probabilities(level=-1).equals(momix.predict_probabilities(level="level_4"))
+    for bad in ("level_9", 4, 1.5, True):
+        with pytest.raises(ValueError, match="level"):
+            momix.predict_probabilities(level=bad)
+    with pytest.raises(RuntimeError, match="no clusters"):
+        plain_vae.predict_probabilities()
+
+
 def test_command_line_trains_the_same_model(momix, cells, tmp_path):
     """The CLI is a client of the same pieces: equal settings give bit-identical latents."""
     run, path = tmp_path / "run", tmp_path / "user.h5ad"

@@ -255,6 +255,27 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     np.testing.assert_array_equal(annotated.obs["scvae_level_4"].astype(str), expected["scvae_level_4"].astype(str))
     np.testing.assert_allclose(annotated.obsm["X_scvae"],                 # the API's latent of the same cells
                                model.get_latent_representation(anndata.read_h5ad(pbmc_slice)[:50].copy()), rtol=1e-5)
+    # Every class's probability at every level, named, as predict_probabilities gives them; TreeVAE's
+    # levels nest: a class's probability is the sum of its children's (children found from the paths).
+    classes = annotated.uns["scvae_annotation"]["classes"]
+    soft = {level: model.predict_probabilities(anndata.read_h5ad(pbmc_slice)[:50].copy(), level=level) for level in levels}
+    for i, level in enumerate(levels):
+        assert list(classes[level]) == list(soft[level].columns)
+        np.testing.assert_allclose(annotated.obsm[f"scvae_{level}_probabilities"], soft[level].to_numpy(), rtol=1e-5)
+        np.testing.assert_allclose(soft[level].sum(axis=1), 1.0, atol=1e-5)
+        called = expected[f"scvae_{level}"].astype(str).to_numpy()      # the call's probability is its column's
+        column = soft[level].columns.get_indexer(called)
+        assert (column >= 0).all()
+        np.testing.assert_allclose(soft[level].to_numpy()[np.arange(len(called)), column],
+                                   expected[f"scvae_{level}_probability"], rtol=1e-5)
+        if level == levels[-1]:                 # calls are the most probable leaf and its ancestors
+            np.testing.assert_array_equal(soft[level].idxmax(axis=1).to_numpy(), called)
+        if i:
+            for parent in soft[levels[i - 1]].columns:
+                children = {path[i] for path in model.hierarchy.paths.values() if path[i - 1] == parent}
+                np.testing.assert_allclose(soft[levels[i - 1]][parent],
+                                           soft[level][[c for c in soft[level].columns if c in children]].sum(axis=1),
+                                           atol=1e-5, err_msg=f"{parent} at {levels[i - 1]}")
     # A query laid out as scanpy leaves it: log-normalised X, raw counts in a layer. Refused with
     # the fix named, and the fix works (same names as from the counts themselves).
     import scanpy as sc
