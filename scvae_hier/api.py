@@ -255,6 +255,10 @@ class HierarchyModel(ExpressionMixin):
                                     log_library=repeat(log_library))
         return {k: tf.reshape(v, [n, draws, -1]) for k, v in params.items()}
 
+    def _check_clusters(self):
+        if self.module.clustering == "none":
+            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+
     def _check_trained(self):
         if not self.is_trained:
             raise RuntimeError("The model is not trained yet: call model.train() first.")
@@ -354,8 +358,7 @@ class HierarchyModel(ExpressionMixin):
         """predict_levels from the encoder's outputs (`_outputs`), so that a caller that also needs
         the latent or the counts reads the cells once (their callers check the rules' values first).
         training_cells: the cells are the model's own."""
-        if self.module.clustering == "none":
-            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+        self._check_clusters()
         given = None
         if keep_labels and training_cells and getattr(self.cells, "labels", None) is not None:
             given = self.cells.labels
@@ -392,8 +395,7 @@ class HierarchyModel(ExpressionMixin):
         (predict_levels keeps their given labels instead).
 
         level: a level name or index (default: the finest). batch: as for predict_levels."""
-        if self.module.clustering == "none":
-            raise RuntimeError(f"{type(self).__name__} has no clusters; use get_latent_representation.")
+        self._check_clusters()
         levels = self.level_names or ["cluster"]
         if isinstance(level, str):
             if level not in levels:

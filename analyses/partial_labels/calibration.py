@@ -1,0 +1,130 @@
+"""Can label transfer's probabilities be trusted? Calibration of the call probabilities on query cells.
+
+    python analyses/partial_labels/calibration.py [--seeds 0 1 2] [--only query_kang_2donors ...]
+
+The reference-to-query settings of run.py (TreeVAE trained on the reference cells with all their
+labels, as `run_query` does; the query annotated). For each query cell and level: the model's call
+(`predict_levels`) and its probability, against the cell's true class. Beside it, the same
+reading of logistic regression on the same latent (fitted on the reference's finest labels; its
+leaf probabilities summed up the hierarchy; call: the most probable leaf and its ancestors, as
+TreeVAE calls). One JSON line per setting, seed, method and level in calibration.jsonl, written
+as each finishes (a rerun skips them; trained models are kept in runs/calibration/):
+- accuracy, mean probability of the call, expected calibration error (15 equal-width bins of the
+  call's probability; the share-weighted |accuracy - mean probability|), the accuracy in the bins
+  from 0.9 up;
+- for each threshold t of `--unassigned-below` (0.5, 0.8, 0.9, 0.95, 0.99): the share of query
+  cells still named at this level (a cell is unassigned from the first level whose probability is
+  below t, as predict_levels does) and the accuracy among them.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+for name in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    os.environ[name] = "1"
+
+import numpy as np  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+from run import QUERIES, query_split, truth_paths  # noqa: E402
+
+OUT = HERE / "calibration.jsonl"
+RUNS = HERE.parents[1] / "runs" / "calibration"
+THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
+BINS = 15
+
+
+def done():
+    if not OUT.exists():
+        return set()
+    return {(r["setting"], r["seed"], r["method"]) for r in map(json.loads, OUT.read_text().splitlines())}
+
+
+def calibration(correct, probability) -> dict:
+    """Accuracy, mean probability, expected calibration error and the accuracy of the surest calls."""
+    edges = np.linspace(0, 1, BINS + 1)
+    bins = np.clip(np.digitize(probability, edges[1:-1]), 0, BINS - 1)
+    ece = sum(abs(correct[bins == b].mean() - probability[bins == b].mean()) * (bins == b).mean()
+              for b in range(BINS) if (bins == b).any())
+    sure = probability >= 0.9
+    return {"accuracy": float(correct.mean()), "mean_probability": float(probability.mean()), "ece": float(ece),
+            "share_at_least_0.9": float(sure.mean()),
+            "accuracy_at_least_0.9": float(correct[sure].mean()) if sure.any() else None}
+
+
+def rows(truth, names, probability, levels) -> list:
+    """One row per level: calibration of the calls, then coverage and accuracy per threshold."""
+    out = []
+    for i, level in enumerate(levels):
+        correct = names[:, i] == truth[:, i]
+        row = {"level": level, **calibration(correct, probability[:, i])}
+        for t in THRESHOLDS:
+            named = (probability[:, :i + 1] >= t).all(axis=1)
+            row[f"named_{t}"] = float(named.mean())
+            row[f"accuracy_named_{t}"] = float(correct[named].mean()) if named.any() else None
+        out.append(row)
+    return out
+
+
+def reference_model(name, seed, reference, hierarchy, options, base):
+    import scvae_hier as sh
+
+    folder = RUNS / f"{name}_s{seed}"
+    if (folder / "model.keras").exists():
+        return sh.TreeVAE.load(folder, adata=reference)
+    sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy)
+    model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
+    model.train(max_epochs=base["epochs"], patience=base["patience"], progress_bar=False)
+    model.save(folder, overwrite=True)
+    return model
+
+
+def lr_calls(model, reference, query, hierarchy):
+    """Logistic regression on the model's latent: names [n, L] and the call's probability [n, L]."""
+    leaves = truth_paths(reference, hierarchy)[:, -1]
+    classifier = LogisticRegression(max_iter=2000).fit(model.get_latent_representation(reference), leaves)
+    leaf_probability = classifier.predict_proba(model.get_latent_representation(query))
+    up = {path[-1]: path for path in hierarchy.paths.values()}
+    paths = np.array([up[c] for c in classifier.classes_], dtype=object)       # [leaves, L]
+    best = leaf_probability.argmax(axis=1)
+    names = paths[best]
+    probability = np.stack([(leaf_probability * (paths[:, i][None, :] == names[:, i][:, None])).sum(axis=1)
+                            for i in range(len(hierarchy.levels))], axis=1)
+    return names.astype(str), probability
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=list(QUERIES))
+    args = parser.parse_args()
+    finished = done()
+    for name in args.only:
+        for seed in args.seeds:
+            if {(name, seed, m) for m in ("treevae", "lr_same_latent")} <= finished:
+                continue
+            spec, options, reference, query, hierarchy, groups = query_split(name)
+            model = reference_model(name, seed, reference, hierarchy, options, spec["base"])
+            truth = truth_paths(query, hierarchy).astype(str)
+            levels = list(hierarchy.levels)
+            table = model.predict_levels(query, keep_labels=False)
+            names = table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy()
+            probability = table[[f"scvae_{level}_probability" for level in levels]].to_numpy(dtype=float)
+            readings = {"treevae": (names, probability), "lr_same_latent": lr_calls(model, reference, query, hierarchy)}
+            with OUT.open("a") as handle:
+                for method, (n, p) in readings.items():
+                    for row in rows(truth, n, p, levels):
+                        line = {"setting": name, "query": "+".join(groups), "seed": seed, "method": method,
+                                "n_query": int(query.n_obs), **row}
+                        handle.write(json.dumps(line) + "\n")
+                        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}),
+                              flush=True)
+
+
+if __name__ == "__main__":
+    main()
