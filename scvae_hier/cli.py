@@ -180,6 +180,9 @@ def _print_scores(path, metrics) -> None:
                   "in training" if subset in counts else "")
         print(f"ARI of clusters vs hierarchy levels ({subset} cells{scored}): "
               + ", ".join(f"{level} {value:.3f}" for level, value in scores.items()))
+    if "temperature" in metrics:
+        print(f"Class probabilities calibrated on the labelled validation cells: temperature {metrics['temperature']:.2f} "
+              "(q(leaf|x)^(1/T), renormalised; the calls are unchanged).")
     for subset, levels in metrics.get("ari_one_class_levels", {}).items():
         print(f"{', '.join(levels)} ({subset} cells): one true class among the scored cells, so ARI says nothing "
               "there (0 for any split of them, 1 where they share one cluster).")

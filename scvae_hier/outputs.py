@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
+from .calibration import calibrate
 from .data import CountBatches
 from .files import write_h5ad
 
@@ -38,12 +39,13 @@ class _ExpectedRetracing(logging.Filter):
 
 def predict_outputs(model, X, batch_size: int, covariates=None) -> dict:
     """Model outputs for every row of X (with its covariate row, for a model trained with a batch
-    covariate), in order, as numpy arrays."""
+    covariate), in order, as numpy arrays; class probabilities at the model's temperature where it
+    has one (`calibration`)."""
     batches = CountBatches(X, batch_size, covariates=covariates)
     tensorflow_log, expected = logging.getLogger("tensorflow"), _ExpectedRetracing()
     tensorflow_log.addFilter(expected)
     try:
-        return model.predict(batches, verbose=0)
+        return calibrate(model, model.predict(batches, verbose=0))
     finally:
         tensorflow_log.removeFilter(expected)
         batches.release()

@@ -30,6 +30,7 @@ from .tree_clustering import stranded_by_empty_leaves
 from .options import TrainOptions
 from .runs import RunDirectory, load_checkpoint, save_model_atomically, save_weights_atomically, write_json
 from .metrics import cluster_names
+from .calibration import applies, fit_model_temperature
 from .novelty import record_novelty_reference
 from .outputs import PREDICT_BATCH_SIZE, predict_outputs, write_outputs
 
@@ -552,9 +553,23 @@ def training_outputs(model, cells: Cells, split):
     return predict_outputs(model, cells.adata.X[train], PREDICT_BATCH_SIZE, covariates)
 
 
+def calibrate_probabilities(model, cells: Cells, split) -> None:
+    """Fit a semi-supervised TreeVAE's temperature on its labelled validation cells
+    (`calibration`); a temperature the model carried (a refit's source run) is dropped first, so
+    the outputs it is fitted on are uncalibrated."""
+    model.metadata.pop("temperature", None)
+    validation = np.asarray(split) == "validation"
+    if not applies(model) or cells.labels is None or not validation.any():
+        return
+    covariates = None if cells.covariates is None else cells.covariates[validation]
+    out = predict_outputs(model, cells.adata.X[validation], PREDICT_BATCH_SIZE, covariates)
+    fit_model_temperature(model, out, cells.labels[validation])
+
+
 def describe_trained(model, cells: Cells, split) -> None:
     """What a trained model records about its training cells before it is saved: its clusters'
-    names and the reference its novelty is read against."""
+    names, the reference its novelty is read against and the temperature of its class probabilities."""
+    calibrate_probabilities(model, cells, split)
     out = training_outputs(model, cells, split)
     name_clusters(model, cells, split, out)
     record_novelty_reference(model, out)
@@ -705,6 +720,8 @@ def finish_run(run: RunDirectory, model, cells: Cells, split, started: float, on
     metrics = write(run, model, cells.adata, split, cells.hierarchy, PREDICT_BATCH_SIZE, cells.covariates,
                     cells.labels, truth=leaf_truth(cells))
     metrics.update(recorded, seconds=round(time.time() - started, 1), out_of_core=on_disk)
+    if "temperature" in model.metadata:
+        metrics["temperature"] = model.metadata["temperature"]
     if stages is not None:
         metrics["stage_seconds"] = {k: round(v, 2) for k, v in {**stages, "outputs": time.time() - clock}.items()}
     write_json(run.metrics, metrics)

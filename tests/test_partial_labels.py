@@ -242,8 +242,24 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
             names = kept[f"scvae_{level}"].astype(str).to_numpy()
             np.testing.assert_array_equal(names[depth > i], table[f"scvae_{level}"].astype(str).to_numpy()[depth > i])
             assert (names[depth <= i] == "unassigned").mean() > 0.9
+    # Class probabilities at the temperature fitted on the labelled validation cells (calibration):
+    # the same fit by hand on the uncalibrated posterior, which it only tempers; no call moves.
+    from scvae_hier.calibration import ancestors_of, fit_temperature, tempered
+    temperature = model.module.metadata["temperature"]
+    calibrated, calls = model.predict_probabilities(level=-1), model.predict_levels()
+    del model.module.metadata["temperature"]
+    raw = model.predict_probabilities(level=-1)
+    validation = model.split == "validation"
+    assert fit_temperature(raw.loc[model.cells.adata.obs_names[validation]].to_numpy(), ancestors_of(model.module),
+                           model.cells.labels[validation]) == temperature
+    pd.testing.assert_frame_equal(model.predict_levels().drop(columns=[c for c in calls if c.endswith("_probability")]),
+                                  calls.drop(columns=[c for c in calls if c.endswith("_probability")]))
+    model.module.metadata["temperature"] = temperature
+    modelled = raw.notna().all(axis=1).to_numpy()
+    np.testing.assert_allclose(calibrated[modelled], tempered(raw[modelled].to_numpy(), temperature), rtol=1e-5, atol=1e-7)
     # Label transfer through the CLI: the saved model annotates a query file with genes shuffled.
     model.save(tmp_path / "model")
+    assert sh.load(tmp_path / "model").module.metadata["temperature"] == temperature
     query = anndata.read_h5ad(pbmc_slice)[:50]
     query = query[:, np.random.default_rng(1).permutation(query.n_vars)].copy()
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -338,6 +354,8 @@ def test_cli_labelled_mask_labels_csv_and_bad_input(pbmc_slice, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "(unlabelled cells; 540 with a true label, 0 of them given it in training)" in printed
     assert "No never-labelled cell" not in printed
+    # 10% labelled leaves about 6 of the 60 validation cells labelled: too few to fit a temperature.
+    assert "temperature" not in json.loads((run / "metrics.json").read_text()) and "temperature" not in printed
     for flags, message in ((["--labelled", "level_7=0.1"], "no level named 'level_7'"),
                            (["--labelled", "level_4=0.1", "--model", "vae"], "plain vae has none"),
                            (["--hide-labels", "not_a_label"], "--hide-labels \\['not_a_label'\\]")):
@@ -383,6 +401,8 @@ def test_cli_with_real_holes_says_its_scores_are_on_labelled_cells(pbmc_slice, t
     assert scored["all"] == {"cells": fine, "labelled": fine} and "unlabelled" not in scored
     printed = capsys.readouterr().out
     assert f"(all cells; {fine} with a true label, {fine} of them given it in training)" in printed
+    temperature = json.loads((run / "metrics.json").read_text())["temperature"]   # most validation cells labelled
+    assert f"calibrated on the labelled validation cells: temperature {temperature:.2f}" in printed
     assert "No never-labelled cell has a true label" in printed and "--labelled LEVEL=FRACTION" in printed
     assert main(["evaluate", str(run), "--iwae-samples", "2"]) == 0
     cells = anndata.read_h5ad(run / "evaluation" / "test" / "cells.h5ad")

@@ -4,7 +4,9 @@
 
 The reference-to-query settings of run.py (TreeVAE trained on the reference cells with all their
 labels, as `run_query` does; the query annotated). For each query cell and level: the model's call
-(`predict_levels`) and its probability, against the cell's true class. Beside it, the same
+(`predict_levels`) and its probability, against the cell's true class: at the temperature fitted
+on the reference's labelled validation cells (`treevae`, scvae_hier.calibration) and without it
+(`treevae_uncalibrated`, the posterior as it is; the calls are the same). Beside it, the same
 reading of logistic regression on the same latent (fitted on the reference's finest labels; its
 leaf probabilities summed up the hierarchy; call: the most probable leaf and its ancestors, as
 TreeVAE calls). One JSON line per setting, seed, method and level in calibration.jsonl, written
@@ -84,6 +86,13 @@ def reference_model(name, seed, reference, hierarchy, options, base):
     return model
 
 
+def named_calls(model, query, levels):
+    """TreeVAE's calls [n, L] and their probabilities [n, L] (predict_levels)."""
+    table = model.predict_levels(query, keep_labels=False)
+    return (table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy(),
+            table[[f"scvae_{level}_probability" for level in levels]].to_numpy(dtype=float))
+
+
 def lr_calls(model, reference, query, hierarchy):
     """Logistic regression on the model's latent: names [n, L] and the call's probability [n, L]."""
     leaves = truth_paths(reference, hierarchy)[:, -1]
@@ -106,21 +115,22 @@ def main():
     finished = done()
     for name in args.only:
         for seed in args.seeds:
-            if {(name, seed, m) for m in ("treevae", "lr_same_latent")} <= finished:
+            if {(name, seed, m) for m in ("treevae", "treevae_uncalibrated", "lr_same_latent")} <= finished:
                 continue
             spec, options, reference, query, hierarchy, groups = query_split(name)
             model = reference_model(name, seed, reference, hierarchy, options, spec["base"])
             truth = truth_paths(query, hierarchy).astype(str)
             levels = list(hierarchy.levels)
-            table = model.predict_levels(query, keep_labels=False)
-            names = table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy()
-            probability = table[[f"scvae_{level}_probability" for level in levels]].to_numpy(dtype=float)
-            readings = {"treevae": (names, probability), "lr_same_latent": lr_calls(model, reference, query, hierarchy)}
+            temperature = model.module.metadata.get("temperature")
+            readings = {"treevae": named_calls(model, query, levels)}
+            del model.module.metadata["temperature"]                 # the posterior as it was before 0.2's calibration
+            readings["treevae_uncalibrated"] = named_calls(model, query, levels)
+            readings["lr_same_latent"] = lr_calls(model, reference, query, hierarchy)
             with OUT.open("a") as handle:
                 for method, (n, p) in readings.items():
                     for row in rows(truth, n, p, levels):
                         line = {"setting": name, "query": "+".join(groups), "seed": seed, "method": method,
-                                "n_query": int(query.n_obs), **row}
+                                "n_query": int(query.n_obs), "temperature": temperature, **row}
                         handle.write(json.dumps(line) + "\n")
                         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}),
                               flush=True)
