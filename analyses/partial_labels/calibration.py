@@ -1,6 +1,7 @@
 """Can label transfer's probabilities be trusted? Calibration of the call probabilities on query cells.
 
     python analyses/partial_labels/calibration.py [--seeds 0 1 2] [--only query_kang_2donors ...]
+    python analyses/partial_labels/calibration.py --summary      # the table of the README
 
 The reference-to-query settings of run.py (TreeVAE trained on the reference cells with all their
 labels, as `run_query` does; the query annotated). For each query cell and level: the model's call
@@ -107,11 +108,33 @@ def lr_calls(model, reference, query, hierarchy):
     return names.astype(str), probability
 
 
+def summary() -> str:
+    """calibration.jsonl as a markdown table: means over seeds (ECE's min-max beside it)."""
+    import pandas as pd
+
+    table = pd.DataFrame([json.loads(line) for line in OUT.read_text().splitlines()])
+    lines = ["| query | level | method | seeds | accuracy | mean probability | ECE (min-max) | named at 0.9: share / "
+             "accuracy | named at 0.99: share / accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for (setting, level, method), rows in table.groupby(["setting", "level", "method"], sort=False):
+        lines.append(f"| {setting} | {level} | {method} | {len(rows)} | {rows['accuracy'].mean():.3f} | "
+                     f"{rows['mean_probability'].mean():.3f} | {rows['ece'].mean():.3f} ({rows['ece'].min():.3f}-"
+                     f"{rows['ece'].max():.3f}) | {rows['named_0.9'].mean():.2f} / {rows['accuracy_named_0.9'].mean():.3f} | "
+                     f"{rows['named_0.99'].mean():.2f} / {rows['accuracy_named_0.99'].mean():.3f} |")
+    temperatures = table.groupby(["setting", "seed"])["temperature"].first()
+    lines.append("")
+    lines.append("temperatures: " + ", ".join(f"{s} seed {seed} {t:.2f}" for (s, seed), t in temperatures.items()))
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=list(QUERIES))
+    parser.add_argument("--summary", action="store_true", help="print calibration.jsonl's table and stop")
     args = parser.parse_args()
+    if args.summary:
+        print(summary())
+        return
     finished = done()
     for name in args.only:
         for seed in args.seeds:
