@@ -29,7 +29,7 @@ from .data import DataError, SetupError, validate_counts
 from .expression import ExpressionMixin
 from .hierarchy import Hierarchy
 from .labels import label_codes
-from .outputs import PREDICT_BATCH_SIZE
+from .outputs import PREDICT_BATCH_SIZE, component_names
 from .options import TrainOptions
 
 SETUP_KEY = "_scvae_hier"  # adata.uns entry written by setup_anndata
@@ -495,8 +495,7 @@ class HierarchyModel(ExpressionMixin):
             finest = names.get(levels[-1]) or [None] * n_components
             return np.array([self._ancestor(n, level_index) if n and self.hierarchy else (n or f"cluster {k}")
                              for k, n in enumerate(finest)], dtype=object)
-        own = names.get(levels[level_index]) or [None] * n_components
-        return np.array([n or f"cluster {k}" for k, n in enumerate(own)], dtype=object)
+        return component_names(self.module, levels[level_index], n_components)
 
     def _flat_levels(self, probabilities, levels) -> list:
         """A flat clustering read at every level: the cluster's matched finest class and its

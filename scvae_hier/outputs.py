@@ -112,14 +112,17 @@ def level_names(hierarchy, outputs) -> list:
 def class_names(model, level_names, outputs, given=None) -> dict:
     """{level: names} of the model's nested predictions, where a cell with labels (codes [n, L],
     -1 unlabelled) takes the most probable path through them, so it keeps its given labels."""
-    names = model.metadata.get("cluster_names", {})
     probabilities = [np.asarray(outputs[f"level_{i + 1}_probabilities"]) for i in range(len(level_names))]
     clusters_by_level = model.level_predictions(probabilities, labels=given)
-    out = {}
-    for level, clusters in zip(level_names, clusters_by_level):
-        table = np.array([n if n is not None else f"cluster {k}" for k, n in enumerate(names[level])], dtype=object)
-        out[level] = table[clusters]
-    return out
+    return {level: component_names(model, level, p.shape[1])[clusters]
+            for level, p, clusters in zip(level_names, probabilities, clusters_by_level)}
+
+
+def component_names(model, level, n_components) -> np.ndarray:
+    """The name of each component of a level: the class its cluster was matched to (or, with
+    labels, the class it is), else "cluster <k>"."""
+    own = model.metadata.get("cluster_names", {}).get(level) or [None] * n_components
+    return np.array([n if n is not None else f"cluster {k}" for k, n in enumerate(own)], dtype=object)
 
 
 def named_margin(model, level_names) -> dict:
