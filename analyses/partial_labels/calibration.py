@@ -1,6 +1,7 @@
 """Can label transfer's probabilities be trusted? Calibration of the call probabilities on query cells.
 
     python analyses/partial_labels/calibration.py [--seeds 0 1 2] [--only query_kang_2donors ...]
+    python analyses/partial_labels/calibration.py --masks fine_5pct fine_10pct [--seeds 0 1 2]
     python analyses/partial_labels/calibration.py --summary      # the table of the README
 
 The reference-to-query settings of run.py (TreeVAE trained on the reference cells with all their
@@ -10,7 +11,11 @@ on the reference's labelled validation cells (`treevae`, scvae_hier.calibration)
 (`treevae_uncalibrated`, the posterior as it is; the calls are the same). Beside it, the same
 reading of logistic regression on the same latent (fitted on the reference's finest labels; its
 leaf probabilities summed up the hierarchy; call: the most probable leaf and its ancestors, as
-TreeVAE calls). One JSON line per setting, seed, method and level in calibration.jsonl, written
+TreeVAE calls). `--masks`: run.py's label-mask settings instead (PBMC, a share of the cells
+labelled at the finest level; the runs run.py trains, in runs/partial/), scored on the
+never-labelled cells from the run's outputs.h5ad; the uncalibrated posterior is the stored one
+raised to the power T and renormalised (tempering is invertible), and logistic regression is fitted
+on the labelled cells' latent. One JSON line per setting, seed, method and level in calibration.jsonl, written
 as each finishes (a rerun skips them; trained models are kept in runs/calibration/):
 - accuracy, mean probability of the call, expected calibration error (15 equal-width bins of the
   call's probability; the share-weighted |accuracy - mean probability|), the accuracy in the bins
@@ -34,10 +39,12 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
-from run import QUERIES, query_split, truth_paths  # noqa: E402
+from run import PBMC, QUERIES, SETTINGS, query_split, trained, truth_paths  # noqa: E402
 
 OUT = HERE / "calibration.jsonl"
 RUNS = HERE.parents[1] / "runs" / "calibration"
+if os.environ.get("PARTIAL_SMOKE"):  # run.py's quick end-to-end check: 3 epochs, results in /tmp
+    OUT, RUNS = Path("/tmp/calibration_smoke.jsonl"), Path("/tmp/calibration_smoke")
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
 BINS = 15
 
@@ -108,6 +115,48 @@ def lr_calls(model, reference, query, hierarchy):
     return names.astype(str), probability
 
 
+def mask_run(name, seed):
+    """A label-mask setting's run (trained by run.py's code if missing): the three readings of
+    its never-labelled cells, their truth [n, L], the levels and the run's temperature."""
+    import anndata
+
+    from scvae_hier.calibration import ancestors_of, level_probabilities, tempered
+    from scvae_hier.hierarchy import Hierarchy
+    from scvae_hier.runs import load_model
+
+    folder = trained(f"{name}_s{seed}", dict(PBMC, **SETTINGS[name], seed=seed))
+    model = load_model(folder)
+    temperature = model.metadata.get("temperature")
+    adata = anndata.read_h5ad(folder / "outputs.h5ad")
+    hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(PBMC["data"], backed="r"))
+    levels = list(hierarchy.levels)
+    labelled = adata.obs["labelled"].to_numpy(bool)
+    cells = ~labelled & np.isin(adata.obs[hierarchy.label_column].astype(str), list(hierarchy.paths))
+    truth = truth_paths(adata[cells], hierarchy).astype(str)
+    ancestors = ancestors_of(model)
+    names = [np.asarray(model.metadata["cluster_names"][level], dtype=object) for level in levels]
+    stored = np.asarray(adata.obsm[f"scvae_{levels[-1]}_probabilities"], dtype=np.float64)[cells]
+
+    def reading(leaf):
+        calls = [row[leaf.argmax(axis=1)] for row in ancestors]          # the most probable leaf, its ancestors
+        by_level = level_probabilities(leaf, ancestors)
+        return (np.stack([n[c] for n, c in zip(names, calls)], axis=1).astype(str),
+                np.stack([p[np.arange(len(c)), c] for p, c in zip(by_level, calls)], axis=1))
+
+    readings = {"treevae": reading(stored),
+                "treevae_uncalibrated": reading(tempered(stored, 1.0 / temperature) if temperature else stored)}
+    latent = np.asarray(adata.obsm["X_scvae"])
+    finest = adata.obs[f"scvae_{levels[-1]}"].astype(str).to_numpy()            # labelled cells keep their labels
+    classifier = LogisticRegression(max_iter=2000).fit(latent[labelled], finest[labelled])
+    leaf_probability = classifier.predict_proba(latent[cells])
+    up = {path[-1]: path for path in hierarchy.paths.values()}
+    paths = np.array([up[c] for c in classifier.classes_], dtype=object)
+    best = paths[leaf_probability.argmax(axis=1)]
+    readings["lr_same_latent"] = (best.astype(str), np.stack(
+        [(leaf_probability * (paths[:, i][None, :] == best[:, i][:, None])).sum(axis=1) for i in range(len(levels))], 1))
+    return readings, truth, levels, temperature, int(cells.sum())
+
+
 def summary() -> str:
     """calibration.jsonl as a markdown table: means over seeds (ECE's min-max beside it)."""
     import pandas as pd
@@ -130,10 +179,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=list(QUERIES))
+    parser.add_argument("--masks", nargs="+", choices=sorted(SETTINGS), help="label-mask settings instead of queries")
     parser.add_argument("--summary", action="store_true", help="print calibration.jsonl's table and stop")
     args = parser.parse_args()
     if args.summary:
         print(summary())
+        return
+    for name in args.masks or []:
+        for seed in args.seeds:
+            if {(name, seed, m) for m in ("treevae", "treevae_uncalibrated", "lr_same_latent")} <= done():
+                continue
+            readings, truth, levels, temperature, n = mask_run(name, seed)
+            write(name, "never-labelled", seed, n, temperature, readings, truth, levels)
+    if args.masks:
         return
     finished = done()
     for name in args.only:
@@ -149,14 +207,18 @@ def main():
             del model.module.metadata["temperature"]                 # the posterior as it was before 0.2's calibration
             readings["treevae_uncalibrated"] = named_calls(model, query, levels)
             readings["lr_same_latent"] = lr_calls(model, reference, query, hierarchy)
-            with OUT.open("a") as handle:
-                for method, (n, p) in readings.items():
-                    for row in rows(truth, n, p, levels):
-                        line = {"setting": name, "query": "+".join(groups), "seed": seed, "method": method,
-                                "n_query": int(query.n_obs), "temperature": temperature, **row}
-                        handle.write(json.dumps(line) + "\n")
-                        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}),
-                              flush=True)
+            write(name, "+".join(groups), seed, int(query.n_obs), temperature, readings, truth, levels)
+
+
+def write(name, query, seed, n_scored, temperature, readings, truth, levels):
+    """Append one line per method and level to calibration.jsonl (and print it)."""
+    with OUT.open("a") as handle:
+        for method, (n, p) in readings.items():
+            for row in rows(truth, n, p, levels):
+                line = {"setting": name, "query": query, "seed": seed, "method": method, "n_query": n_scored,
+                        "temperature": temperature, **row}
+                handle.write(json.dumps(line) + "\n")
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
 
 
 if __name__ == "__main__":
