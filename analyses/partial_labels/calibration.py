@@ -39,46 +39,19 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
+from calibration_scores import rows  # noqa: E402
 from run import PBMC, QUERIES, SETTINGS, query_split, trained, truth_paths  # noqa: E402
 
 OUT = HERE / "calibration.jsonl"
 RUNS = HERE.parents[1] / "runs" / "calibration"
 if os.environ.get("PARTIAL_SMOKE"):  # run.py's quick end-to-end check: 3 epochs, results in /tmp
     OUT, RUNS = Path("/tmp/calibration_smoke.jsonl"), Path("/tmp/calibration_smoke")
-THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
-BINS = 15
 
 
 def done():
     if not OUT.exists():
         return set()
     return {(r["setting"], r["seed"], r["method"]) for r in map(json.loads, OUT.read_text().splitlines())}
-
-
-def calibration(correct, probability) -> dict:
-    """Accuracy, mean probability, expected calibration error and the accuracy of the surest calls."""
-    edges = np.linspace(0, 1, BINS + 1)
-    bins = np.clip(np.digitize(probability, edges[1:-1]), 0, BINS - 1)
-    ece = sum(abs(correct[bins == b].mean() - probability[bins == b].mean()) * (bins == b).mean()
-              for b in range(BINS) if (bins == b).any())
-    sure = probability >= 0.9
-    return {"accuracy": float(correct.mean()), "mean_probability": float(probability.mean()), "ece": float(ece),
-            "share_at_least_0.9": float(sure.mean()),
-            "accuracy_at_least_0.9": float(correct[sure].mean()) if sure.any() else None}
-
-
-def rows(truth, names, probability, levels) -> list:
-    """One row per level: calibration of the calls, then coverage and accuracy per threshold."""
-    out = []
-    for i, level in enumerate(levels):
-        correct = names[:, i] == truth[:, i]
-        row = {"level": level, **calibration(correct, probability[:, i])}
-        for t in THRESHOLDS:
-            named = (probability[:, :i + 1] >= t).all(axis=1)
-            row[f"named_{t}"] = float(named.mean())
-            row[f"accuracy_named_{t}"] = float(correct[named].mean()) if named.any() else None
-        out.append(row)
-    return out
 
 
 def reference_model(name, seed, reference, hierarchy, options, base):
@@ -164,12 +137,12 @@ def summary() -> str:
     table = pd.DataFrame([json.loads(line) for line in OUT.read_text().splitlines()])
     lines = ["| query | level | method | seeds | accuracy | mean probability | ECE (min-max) | named at 0.9: share / "
              "accuracy | named at 0.99: share / accuracy |", "|---|---|---|---|---|---|---|---|---|"]
-    for (setting, level, method), rows in table.groupby(["setting", "level", "method"], sort=False):
-        lines.append(f"| {setting} | {level} | {method} | {len(rows)} | {rows['accuracy'].mean():.3f} | "
-                     f"{rows['mean_probability'].mean():.3f} | {rows['ece'].mean():.3f} ({rows['ece'].min():.3f}-"
-                     f"{rows['ece'].max():.3f}) | {rows['named_0.9'].mean():.2f} / {rows['accuracy_named_0.9'].mean():.3f} | "
-                     f"{rows['named_0.99'].mean():.2f} / {rows['accuracy_named_0.99'].mean():.3f} |")
-    temperatures = table.groupby(["setting", "seed"])["temperature"].first()
+    for (setting, level, method), group in table.groupby(["setting", "level", "method"], sort=False):
+        lines.append(f"| {setting} | {level} | {method} | {len(group)} | {group['accuracy'].mean():.3f} | "
+                     f"{group['mean_probability'].mean():.3f} | {group['ece'].mean():.3f} ({group['ece'].min():.3f}-"
+                     f"{group['ece'].max():.3f}) | {group['named_0.9'].mean():.2f} / {group['accuracy_named_0.9'].mean():.3f} | "
+                     f"{group['named_0.99'].mean():.2f} / {group['accuracy_named_0.99'].mean():.3f} |")
+    temperatures = table.dropna(subset=["temperature"]).groupby(["setting", "seed"])["temperature"].first()
     lines.append("")
     lines.append("temperatures: " + ", ".join(f"{s} seed {seed} {t:.2f}" for (s, seed), t in temperatures.items()))
     return "\n".join(lines)
