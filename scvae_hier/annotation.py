@@ -126,19 +126,13 @@ def annotate_file(run, query, output, unassigned_below=0.0, batch=None, drop_emp
             model.save(save_model)
     elif save_model:
         raise ValueError("--save-model saves the model extended by --fit-new-batches; without it the model is the run's.")
-    outputs = model._outputs(counts, batch)     # one pass of the encoder gives names, probabilities and latent
-    classes = {}
-    if model.module.clustering != "none":
-        table = model._named_levels(outputs, training_cells=False, unassigned_below=unassigned_below,
-                                    novelty_cutoff=novelty_cutoff)
+    table, probabilities, adata.obsm["X_scvae"] = model._query_results(counts, batch, unassigned_below, novelty_cutoff)
+    if table is not None:
         for column in table.columns:
             adata.obs[column] = table[column]
-        for index, level in enumerate(model.level_names or ["cluster"]):
-            probabilities = model._class_probabilities(outputs, index)
-            adata.obsm[f"scvae_{level}_probabilities"] = probabilities.to_numpy()
-            classes[level] = list(probabilities.columns)
-    out, rows, _, _ = outputs
-    adata.obsm["X_scvae"] = model._by_cell(out["latent"], rows, counts.n_obs)
+    for level, by_class in probabilities.items():
+        adata.obsm[f"scvae_{level}_probabilities"] = by_class.to_numpy()
+    classes = {level: list(by_class.columns) for level, by_class in probabilities.items()}
     adata.uns["scvae_annotation"] = {"run": str(run), "classes": classes, "unassigned_below": float(unassigned_below),
                                      "novelty_cutoff": "" if novelty_cutoff is None else float(novelty_cutoff),
                                      "batch": "" if batch is None else str(batch),

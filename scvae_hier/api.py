@@ -419,6 +419,20 @@ class HierarchyModel(ExpressionMixin):
         return pd.DataFrame(self._by_cell(by_class, rows, adata.n_obs), index=adata.obs_names,
                             columns=pd.Index(classes, name=(self.level_names or ["cluster"])[index]))
 
+    def _query_results(self, adata, batch=None, unassigned_below=0.0, novelty_cutoff=None):
+        """What `annotate` writes, from one pass of the model over adata's cells: predict_levels'
+        table (or None for a model without clusters), predict_probabilities of every level by level
+        name, and the latent means [cells of adata, D]."""
+        outputs = self._outputs(adata, batch)
+        out, rows, adata, _ = outputs
+        latent = self._by_cell(out["latent"], rows, adata.n_obs)
+        if self.module.clustering == "none":
+            return None, {}, latent
+        table = self._named_levels(outputs, adata is self.adata, unassigned_below=unassigned_below,
+                                   novelty_cutoff=novelty_cutoff)
+        levels = self.level_names or ["cluster"]
+        return table, {level: self._class_probabilities(outputs, i) for i, level in enumerate(levels)}, latent
+
     def _given_labels(self, names, given) -> np.ndarray:
         """[cells named, L] the label codes `given` to the training cells, by cell name (-1: a cell
         the model did not train on, or unlabelled)."""

@@ -34,9 +34,14 @@ class ExpressionMixin:
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}.")
         check_whole("n_samples", n_samples, unit=" of draws", none_means="decode the latent mean")
         genes, columns = self._gene_columns(gene_list)
-        out, rows, adata, (X, covariates) = self._outputs(adata, batch)
+        if n_samples is None:                  # the latent means: the model's outputs give them
+            out, rows, adata, (X, covariates) = self._outputs(adata, batch)
+            latent = out["latent"]
+        else:                                  # draws from q(z|x) read the counts themselves
+            adata, X, covariates, rows = self._cells_of(adata, batch)
+            latent = None
         shares = self._mean_shares(X, covariates, self._as_batch(covariates, transform_batch), n_samples, seed,
-                                   latent=out["latent"])
+                                   latent=latent)
         values = (shares * library_size)[:, columns].astype(np.float32)
         return pd.DataFrame(self._by_cell(values, rows, adata.n_obs), index=adata.obs_names, columns=genes[columns])
 
