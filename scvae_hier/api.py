@@ -143,6 +143,12 @@ class HierarchyModel(ExpressionMixin):
                 f"levels: {self.level_names or 'none'}")
 
     @property
+    def temperature(self):
+        """The temperature the class probabilities are read at (`calibration`: fitted on the
+        labelled validation cells of a semi-supervised TreeVAE or MixtureVAE), or None."""
+        return self.module.metadata.get("temperature")
+
+    @property
     def level_names(self) -> list:
         hierarchy = self.module.metadata.get("hierarchy")
         if hierarchy:

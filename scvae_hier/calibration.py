@@ -1,4 +1,5 @@
-"""Calibrated class probabilities: temperature scaling of a semi-supervised TreeVAE's leaf posterior.
+"""Calibrated class probabilities: temperature scaling of the leaf posterior of a semi-supervised
+TreeVAE or MixtureVAE (the models whose coarse classes are sums of their leaves).
 
 q(leaf | x) compares the prior's components at the cell's latent, and is surer than its calls
 are right: on label transfer's query cells the level-4 calls' mean probability was 0.97 where
@@ -55,12 +56,16 @@ def fit_temperature(leaf_probabilities, ancestors, labels):
 
 
 def applies(model) -> bool:
-    """Models whose levels are sums of leaf posteriors and that learned named classes from labels."""
-    return type(model).__name__ == "TreeVAE" and bool(getattr(model, "semi_supervised", False))
+    """Models whose levels are sums of leaf posteriors and that learned named classes from labels:
+    TreeVAE and MixtureVAE with labels. IndMoMVAE's branches and MoMixVAE's marginals are
+    posteriors of their own per level, which one leaf temperature would not keep nested."""
+    return type(model).__name__ in ("TreeVAE", "MixtureVAE") and bool(getattr(model, "semi_supervised", False))
 
 
 def ancestors_of(model) -> np.ndarray:
-    return leaf_ancestors(model.parents, model.level_sizes[-1])
+    """[L, K_L] the class of every leaf at every level; a MixtureVAE's leaves are its components,
+    the extra (unnamed) ones under its `unassigned` classes (`tree_parents`)."""
+    return leaf_ancestors(getattr(model, "tree_parents", None) or model.parents, model.level_sizes[-1])
 
 
 def leaf_key(model) -> str:

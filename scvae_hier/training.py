@@ -554,7 +554,7 @@ def training_outputs(model, cells: Cells, split):
 
 
 def calibrate_probabilities(model, cells: Cells, split) -> None:
-    """Fit a semi-supervised TreeVAE's temperature on its labelled validation cells
+    """Fit the temperature of a semi-supervised TreeVAE or MixtureVAE on its labelled validation cells
     (`calibration`); a temperature the model carried (a refit's source run) is dropped first, so
     the outputs it is fitted on are uncalibrated."""
     model.metadata.pop("temperature", None)

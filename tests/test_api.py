@@ -379,6 +379,7 @@ def test_class_probabilities_are_the_posterior_summed_by_name(momix, flat_mixtur
     is the largest where the model calls each level's argmax); a flat model's coarse classes sum its
     clusters under them (by hand from the hierarchy's paths)."""
     for model in (momix, flat_mixture):
+        assert model.temperature is None                 # trained without labels: read as they are
         calls = model.predict_levels(keep_labels=False)
         modelled = calls["scvae_level_4"].notna().to_numpy()
         for level in model.hierarchy.levels:

@@ -245,7 +245,8 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     # Class probabilities at the temperature fitted on the labelled validation cells (calibration):
     # the same fit by hand on the uncalibrated posterior, which it only tempers; no call moves.
     from scvae_hier.calibration import ancestors_of, fit_temperature, tempered
-    temperature = model.module.metadata["temperature"]
+    temperature = model.temperature
+    assert temperature == model.module.metadata["temperature"]
     calibrated, calls = model.predict_probabilities(level=-1), model.predict_levels()
     del model.module.metadata["temperature"]
     raw = model.predict_probabilities(level=-1)
@@ -259,7 +260,7 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     np.testing.assert_allclose(calibrated[modelled], tempered(raw[modelled].to_numpy(), temperature), rtol=1e-5, atol=1e-7)
     # Label transfer through the CLI: the saved model annotates a query file with genes shuffled.
     model.save(tmp_path / "model")
-    assert sh.load(tmp_path / "model").module.metadata["temperature"] == temperature
+    assert sh.load(tmp_path / "model").temperature == temperature
     query = anndata.read_h5ad(pbmc_slice)[:50]
     query = query[:, np.random.default_rng(1).permutation(query.n_vars)].copy()
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -315,6 +316,44 @@ def test_api_trains_on_labels_with_holes_keeps_given_labels_and_names_nest(pbmc_
     assert main(["annotate", str(tmp_path / "model"), str(tmp_path / "missing.h5ad"),
                  "--output", str(tmp_path / "x.h5ad")]) == 2
     assert dropped[0] in capsys.readouterr().err
+
+
+def test_semi_supervised_mixture_is_calibrated_like_the_tree(pbmc_slice):
+    """The flat MixtureVAE with labels reads its levels as sums of its components (leaves), so it
+    gets a temperature too: the fit redone by hand on its uncalibrated posterior, which calibration
+    only tempers (an extra, unnamed component included, under `unassigned`); no call moves."""
+    import scvae_hier as sh
+    from scvae_hier.calibration import ancestors_of, applies, fit_temperature, tempered
+    from scvae_hier.outputs import PREDICT_BATCH_SIZE, predict_outputs
+
+    adata = _partial_adata(pbmc_slice)
+    levels = ["level_1", "level_2", "level_3", "level_4"]
+    sh.MixtureVAE.setup_anndata(adata, levels=levels)
+    n_leaves = len(Hierarchy.from_anndata(adata).classes(-1))
+    model = sh.MixtureVAE(adata, semi_supervised=True, n_components=n_leaves + 1, n_genes=80, latent_dim=4,
+                          hidden=(16, 16), xla=False)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    assert applies(model.module) and ancestors_of(model.module).shape == (4, n_leaves + 1)
+    temperature = model.temperature
+    calls = model.predict_levels()
+    X = model.cells.adata.X
+    calibrated = predict_outputs(model.module, X, PREDICT_BATCH_SIZE, model.cells.covariates)
+    del model.module.metadata["temperature"]
+    raw = predict_outputs(model.module, X, PREDICT_BATCH_SIZE, model.cells.covariates)
+    validation = model.split == "validation"
+    assert fit_temperature(raw["level_4_probabilities"][validation], ancestors_of(model.module),
+                           model.cells.labels[validation]) == temperature
+    assert temperature != 1.0
+    np.testing.assert_allclose(calibrated["level_4_probabilities"],
+                               tempered(raw["level_4_probabilities"], temperature), rtol=1e-4, atol=1e-6)
+    ancestors = ancestors_of(model.module)
+    for level in range(3):                   # every class the sum of its components, the extra one's included
+        for c in range(calibrated[f"level_{level + 1}_probabilities"].shape[1]):
+            np.testing.assert_allclose(calibrated[f"level_{level + 1}_probabilities"][:, c],
+                                       calibrated["level_4_probabilities"][:, ancestors[level] == c].sum(axis=1),
+                                       atol=1e-5)
+    names = [c for c in calls if not c.endswith("_probability")]
+    pd.testing.assert_frame_equal(model.predict_levels()[names], calls[names])
 
 
 def test_a_type_labelled_only_at_a_coarse_level_is_its_own_leaf(pbmc_slice):

@@ -2,6 +2,7 @@
 
     python analyses/partial_labels/calibration.py [--seeds 0 1 2] [--only query_kang_2donors ...]
     python analyses/partial_labels/calibration.py --masks fine_5pct fine_10pct [--seeds 0 1 2]
+    python analyses/partial_labels/calibration.py --model mixture [--seeds 0 1 2]   # the flat MixtureVAE
     python analyses/partial_labels/calibration.py --summary      # the table of the README
 
 The reference-to-query settings of run.py (TreeVAE trained on the reference cells with all their
@@ -11,7 +12,8 @@ on the reference's labelled validation cells (`treevae`, scvae_hier.calibration)
 (`treevae_uncalibrated`, the posterior as it is; the calls are the same). Beside it, the same
 reading of logistic regression on the same latent (fitted on the reference's finest labels; its
 leaf probabilities summed up the hierarchy; call: the most probable leaf and its ancestors, as
-TreeVAE calls). `--masks`: run.py's label-mask settings instead (PBMC, a share of the cells
+TreeVAE calls). `--model mixture`: the semi-supervised MixtureVAE instead (methods `mixturevae`,
+`mixturevae_uncalibrated`, `lr_mixture_latent`; XLA, as run.py trains it). `--masks`: run.py's label-mask settings instead (PBMC, a share of the cells
 labelled at the finest level; the runs run.py trains, in runs/partial/), scored on the
 never-labelled cells from the run's outputs.h5ad; the uncalibrated posterior is the stored one
 raised to the power T and renormalised (tempering is invertible), and logistic regression is fitted
@@ -41,6 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 from calibration_scores import rows  # noqa: E402
 from run import PBMC, QUERIES, SETTINGS, query_split, trained, truth_paths  # noqa: E402
+from scvae_hier.options import TrainOptions  # noqa: E402
 
 OUT = HERE / "calibration.jsonl"
 RUNS = HERE.parents[1] / "runs" / "calibration"
@@ -54,21 +57,29 @@ def done():
     return {(r["setting"], r["seed"], r["method"]) for r in map(json.loads, OUT.read_text().splitlines())}
 
 
-def reference_model(name, seed, reference, hierarchy, options, base):
+MODELS = {"tree": ("TreeVAE", "treevae", "lr_same_latent", "", dict(xla=False)),   # class, method names, folder suffix
+          "mixture": ("MixtureVAE", "mixturevae", "lr_mixture_latent", "_mixture", dict(xla=True))}
+
+
+def reference_model(name, seed, reference, hierarchy, options, base, model_name="tree"):
     import scvae_hier as sh
 
-    folder = RUNS / f"{name}_s{seed}"
+    class_name, _, _, suffix, extra = MODELS[model_name]
+    model_class = getattr(sh, class_name)
+    folder = RUNS / f"{name}{suffix}_s{seed}"
     if (folder / "model.keras").exists():
-        return sh.TreeVAE.load(folder, adata=reference)
-    sh.TreeVAE.setup_anndata(reference, hierarchy=hierarchy)
-    model = sh.TreeVAE(reference, semi_supervised=True, seed=seed, xla=False, **options)
-    model.train(max_epochs=base["epochs"], patience=base["patience"], progress_bar=False)
+        return model_class.load(folder, adata=reference)
+    model_class.setup_anndata(reference, hierarchy=hierarchy)
+    model = model_class(reference, semi_supervised=True, seed=seed, **extra, **options)
+    # TreeVAE: run.py's 200 epochs; the mixture: its own default with labels (100), as run.py trains it
+    epochs = min(base["epochs"], TrainOptions(data="x", model=model_name, semi_supervised=True).epochs)
+    model.train(max_epochs=epochs, patience=base["patience"], progress_bar=False)
     model.save(folder, overwrite=True)
     return model
 
 
 def named_calls(model, query, levels):
-    """TreeVAE's calls [n, L] and their probabilities [n, L] (predict_levels)."""
+    """The model's calls [n, L] and their probabilities [n, L] (predict_levels)."""
     table = model.predict_levels(query, keep_labels=False)
     return (table[[f"scvae_{level}" for level in levels]].astype(str).to_numpy(),
             table[[f"scvae_{level}_probability" for level in levels]].to_numpy(dtype=float))
@@ -154,6 +165,7 @@ def main():
     parser.add_argument("--only", nargs="+", default=list(QUERIES))
     parser.add_argument("--masks", nargs="+", choices=sorted(SETTINGS), help="label-mask settings instead of queries")
     parser.add_argument("--summary", action="store_true", help="print calibration.jsonl's table and stop")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tree", help="the model of the query settings")
     args = parser.parse_args()
     if args.summary:
         print(summary())
@@ -167,19 +179,20 @@ def main():
     if args.masks:
         return
     finished = done()
+    _, method, lr_method, _, _ = MODELS[args.model]
     for name in args.only:
         for seed in args.seeds:
-            if {(name, seed, m) for m in ("treevae", "treevae_uncalibrated", "lr_same_latent")} <= finished:
+            if {(name, seed, m) for m in (method, f"{method}_uncalibrated", lr_method)} <= finished:
                 continue
             spec, options, reference, query, hierarchy, groups = query_split(name)
-            model = reference_model(name, seed, reference, hierarchy, options, spec["base"])
+            model = reference_model(name, seed, reference, hierarchy, options, spec["base"], args.model)
             truth = truth_paths(query, hierarchy).astype(str)
             levels = list(hierarchy.levels)
             temperature = model.module.metadata.get("temperature")
-            readings = {"treevae": named_calls(model, query, levels)}
-            del model.module.metadata["temperature"]                 # the posterior as it was before 0.2's calibration
-            readings["treevae_uncalibrated"] = named_calls(model, query, levels)
-            readings["lr_same_latent"] = lr_calls(model, reference, query, hierarchy)
+            readings = {method: named_calls(model, query, levels)}
+            model.module.metadata.pop("temperature", None)           # the posterior as it was before 0.2's calibration
+            readings[f"{method}_uncalibrated"] = named_calls(model, query, levels)
+            readings[lr_method] = lr_calls(model, reference, query, hierarchy)
             write(name, "+".join(groups), seed, int(query.n_obs), temperature, readings, truth, levels)
 
 

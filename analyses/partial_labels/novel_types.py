@@ -63,7 +63,8 @@ def main(split, seed):
     line = dict(split=split, seed=seed, novel_type=novel_type, n_novel=int(is_novel.sum()), n_known=int((~is_novel).sum()),
                 auc_novelty=roc_auc_score(is_novel, table["novelty"]),
                 auc_posterior=roc_auc_score(is_novel, -leaf_probability),
-                known_novelty_median=float(np.median(table["novelty"][~is_novel])))
+                known_novelty_median=float(np.median(table["novelty"][~is_novel])),
+                epochs=len(model.history), temperature=model.module.metadata.get("temperature"))
     for cutoff in NOVELTY_CUTOFFS:
         called = (model.predict_levels(query, prefix="", novelty_cutoff=cutoff)[model.level_names[-1]] == "unassigned")
         line[f"novelty_{cutoff}"] = [float(called[is_novel].mean()), float(called[~is_novel].mean())]
