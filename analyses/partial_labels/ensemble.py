@@ -1,7 +1,7 @@
 """Screen: do several semi-supervised TreeVAEs on the same labels, their leaf posteriors averaged,
 name the unlabelled cells better than one? (Deep ensembles; never tried here before.)
 
-    python analyses/partial_labels/ensemble.py MASK_SEED N_MEMBERS [--setting fine_10pct] [--score validation|unlabelled]
+    python analyses/partial_labels/ensemble.py MASK_SEED N_MEMBERS [--setting fine_10pct] [--score validation|unlabelled] [--genes N]
 
 Every member sees the same cells, split and labels (those of MASK_SEED: the mask and split are
 drawn with it); member k's weights, batch order and re-seeding k-means are drawn with
@@ -32,9 +32,10 @@ from scvae_hier.options import TrainOptions  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def train_member(setting, mask_seed, k):
+def train_member(setting, mask_seed, k, n_genes=None):
     """One member: the mask and split of mask_seed, everything else drawn with its own seed."""
-    folder = ROOT / "runs" / "partial_ensemble" / f"{setting}_m{mask_seed}_w{k}"
+    genes = f"_g{n_genes}" if n_genes else ""
+    folder = ROOT / "runs" / "partial_ensemble" / f"{setting}{genes}_m{mask_seed}_w{k}"
     if (folder / "metrics.json").exists():
         return folder
     reveal, split_cells = training.reveal, training.split_cells
@@ -42,7 +43,10 @@ def train_member(setting, mask_seed, k):
     training.split_cells = lambda n, split, seed: split_cells(n, split, mask_seed)
     try:
         resume = (folder / "config.json").exists()
-        training.train(TrainOptions(**dict(PBMC, **SETTINGS[setting], seed=mask_seed * 1000 + k),
+        options = dict(PBMC, **SETTINGS[setting], seed=mask_seed * 1000 + k)
+        if n_genes:
+            options["n_genes"] = n_genes
+        training.train(TrainOptions(**options,
                                     output=str(folder), resume=resume, overwrite=not resume))
     finally:
         training.reveal, training.split_cells = reveal, split_cells
@@ -69,13 +73,14 @@ if __name__ == "__main__":
     parser.add_argument("members", type=int)
     parser.add_argument("--setting", default="fine_10pct")
     parser.add_argument("--score", choices=("validation", "unlabelled"), default="validation")
+    parser.add_argument("--genes", type=int, help="highly variable genes instead of run.py's 500 (folders _g<N>)")
     parser.add_argument("--train-only", type=int, nargs="*", help="train only these member indices, score nothing")
     args = parser.parse_args()
     if args.train_only is not None:
         for k in args.train_only:
-            train_member(args.setting, args.mask_seed, k)
+            train_member(args.setting, args.mask_seed, k, args.genes)
         sys.exit()
-    folders = [train_member(args.setting, args.mask_seed, k) for k in range(args.members)]
+    folders = [train_member(args.setting, args.mask_seed, k, args.genes) for k in range(args.members)]
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(PBMC["data"], backed="r"))
     options = dict(PBMC, **SETTINGS[args.setting])
     leaves = np.array(model_leaves(hierarchy, options.get("exclude_labels", ())), dtype=object)
@@ -100,7 +105,7 @@ if __name__ == "__main__":
         member = scores(truth, paths[posteriors[size - 1][cells].argmax(1)], hierarchy.levels, hierarchy)
         mean = np.mean(posteriors[:size], axis=0)[cells]
         ensemble = scores(truth, paths[mean.argmax(1)], hierarchy.levels, hierarchy)
-        line = dict(setting=args.setting, mask_seed=args.mask_seed, score=args.score, size=size,
+        line = dict(setting=args.setting, n_genes=args.genes or PBMC["n_genes"], mask_seed=args.mask_seed, score=args.score, size=size,
                     n_scored=int(cells.sum()), first_member_call_agreement=round(agree, 4),
                     **{f"member_{key}": round(v, 4) for key, v in member.items()},
                     **{f"ensemble_{key}": round(v, 4) for key, v in ensemble.items()})
