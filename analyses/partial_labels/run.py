@@ -65,6 +65,11 @@ SETTINGS = {  # name: options on top of PBMC (labelled: LEVEL=FRACTION of cells 
                          labelled=("level_4=0.05",)),
     "l12_5pct": dict(labelled=("level_2=0.05",)),
     "l1_1pct_markers": dict(labelled=("level_1=0.01",), markers=("CD8 T=CD8A,CD8B",)),
+    # 2,000 highly variable genes instead of 500 (2026-12-06): the same cells and masks (a mask
+    # depends on the seed and the labels only); scanvi.py reads the genes from the run folders
+    "fine_5pct_2000genes": dict(labelled=("level_4=0.05",), n_genes=2000),
+    "fine_10pct_2000genes": dict(labelled=("level_4=0.10",), n_genes=2000),
+    "l1_1pct_2000genes": dict(labelled=("level_1=0.01",), n_genes=2000),
     # the second study: level-1 labels (Lymphoid / Myeloid) for 1%, donors as the batch
     "kang_l1_1pct": dict(data=str(ROOT / "data/kang2018.h5ad"), exclude_labels=(), batch_key="sample_id",
                          labelled=("level_1=0.01",)),
@@ -195,7 +200,8 @@ def unsupervised_run(name, seed):
     latent and the `treevae_unsupervised` rows."""
     options = {k: v for k, v in dict(PBMC, **SETTINGS[name], seed=seed).items() if k not in LABEL_OPTIONS}
     stem = Path(options["data"]).stem  # PBMC's runs keep their first name
-    return trained(f"unsupervised{'' if stem == 'pbmc' else '_' + stem}_s{seed}", options), options
+    genes = "" if options["n_genes"] == PBMC["n_genes"] else f"_{options['n_genes']}genes"
+    return trained(f"unsupervised{'' if stem == 'pbmc' else '_' + stem}{genes}_s{seed}", options), options
 
 
 def baseline_rows(name, seed, done):

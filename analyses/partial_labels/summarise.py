@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["fine_1pct", "fine_5pct", "fine_10pct", "l1_1pct", "l1_5pct", "l1_10pct", "l1_1pct_markers", "l12_5pct",
+ORDER = ["fine_1pct", "fine_5pct", "fine_10pct", "fine_5pct_2000genes", "fine_10pct_2000genes", "l1_1pct", "l1_1pct_2000genes", "l1_5pct", "l1_10pct", "l1_1pct_markers", "l12_5pct",
          "l2_10pct_fine_1pct", "unknown_cd14", "kang_l1_1pct"]
 
 
