@@ -89,11 +89,16 @@ def lr_calls(model, reference, query, hierarchy):
     """Logistic regression on the model's latent: names [n, L] and the call's probability [n, L]."""
     leaves = truth_paths(reference, hierarchy)[:, -1]
     classifier = LogisticRegression(max_iter=2000).fit(model.get_latent_representation(reference), leaves)
-    leaf_probability = classifier.predict_proba(model.get_latent_representation(query))
+    return classifier_reading(classifier, model.get_latent_representation(query), hierarchy)
+
+
+def classifier_reading(classifier, latent, hierarchy):
+    """A leaf classifier read as TreeVAE is: the most probable leaf and its ancestors [n, L], and
+    each level's probability of its call, the leaves under it summed [n, L]."""
+    leaf_probability = classifier.predict_proba(latent)
     up = {path[-1]: path for path in hierarchy.paths.values()}
     paths = np.array([up[c] for c in classifier.classes_], dtype=object)       # [leaves, L]
-    best = leaf_probability.argmax(axis=1)
-    names = paths[best]
+    names = paths[leaf_probability.argmax(axis=1)]
     probability = np.stack([(leaf_probability * (paths[:, i][None, :] == names[:, i][:, None])).sum(axis=1)
                             for i in range(len(hierarchy.levels))], axis=1)
     return names.astype(str), probability
@@ -132,12 +137,7 @@ def mask_run(name, seed):
     latent = np.asarray(adata.obsm["X_scvae"])
     finest = adata.obs[f"scvae_{levels[-1]}"].astype(str).to_numpy()            # labelled cells keep their labels
     classifier = LogisticRegression(max_iter=2000).fit(latent[labelled], finest[labelled])
-    leaf_probability = classifier.predict_proba(latent[cells])
-    up = {path[-1]: path for path in hierarchy.paths.values()}
-    paths = np.array([up[c] for c in classifier.classes_], dtype=object)
-    best = paths[leaf_probability.argmax(axis=1)]
-    readings["lr_same_latent"] = (best.astype(str), np.stack(
-        [(leaf_probability * (paths[:, i][None, :] == best[:, i][:, None])).sum(axis=1) for i in range(len(levels))], 1))
+    readings["lr_same_latent"] = classifier_reading(classifier, latent[cells], hierarchy)
     return readings, truth, levels, temperature, int(cells.sum())
 
 

@@ -28,6 +28,8 @@ import numpy as np  # noqa: E402
 from scvae_hier import training  # noqa: E402
 from scvae_hier.hierarchy import Hierarchy  # noqa: E402
 from scvae_hier.options import TrainOptions  # noqa: E402
+from scvae_hier.outputs import component_names  # noqa: E402
+from scvae_hier.runs import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,18 +55,13 @@ def train_member(setting, mask_seed, k, n_genes=None):
     return folder
 
 
-def model_leaves(hierarchy, excluded):
-    """The model's leaves in component order: the hierarchy's, less those of excluded labels."""
-    kept = {path[-1] for label, path in hierarchy.paths.items() if label not in excluded}
-    return [leaf for leaf in hierarchy.classes(-1) if leaf in kept]
-
-
-def leaf_posterior(folder, hierarchy, leaves):
-    """[cells, leaves] the run's finest-level posterior, columns in the model's leaf order."""
+def leaf_posterior(folder, hierarchy):
+    """The run's outputs, its finest-level posterior [cells, leaves] and the leaves' names (the
+    run's own component names, `outputs.component_names`)."""
     adata = anndata.read_h5ad(folder / "outputs.h5ad")
-    probabilities = adata.obsm[f"scvae_{hierarchy.levels[-1]}_probabilities"]
-    assert probabilities.shape[1] == len(leaves), "a named leaf per component expected"
-    return adata, np.asarray(probabilities)
+    probabilities = np.asarray(adata.obsm[f"scvae_{hierarchy.levels[-1]}_probabilities"])
+    names = component_names(load_model(folder), hierarchy.levels[-1], probabilities.shape[1])
+    return adata, probabilities, names
 
 
 if __name__ == "__main__":
@@ -82,20 +79,20 @@ if __name__ == "__main__":
         sys.exit()
     folders = [train_member(args.setting, args.mask_seed, k, args.genes) for k in range(args.members)]
     hierarchy = Hierarchy.from_anndata(anndata.read_h5ad(PBMC["data"], backed="r"))
-    options = dict(PBMC, **SETTINGS[args.setting])
-    leaves = np.array(model_leaves(hierarchy, options.get("exclude_labels", ())), dtype=object)
-    up = {path[-1]: path for path in hierarchy.paths.values()}
-    paths = np.array([up[leaf] for leaf in leaves], dtype=object)
     posteriors, first = [], None
     for folder in folders:
-        adata, posterior = leaf_posterior(folder, hierarchy, leaves)
-        first = adata if first is None else first
+        adata, posterior, names = leaf_posterior(folder, hierarchy)
+        if first is None:
+            first, leaves = adata, names
+        assert (names == leaves).all(), "the members name their components alike"
         assert (adata.obs_names == first.obs_names).all() and (adata.obs["labelled"] == first.obs["labelled"]).all()
         posteriors.append(posterior)
     cells = ~first.obs["labelled"].to_numpy(bool) & np.isin(first.obs[hierarchy.label_column].astype(str),
                                                              list(hierarchy.paths))
     if args.score == "validation":
         cells &= (first.obs["split"] == "validation").to_numpy()
+    up = {path[-1]: path for path in hierarchy.paths.values()}
+    paths = np.array([up[leaf] for leaf in leaves], dtype=object)      # [leaves, L]: each leaf and its ancestors
     truth = truth_paths(first[cells], hierarchy)
     # a member's own argmax must be its own call (calls and argmax agree where nothing is unassigned)
     own = first.obs[f"scvae_{hierarchy.levels[-1]}"].astype(str).to_numpy()[cells]
